@@ -1,0 +1,307 @@
+"""The training spec: the JSON contract shared by the CLI and the HTTP service.
+
+Unknown fields are rejected at every level. `model`, `data` and `optimizer` are unions
+discriminated on `type`, so an error's `loc` carries the variant, e.g.
+`("optimizer", "sgd", "lr")`. Checks that span fields (the model against the dataset and
+the loss, batch size against workers) report at the field they blame, with a message that
+starts with that field's path: `model.sizes[0] is 3 but dataset 'moons' has 2 features`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from workers import datasets
+
+# Error type of our own checks. Their messages already start with the field path.
+SPEC_ERROR = "invalid_spec"
+INT64_MAX = 2**63 - 1
+
+# The fields that change the mathematics of a run. Two specs that agree on these train
+# the same parameters, however they are scheduled; checkpoints record their hash.
+MATH_FIELDS = frozenset(
+    {
+        "model",
+        "data",
+        "loss",
+        "optimizer",
+        "epochs",
+        "batch_size",
+        "seed",
+        "dtype",
+        "validation_fraction",
+    }
+)
+
+
+def _error(loc: tuple[str | int, ...], message: str, value: Any) -> InitErrorDetails:
+    return InitErrorDetails(type=PydanticCustomError(SPEC_ERROR, message), loc=loc, input=value)
+
+
+def _fail(title: str, errors: list[InitErrorDetails]) -> None:
+    # A ValidationError raised inside a validator keeps each error's loc (relative to the
+    # model being validated), unlike a ValueError, which always lands at the model itself.
+    if errors:
+        raise ValidationError.from_exception_data(title, errors)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# ---------------------------------------------------------------- model
+
+
+class MLPSpec(_Strict):
+    """A multilayer perceptron: Linear layers of `sizes`, `activation` between them."""
+
+    type: Literal["mlp"]
+    sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        min_length=2, description="Layer widths, input first and output last."
+    )
+    activation: Literal["relu", "tanh", "sigmoid"] = "relu"
+
+
+# A union of one for now; add new model types with `|`.
+ModelSpec = Annotated[MLPSpec, Field(discriminator="type")]
+
+
+# ---------------------------------------------------------------- data
+
+
+class BuiltinData(_Strict):
+    """A generated dataset, or scikit-learn's bundled digits / iris.
+
+    `n_samples` and `noise` do not apply to digits (1797 samples) and iris (150).
+    `n_classes` applies to spirals and blobs, `n_features` to blobs.
+    """
+
+    type: Literal["builtin"]
+    name: str = Field(json_schema_extra={"enum": sorted(datasets.BUILTINS)})
+    n_samples: int = Field(1000, ge=1, le=1_000_000)
+    noise: float = Field(0.1, ge=0)
+    n_classes: int | None = Field(None, ge=2, le=datasets.MAX_CLASSES)
+    n_features: int | None = Field(None, ge=1, le=10_000)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in datasets.BUILTINS:
+            valid = ", ".join(sorted(datasets.BUILTINS))
+            raise PydanticCustomError(
+                SPEC_ERROR, f"data.name: unknown dataset {name!r}; valid: {valid}"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _options_apply(self) -> BuiltinData:
+        builtin = datasets.BUILTINS[self.name]
+        errors = [
+            _error((option,), f"data.{option} does not apply to {self.name!r}", value)
+            for option in ("n_classes", "n_features")
+            if (value := getattr(self, option)) is not None and option not in builtin.options
+        ]
+        _fail(type(self).__name__, errors)
+        # Fill in the registry's defaults, so that omitting them hashes like stating them.
+        info = datasets.describe(self)
+        for option in builtin.options:
+            setattr(self, option, getattr(info, option))
+        if self.n_samples * info.n_features > 20_000_000:
+            msg = "data.n_samples x n_features must stay <= 20,000,000 values"
+            _fail(type(self).__name__, [_error(("n_samples",), msg, self.n_samples)])
+        return self
+
+
+class FileData(_Strict):
+    """A `.npz` (arrays X, y) or `.csv` (header row; target column `y`, else the last)."""
+
+    type: Literal["file"]
+    path: str = Field(min_length=1)
+
+    @field_validator("path")
+    @classmethod
+    def _readable_kind(cls, path: str) -> str:
+        if Path(path).suffix.lower() not in (".npz", ".csv"):
+            raise PydanticCustomError(SPEC_ERROR, f"data.path: {path!r} must end in .npz or .csv")
+        return path
+
+
+class UploadedData(_Strict):
+    """A dataset uploaded to the service, by the id the upload returned."""
+
+    type: Literal["dataset"]
+    id: str = Field(pattern=datasets.DATASET_ID.pattern)
+
+
+DataSpec = Annotated[BuiltinData | FileData | UploadedData, Field(discriminator="type")]
+
+
+# ---------------------------------------------------------------- optimizer
+
+
+class SGDSpec(_Strict):
+    type: Literal["sgd"]
+    lr: float = Field(gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> SGDSpec:
+        if self.nesterov and self.momentum == 0:
+            msg = "optimizer.nesterov requires optimizer.momentum > 0 (as torch.optim.SGD)"
+            _fail(type(self).__name__, [_error(("nesterov",), msg, self.nesterov)])
+        return self
+
+
+_Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+class AdamSpec(_Strict):
+    type: Literal["adam"]
+    lr: float = Field(gt=0)
+    betas: tuple[_Beta, _Beta] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty, as torch.optim.Adam.")
+
+
+OptimizerSpec = Annotated[SGDSpec | AdamSpec, Field(discriminator="type")]
+
+
+# ---------------------------------------------------------------- the spec
+
+
+class TrainingSpec(_Strict):
+    name: str = Field(min_length=1, max_length=200)
+    model: ModelSpec
+    data: DataSpec
+    loss: Literal["mse", "cross_entropy", "bce"]
+    optimizer: OptimizerSpec
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="The global batch, split across workers.")
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    seed: int = Field(0, ge=0, le=INT64_MAX)
+    dtype: Literal["float32", "float64"] = "float64"
+    validation_fraction: float = Field(0.2, ge=0, le=0.9)
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(3, ge=1)
+    max_failures: int = Field(3, ge=0, description="Worker failures tolerated per job.")
+    priority: int = Field(0, ge=-INT64_MAX, le=INT64_MAX, description="Higher runs first.")
+    health_every: int = Field(10, ge=1, description="Steps between training-health stats.")
+
+    @model_validator(mode="after")
+    def _fits_data(self) -> TrainingSpec:
+        errors = []
+        if self.batch_size < self.workers:
+            msg = f"batch_size ({self.batch_size}) must be >= workers ({self.workers})"
+            errors.append(_error(("batch_size",), msg, self.batch_size))
+        try:
+            info = datasets.describe(self.data, self.seed)
+        except (OSError, ValueError) as e:
+            errors.append(_data_error(self.data, e))
+        else:
+            errors += _model_errors(self, info)
+        _fail(type(self).__name__, errors)
+        return self
+
+    def spec_hash(self) -> str:
+        """sha256 of the fields that change the mathematics (see MATH_FIELDS)."""
+        math = self.model_dump(mode="json", include=MATH_FIELDS)
+        canonical = json.dumps(math, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _data_error(data: FileData | UploadedData, e: Exception) -> InitErrorDetails:
+    key, value = ("path", data.path) if data.type == "file" else ("id", data.id)
+    if isinstance(e, FileNotFoundError) and data.type == "file":
+        msg = f"data.path: {value!r} does not exist"
+    elif isinstance(e, OSError) and data.type == "file":
+        msg = f"data.path: cannot read {value!r}: {e.strerror or e}"
+    elif isinstance(e, FileNotFoundError):
+        msg = f"data.id: {e}"
+    else:
+        msg = f"data.{key}: {value!r} is not a usable dataset: {e}"
+    return _error(("data", data.type, key), msg, value)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _model_errors(spec: TrainingSpec, info: datasets.DatasetInfo) -> list[InitErrorDetails]:
+    """The model's input width must match the data, its output width the loss."""
+    sizes, name, loss = spec.model.sizes, info.name, spec.loss
+    loc = ("model", spec.model.type, "sizes")
+    errors = []
+    if sizes[0] != info.n_features:
+        features = _count(info.n_features, "feature")
+        msg = f"model.sizes[0] is {sizes[0]} but dataset {name!r} has {features}"
+        errors.append(_error((*loc, 0), msg, sizes[0]))
+
+    binary = info.task == "classification" and info.n_classes == 2
+    fits = {
+        "cross_entropy": ("classification data", info.task == "classification"),
+        "bce": ("binary classification data", binary),
+        "mse": ("regression data or 2 classes", binary or info.task == "regression"),
+    }
+    needs, ok = fits[loss]
+    if not ok:
+        if info.task == "regression":
+            data_is, hint = "is regression", "mse"
+        else:
+            data_is, hint = f"has {info.n_classes} classes", "cross_entropy"
+        msg = f"loss: {loss} needs {needs} but dataset {name!r} {data_is} (use {hint})"
+        return [*errors, _error(("loss",), msg, loss)]
+
+    if loss == "cross_entropy":
+        outputs, why = info.n_classes, "one per class"
+    elif info.task == "classification":
+        outputs, why = 1, "the logit of class 1" if loss == "bce" else "targets 0/1"
+    else:
+        outputs, why = info.n_targets, "one per target"
+    if sizes[-1] != outputs:
+        wanted = _count(outputs, "output")
+        msg = f"model.sizes[-1] is {sizes[-1]} but {loss} on {name!r} needs {wanted} ({why})"
+        errors.append(_error((*loc, len(sizes) - 1), msg, sizes[-1]))
+    return errors
+
+
+# ---------------------------------------------------------------- loading
+
+
+class SpecError(ValueError):
+    """A spec file that cannot be read or does not validate; the message lists why."""
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per error: `<loc joined with .>: <msg>`.
+
+    Our own checks (type `invalid_spec`) already start with the field path, so their
+    message stands alone.
+    """
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(part) for part in err["loc"])
+        lines.append(err["msg"] if err["type"] == SPEC_ERROR or not loc else f"{loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_spec(path: str | Path) -> TrainingSpec:
+    """Read and validate a spec file; SpecError with one line per problem otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"cannot read spec {path}: {e}") from None
+    try:
+        return TrainingSpec.model_validate_json(text)
+    except ValidationError as e:
+        errors = format_validation_error(e).replace("\n", "\n  ")
+        raise SpecError(f"invalid spec {path}:\n  {errors}") from None
