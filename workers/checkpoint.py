@@ -1,0 +1,498 @@
+"""Atomic, verified checkpoints.
+
+Layout, one directory per saved step (``N`` is a plain integer, ordered numerically)::
+
+    <out>/checkpoints/step-<N>/
+        model.safetensors      model state_dict, key order kept in the metadata
+        optimizer.safetensors  arrays as ``state.<i>.<name>``; ints, floats and
+                               param_groups as JSON in the safetensors metadata
+        state.json             step, epoch, spec hash, metrics (whatever the caller passes)
+        manifest.json          sha256 and size of every file, step, created_at, format
+
+Commit protocol. A checkpoint is written into ``.tmp-…`` next to its final place.
+Every file is fsynced, then ``manifest.json`` is written *last* and fsynced, then the
+directory itself. Only then is it renamed to ``step-<N>`` and the parent fsynced.
+
+* Why manifest last: it is the commit marker. A crash at any earlier point leaves a
+  directory without a manifest, which loading treats as not a checkpoint. Its hashes
+  also catch what a crash cannot explain: bit rot, truncation, a half-copied backup.
+* Why fsync before rename: without it the kernel may persist the rename before the
+  data, and after a power loss ``step-<N>`` could exist with empty files.
+* Why rename: it is atomic, so readers see either no ``step-<N>`` or a complete one.
+  A directory cannot be renamed over a non-empty one, so re-saving a step moves the
+  old copy aside to ``.old-…`` first and deletes it after the new one is in place.
+
+Loading ignores ``.tmp-*`` and ``.old-*``; the next save deletes them. ``load_latest``
+walks from the newest step down and skips (with a warning) any checkpoint that fails
+verification. "Newest" means the highest step. Pruning keeps the ``keep`` newest
+*verified* checkpoints and deletes bad ones older than the newest good one; bad ones
+newer than it stay until that step is saved again, so a corrupt newest directory never
+costs the last good one. If saving raises, its ``.tmp-`` directory is removed at once.
+One writer per output directory.
+
+Round-trip types: arrays come back bit-identical (dtype, shape, bytes) and writable;
+numpy scalars come back as the equal Python ``int``/``float``/``bool``; tuples come
+back as lists; optimizer state keys come back as ``int``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save_file
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointWarning",
+    "checkpoint_dir",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_latest",
+    "load_model_state",
+    "prune_checkpoints",
+    "save_checkpoint",
+    "verify_checkpoint",
+]
+
+FORMAT = 1
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
+
+_NAME = re.compile(r"step-[0-9]+")  # what checkpoint_dir accepts
+_CANONICAL = re.compile(r"step-(0|[1-9][0-9]*)")  # what save writes and scans find
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, partial or corrupt."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped because it failed verification."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    model_state: dict[str, np.ndarray]
+    optimizer_state: dict
+    state: dict
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    name: str
+    step: int
+    path: Path
+    created_at: str  # ISO 8601, UTC, when the manifest was written
+    size_bytes: int  # sum of the files listed in the manifest
+    sha256: str  # of model.safetensors
+
+
+# --- saving ---------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    out_dir: str | os.PathLike,
+    step: int,
+    model_state: Mapping[str, np.ndarray],
+    optimizer_state: Mapping[str, Any],
+    state: Mapping[str, Any],
+    keep: int | None = 3,
+) -> Path:
+    """Write ``<out_dir>/checkpoints/step-<step>`` atomically; prune to ``keep`` good ones.
+
+    ``keep=None`` keeps every checkpoint. Re-saving an existing step replaces it.
+    """
+    step = _as_step(step)
+    if keep is not None:
+        keep = _as_keep(keep)
+    if "step" in state and state["step"] != step:
+        raise ValueError(f"state['step'] is {state['step']!r} but saving step {step}")
+    root = _root(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(root)
+
+    final = root / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
+    try:
+        _write_files(tmp, step, model_state, optimizer_state, state)
+        _fsync(tmp)
+        if final.exists() or final.is_symlink():
+            old = root / f".old-step-{step}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                os.rename(old, final)
+                raise
+            _fsync(root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+            _fsync(root)
+    except Exception:
+        # An ordinary error (disk full, bad input) cleans up; a hard crash leaves the
+        # .tmp- directory for the next save to delete.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        prune_checkpoints(out_dir, keep)
+    return final
+
+
+def _write_files(tmp: Path, step: int, model_state, optimizer_state, state) -> None:
+    """The three data files, then the manifest that commits them; everything fsynced."""
+    model_meta = {"format": str(FORMAT), "step": str(step), "keys": json.dumps(list(model_state))}
+    _write_safetensors(tmp / MODEL_FILE, dict(model_state), model_meta)
+    tensors, optimizer_meta = _flatten_optimizer(optimizer_state)
+    _write_safetensors(tmp / OPTIMIZER_FILE, tensors, optimizer_meta)
+    _write_json(tmp / STATE_FILE, _jsonable(dict(state)))
+    files = {}
+    for name in REQUIRED_FILES:
+        data = (tmp / name).read_bytes()
+        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    created_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    manifest = {"format": FORMAT, "step": step, "created_at": created_at, "files": files}
+    _write_json(tmp / MANIFEST_FILE, manifest)
+
+
+def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest verified checkpoints; return what was deleted.
+
+    Unverifiable directories older than the newest good one are deleted too. Anything
+    newer than the newest good one is left alone, so the newest good one always stays.
+    """
+    keep = _as_keep(keep)
+    good: list[Path] = []
+    doomed: list[Path] = []
+    for _, path in reversed(_step_dirs(_root(out_dir))):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError:
+            if good:  # bad and older than the newest good one
+                doomed.append(path)
+            continue
+        (good if len(good) < keep else doomed).append(path)
+    for path in doomed:
+        try:
+            _remove_dir(path)
+        except OSError as e:  # the save already succeeded; pruning is best effort
+            log.warning("could not prune checkpoint %s: %s", path, e)
+    return doomed
+
+
+def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict) -> None:
+    # safetensors copies raw memory, so views (transposes, slices) must be made contiguous
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata=metadata)
+    _fsync(path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "wb") as f:
+        f.write(json.dumps(obj, indent=2).encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(path: Path) -> None:
+    if os.name == "nt" and path.is_dir():  # Windows cannot open a directory to fsync it
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_dir(path: Path) -> None:
+    # Rename first: a crash mid-delete then leaves an ignored .old- dir, not a half step-N.
+    old = path.with_name(f".old-{path.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(path, old)
+    shutil.rmtree(old)
+
+
+def _remove_leftovers(root: Path) -> None:
+    for path in root.iterdir():
+        if path.name.startswith((".tmp-", ".old-")) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# --- optimizer state <-> safetensors ----------------------------------------------------
+
+
+def _flatten_optimizer(optimizer_state: Mapping[str, Any]) -> tuple[dict, dict[str, str]]:
+    """Arrays become tensors ``state.<i>.<name>``; everything else becomes JSON metadata."""
+    extra = set(optimizer_state) - {"state", "param_groups"}
+    if extra:
+        raise ValueError(f"unexpected optimizer state keys: {sorted(extra)}")
+    tensors: dict[str, np.ndarray] = {}
+    layout: dict[str, list[str]] = {}  # per param: entry names in their original order
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entries in optimizer_state.get("state", {}).items():
+        if isinstance(index, bool) or not isinstance(index, int | np.integer):
+            raise TypeError(f"optimizer state keys must be ints, got {index!r}")
+        key = str(int(index))
+        layout[key] = [str(name) for name in entries]
+        for name, value in entries.items():
+            if isinstance(value, np.ndarray):
+                tensors[f"state.{key}.{name}"] = value
+            else:
+                scalars.setdefault(key, {})[str(name)] = _jsonable(value)
+    metadata = {
+        "format": str(FORMAT),
+        "state": json.dumps(layout),
+        "scalars": json.dumps(scalars),
+        "param_groups": json.dumps(_jsonable(list(optimizer_state.get("param_groups", [])))),
+    }
+    return tensors, metadata
+
+
+def _unflatten_optimizer(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> dict:
+    layout = json.loads(metadata["state"])
+    scalars = json.loads(metadata["scalars"])
+    state = {}
+    for key, names in layout.items():
+        given = scalars.get(key, {})
+        state[int(key)] = {
+            name: given[name] if name in given else tensors.pop(f"state.{key}.{name}")
+            for name in names
+        }
+    if tensors:
+        raise CheckpointError(f"tensors not described by the metadata: {sorted(tensors)}")
+    return {"state": state, "param_groups": json.loads(metadata["param_groups"])}
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types; numpy scalars become the equal Python number (repr round-trips)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, str | int | float):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} as JSON in a checkpoint: {value!r}")
+
+
+# --- loading and verification -----------------------------------------------------------
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise CheckpointError unless the manifest and every file it lists check out."""
+    _read_verified(Path(path))
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Verify and load one checkpoint directory; raise CheckpointError when it is bad."""
+    path = Path(path)
+    manifest, data = _read_verified(path)
+    try:
+        model_state = _load_model(data[MODEL_FILE])
+        optimizer_state = _unflatten_optimizer(
+            load_safetensors(data[OPTIMIZER_FILE]), _metadata(data[OPTIMIZER_FILE])
+        )
+        state = json.loads(data[STATE_FILE])
+    except CheckpointError:
+        raise
+    except Exception as e:  # verified bytes that still do not parse: a format bug
+        raise CheckpointError(f"{path}: cannot decode checkpoint: {e!r}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: {STATE_FILE} is not a JSON object")
+    return Checkpoint(path, manifest["step"], model_state, optimizer_state, state)
+
+
+def load_model_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Only the model parameters of a checkpoint directory, checked against its manifest."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    data = _read_listed(path, MODEL_FILE, manifest["files"][MODEL_FILE])
+    try:
+        return _load_model(data)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot decode {MODEL_FILE}: {e!r}") from e
+
+
+def load_latest(out_dir: str | os.PathLike) -> Checkpoint | None:
+    """The newest checkpoint that verifies, or None. Bad ones are skipped with a warning."""
+    for _, path in reversed(_step_dirs(_root(out_dir))):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as e:
+            _warn_skipped(e)
+    return None
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[CheckpointInfo]:
+    """Verified checkpoints, oldest first. Bad ones are left out (logged at debug level)."""
+    infos = []
+    for step, path in _step_dirs(_root(out_dir)):
+        try:
+            manifest, _ = _read_verified(path)
+        except CheckpointError as e:
+            log.debug("not listing %s: %s", path, e)
+            continue
+        files = manifest["files"]
+        infos.append(
+            CheckpointInfo(
+                name=path.name,
+                step=step,
+                path=path,
+                created_at=manifest["created_at"],
+                size_bytes=sum(entry["size"] for entry in files.values()),
+                sha256=files[MODEL_FILE]["sha256"],
+            )
+        )
+    return infos
+
+
+def checkpoint_dir(out_dir: str | os.PathLike, name: str) -> Path:
+    """``<out_dir>/checkpoints/<name>`` for a name like ``step-12``; ValueError otherwise.
+
+    The path is not required to exist, but it can never point outside the checkpoints
+    directory (also not through a symlink).
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"invalid checkpoint name {name!r}: expected 'step-<N>'")
+    root = _root(out_dir)
+    path = root / name
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"checkpoint {name!r} points outside {root}")
+    return path
+
+
+def _read_verified(path: Path) -> tuple[dict, dict[str, bytes]]:
+    manifest = _read_manifest(path)
+    data = {name: _read_listed(path, name, entry) for name, entry in manifest["files"].items()}
+    return manifest, data
+
+
+def _read_manifest(path: Path) -> dict:
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no {MANIFEST_FILE} (incomplete write?)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable {MANIFEST_FILE}: {e}") from e
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CheckpointError(f"{path}: invalid {MANIFEST_FILE}: {problem}")
+    match = _CANONICAL.fullmatch(path.name)
+    if match and int(match[1]) != manifest["step"]:
+        raise CheckpointError(f"{path}: manifest is for step {manifest['step']}")
+    return manifest
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    if manifest.get("format") != FORMAT:
+        return f"unsupported format {manifest.get('format')!r}"
+    if not isinstance(manifest.get("step"), int) or isinstance(manifest["step"], bool):
+        return "step is not an integer"
+    if not isinstance(manifest.get("created_at"), str):
+        return "created_at is missing"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "files is not an object"
+    missing = [name for name in REQUIRED_FILES if name not in files]
+    if missing:
+        return f"does not list {', '.join(missing)}"
+    for name, entry in files.items():
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            return f"bad file name {name!r}"
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("size"), int)
+        ):
+            return f"bad entry for {name}"
+    return None
+
+
+def _read_listed(path: Path, name: str, entry: dict) -> bytes:
+    try:
+        data = (path / name).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read {name}: {e.strerror or e}") from e
+    if len(data) != entry["size"]:
+        raise CheckpointError(f"{path}: {name} has {len(data)} bytes, expected {entry['size']}")
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise CheckpointError(f"{path}: {name} fails its sha256 check")
+    return data
+
+
+def _load_model(data: bytes) -> dict[str, np.ndarray]:
+    tensors = load_safetensors(data)
+    keys = _metadata(data).get("keys")
+    if keys is None:  # written by another tool: keep the file's order
+        return tensors
+    return {k: tensors[k] for k in json.loads(keys)}
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    # safetensors: 8-byte little-endian header length, then the JSON header
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+
+
+def _warn_skipped(error: CheckpointError) -> None:
+    message = f"skipping bad checkpoint {error}"  # the error names the directory
+    log.warning("%s", message)
+    warnings.warn(message, CheckpointWarning, stacklevel=3)
+
+
+# --- paths --------------------------------------------------------------------------------
+
+
+def _root(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``step-<N>`` directory, in numeric order."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _CANONICAL.fullmatch(path.name)
+        if match and path.is_dir():
+            found.append((int(match[1]), path))
+    return sorted(found)
+
+
+def _as_keep(keep: Any) -> int:
+    if isinstance(keep, bool) or not isinstance(keep, int | np.integer) or keep < 1:
+        raise ValueError(f"keep must be a positive integer (or None to keep all), got {keep!r}")
+    return int(keep)
+
+
+def _as_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    return int(step)
