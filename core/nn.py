@@ -1,0 +1,219 @@
+"""Modules: parameters in a stable order, state dicts that map 1:1 to PyTorch's.
+
+Why the initialisation matters (He for relu, Glorot for tanh and sigmoid, zero bias):
+
+* Symmetry: units that start with equal weights get equal gradients and stay copies
+  of each other forever, so weights are drawn at random (seeded, for reproducible runs).
+  Biases can start at zero because the random weights already break the symmetry.
+* Vanishing and exploding gradients: each layer multiplies the signal, forwards and
+  backwards, by roughly fan_in * Var(w) * (the activation's mean squared slope). Keeping
+  that product near 1 keeps activations and gradients at the same scale in every layer.
+  relu passes half of its inputs, so He uses Var(w) = 2 / fan_in; tanh and sigmoid are
+  close to linear near zero and Glorot balances both directions with
+  Var(w) = 2 / (fan_in + fan_out). Too small and the signal dies with depth; too large
+  and tanh/sigmoid saturate (gradients vanish again) or relu activations blow up.
+* Dead neurons: a relu unit whose pre-activation is negative for every input gets no
+  gradient and never recovers. Scaled weights and zero biases keep units alive at the
+  start; a large negative `bias_init` kills them on purpose (for experiments).
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import numpy as np
+
+from core import functional as F
+from core.tensor import Tensor, as_tensor
+
+__all__ = ["MLP", "Linear", "Module", "ReLU", "Sequential", "Sigmoid", "Tanh"]
+
+
+class Module:
+    """Base class. Parameters are the Tensor attributes, then those of sub-modules (also
+    inside lists), in assignment order; names are dotted paths as in PyTorch."""
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def named_parameters(self, prefix: str = "") -> list[tuple[str, Tensor]]:
+        out = []
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor):
+                out.append((prefix + name, value))
+            elif isinstance(value, Module):
+                out += value.named_parameters(f"{prefix}{name}.")
+            elif isinstance(value, list | tuple):
+                for i, item in enumerate(value):
+                    if isinstance(item, Module):
+                        out += item.named_parameters(f"{prefix}{name}.{i}.")
+        return out
+
+    def parameters(self) -> list[Tensor]:
+        return [p for _, p in self.named_parameters()]
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of the parameter arrays, by name, in parameter order."""
+        return {name: p.data.copy() for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state_dict) -> None:
+        """Copy arrays into the parameters in place (keeping their dtype), after checking
+        that the names and shapes match exactly."""
+        params = dict(self.named_parameters())
+        missing = [k for k in params if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in params]
+        problems = []
+        if missing:
+            problems.append(f"missing keys {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+        arrays = {
+            k: np.asarray(v.data if isinstance(v, Tensor) else v) for k, v in state_dict.items()
+        }
+        for k, p in params.items():
+            if k in arrays and arrays[k].shape != p.shape:
+                problems.append(
+                    f"shape mismatch for {k}: checkpoint has {arrays[k].shape}, model has {p.shape}"
+                )
+        if problems:
+            raise ValueError(
+                f"cannot load state dict into {type(self).__name__}: " + "; ".join(problems)
+            )
+        for k, p in params.items():
+            if not p.data.flags.writeable:  # e.g. arrays shared read-only by Ray
+                p.data = p.data.copy()
+            p.data[...] = arrays[k]
+
+
+class Linear(Module):
+    """y = x @ weight.T + bias with weight (out_features, in_features), as torch.nn.Linear.
+
+    init="he" (normal, std sqrt(2 / in)) suits relu; init="glorot" (uniform, limit
+    sqrt(6 / (in + out))) suits tanh and sigmoid. The bias starts at zero.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        dtype=np.float64,
+        rng: np.random.Generator | int | None = None,
+        init: str = "he",
+    ):
+        rng = np.random.default_rng(rng)
+        shape = (out_features, in_features)
+        if init == "he":
+            w = rng.standard_normal(shape) * np.sqrt(2.0 / in_features)
+        elif init == "glorot":
+            limit = np.sqrt(6.0 / (in_features + out_features))
+            w = rng.uniform(-limit, limit, shape)
+        else:
+            raise ValueError(f"init must be 'he' or 'glorot', got {init!r}")
+        self.weight = Tensor(w.astype(dtype), requires_grad=True)
+        self.bias = Tensor(np.zeros(out_features, dtype), requires_grad=True) if bias else None
+
+    def forward(self, x) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class _Activation(Module):
+    name = ""
+
+    def forward(self, x) -> Tensor:
+        return getattr(as_tensor(x), self.name)()
+
+
+class ReLU(_Activation):
+    name = "relu"
+
+
+class Tanh(_Activation):
+    name = "tanh"
+
+
+class Sigmoid(_Activation):
+    name = "sigmoid"
+
+
+class Sequential(Module):
+    """Modules applied in order; parameter names start with the module index ("0.weight")."""
+
+    def __init__(self, *modules: Module):
+        self.modules = list(modules)
+
+    def named_parameters(self, prefix: str = "") -> list[tuple[str, Tensor]]:
+        return [
+            item for i, m in enumerate(self.modules) for item in m.named_parameters(f"{prefix}{i}.")
+        ]
+
+    def forward(self, x) -> Tensor:
+        for m in self.modules:
+            x = m(x)
+        return x
+
+    def __getitem__(self, i: int) -> Module:
+        return self.modules[i]
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+
+class MLP(Module):
+    """Fully connected net: Linear layers with `activation` between them, none after the last.
+
+    MLP([2, 16, 16, 1]) has parameters layers.0.weight, layers.0.bias, ..., layers.2.bias,
+    where i counts Linear layers only. The equivalent torch.nn.Sequential(Linear, ReLU,
+    Linear, ReLU, Linear) puts the Linear layers at indices 0, 2, 4, so a loader maps
+    layers.<i>.<name> to <2i>.<name>. Each hidden layer is one fused "linear+<activation>"
+    graph node.
+
+    Weights use He init for relu and Glorot for tanh/sigmoid (see the module docstring),
+    drawn from `rng` (a numpy Generator) or `seed`; every bias starts at `bias_init`.
+    """
+
+    def __init__(
+        self,
+        sizes,
+        activation: str = "relu",
+        *,
+        dtype=np.float64,
+        seed: int | None = None,
+        rng: np.random.Generator | None = None,
+        bias_init: float = 0.0,
+    ):
+        if activation not in F.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {F.ACTIVATIONS}, got {activation!r}")
+        if len(sizes) < 2:
+            raise ValueError(f"MLP needs at least an input and an output size, got {sizes}")
+        if seed is not None and rng is not None:
+            raise ValueError("pass either seed or rng, not both")
+        rng = np.random.default_rng(seed if rng is None else rng)
+        init = "he" if activation == "relu" else "glorot"
+        self.sizes = tuple(int(n) for n in sizes)
+        self.activation = activation
+        self.layers = [
+            Linear(n_in, n_out, dtype=dtype, rng=rng, init=init)
+            for n_in, n_out in pairwise(self.sizes)
+        ]
+        if bias_init:
+            self.init_bias(bias_init)
+
+    def init_bias(self, value: float) -> None:
+        """Set every bias to `value` (a large negative value makes dead relu units)."""
+        for layer in self.layers:
+            layer.bias.data[...] = value
+
+    def forward(self, x) -> Tensor:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = F.linear(x, layer.weight, layer.bias, None if i == last else self.activation)
+        return x

@@ -1,0 +1,517 @@
+"""Tensor: a NumPy array that remembers how it was made, so it can send gradients back.
+
+Every op builds its output with `_node`, then defines `_backward(g)` right below: the
+local chain rule that turns the output's gradient `g` into its inputs' gradients.
+Inputs receive them through `Tensor._accumulate`, which calls `unbroadcast` (the one
+adjoint of NumPy broadcasting) and casts to the input's dtype, so every gradient has
+its tensor's shape and dtype.
+
+Gradient buffers are never written in place unless this engine allocated them
+(`_owns_grad`): an op may hand its upstream gradient, or a view of it, straight to an
+input, and the first accumulation only borrows it. That saves a copy per node and
+keeps one tensor's `+=` from leaking into another's gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+
+
+class _GradMode(threading.local):
+    enabled = True  # per thread, like torch
+
+
+_mode = _GradMode()
+
+
+def is_grad_enabled() -> bool:
+    return _mode.enabled
+
+
+class no_grad(contextlib.ContextDecorator):
+    """Context manager and decorator: ops inside record no graph, like `torch.no_grad`."""
+
+    def __init__(self):
+        self._saved = []  # a stack, so one instance can be entered recursively
+
+    def __enter__(self):
+        self._saved.append(_mode.enabled)
+        _mode.enabled = False
+
+    def __exit__(self, *exc):
+        _mode.enabled = self._saved.pop()
+
+
+def unbroadcast(g: np.ndarray, shape: tuple) -> np.ndarray:
+    """Adjoint of broadcasting: sum `g` over the axes that broadcasting added or stretched."""
+    if g.shape == shape:
+        return g
+    if g.ndim > len(shape):
+        g = g.sum(axis=tuple(range(g.ndim - len(shape))))
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    return g.sum(axis=stretched, keepdims=True) if stretched else g
+
+
+def _as_float(x) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.dtype.kind in "biu":
+        return arr.astype(np.float64)
+    if arr.dtype.kind != "f":
+        raise TypeError(f"Tensor data must be real numbers, got dtype {arr.dtype}")
+    return arr
+
+
+class Tensor:
+    __slots__ = (
+        "data",
+        "grad",
+        "requires_grad",
+        "_backward",
+        "_prev",
+        "_op",
+        "_retain",
+        "_owns_grad",
+    )
+    __array_ufunc__ = None  # `ndarray op Tensor` defers to Tensor's reflected operators
+
+    def __init__(self, data, requires_grad: bool = False):
+        # Copies like torch.tensor, so optimizer steps never write into the caller's array.
+        self.data = np.array(_as_float(data.data if isinstance(data, Tensor) else data))
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self._backward = None
+        self._prev = ()
+        self._op = ""
+        self._retain = False
+        self._owns_grad = False
+
+    # --- attributes --------------------------------------------------------------------
+
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    is_leaf = property(lambda self: self._backward is None)
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor({np.array2string(self.data, separator=', ')}{grad})"
+
+    def __len__(self):
+        return len(self.data)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.data, dtype=dtype)
+
+    def item(self) -> float:
+        return self.data.item()
+
+    def numpy(self) -> np.ndarray:
+        return self.data
+
+    def detach(self) -> Tensor:
+        return _const(self.data)
+
+    def retain_grad(self) -> None:
+        """Keep this non-leaf tensor's .grad after backward (leaves always keep theirs)."""
+        self._retain = True
+
+    # --- autograd ----------------------------------------------------------------------
+
+    def _accumulate(self, g) -> None:
+        if g.shape != self.data.shape:
+            g = unbroadcast(g, self.data.shape)
+        if g.dtype != self.data.dtype:
+            g = g.astype(self.data.dtype)
+        if self.grad is None:
+            self.grad, self._owns_grad = g, False  # borrowed: copy before any in-place add
+        elif self._owns_grad:
+            self.grad += g
+        else:
+            self.grad, self._owns_grad = self.grad + g, True
+
+    def backward(self, grad=None) -> None:
+        """Gradient of this tensor with respect to every leaf that requires grad.
+
+        Leaves accumulate into .grad across calls, as in PyTorch. Non-leaf gradients
+        live only during the pass (unless `retain_grad()`), so a second call on the same
+        graph adds the leaf gradients again and never doubles an intermediate.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad")
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError(
+                    f"backward() without a gradient needs a scalar, got shape {self.shape}"
+                )
+            grad = np.ones_like(self.data)
+        else:
+            grad = np.array(grad.data if isinstance(grad, Tensor) else grad, dtype=self.dtype)
+            if grad.shape != self.shape:
+                raise ValueError(f"gradient shape {grad.shape} != tensor shape {self.shape}")
+        topo = _topo(self)
+        kept = {}
+        for node in topo:
+            if node._retain and node._backward is not None:
+                kept[node], node.grad = node.grad, None
+        self._accumulate(grad)
+        for node in reversed(topo):
+            backward, g = node._backward, node.grad
+            if backward is None or g is None:
+                continue
+            backward(g)
+            if not node._retain:
+                node.grad = None
+            elif kept.get(node) is not None:
+                node.grad, node._owns_grad = kept[node] + g, True
+        _own_grads(topo)
+
+    # --- elementwise binary ops --------------------------------------------------------
+
+    def __add__(self, other):
+        other = _lift(other, self)
+        out = _node(self.data + other.data, (self, other), "add")
+        if out.requires_grad:
+
+            def _backward(g):
+                if self.requires_grad:
+                    self._accumulate(g)
+                if other.requires_grad:
+                    other._accumulate(g)
+
+            out._backward = _backward
+        return out
+
+    def __mul__(self, other):
+        other = _lift(other, self)
+        a, b = self.data, other.data
+        out = _node(a * b, (self, other), "mul")
+        if out.requires_grad:
+
+            def _backward(g):
+                if self.requires_grad:
+                    self._accumulate(g * b)
+                if other.requires_grad:
+                    other._accumulate(g * a)
+
+            out._backward = _backward
+        return out
+
+    def __pow__(self, other):
+        if isinstance(other, int | float):  # plain exponent: keeps float32 as float32
+            return self._pow_scalar(other)
+        other = _lift(other, self)
+        a, b = self.data, other.data
+        y = a**b
+        out = _node(y, (self, other), "pow")
+        if out.requires_grad:
+
+            def _backward(g):
+                if self.requires_grad:
+                    self._accumulate(g * b * a ** (b - 1))
+                if other.requires_grad:
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        self_log = np.where(a > 0, np.log(np.where(a > 0, a, 1)), 0)
+                    other._accumulate(g * y * self_log)
+
+            out._backward = _backward
+        return out
+
+    def _pow_scalar(self, p):
+        x = self.data
+        out = _node(x**p, (self,), "pow")
+        if out.requires_grad:
+
+            def _backward(g):
+                self._accumulate(g * (p * x ** (p - 1)) if p != 0 else np.zeros_like(g))
+
+            out._backward = _backward
+        return out
+
+    def __neg__(self):
+        return self * -1.0
+
+    def __sub__(self, other):  # self - other
+        return self + (-_lift(other, self))
+
+    def __rsub__(self, other):  # other - self
+        return _lift(other, self) + (-self)
+
+    def __truediv__(self, other):  # self * other**-1
+        if isinstance(other, int | float):
+            return self * (1.0 / other)
+        return self * _lift(other, self) ** -1
+
+    def __rtruediv__(self, other):  # other * self**-1
+        return _lift(other, self) * self**-1
+
+    def __rpow__(self, other):  # other ** self
+        return _lift(other, self) ** self
+
+    __radd__ = __add__
+    __rmul__ = __mul__
+
+    # --- matmul ------------------------------------------------------------------------
+
+    def __matmul__(self, other):
+        other = _lift(other, self)
+        a, b = self.data, other.data
+        out = _node(a @ b, (self, other), "matmul")
+        if out.requires_grad:
+
+            def _backward(g):
+                # 1-D operands act as a row (left) or a column (right), as np.matmul does.
+                a2 = a[None, :] if a.ndim == 1 else a
+                b2 = b[:, None] if b.ndim == 1 else b
+                if b.ndim == 1:
+                    g = g[..., None]
+                if a.ndim == 1:
+                    g = np.expand_dims(g, -2)
+                if self.requires_grad:
+                    da = g @ np.swapaxes(b2, -1, -2)
+                    self._accumulate(da[..., 0, :] if a.ndim == 1 else da)
+                if other.requires_grad:
+                    db = np.swapaxes(a2, -1, -2) @ g
+                    other._accumulate(db[..., 0] if b.ndim == 1 else db)
+
+            out._backward = _backward
+        return out
+
+    def __rmatmul__(self, other):
+        return _lift(other, self) @ self
+
+    # --- reductions ----------------------------------------------------------------------
+
+    def sum(self, axis=None, keepdims: bool = False):
+        return self._reduce(np.sum, "sum", axis, keepdims)
+
+    def mean(self, axis=None, keepdims: bool = False):
+        return self._reduce(np.mean, "mean", axis, keepdims)
+
+    def _reduce(self, fn, op, axis, keepdims):
+        x = self.data
+        y = np.asarray(fn(x, axis=axis, keepdims=keepdims))
+        out = _node(y, (self,), op)
+        if out.requires_grad:
+            n = x.size // max(y.size, 1) if op == "mean" else 1
+
+            def _backward(g):
+                g = g if keepdims or axis is None else np.expand_dims(g, axis)
+                self._accumulate(np.broadcast_to(g / n if n != 1 else g, x.shape))
+
+            out._backward = _backward
+        return out
+
+    def max(self, axis=None, keepdims: bool = False):
+        """Maximum; tied maxima share the gradient equally (torch.amax semantics)."""
+        x = self.data
+        m = x.max(axis=axis, keepdims=True)
+        y = m if keepdims else (m.reshape(()) if axis is None else np.squeeze(m, axis))
+        out = _node(y, (self,), "max")
+        if out.requires_grad:
+
+            def _backward(g):
+                g = g if keepdims or axis is None else np.expand_dims(g, axis)
+                hit = x == m
+                self._accumulate(hit * (g / hit.sum(axis=axis, keepdims=True)))
+
+            out._backward = _backward
+        return out
+
+    # --- elementwise unary ops -----------------------------------------------------------
+
+    def _unary(self, y, op, local_grad):
+        """Output y with gradient g * local_grad(); local_grad runs only in backward."""
+        out = _node(y, (self,), op)
+        if out.requires_grad:
+            out._backward = lambda g: self._accumulate(g * local_grad())
+        return out
+
+    def exp(self):
+        y = np.exp(self.data)
+        return self._unary(y, "exp", lambda: y)
+
+    def log(self):
+        x = self.data
+        return self._unary(np.log(x), "log", lambda: 1.0 / x)
+
+    def relu(self):
+        x = self.data
+        return self._unary(np.maximum(x, 0), "relu", lambda: x > 0)
+
+    def tanh(self):
+        y = np.tanh(self.data)
+        return self._unary(y, "tanh", lambda: 1 - y * y)
+
+    def sigmoid(self):
+        y = sigmoid_array(self.data)
+        return self._unary(y, "sigmoid", lambda: y * (1 - y))
+
+    # --- shape ops -------------------------------------------------------------------------
+
+    def reshape(self, *shape):
+        shape = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
+        x_shape = self.data.shape
+        out = _node(self.data.reshape(shape), (self,), "reshape")
+        if out.requires_grad:
+            out._backward = lambda g: self._accumulate(g.reshape(x_shape))
+        return out
+
+    def permute(self, *axes):
+        """Reorder the axes (numpy.transpose / torch.permute)."""
+        axes = tuple(axes[0]) if len(axes) == 1 and not isinstance(axes[0], int) else axes
+        out = _node(self.data.transpose(axes), (self,), "permute")
+        if out.requires_grad:
+            inverse = tuple(np.argsort(axes))
+            out._backward = lambda g: self._accumulate(g.transpose(inverse))
+        return out
+
+    def transpose(self, dim0: int = -2, dim1: int = -1):  # swap two axes, like torch
+        axes = list(range(self.ndim))
+        axes[dim0], axes[dim1] = axes[dim1], axes[dim0]
+        return self.permute(axes)
+
+    @property
+    def T(self):  # all axes reversed
+        return self.permute(tuple(reversed(range(self.ndim))))
+
+    def __getitem__(self, index):
+        index = _plain_index(index)
+        x = self.data
+        out = _node(np.asarray(x[index]), (self,), "getitem")
+        if out.requires_grad:
+
+            def _backward(g):
+                grad = np.zeros_like(x, dtype=g.dtype)
+                if _is_basic(index):
+                    grad[index] = g
+                else:  # repeated fancy indices must add up, so no plain assignment
+                    np.add.at(grad, index, g)
+                self._accumulate(grad)
+
+            out._backward = _backward
+        return out
+
+
+# --- construction helpers ----------------------------------------------------------------
+
+_new = object.__new__
+
+
+def _node(data, prev, op) -> Tensor:
+    """An op's output; it joins the graph only if grad mode is on and an input needs grad."""
+    out = _new(Tensor)
+    out.data, out.grad, out._op, out._backward = data, None, op, None
+    out._retain = out._owns_grad = False
+    if _mode.enabled:
+        for p in prev:
+            if p.requires_grad:
+                out.requires_grad, out._prev = True, prev
+                return out
+    out.requires_grad, out._prev = False, ()
+    return out
+
+
+def _const(data) -> Tensor:
+    """Wrap an array without copying; it needs no grad (data batches, targets, scalars)."""
+    return _node(data, (), "")
+
+
+def _lift(x, like: Tensor) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, int | float):  # Python scalars take the tensor's dtype (weak, like torch)
+        return _const(np.asarray(x, dtype=like.data.dtype))
+    return _const(_as_float(x))
+
+
+def as_tensor(x) -> Tensor:
+    """A Tensor as is; anything else wrapped without copying, as a constant."""
+    return x if isinstance(x, Tensor) else _const(_as_float(x))
+
+
+def sigmoid_array(x: np.ndarray) -> np.ndarray:
+    """1/(1+exp(-x)) without overflow: exp only ever sees -|x|."""
+    e = np.exp(-np.abs(x))
+    s = 1 / (1 + e)
+    return np.where(x >= 0, s, e * s)
+
+
+def _plain_index(index):
+    """Tensors used as indices become integer (or bool) arrays."""
+    if isinstance(index, tuple):
+        return tuple(_plain_index(i) for i in index)
+    if isinstance(index, Tensor):
+        return index.data.astype(np.int64)
+    return index
+
+
+def _is_basic(index) -> bool:
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(i, int | slice | np.integer) or i is None or i is Ellipsis for i in parts)
+
+
+def _topo(root: Tensor) -> list[Tensor]:
+    """Nodes that need grad, inputs before outputs; iterative, so deep graphs work."""
+    topo, seen, stack = [], set(), [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            topo.append(node)
+        elif node not in seen:
+            seen.add(node)
+            stack.append((node, True))
+            stack.extend((p, False) for p in node._prev if p.requires_grad and p not in seen)
+    return topo
+
+
+def _own_grads(topo) -> None:
+    """After a pass, every kept .grad must be a private, writable array: copy borrowed ones."""
+    held = set()
+    for t in topo:
+        g = t.grad
+        if g is None or (t._backward is not None and not t._retain):
+            continue
+        if not t._owns_grad and (
+            type(g) is not np.ndarray
+            or g.base is not None
+            or not g.flags.writeable
+            or id(g) in held
+        ):
+            t.grad = g = np.array(g)
+        t._owns_grad = True
+        held.add(id(g))
+
+
+# --- functions over several tensors --------------------------------------------------------
+
+
+def concatenate(tensors, axis: int = 0) -> Tensor:
+    tensors = [as_tensor(t) for t in tensors]
+    out = _node(np.concatenate([t.data for t in tensors], axis=axis), tuple(tensors), "concatenate")
+    if out.requires_grad:
+        ends = np.cumsum([t.data.shape[axis] for t in tensors])[:-1]
+
+        def _backward(g):
+            for t, part in zip(tensors, np.split(g, ends, axis=axis), strict=True):
+                if t.requires_grad:
+                    t._accumulate(part)
+
+        out._backward = _backward
+    return out
+
+
+def stack(tensors, axis: int = 0) -> Tensor:
+    tensors = [as_tensor(t) for t in tensors]
+    out = _node(np.stack([t.data for t in tensors], axis=axis), tuple(tensors), "stack")
+    if out.requires_grad:
+
+        def _backward(g):
+            for t, part in zip(tensors, np.moveaxis(g, axis, 0), strict=True):
+                if t.requires_grad:
+                    t._accumulate(part)
+
+        out._backward = _backward
+    return out
