@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint format bench clean
+.PHONY: run demo test lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,12 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
+# The service with embedded defaults: SQLite and checkpoints under ./var, Ray on this machine.
 run: $(STAMP)
+	$(VENV)/bin/shardgrad serve --data-dir var
+
+# The engine alone (no Ray), then one distributed job from the command line.
+demo: $(STAMP)
 	$(PY) examples/core_demo.py
 	$(VENV)/bin/shardgrad train examples/moons.json --out var/runs/moons
 
@@ -30,6 +35,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/core_step.py
+	$(PY) benchmarks/sync_step.py
 
 clean:
 	rm -rf $(VENV) var runs .pytest_cache

@@ -1,0 +1,202 @@
+"""Data-parallel training on Ray: exactness, resume, worker death, divergence."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+import core.functional as F
+from core import Tensor
+from workers import checkpoint as ckpt
+from workers.model import LOSSES, build_model, build_optimizer
+from workers.sampler import Schedule, split_batch
+from workers.spec import TrainingSpec
+from workers.trainer import PreparedData, Trainer, train
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def make_spec(**overrides) -> TrainingSpec:
+    spec = {
+        "name": "t",
+        "model": {"type": "mlp", "sizes": [2, 8, 2], "activation": "tanh"},
+        "data": {"type": "builtin", "name": "moons", "n_samples": 200, "noise": 0.1},
+        "loss": "cross_entropy",
+        "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9},
+        "epochs": 3,
+        "batch_size": 30,  # 160 training rows: 6 steps per epoch, the last one 10 rows
+        "workers": 2,
+        "cpus_per_worker": 0.5,
+        "seed": 0,
+        "dtype": "float64",
+        "checkpoint_every": 5,
+    }
+    spec.update(overrides)
+    return TrainingSpec.model_validate(spec)
+
+
+def final_params(out) -> dict[str, np.ndarray]:
+    return ckpt.load_latest(out).model_state
+
+
+def reference_loop(spec: TrainingSpec) -> dict[str, np.ndarray]:
+    """Plain single-process SGD on the same global batches, written with core alone."""
+    data = PreparedData(spec)
+    schedule = Schedule(len(data.X), spec.batch_size, spec.epochs, spec.seed)
+    model = build_model(spec)
+    opt = build_optimizer(spec, model.parameters())
+    for step in range(schedule.total_steps):
+        idx = schedule.batch(step)
+        opt.zero_grad()
+        LOSSES[spec.loss](model(Tensor(data.X[idx])), data.y[idx]).backward()
+        opt.step()
+    return model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The 2-worker run that resume and worker-death tests must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    summary = Trainer(make_spec(), out).run()
+    assert summary["status"] == "succeeded"
+    return summary, final_params(out)
+
+
+def test_schedule_splits_global_batch_in_rank_order():
+    schedule = Schedule(n_train=160, batch_size=30, epochs=2, seed=3)
+    assert schedule.steps_per_epoch == 6 and schedule.total_steps == 12
+    epoch0 = np.concatenate([schedule.batch(s) for s in range(6)])
+    assert sorted(epoch0.tolist()) == list(range(160))  # each row once per epoch
+    assert len(schedule.batch(5)) == 10  # uneven last batch
+    assert not np.array_equal(schedule.batch(0), schedule.batch(6))  # new permutation per epoch
+    pieces = split_batch(schedule.batch(5), 3)
+    assert [len(p) for p in pieces] == [4, 3, 3]
+    assert np.array_equal(np.concatenate(pieces), schedule.batch(5))
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 4])
+def test_parameters_do_not_depend_on_worker_count(tmp_path, workers, uninterrupted):
+    spec = make_spec(workers=workers)
+    summary = Trainer(spec, tmp_path).run()
+    assert summary["status"] == "succeeded" and summary["steps"] == 18
+    expected = reference_loop(spec)
+    got = final_params(tmp_path)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(got[key], uninterrupted[1][key], rtol=0, atol=1e-9)
+
+
+def test_mse_and_adam_match_reference(tmp_path):
+    spec = make_spec(
+        model={"type": "mlp", "sizes": [1, 8, 1], "activation": "relu"},
+        data={"type": "builtin", "name": "sine", "n_samples": 120, "noise": 0.05},
+        loss="mse",
+        optimizer={"type": "adam", "lr": 0.01, "weight_decay": 0.01},
+        workers=3,
+        batch_size=16,
+    )
+    assert Trainer(spec, tmp_path).run()["status"] == "succeeded"
+    expected, got = reference_loop(spec), final_params(tmp_path)
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=1e-9)
+
+
+def test_stop_and_resume_is_bit_identical(tmp_path, uninterrupted):
+    spec = make_spec()
+    calls = {}
+
+    def stop_at_7(event):
+        if event["type"] == "step" and event["step"] == 7:
+            trainer.stop_event.set()
+        calls.setdefault(event["type"], 0)
+
+    trainer = Trainer(spec, tmp_path, callback=stop_at_7)
+    first = trainer.run()
+    assert first["status"] == "cancelled" and first["steps"] == 7
+    assert ckpt.load_latest(tmp_path).step == 7
+
+    second = Trainer(spec, tmp_path).run()
+    assert second["status"] == "succeeded" and second["resumed_from_step"] == 7
+    expected = uninterrupted[1]
+    got = final_params(tmp_path)
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+
+    again = Trainer(spec, tmp_path).run()  # a finished run answers at once, same summary
+    assert again == second
+
+
+def test_resume_with_other_worker_count_is_close(tmp_path, uninterrupted):
+    def stop_at_4(event):
+        if event["type"] == "step" and event["step"] == 4:
+            trainer.stop_event.set()
+
+    trainer = Trainer(make_spec(), tmp_path, callback=stop_at_4)
+    assert trainer.run()["status"] == "cancelled"
+    assert Trainer(make_spec(workers=3), tmp_path).run()["status"] == "succeeded"
+    for key, value in uninterrupted[1].items():
+        np.testing.assert_allclose(final_params(tmp_path)[key], value, rtol=0, atol=1e-9)
+
+
+def test_a_different_spec_is_refused_in_the_same_out_dir(tmp_path):
+    assert Trainer(make_spec(epochs=1), tmp_path).run()["status"] == "succeeded"
+    summary = train(make_spec(epochs=1, optimizer={"type": "sgd", "lr": 0.2}), tmp_path)
+    assert summary["status"] == "failed"
+    assert "different spec" in summary["error"]
+    # Execution fields may change between attempts:
+    assert train(make_spec(epochs=1, workers=1, name="other"), tmp_path)["status"] == "succeeded"
+
+
+def test_worker_killed_mid_run_is_replaced_bit_identically(tmp_path, uninterrupted):
+    def kill_one(event):
+        if event["type"] == "step" and event["step"] == 4:
+            os.kill(trainer.pool.worker_pids()[1], signal.SIGKILL)
+
+    trainer = Trainer(make_spec(), tmp_path, callback=kill_one)
+    summary = trainer.run()
+    assert summary["status"] == "succeeded"
+    assert summary["worker_failures"] == 1
+    expected = uninterrupted[1]
+    got = final_params(tmp_path)
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+
+
+def test_too_many_worker_failures_fail_the_run(tmp_path):
+    def kill_one(event):
+        if event["type"] == "step" and event["step"] == 2:
+            os.kill(trainer.pool.worker_pids()[0], signal.SIGKILL)
+
+    trainer = Trainer(make_spec(max_failures=0), tmp_path, callback=kill_one)
+    summary = trainer.run()
+    assert summary["status"] == "failed"
+    assert "exceed max_failures=0" in summary["error"]
+
+
+def test_divergence_stops_with_a_clear_message_and_no_nan_checkpoint(tmp_path):
+    spec = make_spec(
+        model={"type": "mlp", "sizes": [1, 32, 1], "activation": "relu"},
+        data={"type": "builtin", "name": "sine", "n_samples": 200, "noise": 0.1},
+        loss="mse",
+        optimizer={"type": "sgd", "lr": 50},
+        checkpoint_every=1,
+    )
+    summary = train(spec, tmp_path)
+    assert summary["status"] == "failed"
+    assert summary["error"].startswith("diverged at step ")
+    assert "(loss=" in summary["error"]
+    for info in ckpt.list_checkpoints(tmp_path):
+        state = ckpt.load_checkpoint(info.path).model_state
+        assert all(np.isfinite(v).all() for v in state.values())
+
+
+def test_cross_entropy_sum_equals_sum_of_pieces():
+    """The identity the whole design rests on: sums over pieces add up to the batch sum."""
+    rng = np.random.default_rng(0)
+    logits, y = rng.normal(size=(10, 3)), rng.integers(0, 3, size=10)
+    whole = F.cross_entropy(Tensor(logits), y, reduction="sum").data
+    parts = sum(
+        F.cross_entropy(Tensor(logits[s]), y[s], reduction="sum").data
+        for s in (slice(0, 4), slice(4, 10))
+    )
+    assert np.isclose(whole, parts, rtol=0, atol=1e-12)

@@ -1,0 +1,128 @@
+"""`shardgrad train` and `shardgrad schema`: run a spec without the HTTP service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from workers.spec import SpecError, TrainingSpec, load_spec
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardgrad", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a spec on Ray (resumes from --out if possible)")
+    train.add_argument("spec", type=Path, help="training spec (JSON)")
+    train.add_argument("--workers", type=int, help="override the spec's worker count")
+    train.add_argument("--out", type=Path, help="run directory (default ./runs/<name>)")
+    train.add_argument("--ray-address", help="attach to this Ray cluster (default $RAY_ADDRESS)")
+    train.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    train.set_defaults(func=cmd_train)
+
+    schema = sub.add_parser("schema", help="print the training spec's JSON Schema")
+    schema.set_defaults(
+        func=lambda args: print(json.dumps(TrainingSpec.model_json_schema(), indent=2))
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+class ProgressBar:
+    """A tqdm bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self):
+        self.bar = None
+        self.enabled = sys.stderr.isatty()
+
+    def __call__(self, event: dict) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        kind = event["type"]
+        if kind == "started":
+            self.bar = tqdm(total=event["total_steps"], initial=event["step"], unit="step")
+        elif kind == "step" and self.bar is not None:
+            postfix = {"epoch": event["epoch"], "loss": f"{event['train_loss']:.4f}"}
+            if event.get("samples_per_s"):
+                postfix["samples/s"] = f"{event['samples_per_s']:.0f}"
+            if event.get("val_accuracy") is not None:
+                postfix["val_acc"] = f"{event['val_accuracy']:.3f}"
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+        elif kind == "worker_failure" and self.bar is not None:
+            self.bar.write(f"worker failure: {event['reason']}; recomputing the step")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_train(args) -> int:
+    from workers.trainer import train
+
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.workers is not None:
+        spec = spec.model_copy(update={"workers": args.workers})
+        try:
+            spec = TrainingSpec.model_validate(spec.model_dump())
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    out = args.out or Path("runs") / spec.name
+
+    stop = threading.Event()
+
+    def interrupt(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    bar = ProgressBar()
+    try:
+        summary = train(spec, out, callback=bar, stop_event=stop, ray_address=args.ray_address)
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous)
+
+    interrupted = summary["status"] == "cancelled"
+    if interrupted:
+        summary["status"] = "failed"
+        summary["error"] = (
+            f"interrupted at step {summary['steps']}; checkpoint written. "
+            "Rerun the same command to resume."
+        )
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_summary(summary)
+    if interrupted:
+        return 130
+    return 0 if summary["status"] == "succeeded" else 1
+
+
+def print_summary(summary: dict) -> None:
+    if summary["status"] != "succeeded":
+        print(f"failed: {summary.get('error')}")
+    for key, value in summary.items():
+        if key not in ("status", "error"):
+            print(f"{key:>18}: {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Attach to a Ray cluster, or start an embedded one for local runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False):
+    """Connect once per process: `address`, else $RAY_ADDRESS, else a local embedded Ray."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, **kwargs)
+
+
+def free_cpus() -> tuple[float, float]:
+    """(total, available) CPUs of the cluster right now."""
+    return ray.cluster_resources().get("CPU", 0.0), ray.available_resources().get("CPU", 0.0)

@@ -1,0 +1,81 @@
+"""What a spec means in `core` terms: the model, its optimizer, its loss, and one gradient sum.
+
+The same functions serve the Ray workers, the coordinator's evaluation and the
+single-process reference loop, so all three compute exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import core.functional as F
+from core import Tensor, nn, no_grad, optim
+
+LOSSES = {
+    "mse": F.mse_loss,
+    "cross_entropy": F.cross_entropy,
+    "bce": F.binary_cross_entropy_with_logits,
+}
+
+
+def build_model(spec) -> nn.MLP:
+    m = spec.model
+    return nn.MLP(m.sizes, activation=m.activation, dtype=np.dtype(spec.dtype), seed=spec.seed)
+
+
+def build_optimizer(spec, params) -> optim.SGD | optim.Adam:
+    o = spec.optimizer
+    if o.type == "sgd":
+        return optim.SGD(
+            params,
+            lr=o.lr,
+            momentum=o.momentum,
+            weight_decay=o.weight_decay,
+            nesterov=o.nesterov,
+        )
+    return optim.Adam(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def set_parameters(model: nn.Module, arrays: list[np.ndarray]) -> None:
+    """Point the model's parameters at `arrays` (no copy: workers only read them)."""
+    for p, a in zip(model.parameters(), arrays, strict=True):
+        p.data = a
+
+
+def grad_sum(model: nn.Module, loss: str, X: np.ndarray, y: np.ndarray):
+    """Sum (not mean) of per-sample gradients and losses over the rows of X.
+
+    Returns ``(grads, loss_sum)``; sums from several pieces add up to the sum
+    over their union, which is what makes the data-parallel step exact.
+    """
+    params = model.parameters()
+    if len(X) == 0:
+        return [np.zeros_like(p.data) for p in params], 0.0
+    for p in params:
+        p.grad = None
+    out = LOSSES[loss](model(Tensor(X)), y, reduction="sum")
+    out.backward()
+    return [p.grad for p in params], float(out.data)
+
+
+def evaluate(model: nn.Module, loss: str, X: np.ndarray, y: np.ndarray, classify: bool) -> dict:
+    """Mean loss over X, and accuracy when the task is classification; no graph is built."""
+    if len(X) == 0:
+        return {"loss": None, "accuracy": None}
+    with no_grad():
+        out = model(Tensor(X))
+        value = float(LOSSES[loss](out, y, reduction="mean").data)
+    result = {"loss": value, "accuracy": None}
+    if classify:
+        result["accuracy"] = float(
+            np.mean(predict_classes(out.data, loss) == y.reshape(len(y), -1)[:, 0])
+        )
+    return result
+
+
+def predict_classes(outputs: np.ndarray, loss: str) -> np.ndarray:
+    """Class index per row: argmax of the logits, or a threshold on a single output."""
+    if outputs.shape[1] > 1:
+        return outputs.argmax(axis=1)
+    threshold = 0.0 if loss == "bce" else 0.5  # bce outputs logits, mse outputs probabilities
+    return (outputs[:, 0] > threshold).astype(np.int64)

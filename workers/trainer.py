@@ -1,0 +1,270 @@
+"""The coordinator: one per running job. It owns the parameters and the step loop.
+
+Each step reads like the single-process loop it is equivalent to: take the
+global batch, ask the workers for gradient sums of their pieces, add them in
+rank order, divide by the batch size, step the optimizer, checkpoint now and
+then. See ARCHITECTURE.md for why this makes the result independent of the
+number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from workers import checkpoint as ckpt
+from workers.cluster import ensure_ray
+from workers.datasets import load_dataset, targets_for, train_val_split
+from workers.model import build_model, build_optimizer, evaluate
+from workers.pool import ClusterTooSmall, WorkerFailure, WorkerPool
+from workers.sampler import Schedule, split_batch
+from workers.spec import TrainingSpec
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[dict], None]
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message is what the user sees."""
+
+
+class Diverged(TrainingError):
+    pass
+
+
+class SpecMismatch(TrainingError):
+    pass
+
+
+class PreparedData:
+    """Training and validation arrays in the spec's dtype and the loss's target form."""
+
+    def __init__(self, spec: TrainingSpec):
+        dataset = load_dataset(spec.data, spec.seed)
+        train, val = train_val_split(dataset, spec.validation_fraction, spec.seed)
+        dtype = np.dtype(spec.dtype)
+        self.info = dataset.info
+        self.classify = dataset.info.task == "classification"
+        self.X = np.ascontiguousarray(train.X, dtype=dtype)
+        self.y = targets_for(train.y, spec.loss, dtype)
+        self.X_val = np.ascontiguousarray(val.X, dtype=dtype)
+        self.y_val = targets_for(val.y, spec.loss, dtype)
+
+
+class Trainer:
+    def __init__(
+        self,
+        spec: TrainingSpec,
+        out_dir: str | Path,
+        *,
+        workers: int | None = None,
+        callback: Callback | None = None,
+        stop_event: threading.Event | None = None,
+        ray_address: str | None = None,
+    ):
+        self.spec = spec
+        self.out = Path(out_dir)
+        self.n_workers = workers or spec.workers
+        self.callback = callback or (lambda event: None)
+        self.stop_event = stop_event or threading.Event()
+        self.ray_address = ray_address
+
+    # -- the run ---------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Train to the end (or until stopped); failures come back as status 'failed'."""
+        self.start = time.perf_counter()
+        self.step, self.pool = 0, None
+        try:
+            return self._run()
+        except (TrainingError, WorkerFailure, ClusterTooSmall) as err:
+            return self._failed(str(err))
+
+    def _failed(self, error: str) -> dict:
+        pool = self.pool
+        return {
+            "status": "failed",
+            "steps": self.step,
+            "error": error,
+            "worker_nodes": list(pool.node_ids) if pool else [],
+            "worker_failures": pool.failures if pool else 0,
+            "elapsed_s": round(time.perf_counter() - self.start, 3),
+        }
+
+    def _run(self) -> dict:
+        start = self.start
+        spec = self.spec
+        latest = ckpt.load_latest(self.out)
+        if latest is not None:
+            if latest.state.get("spec_hash") != spec.spec_hash():
+                raise SpecMismatch(
+                    f"{self.out} holds checkpoints of a different spec "
+                    f"(hash {latest.state.get('spec_hash', '?')[:12]}, this spec "
+                    f"{spec.spec_hash()[:12]}); refusing to mix runs. Use another --out."
+                )
+            if latest.state.get("finished"):
+                return latest.state["summary"]
+        self.out.mkdir(parents=True, exist_ok=True)
+
+        data = PreparedData(spec)
+        schedule = Schedule(len(data.X), spec.batch_size, spec.epochs, spec.seed)
+        model = build_model(spec)
+        params = model.parameters()
+        opt = build_optimizer(spec, params)
+        step, failures, history = 0, 0, []
+        if latest is not None:
+            model.load_state_dict(latest.model_state)
+            opt.load_state_dict(latest.optimizer_state)
+            step = self.step = latest.step
+            failures = latest.state.get("worker_failures", 0)
+            history = latest.state.get("metrics", [])
+        resumed_from = step if latest is not None else None
+
+        ensure_ray(self.ray_address)
+        data_ref = ray.put((data.X, data.y))
+        pool = WorkerPool(
+            self.n_workers,
+            spec.cpus_per_worker,
+            {
+                "sizes": spec.model.sizes,
+                "activation": spec.model.activation,
+                "dtype": spec.dtype,
+                "loss": spec.loss,
+            },
+            data_ref,
+            max_failures=spec.max_failures,
+            failures=failures,
+            on_failure=lambda rank, reason: self.callback(
+                {"type": "worker_failure", "rank": rank, "reason": reason}
+            ),
+        )
+        self.pool = pool
+
+        def save(at_step: int, **extra) -> Path:
+            state = {
+                "step": at_step,
+                "epoch": at_step // schedule.steps_per_epoch,
+                "spec_hash": spec.spec_hash(),
+                "metrics": history,
+                "worker_failures": pool.failures,
+                **extra,
+            }
+            path = ckpt.save_checkpoint(
+                self.out,
+                at_step,
+                model.state_dict(),
+                opt.state_dict(),
+                state,
+                keep=spec.keep_checkpoints,
+            )
+            self.callback({"type": "checkpoint", "step": at_step, "path": str(path)})
+            return path
+
+        self.callback(
+            {
+                "type": "started",
+                "total_steps": schedule.total_steps,
+                "step": step,
+                "resumed_from_step": resumed_from,
+                "worker_nodes": list(pool.node_ids),
+            }
+        )
+        try:
+            while step < schedule.total_steps:
+                if self.stop_event.is_set():
+                    save(step)
+                    return self._summary(
+                        "cancelled",
+                        step,
+                        schedule,
+                        model,
+                        data,
+                        pool,
+                        start,
+                        resumed_from,
+                        error=f"stopped at step {step}; checkpoint written",
+                    )
+                t0 = time.perf_counter()
+                idx = schedule.batch(step)
+                results = pool.grads([p.data for p in params], split_batch(idx, self.n_workers))
+                loss, grad_norm = self._apply(results, params, opt, step)
+                step = self.step = step + 1
+                dt = time.perf_counter() - t0
+                epoch_done = step % schedule.steps_per_epoch == 0
+                point = {
+                    "type": "step",
+                    "step": step,
+                    "total_steps": schedule.total_steps,
+                    "epoch": schedule.epoch_of(step - 1),
+                    "train_loss": loss,
+                    "grad_norm": grad_norm,
+                    "samples_per_s": len(idx) / dt if dt > 0 else None,
+                }
+                if epoch_done:
+                    val = evaluate(model, spec.loss, data.X_val, data.y_val, data.classify)
+                    point.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+                    history.append(
+                        {k: point[k] for k in ("step", "epoch", "train_loss")}
+                        | {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+                    )
+                self.callback(point)
+                if step % spec.checkpoint_every == 0 and step < schedule.total_steps:
+                    save(step)
+        finally:
+            pool.shutdown()
+            del data_ref
+
+        summary = self._summary("succeeded", step, schedule, model, data, pool, start, resumed_from)
+        save(step, finished=True, summary=summary)
+        return summary
+
+    def _apply(self, results, params, opt, step: int) -> tuple[float, float]:
+        """Add the workers' sums in rank order, average, check, and step the optimizer."""
+        grads = [g.copy() for g in results[0][0]]
+        for sums, _, _ in results[1:]:
+            for acc, g in zip(grads, sums, strict=True):
+                acc += g
+        n = sum(count for _, count, _ in results)
+        loss = sum(loss_sum for _, _, loss_sum in results) / n
+        sq = 0.0
+        for p, g in zip(params, grads, strict=True):
+            g /= n
+            p.grad = g
+            sq += float(np.vdot(g, g))
+        grad_norm = float(np.sqrt(sq))
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            raise Diverged(f"diverged at step {step + 1} (loss={loss:g})")
+        opt.step()
+        return loss, grad_norm
+
+    def _summary(self, status, step, schedule, model, data, pool, start, resumed_from, error=None):
+        train = evaluate(model, self.spec.loss, data.X, data.y, data.classify)
+        val = evaluate(model, self.spec.loss, data.X_val, data.y_val, data.classify)
+        summary = {
+            "status": status,
+            "steps": step,
+            "epochs": step // schedule.steps_per_epoch,
+            "final_loss": train["loss"],
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "checkpoint": str(ckpt.checkpoint_dir(self.out, f"step-{step}")),
+            "worker_nodes": list(pool.node_ids),
+            "elapsed_s": round(time.perf_counter() - start, 3),
+            "worker_failures": pool.failures,
+            "resumed_from_step": resumed_from,
+        }
+        if error:
+            summary["error"] = error
+        return summary
+
+
+def train(spec: TrainingSpec, out_dir: str | Path, **kwargs) -> dict:
+    """Run a spec to the end and return its summary (status 'failed' with 'error' on failure)."""
+    return Trainer(spec, out_dir, **kwargs).run()
