@@ -1,0 +1,77 @@
+"""Dependencies of the routes, as Annotated aliases. Tests swap them with
+`app.dependency_overrides` (an in-memory store, a fake dispatcher, other settings)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Query, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.config import Settings
+from service.dispatcher import Dispatcher
+from service.store import JobNotFound, JobStore
+from service.tables import JobRow
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> JobStore:
+    return request.app.state.store
+
+
+def get_dispatcher(request: Request) -> Dispatcher:
+    return request.app.state.dispatcher
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[JobStore, Depends(get_store)]
+DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+
+bearer = HTTPBearer(auto_error=False, description="SHARDGRAD_API_TOKEN, when it is set")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def _check(settings: Settings, given: str | None) -> None:
+    expected = settings.token()
+    if expected is None:
+        return
+    if given is None or not secrets.compare_digest(given.encode(), expected.encode()):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing or invalid API token (Authorization: Bearer <token>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def require_token(settings: SettingsDep, credentials: Credentials) -> None:
+    _check(settings, credentials.credentials if credentials else None)
+
+
+def require_token_or_query(
+    settings: SettingsDep,
+    credentials: Credentials,
+    token: Annotated[str | None, Query(description="for EventSource (no headers)")] = None,
+) -> None:
+    """The SSE routes also accept ?token=, since EventSource cannot set headers."""
+    _check(settings, credentials.credentials if credentials else token)
+
+
+def get_job(job_id: str, store: StoreDep) -> JobRow:
+    try:
+        return store.get(job_id)
+    except JobNotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}") from None
+
+
+JobDep = Annotated[JobRow, Depends(get_job)]
+
+# Documented error responses, so clients and schema checks know them.
+ERROR = {"content": {"application/json": {"example": {"detail": "..."}}}}
+AUTH = {401: {"description": "missing or invalid API token", **ERROR}}
+NOT_FOUND = {404: {"description": "no such job", **ERROR}}
+CONFLICT = {409: {"description": "not allowed in the job's state", **ERROR}}
+TOO_LARGE = {413: {"description": "request body too large", **ERROR}}

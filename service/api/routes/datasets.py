@@ -1,0 +1,46 @@
+"""/datasets: upload a .csv or .npz once, train on it by id (`data: {"type": "dataset"}`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, UploadFile, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+
+from service.api.deps import TOO_LARGE
+from service.schemas import DatasetOut
+from workers.datasets import list_uploaded, save_uploaded
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+
+def _out(d) -> DatasetOut:
+    return DatasetOut(
+        id=d.id,
+        n_samples=d.n_samples,
+        n_features=d.n_features,
+        n_classes=d.n_classes,
+        task=d.task,
+        filename=d.filename,
+    )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, responses=TOO_LARGE)
+async def upload(
+    file: Annotated[UploadFile, File(description=".csv with a header row, or .npz with X, y")],
+) -> DatasetOut:
+    """Store a dataset; the same content uploaded twice gets the same id."""
+    raw = await file.read()
+    try:
+        saved = await run_in_threadpool(save_uploaded, raw, file.filename or "upload")
+    except ValueError as err:
+        error = {"loc": ("body", "file"), "msg": str(err), "type": "value_error", "input": None}
+        raise RequestValidationError([error]) from None
+    return _out(saved)
+
+
+@router.get("")
+def datasets() -> list[DatasetOut]:
+    """Every uploaded dataset, oldest first."""
+    return [_out(d) for d in list_uploaded()]

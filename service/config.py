@@ -1,0 +1,66 @@
+"""Service settings: environment variables with the SHARDGRAD_ prefix, then `serve` flags."""
+
+from __future__ import annotations
+
+import socket
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SHARDGRAD_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("var")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/shardgrad.db"
+    )
+    datasets_dir: Path | None = Field(None, description="uploads; default <data_dir>/datasets")
+    api_token: SecretStr | None = None
+
+    ray_address: str | None = Field(None, description="attach to this cluster ($RAY_ADDRESS)")
+    ray_num_cpus: int | None = Field(None, description="CPUs of the embedded Ray (default: all)")
+    ray_dashboard: bool = False
+
+    max_concurrent_jobs: int = Field(2, ge=0)
+    paused: bool = Field(False, description="accept and queue jobs but start none")
+    autoscaling: bool = Field(False, description="queue jobs larger than the cluster")
+    allow_file_data: bool = Field(False, description="accept data.type=file (server paths)")
+
+    max_json_bytes: int = Field(1 * MB, ge=1)
+    max_upload_bytes: int = Field(100 * MB, ge=1)
+
+    instance_id: str | None = Field(None, description="owner name of claimed jobs")
+    poll_interval_s: float = Field(0.5, gt=0)
+    heartbeat_s: float = Field(2.0, gt=0)
+    lease_s: float = Field(20.0, gt=0, description="a running job's owner is dead after this")
+
+    @property
+    def store_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'shardgrad.db'}"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.datasets_dir or self.data_dir / "datasets"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def owner(self) -> str:
+        return self.instance_id or f"{socket.gethostname()}:{self.port}"
+
+    def token(self) -> str | None:
+        return self.api_token.get_secret_value() if self.api_token else None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,301 @@
+"""The dispatcher: claims queued jobs when the cluster has CPUs for all their workers and runs
+each job's Trainer (the coordinator) in its own thread. Trainer events become progress,
+metric points and timeline entries in the store as they arrive.
+
+Free CPUs = min(Ray's available CPUs, Ray's total - what our running jobs reserved): Ray's
+own figure lags until a new job's placement group exists, ours ignores other Ray users.
+The queue is strict (priority, then FIFO): a job that does not fit yet holds back the
+ones behind it, so a big job is never starved; only a job larger than the whole cluster
+(waiting for an autoscaler) is passed over.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from service.cluster import Capacity, RayCluster
+from service.config import Settings
+from service.schemas import finite
+from service.store import JobStore
+from service.tables import JobRow
+
+log = logging.getLogger(__name__)
+EPS = 1e-9
+
+
+@dataclass
+class Run:
+    """One running job in this process."""
+
+    job_id: str
+    name: str
+    workers: int
+    cpus: float
+    stop: threading.Event = field(default_factory=threading.Event)
+    reason: str | None = None  # "cancel" or "shutdown", once stop is set
+    thread: threading.Thread | None = None
+    metrics: dict = field(default_factory=dict)
+    worker_nodes: list[str] = field(default_factory=list)
+    rate: float | None = None  # steps per second, smoothed
+    last_step_at: float | None = None
+
+
+def pending_reason(
+    job: JobRow, position: int | None, cap: Capacity, running: int, settings: Settings
+) -> str:
+    """Why a queued job is not running yet, in the user's words."""
+    need = job.cpus
+    if settings.paused or settings.max_concurrent_jobs == 0:
+        return "the dispatcher is paused"
+    if need > cap.total + EPS:
+        return (
+            f"waiting for the cluster to scale up: needs {need:g} CPUs, "
+            f"the cluster has {cap.total:g}"
+        )
+    if position and position > 1:
+        return f"waiting behind {position - 1} queued job(s)"
+    if running >= settings.max_concurrent_jobs:
+        return f"waiting for a job slot ({running} of {settings.max_concurrent_jobs} running)"
+    if need > cap.free + EPS:
+        return f"waiting for {need:g} CPUs, {cap.free:g} free"
+    return "about to start"
+
+
+class Dispatcher:
+    def __init__(self, store: JobStore, settings: Settings, cluster: RayCluster, train=None):
+        self.store, self.settings, self.cluster = store, settings, cluster
+        self.owner = settings.owner
+        self._train = train  # workers.trainer.train, or a stand-in in tests
+        self.runs: dict[str, Run] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cap = Capacity(0.0, 0.0)
+        self._cap_at = 0.0  # monotonic time of the last good read of Ray
+        self._beat_at = 0.0
+        self.steps_total = 0
+        self._step_times: collections.deque[float] = collections.deque(maxlen=10_000)
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect to Ray, reconcile jobs left active by a previous run, start the loop."""
+        self.cluster.start()
+        self._refresh()
+        for job_id in self.store.reclaim_orphans(
+            self.settings.lease_s, owner=self.owner, everyone=self.store.single_process
+        ):
+            log.info("job %s was left running; it goes back to the queue to resume", job_id)
+        self._thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 120.0) -> None:
+        """Graceful stop: every running job checkpoints at its current step and is queued
+        again for the next start (not failed, not cancelled)."""
+        self._stopping.set()
+        self._wake.set()
+        with self._lock:
+            runs = list(self.runs.values())
+        for run in runs:
+            run.reason = run.reason or "shutdown"
+            run.stop.set()
+        deadline = time.monotonic() + timeout
+        for run in runs:
+            if run.thread is not None:
+                run.thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def wake(self) -> None:
+        if not self.settings.paused:
+            self._wake.set()
+
+    def cancel(self, job_id: str) -> None:
+        """Stop a job running here after its current step (it checkpoints, ends cancelled)."""
+        with self._lock:
+            run = self.runs.get(job_id)
+        if run is not None:
+            run.reason = "cancel"
+            run.stop.set()
+
+    # -- what the API asks ------------------------------------------------------------------
+
+    def capacity(self) -> Capacity:
+        reserved = sum(run.cpus for run in self.runs.values())
+        cap = self._cap
+        return Capacity(cap.total, max(0.0, min(cap.free, cap.total - reserved)))
+
+    def healthy(self) -> bool:
+        return time.monotonic() - self._cap_at < max(10.0, 5 * self.settings.poll_interval_s)
+
+    def pending_reason(self, job: JobRow, position: int | None) -> str:
+        return pending_reason(job, position, self.capacity(), len(self.runs), self.settings)
+
+    def steps_per_second(self, window: float = 10.0) -> float:
+        cutoff = time.monotonic() - window
+        return sum(1 for t in list(self._step_times) if t >= cutoff) / window
+
+    def running(self) -> list[dict]:
+        return [
+            {
+                "job_id": r.job_id,
+                "name": r.name,
+                "workers": r.workers,
+                "cpus": r.cpus,
+                "worker_nodes": list(r.worker_nodes),
+            }
+            for r in list(self.runs.values())
+        ]
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._tick()
+            except Exception:  # a store or Ray hiccup must not kill the dispatcher
+                log.exception("dispatcher tick failed")
+            self._wake.wait(self.settings.poll_interval_s)
+            self._wake.clear()
+            time.sleep(0.02)  # coalesce a burst of wake-ups into one tick
+
+    def _refresh(self) -> None:
+        self._cap = self.cluster.capacity()
+        self._cap_at = time.monotonic()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        # Submissions wake the loop; Ray is asked at most once per poll interval (our own
+        # reservations keep the figure right in between).
+        if now - self._cap_at >= self.settings.poll_interval_s:
+            self._refresh()
+        if now - self._beat_at >= self.settings.heartbeat_s:
+            self._beat_at = now
+            self.store.heartbeat(self.owner)
+            self.store.reclaim_orphans(self.settings.lease_s)  # other processes' lapsed leases
+        for job_id in self.store.owned(self.owner, "cancelling"):  # cancels via other processes
+            self.cancel(job_id)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        s = self.settings
+        if s.paused or self._stopping.is_set() or len(self.runs) >= s.max_concurrent_jobs:
+            return
+        cap = self.capacity()
+        budget = {"free": cap.free, "slots": s.max_concurrent_jobs - len(self.runs)}
+
+        def decide(job: JobRow) -> bool | None:
+            if budget["slots"] <= 0:
+                return None
+            if job.cpus > cap.total + EPS:
+                return False  # only an autoscaler can make room for it; let others pass
+            if job.cpus > budget["free"] + EPS:
+                return None  # gang: all workers or none, and nobody overtakes it
+            budget["free"] -= job.cpus
+            budget["slots"] -= 1
+            return True
+
+        for job in self.store.claim(self.owner, decide):
+            self._start(job)
+
+    def _start(self, job: JobRow) -> None:
+        spec = job.spec
+        run = Run(job.id, job.name, spec.get("workers", 1), job.cpus)
+        run.thread = threading.Thread(target=self._run, args=(run, job), name=f"job-{job.id}")
+        with self._lock:
+            self.runs[job.id] = run
+        run.thread.start()
+
+    # -- one job ------------------------------------------------------------------------------
+
+    def _run(self, run: Run, job: JobRow) -> None:
+        try:
+            from workers.spec import TrainingSpec
+
+            train = self._train
+            if train is None:
+                from workers.trainer import train
+            spec = TrainingSpec.model_validate(job.spec)
+            out_dir = self.settings.jobs_dir / job.id
+            summary = train(
+                spec,
+                out_dir,
+                callback=lambda event: self._on_event(run, event),
+                stop_event=run.stop,
+                ray_address=self.settings.ray_address,
+            )
+        except Exception as err:  # anything the Trainer did not turn into a summary
+            log.exception("job %s crashed", job.id)
+            summary = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+        try:
+            self._settle(run, summary)
+        except Exception:
+            log.exception("could not record the end of job %s", job.id)
+        finally:
+            with self._lock:
+                self.runs.pop(run.job_id, None)
+            self._wake.set()
+
+    def _settle(self, run: Run, summary: dict) -> None:
+        status, error = summary.get("status"), summary.get("error")
+        store, owner = self.store, self.owner
+        final = {"summary": summary, "eta_s": None}
+        if summary.get("steps") is not None:
+            final["step"] = summary["steps"]
+        if status == "cancelled" and run.reason == "shutdown":
+            message = f"service stopping: checkpointed at step {summary.get('steps')}; queued"
+            if store.requeue(run.job_id, owner, message):
+                return
+        if status == "cancelled":
+            store.finish(run.job_id, owner, "cancelled", error, **final)
+        elif status == "succeeded":
+            if summary.get("steps") is not None:
+                final["total_steps"] = summary["steps"]
+            store.finish(run.job_id, owner, "succeeded", None, **final)
+        else:
+            store.finish(run.job_id, owner, "failed", error or "training failed", **final)
+
+    def _on_event(self, run: Run, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "step":
+            self._on_step(run, event)
+        elif kind == "started":
+            run.worker_nodes = list(event.get("worker_nodes") or [])
+            values = {"total_steps": event["total_steps"], "step": event["step"]}
+            values["worker_nodes"] = run.worker_nodes
+            self.store.progress(run.job_id, self.owner, values)
+            if event.get("resumed_from_step") is not None:
+                self.store.note(run.job_id, f"resumed from step {event['resumed_from_step']}")
+        elif kind == "worker_failure":
+            reason = event.get("reason") or f"worker {event.get('rank')} failed"
+            self.store.note(run.job_id, f"{reason}; the step is recomputed")
+
+    def _on_step(self, run: Run, event: dict) -> None:
+        now = time.monotonic()
+        if run.last_step_at is not None and now > run.last_step_at:
+            rate = 1.0 / (now - run.last_step_at)
+            run.rate = rate if run.rate is None else 0.8 * run.rate + 0.2 * rate
+        run.last_step_at = now
+        self.steps_total += 1
+        self._step_times.append(now)
+
+        point = {k: finite(event.get(k)) for k in POINT_KEYS}
+        run.metrics.update({k: v for k, v in point.items() if v is not None})
+        point["step"], point["epoch"] = event["step"], event.get("epoch")
+        left = event["total_steps"] - event["step"]
+        values = {
+            "step": event["step"],
+            "total_steps": event["total_steps"],
+            "epoch": event.get("epoch") or 0,
+            "eta_s": round(left / run.rate, 3) if run.rate else None,
+            "metrics": dict(run.metrics),
+        }
+        self.store.progress(run.job_id, self.owner, values, point)
+
+
+POINT_KEYS = ("train_loss", "val_loss", "val_accuracy", "grad_norm", "samples_per_s")

@@ -1,0 +1,92 @@
+"""The FastAPI app: routers under /api/v1, ops routes outside, and the service's life cycle.
+
+`create_app(settings)` wires the real parts in its lifespan: the job store, Ray, the
+dispatcher (which reconciles unfinished jobs before it starts). Tests build the app
+with `start=False` and swap the store and dispatcher through `dependency_overrides`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from service.api.deps import require_token, require_token_or_query
+from service.api.routes import checkpoints, cluster, datasets, events, jobs, ops
+from service.cluster import RayCluster
+from service.config import Settings
+from service.dispatcher import Dispatcher
+from service.limits import BodyLimit
+from service.predict import Predictor
+from service.store import JobStore
+
+API = "/api/v1"
+log = logging.getLogger(__name__)
+
+
+def _json_safe(value):
+    """NaN and infinities (which Python's json accepts) as strings, so a 422 can name them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's standard 422 shape, also when the rejected input is not valid JSON."""
+    detail = _json_safe(jsonable_encoder(exc.errors()))
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def create_app(settings: Settings | None = None, *, start: bool = True) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not start:
+            yield
+            return
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # workers.datasets reads uploads (and Trainers read datasets) from here.
+        os.environ["SHARDGRAD_DATASETS_DIR"] = str(settings.uploads_dir)
+        store = JobStore(settings.store_url)
+        cluster = RayCluster(settings.ray_address, settings.ray_num_cpus, settings.ray_dashboard)
+        dispatcher = Dispatcher(store, settings, cluster)
+        await run_in_threadpool(dispatcher.start)
+        app.state.store, app.state.dispatcher = store, dispatcher
+        cpus = dispatcher.capacity().total
+        log.info("shardgrad service up: %s store, %g CPUs", store.dialect, cpus)
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        print(f"shardgrad is running: open http://{host}:{settings.port}/docs")
+        try:
+            yield
+        finally:
+            log.info("stopping: checkpointing running jobs; they stay queued")
+            await run_in_threadpool(dispatcher.shutdown)
+
+    app = FastAPI(
+        title="shardgrad",
+        version="0.1.0",
+        summary="Distributed training jobs on Ray with shardgrad's own autograd engine",
+        lifespan=lifespan,
+    )
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.state.settings = settings
+    app.state.predictor = Predictor()
+    app.add_middleware(BodyLimit, upload_path=f"{API}/datasets")
+
+    for router in (jobs.router, checkpoints.router, datasets.router, cluster.router):
+        app.include_router(router, prefix=API, dependencies=[Depends(require_token)])
+    app.include_router(events.router, prefix=API, dependencies=[Depends(require_token_or_query)])
+    app.include_router(ops.router)
+    return app

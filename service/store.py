@@ -1,0 +1,376 @@
+"""The job store: the source of truth for jobs, their queue, timeline and metric points.
+
+Every state change is one conditional UPDATE (`... WHERE status = <expected>`), so two
+dispatchers, or a dispatcher and a cancel request, can never both win the same job. On
+PostgreSQL the claim also reads its candidates with `FOR UPDATE SKIP LOCKED`, so
+concurrent dispatchers do not wait on each other. On SQLite the process serialises its
+own writes with a lock (no busy-waiting on SQLite's file lock in the hot path).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, func, or_, select, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import StaticPool
+
+from service.feed import ChangeFeed
+from service.tables import (
+    ACTIVE,
+    CANCELLED,
+    CANCELLING,
+    FAILED,
+    POINT_FIELDS,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    Base,
+    EventRow,
+    JobRow,
+    MetricRow,
+)
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+class Conflict(Exception):
+    """The job is not in a state that allows the request; the message says why."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)  # stored naive, always UTC
+
+
+def make_engine(url: str):
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    memory = parsed.database in (None, "", ":memory:")
+    if memory:
+        engine = create_engine(url, connect_args={"check_same_thread": False}, poolclass=StaticPool)
+    else:
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(conn, _):
+        cur = conn.cursor()
+        if not memory:
+            # WAL: readers never block the writer. NORMAL: no fsync per commit; a killed
+            # process loses nothing (the WAL is in the OS cache), only a power cut might.
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return engine
+
+
+class JobStore:
+    def __init__(self, url: str, changes: ChangeFeed | None = None):
+        self.engine = make_engine(url)
+        self.dialect = self.engine.dialect.name
+        self.changes = changes or ChangeFeed()
+        self._write_lock = threading.Lock() if self.dialect == "sqlite" else nullcontext()
+        Base.metadata.create_all(self.engine)
+
+    @property
+    def single_process(self) -> bool:
+        """SQLite: one service process owns the store, so every active job at start is orphaned."""
+        return self.dialect == "sqlite"
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with self._write_lock, Session(self.engine, expire_on_commit=False) as s, s.begin():
+            yield s
+        self.changes.notify()
+
+    def _read(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    def ping(self) -> None:
+        with self._read() as s:
+            s.execute(text("SELECT 1"))
+
+    # -- submit, read ----------------------------------------------------------------
+
+    def create(self, spec: dict, *, name: str, priority: int, cpus: float) -> JobRow:
+        now = utcnow()
+        job = JobRow(
+            id=uuid.uuid4().hex[:12],
+            name=name,
+            status=QUEUED,
+            priority=priority,
+            spec=spec,
+            cpus=cpus,
+            created_at=now,
+            updated_at=now,
+            version=0,
+            attempts=0,
+            step=0,
+            epoch=0,
+            metrics={},
+            worker_nodes=[],
+        )
+        with self._tx() as s:
+            s.add(job)
+            s.flush()
+            s.add(_event(job, QUEUED, "submitted"))
+        return job
+
+    def get(self, job_id: str) -> JobRow:
+        with self._read() as s:
+            job = s.scalar(select(JobRow).where(JobRow.id == job_id))
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    def list(self, *, status: str | None = None, limit: int = 50, before: int | None = None):
+        """Newest first; `before` is the seq of the last row of the previous page."""
+        stmt = select(JobRow).order_by(JobRow.seq.desc()).limit(limit)
+        if status:
+            stmt = stmt.where(JobRow.status == status)
+        if before is not None:
+            stmt = stmt.where(JobRow.seq < before)
+        with self._read() as s:
+            return list(s.scalars(stmt))
+
+    def queue_positions(self) -> dict[str, int]:
+        with self._read() as s:
+            ids = s.scalars(select(JobRow.id).where(JobRow.status == QUEUED).order_by(*_QUEUE))
+            return {job_id: i for i, job_id in enumerate(ids, start=1)}
+
+    def queue_position(self, job: JobRow) -> int:
+        ahead = or_(
+            JobRow.priority > job.priority,
+            (JobRow.priority == job.priority) & (JobRow.seq < job.seq),
+        )
+        with self._read() as s:
+            stmt = select(func.count()).where(JobRow.status == QUEUED, ahead)
+            return s.scalar(stmt) + 1
+
+    def events(self, job_id: str) -> list[EventRow]:
+        with self._read() as s:
+            stmt = select(EventRow).where(EventRow.job_id == job_id).order_by(EventRow.seq)
+            return list(s.scalars(stmt))
+
+    def points(self, job_id: str, after_step: int = -1) -> list[MetricRow]:
+        with self._read() as s:
+            stmt = (
+                select(MetricRow)
+                .where(MetricRow.job_id == job_id, MetricRow.step > after_step)
+                .order_by(MetricRow.step)
+            )
+            return list(s.scalars(stmt))
+
+    def changed_since(self, since: datetime) -> list[JobRow]:
+        with self._read() as s:
+            stmt = select(JobRow).where(JobRow.updated_at >= since).order_by(JobRow.updated_at)
+            return list(s.scalars(stmt))
+
+    def counts(self) -> dict[str, int]:
+        with self._read() as s:
+            rows = s.execute(select(JobRow.status, func.count()).group_by(JobRow.status))
+            return dict(rows.all())
+
+    def owned(self, owner: str, status: str) -> list[str]:
+        with self._read() as s:
+            stmt = select(JobRow.id).where(JobRow.owner == owner, JobRow.status == status)
+            return list(s.scalars(stmt))
+
+    # -- the dispatcher's transitions -----------------------------------------------------
+
+    def claim(self, owner: str, decide: Callable[[JobRow], bool | None]) -> list[JobRow]:
+        """Walk the queue in order; claim each job `decide` accepts, stop at None.
+
+        The claim is a conditional UPDATE (status still queued), atomic on every database;
+        on PostgreSQL, rows another dispatcher is deciding on are skipped, not waited for.
+        """
+        claimed = []
+        with self._tx() as s:
+            stmt = select(JobRow).where(JobRow.status == QUEUED).order_by(*_QUEUE).limit(100)
+            if self.dialect == "postgresql":
+                stmt = stmt.with_for_update(skip_locked=True)
+            for job in s.scalars(stmt).all():
+                verdict = decide(job)
+                if verdict is None:
+                    break
+                if not verdict:
+                    continue
+                now = utcnow()
+                values = dict(
+                    status=RUNNING,
+                    owner=owner,
+                    heartbeat_at=now,
+                    attempts=JobRow.attempts + 1,
+                    started_at=func.coalesce(JobRow.started_at, now),
+                    **_touch(now),
+                )
+                if _cas(s, job.id, (QUEUED,), values):
+                    s.refresh(job)
+                    s.add(_event(job, RUNNING, f"started on {owner}"))
+                    claimed.append(job)
+        return claimed
+
+    def heartbeat(self, owner: str) -> None:
+        with self._tx() as s:
+            s.execute(
+                update(JobRow)
+                .where(JobRow.owner == owner, JobRow.status.in_(ACTIVE))
+                .values(heartbeat_at=utcnow())
+            )
+
+    def progress(self, job_id: str, owner: str, values: dict, point: dict | None = None) -> None:
+        """Persist a Trainer event: progress columns of the job, and its metric point."""
+        with self._tx() as s:
+            if point is not None:
+                _upsert_point(s, {"job_id": job_id, **point})
+            s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.owner == owner, JobRow.status.in_(ACTIVE))
+                .values(**values, **_touch(utcnow()))
+            )
+
+    def note(self, job_id: str, message: str) -> None:
+        """A timeline entry that is not a transition (a resume point, a worker failure)."""
+        with self._tx() as s:
+            job = s.scalar(select(JobRow).where(JobRow.id == job_id))
+            s.add(_event(job, job.status, message))
+
+    def finish(self, job_id: str, owner: str, status: str, error=None, **values) -> bool:
+        now = utcnow()
+        values = dict(status=status, error=error, finished_at=now, owner=None, **values)
+        with self._tx() as s:
+            job = s.scalar(select(JobRow).where(JobRow.id == job_id))
+            if not _cas(s, job_id, ACTIVE, {**values, **_touch(now)}, owner=owner):
+                return False
+            s.add(_event(job, status, error))
+        return True
+
+    def requeue(self, job_id: str, owner: str, message: str) -> bool:
+        """Back to the queue for the next start (graceful stop); False if cancel was asked."""
+        with self._tx() as s:
+            job = s.scalar(select(JobRow).where(JobRow.id == job_id))
+            values = dict(status=QUEUED, owner=None, eta_s=None, **_touch(utcnow()))
+            if not _cas(s, job_id, (RUNNING,), values, owner=owner):
+                return False
+            s.add(_event(job, QUEUED, message))
+        return True
+
+    def reclaim_orphans(
+        self, lease_s: float, *, owner: str | None = None, everyone: bool = False
+    ) -> list[str]:
+        """Active jobs whose dispatcher is gone: `owner`'s (it is restarting), any whose
+        lease lapsed, or all of them (`everyone`: SQLite has one service process).
+        Running ones go back to the queue to resume; cancelling ones end cancelled."""
+        cutoff = utcnow() - timedelta(seconds=lease_s)
+        dead = or_(JobRow.heartbeat_at < cutoff, JobRow.owner.is_(None))
+        if owner is not None:
+            dead = or_(dead, JobRow.owner == owner)
+        reclaimed = []
+        with self._tx() as s:
+            stmt = select(JobRow).where(JobRow.status.in_(ACTIVE))
+            if not everyone:
+                stmt = stmt.where(dead)
+            for job in s.scalars(stmt.with_for_update()).all():
+                old = job.owner
+                if job.status == RUNNING:
+                    status, msg = QUEUED, f"{old} stopped; will resume from the newest checkpoint"
+                else:
+                    status, msg = CANCELLED, f"{old} stopped while cancelling"
+                values = dict(status=status, owner=None, eta_s=None, **_touch(utcnow()))
+                if status == CANCELLED:
+                    values["finished_at"] = utcnow()
+                if _cas(s, job.id, (job.status,), values, owner=old):
+                    s.add(_event(job, status, msg))
+                    reclaimed.append(job.id)
+        return reclaimed
+
+    # -- the API's transitions -------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> JobRow:
+        """queued -> cancelled at once; running -> cancelling (its dispatcher stops it)."""
+        with self._tx() as s:
+            job = s.scalar(select(JobRow).where(JobRow.id == job_id).with_for_update())
+            if job is None:
+                raise JobNotFound(job_id)
+            now = utcnow()
+            if job.status == QUEUED:
+                values = dict(status=CANCELLED, finished_at=now, error="cancelled while queued")
+                new, msg = CANCELLED, "cancelled while queued"
+            elif job.status == RUNNING:
+                values, new, msg = dict(status=CANCELLING), CANCELLING, "cancel requested"
+            elif job.status == CANCELLING:
+                return job
+            else:
+                raise Conflict(f"job {job_id} is {job.status}; only queued or running jobs cancel")
+            if not _cas(s, job_id, (job.status,), {**values, **_touch(now)}):
+                raise Conflict(f"job {job_id} changed state; try again")
+            s.add(_event(job, new, msg))
+            s.refresh(job)
+        return job
+
+    def resume(self, job_id: str) -> JobRow:
+        with self._tx() as s:
+            job = s.scalar(select(JobRow).where(JobRow.id == job_id).with_for_update())
+            if job is None:
+                raise JobNotFound(job_id)
+            if job.status not in (FAILED, CANCELLED):
+                msg = f"job {job_id} is {job.status}; only failed or cancelled jobs resume"
+                raise Conflict(msg)
+            values = dict(status=QUEUED, error=None, finished_at=None, eta_s=None)
+            if not _cas(s, job_id, (job.status,), {**values, **_touch(utcnow())}):
+                raise Conflict(f"job {job_id} changed state; try again")
+            s.add(_event(job, QUEUED, "resume requested; continues from the newest checkpoint"))
+            s.refresh(job)
+        return job
+
+
+_QUEUE = (JobRow.priority.desc(), JobRow.seq.asc())
+
+
+def _touch(now: datetime) -> dict:
+    return {"updated_at": now, "version": JobRow.version + 1}
+
+
+def _cas(s: Session, job_id: str, expected, values: dict, owner: str | None = None) -> bool:
+    """UPDATE jobs SET values WHERE id AND status IN expected [AND owner]: the one transition."""
+    stmt = update(JobRow).where(JobRow.id == job_id, JobRow.status.in_(expected))
+    if owner is not None:
+        stmt = stmt.where(JobRow.owner == owner)
+    return s.execute(stmt.values(**values)).rowcount == 1
+
+
+def _event(job: JobRow, status: str, message: str | None) -> EventRow:
+    attempt = job.attempts
+    return EventRow(job_id=job.id, at=utcnow(), status=status, attempt=attempt, message=message)
+
+
+def _upsert_point(s: Session, values: dict) -> None:
+    name = s.get_bind().dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # any other database: a portable (slower) get-or-insert
+        s.merge(MetricRow(**values))
+        return
+    stmt = insert(MetricRow).values(**values)
+    s.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["job_id", "step"],
+            set_={k: stmt.excluded[k] for k in POINT_FIELDS},
+        )
+    )
+
+
+__all__ = ["JobStore", "JobNotFound", "Conflict", "SUCCEEDED", "utcnow"]

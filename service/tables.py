@@ -1,0 +1,90 @@
+"""The job store's tables (SQLAlchemy 2). Portable between SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
+SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
+STATUSES = (QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED)
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+ACTIVE = (RUNNING, CANCELLING)  # owned by a dispatcher, a Trainer thread is on it
+
+# SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
+Seq = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+
+    # seq orders the queue (FIFO within a priority) and the job list (newest first).
+    seq: Mapped[int] = mapped_column(Seq, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(32), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(BigInteger, default=0)
+    spec: Mapped[dict] = mapped_column(JSON)
+    cpus: Mapped[float] = mapped_column(Float)  # workers x cpus_per_worker: the gang's size
+
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    version: Mapped[int] = mapped_column(Integer, default=0)  # bumped on every change
+
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int | None] = mapped_column(Integer)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    eta_s: Mapped[float | None] = mapped_column(Float)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    worker_nodes: Mapped[list] = mapped_column(JSON, default=list)
+    summary: Mapped[dict | None] = mapped_column(JSON)
+
+    owner: Mapped[str | None] = mapped_column(String(200))  # the dispatcher running it
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    __table_args__ = (
+        Index("ix_jobs_queue", "status", "priority", "seq"),
+        Index("ix_jobs_updated", "updated_at"),
+    )
+
+
+class MetricRow(Base):
+    """One point per (job, step): a recomputed step after a resume replaces its point."""
+
+    __tablename__ = "metric_points"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    epoch: Mapped[int | None] = mapped_column(Integer)
+    train_loss: Mapped[float | None] = mapped_column(Float)
+    val_loss: Mapped[float | None] = mapped_column(Float)
+    val_accuracy: Mapped[float | None] = mapped_column(Float)
+    grad_norm: Mapped[float | None] = mapped_column(Float)
+    samples_per_s: Mapped[float | None] = mapped_column(Float)
+
+
+POINT_FIELDS = ("epoch", "train_loss", "val_loss", "val_accuracy", "grad_norm", "samples_per_s")
+
+
+class EventRow(Base):
+    """The status timeline of a job: transitions, attempts, errors, worker failures."""
+
+    __tablename__ = "job_events"
+
+    seq: Mapped[int] = mapped_column(Seq, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime)
+    status: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer)
+    message: Mapped[str | None] = mapped_column(Text)

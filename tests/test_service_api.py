@@ -1,0 +1,320 @@
+"""The HTTP API under TestClient, with an in-memory store and a fake dispatcher."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+from tests.test_service_fakes import make_client, spec
+from workers.checkpoint import save_checkpoint
+from workers.model import build_model
+from workers.spec import TrainingSpec
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARDGRAD_DATASETS_DIR", str(tmp_path / "datasets"))
+    return make_client(tmp_path)
+
+
+def submit(client, **overrides):
+    r = client.post("/api/v1/jobs", json=spec(**overrides))
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def locs(r):
+    assert r.status_code == 422, r.text
+    return [tuple(e["loc"]) for e in r.json()["detail"]]
+
+
+def run(store, job_id, steps=3, owner="fake"):
+    """Play the dispatcher's part: claim the job and record `steps` Trainer steps."""
+    store.claim(owner, lambda job: job.id == job_id or False)
+    for step in range(1, steps + 1):
+        point = {"step": step, "epoch": 0, "train_loss": 1.0 / step, "grad_norm": 0.5}
+        store.progress(job_id, owner, {"step": step, "total_steps": 30}, point)
+
+
+# -- submit and read ------------------------------------------------------------------
+
+
+def test_submit_returns_201_and_the_job(env):
+    client, _, dispatcher = env
+    job = submit(client)
+    assert job["status"] == "queued" and job["name"] == "moons" and job["attempts"] == 0
+    assert job["queue_position"] == 1 and job["pending_reason"]
+    assert job["spec"]["workers"] == 2 and job["progress"]["step"] == 0
+    assert dispatcher.woken == 1
+    got = client.get(f"/api/v1/jobs/{job['id']}").json()
+    assert got["id"] == job["id"]
+    assert [(e["status"], e["message"]) for e in got["events"]] == [("queued", "submitted")]
+
+
+@pytest.mark.parametrize(
+    "overrides, loc",
+    [
+        ({"bogus": 1}, ("body", "bogus")),
+        ({"optimizer": {"type": "rmsprop", "lr": 0.1}}, ("body", "optimizer")),
+        ({"optimizer": {"type": "sgd", "lr": -0.1}}, ("body", "optimizer", "sgd", "lr")),
+        (
+            {"model": {"type": "mlp", "sizes": [3, 8, 2]}},
+            ("body", "model", "mlp", "sizes", 0),
+        ),
+        (
+            {"data": {"type": "dataset", "id": "0123456789abcdef"}},
+            ("body", "data", "dataset", "id"),
+        ),
+        ({"workers": 9}, ("body", "workers")),
+        ({"data": {"type": "file", "path": "/etc/x.csv"}}, ("body", "data", "file", "path")),
+    ],
+)
+def test_submit_rejects_invalid_specs_with_422(env, overrides, loc):
+    client, _, _ = env
+    assert loc in locs(client.post("/api/v1/jobs", json=spec(**overrides)))
+
+
+def test_nan_in_a_spec_is_a_422_not_a_500(env):
+    client, _, _ = env
+    body = json.dumps(spec()).replace('"lr": 0.1', '"lr": NaN')
+    r = client.post("/api/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert ("body", "optimizer", "sgd", "lr") in locs(r)
+
+
+def test_autoscaling_queues_a_job_larger_than_the_cluster(tmp_path):
+    client, _, _ = make_client(tmp_path, autoscaling=True)
+    job = submit(client, workers=10, batch_size=40)
+    assert job["status"] == "queued"
+    assert "scale up" in job["pending_reason"] and "needs 5 CPUs" in job["pending_reason"]
+
+
+def test_json_bodies_over_1mb_are_413_even_chunked(env):
+    client, _, _ = env
+    big = json.dumps(spec(name="x" * 1_100_000)).encode()
+    assert client.post("/api/v1/jobs", content=big).status_code == 413
+
+    def chunks():  # no Content-Length: the bytes are counted as they arrive
+        for i in range(0, len(big), 64 * 1024):
+            yield big[i : i + 64 * 1024]
+
+    r = client.post("/api/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "larger than" in r.json()["detail"]
+
+
+def test_uploads_have_their_own_limit(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARDGRAD_DATASETS_DIR", str(tmp_path / "datasets"))
+    client, _, _ = make_client(tmp_path, max_json_bytes=1000, max_upload_bytes=50_000)
+    rows = "\n".join(f"{i % 7}.5,{i % 3}.25,{i % 2}" for i in range(2000))
+    csv = ("a,b,y\n" + rows).encode()
+    assert 1000 < len(csv) < 50_000
+    r = client.post("/api/v1/datasets", files={"file": ("d.csv", csv, "text/csv")})
+    assert r.status_code == 201, r.text
+    too_big = ("a,b,y\n" + rows * 4).encode()
+    r = client.post("/api/v1/datasets", files={"file": ("d.csv", too_big, "text/csv")})
+    assert r.status_code == 413
+
+
+def test_list_is_newest_first_with_keyset_pagination(env):
+    client, store, _ = env
+    ids = [submit(client, name=f"j{i}")["id"] for i in range(5)]
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        page = client.get("/api/v1/jobs", params=params).json()
+        seen += [j["id"] for j in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids[::-1]
+    client.post(f"/api/v1/jobs/{ids[0]}/cancel")
+    page = client.get("/api/v1/jobs", params={"status": "cancelled"}).json()
+    assert [j["id"] for j in page["items"]] == [ids[0]]
+    assert locs(client.get("/api/v1/jobs", params={"cursor": "!!"})) == [("query", "cursor")]
+    assert locs(client.get("/api/v1/jobs", params={"status": "nope"})) == [("query", "status")]
+
+
+def test_queue_is_ordered_by_priority_then_fifo(env):
+    client, _, _ = env
+    low = submit(client, priority=-1)["id"]
+    a = submit(client)["id"]
+    high = submit(client, priority=5)["id"]
+    b = submit(client)["id"]
+    items = client.get("/api/v1/jobs").json()["items"]
+    position = {j["id"]: j["queue_position"] for j in items}
+    assert [position[i] for i in (high, a, b, low)] == [1, 2, 3, 4]
+    assert client.get(f"/api/v1/jobs/{b}").json()["queue_position"] == 3
+
+
+# -- transitions ----------------------------------------------------------------------
+
+
+def test_cancel_and_resume(env):
+    client, store, dispatcher = env
+    queued = submit(client)["id"]
+    r = client.post(f"/api/v1/jobs/{queued}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert client.post(f"/api/v1/jobs/{queued}/cancel").status_code == 409
+    r = client.post(f"/api/v1/jobs/{queued}/resume")
+    assert r.status_code == 200 and r.json()["status"] == "queued"
+    assert client.post(f"/api/v1/jobs/{queued}/resume").status_code == 409
+
+    running = submit(client)["id"]
+    run(store, running)
+    r = client.post(f"/api/v1/jobs/{running}/cancel")
+    assert r.status_code == 202 and r.json()["status"] == "cancelling"
+    assert dispatcher.cancelled == [running]
+    assert client.post(f"/api/v1/jobs/{running}/resume").status_code == 409
+    assert store.finish(running, "fake", "cancelled", "stopped at step 3")
+    job = client.get(f"/api/v1/jobs/{running}").json()
+    assert job["status"] == "cancelled" and job["attempts"] == 1
+    statuses = [e["status"] for e in job["events"]]
+    assert statuses == ["queued", "running", "cancelling", "cancelled"]
+
+
+def test_metric_points_are_upserted_by_step(env):
+    client, store, _ = env
+    job_id = submit(client)["id"]
+    run(store, job_id, steps=3)
+    # A resume recomputes step 3: its point is replaced, not duplicated.
+    point = {"step": 3, "epoch": 0, "train_loss": 0.25, "val_loss": 0.5, "val_accuracy": 0.9}
+    store.progress(job_id, "fake", {"step": 3}, point)
+    points = client.get(f"/api/v1/jobs/{job_id}/metrics").json()["points"]
+    assert [p["step"] for p in points] == [1, 2, 3]
+    assert points[2]["train_loss"] == 0.25 and points[2]["grad_norm"] is None
+    assert points[0]["val_loss"] is None and points[2]["val_accuracy"] == 0.9
+    job = client.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["status"] == "running" and job["progress"]["fraction"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("get", "/api/v1/jobs/nope"),
+        ("get", "/api/v1/jobs/nope/metrics"),
+        ("get", "/api/v1/jobs/nope/checkpoints"),
+        ("get", "/api/v1/jobs/nope/checkpoints/step-1/model.safetensors"),
+        ("get", "/api/v1/jobs/nope/events"),
+        ("post", "/api/v1/jobs/nope/cancel"),
+        ("post", "/api/v1/jobs/nope/resume"),
+    ],
+)
+def test_unknown_jobs_are_404(env, method, path):
+    client, _, _ = env
+    assert getattr(client, method)(path).status_code == 404
+
+
+def test_api_token(tmp_path):
+    client, _, _ = make_client(tmp_path, api_token="s3cret")
+    assert client.get("/api/v1/jobs").status_code == 401
+    bad = {"Authorization": "Bearer nope"}
+    assert client.get("/api/v1/jobs", headers=bad).status_code == 401
+    assert client.post("/api/v1/jobs", json=spec(), headers=bad).status_code == 401
+    good = {"Authorization": "Bearer s3cret"}
+    assert client.get("/api/v1/jobs", headers=good).status_code == 200
+    job = client.post("/api/v1/jobs", json=spec(), headers=good).json()
+    client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=good)
+    events = f"/api/v1/jobs/{job['id']}/events"
+    assert client.get(events).status_code == 401
+    assert client.get(events, params={"token": "nope"}).status_code == 401
+    assert client.get(events, params={"token": "s3cret"}).status_code == 200
+    assert client.get("/api/v1/jobs", params={"token": "s3cret"}).status_code == 401
+    assert client.get("/healthz").status_code == 200
+
+
+# -- checkpoints and predictions --------------------------------------------------------
+
+
+def test_checkpoints_download_and_predict(env, tmp_path):
+    client, store, _ = env
+    job_id = submit(client)["id"]
+    url = f"/api/v1/jobs/{job_id}"
+    assert client.post(f"{url}/predict", json={"inputs": [[0.1, 0.2]]}).status_code == 409
+    model = build_model(TrainingSpec.model_validate(spec()))
+    state = model.state_dict()
+    for step in (5, 10):
+        save_checkpoint(tmp_path / "jobs" / job_id, step, state, {"state": {}}, {"step": step})
+    listed = client.get(f"{url}/checkpoints").json()
+    assert [c["name"] for c in listed] == ["step-5", "step-10"]
+    assert set(listed[0]) == {"name", "step", "created_at", "size_bytes", "sha256"}
+    r = client.get(f"{url}/checkpoints/step-10/model.safetensors")
+    assert r.status_code == 200 and r.content[:8]
+    for bad in ("step-11", "..", "step-1%2F..", "latest"):
+        assert client.get(f"{url}/checkpoints/{bad}/model.safetensors").status_code == 404
+
+    r = client.post(f"{url}/predict", json={"inputs": [[0.1, 0.2], [-1.0, 0.5]]})
+    assert r.status_code == 200, r.text
+    from core import Tensor, no_grad
+
+    with no_grad():
+        expected = model(Tensor(np.array([[0.1, 0.2], [-1.0, 0.5]]))).data
+    np.testing.assert_array_equal(np.array(r.json()["outputs"]), expected)
+    assert r.json()["checkpoint"] == "step-10"
+
+    assert locs(client.post(f"{url}/predict", json={"inputs": [[0.1, 0.2], [1.0]]})) == [
+        ("body", "inputs", 1)
+    ]
+    for literal in ("NaN", "Infinity", "-Infinity"):
+        body = '{"inputs": [[0.1, ' + literal + "]]}"
+        r = client.post(
+            f"{url}/predict", content=body, headers={"content-type": "application/json"}
+        )
+        assert locs(r) == [("body", "inputs", 0, 1)]
+    assert client.post(f"{url}/predict", json={"inputs": []}).status_code == 422
+
+
+# -- datasets, cluster, health ------------------------------------------------------------
+
+
+def test_dataset_upload_and_use(env):
+    client, _, _ = env
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    np.savez(buf, X=rng.normal(size=(60, 3)), y=rng.integers(0, 3, 60))
+    r = client.post("/api/v1/datasets", files={"file": ("d.npz", buf.getvalue())})
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert (info["n_samples"], info["n_features"], info["n_classes"]) == (60, 3, 3)
+    assert [d["id"] for d in client.get("/api/v1/datasets").json()] == [info["id"]]
+    data = {"type": "dataset", "id": info["id"]}
+    model = {"type": "mlp", "sizes": [3, 4, 3]}
+    assert submit(client, data=data, model=model)["status"] == "queued"
+    bad = {"type": "mlp", "sizes": [2, 4, 3]}
+    r = client.post("/api/v1/jobs", json=spec(data=data, model=bad))
+    assert ("body", "model", "mlp", "sizes", 0) in locs(r)
+    r = client.post("/api/v1/datasets", files={"file": ("d.txt", b"hello")})
+    assert locs(r) == [("body", "file")]
+
+
+def test_cluster_health_and_prometheus(env):
+    client, store, dispatcher = env
+    submit(client)
+    cluster = client.get("/api/v1/cluster").json()
+    assert cluster["cpus_total"] == 4.0 and cluster["nodes"][0]["alive"] is True
+    assert client.get("/healthz").json()["status"] == "ok"
+    text = client.get("/metrics").text
+    assert 'shardgrad_jobs{status="queued"} 1.0' in text and "shardgrad_queue_depth 1.0" in text
+    assert "shardgrad_steps_per_second" in text
+    dispatcher.is_healthy = False
+    assert client.get("/healthz").status_code == 503
+
+
+def test_job_event_stream(env):
+    client, store, _ = env
+    job_id = submit(client)["id"]
+    run(store, job_id, steps=2)
+    store.finish(job_id, "fake", "succeeded", None, step=2)
+    with client.stream("GET", f"/api/v1/jobs/{job_id}/events") as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        text = "".join(r.iter_text())
+    events = [
+        (block.split("\n")[0][7:], json.loads(block.split("\n")[1][6:]))
+        for block in text.strip().split("\n\n")
+    ]
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["status", "progress", "metrics", "end"]
+    assert events[0][1]["status"] == "succeeded"
+    assert [p["step"] for p in events[2][1]["points"]] == [1, 2]
+    assert events[3][1] == {"job_id": job_id, "status": "succeeded"}

@@ -1,0 +1,89 @@
+"""Shared stand-ins for the service tests (no tests here): an in-memory store, a dispatcher
+without Ray. Named test_service_* only to stay in the service tests' namespace."""
+
+from __future__ import annotations
+
+import copy
+
+from fastapi.testclient import TestClient
+
+from service.api.deps import get_dispatcher, get_store
+from service.cluster import Capacity
+from service.config import Settings
+from service.dispatcher import pending_reason
+from service.main import create_app
+from service.store import JobStore
+
+SPEC = {
+    "name": "moons",
+    "model": {"type": "mlp", "sizes": [2, 8, 2], "activation": "tanh"},
+    "data": {"type": "builtin", "name": "moons", "n_samples": 200, "noise": 0.1},
+    "loss": "cross_entropy",
+    "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9},
+    "epochs": 3,
+    "batch_size": 20,
+    "workers": 2,
+    "cpus_per_worker": 0.5,
+    "checkpoint_every": 5,
+}
+
+
+def spec(**overrides) -> dict:
+    s = copy.deepcopy(SPEC)
+    s.update(overrides)
+    return s
+
+
+class FakeCluster:
+    def nodes(self):
+        return [{"id": "node-1", "alive": True, "address": "10.0.0.1", "cpus": 4.0}]
+
+    def dashboard_url(self):
+        return None
+
+
+class FakeDispatcher:
+    """Answers like the real one from a fixed 4-CPU cluster; records what it was asked."""
+
+    owner = "fake"
+
+    def __init__(self, settings: Settings, total: float = 4.0):
+        self.settings = settings
+        self.cluster = FakeCluster()
+        self.cap = Capacity(total, total)
+        self.runs: dict = {}
+        self.cancelled: list[str] = []
+        self.woken = 0
+        self.steps_total = 0
+        self.is_healthy = True
+
+    def capacity(self):
+        return self.cap
+
+    def wake(self):
+        self.woken += 1
+
+    def cancel(self, job_id):
+        self.cancelled.append(job_id)
+
+    def healthy(self):
+        return self.is_healthy
+
+    def pending_reason(self, job, position):
+        return pending_reason(job, position, self.cap, len(self.runs), self.settings)
+
+    def steps_per_second(self):
+        return 0.0
+
+    def running(self):
+        return []
+
+
+def make_client(tmp_path, **settings) -> tuple[TestClient, JobStore, FakeDispatcher]:
+    cfg = Settings(data_dir=tmp_path, instance_id="fake", **settings)
+    app = create_app(cfg, start=False)
+    store = JobStore("sqlite://")
+    dispatcher = FakeDispatcher(cfg)
+    app.dependency_overrides[get_store] = lambda: store
+    app.dependency_overrides[get_dispatcher] = lambda: dispatcher
+    return TestClient(app), store, dispatcher

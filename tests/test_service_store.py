@@ -1,0 +1,203 @@
+"""The job store's transitions and the dispatcher's scheduling, without Ray (a fake Trainer)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from service.cluster import Capacity
+from service.config import Settings
+from service.dispatcher import Dispatcher
+from service.store import JobStore
+from tests.test_service_fakes import spec
+
+
+def new_job(store, cpus=1.0, priority=0, **overrides):
+    s = spec(**overrides)
+    return store.create(s, name=s["name"], priority=priority, cpus=cpus)
+
+
+def test_concurrent_claims_never_run_a_job_twice(tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    store = JobStore(url)
+    ids = {new_job(store).id for _ in range(40)}
+    others = [JobStore(url) for _ in range(4)]  # separate engines: separate connections
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def dispatcher(s, owner):
+        while True:
+            got = s.claim(owner, lambda job: True if job.id else None)
+            if not got:
+                return
+            with lock:
+                claimed.extend(j.id for j in got)
+
+    threads = [threading.Thread(target=dispatcher, args=(s, f"d{i}")) for i, s in enumerate(others)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(ids)
+    assert all(store.get(i).attempts == 1 for i in ids)
+
+
+def test_claim_follows_priority_then_fifo_and_stops_on_none():
+    store = JobStore("sqlite://")
+    a = new_job(store).id
+    b = new_job(store, priority=3).id
+    c = new_job(store).id
+    order = []
+    store.claim("me", lambda job: order.append(job.id) or (None if job.id == a else False))
+    assert order == [b, a]  # c is never looked at: a blocks the queue
+    assert store.queue_positions() == {b: 1, a: 2, c: 3}
+
+
+def test_reclaim_orphans_after_a_crash():
+    store = JobStore("sqlite://")
+    running, cancelling = new_job(store).id, new_job(store).id
+    store.claim("old", lambda job: True)
+    store.cancel(cancelling)
+    assert store.reclaim_orphans(60, owner="someone-else") == []  # leases still fresh
+    assert sorted(store.reclaim_orphans(60, owner="old")) == sorted([running, cancelling])
+    assert store.get(running).status == "queued" and store.get(running).attempts == 1
+    assert store.get(cancelling).status == "cancelled"
+    store.claim("new", lambda job: True)
+    assert store.get(running).attempts == 2
+
+
+class FakeCluster:
+    def __init__(self, cpus):
+        self.cpus = cpus
+
+    def start(self):
+        pass
+
+    def capacity(self):
+        return Capacity(self.cpus, self.cpus)
+
+
+def fake_train(steps=20, pause=0.02):
+    """Behaves like workers.trainer.train: events, stop_event, resume from `done`."""
+    done: dict[str, int] = {}
+
+    def train(spec, out_dir, *, callback, stop_event, ray_address):
+        key = str(out_dir)
+        step = done.get(key, 0)
+        callback(
+            {
+                "type": "started",
+                "total_steps": steps,
+                "step": step,
+                "resumed_from_step": step or None,
+                "worker_nodes": ["n1"],
+            }
+        )
+        while step < steps:
+            if stop_event.wait(pause):
+                done[key] = step
+                return {"status": "cancelled", "steps": step, "error": f"stopped at {step}"}
+            step += 1
+            callback(
+                {
+                    "type": "step",
+                    "step": step,
+                    "total_steps": steps,
+                    "epoch": 0,
+                    "train_loss": 1.0 / step,
+                    "grad_norm": 0.1,
+                    "samples_per_s": 100.0,
+                }
+            )
+        done[key] = step
+        return {"status": "succeeded", "steps": steps, "final_loss": 0.1}
+
+    return train
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def make_dispatcher(tmp_path, store, train, cpus=2.0, **settings):
+    cfg = Settings(data_dir=tmp_path, instance_id="d1", poll_interval_s=0.05, **settings)
+    return Dispatcher(store, cfg, FakeCluster(cpus), train=train)
+
+
+def test_gang_scheduling_concurrency_and_completion(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    big = new_job(store, cpus=2.0).id
+    small = [new_job(store, cpus=1.0).id for _ in range(3)]
+    d = make_dispatcher(tmp_path, store, fake_train(steps=10), max_concurrent_jobs=2)
+    d.start()
+    try:
+        wait_for(lambda: store.get(big).status == "running")
+        assert all(store.get(i).status == "queued" for i in small)  # no CPU left
+        reason = d.pending_reason(store.get(small[0]), 1)
+        assert reason == "waiting for 1 CPUs, 0 free"
+        wait_for(lambda: all(store.get(i).status == "succeeded" for i in [big, *small]))
+    finally:
+        d.shutdown()
+    job = store.get(small[0])
+    assert job.attempts == 1 and job.step == 10 and job.total_steps == 10
+    assert [p.step for p in store.points(small[0])] == list(range(1, 11))
+
+
+def test_graceful_shutdown_requeues_and_restart_resumes(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    job_id = new_job(store).id
+    train = fake_train(steps=200, pause=0.01)
+    d = make_dispatcher(tmp_path, store, train)
+    d.start()
+    wait_for(lambda: store.get(job_id).step >= 5)
+    d.shutdown()
+    job = store.get(job_id)
+    assert job.status == "queued" and job.attempts == 1 and job.owner is None
+    assert "queued" in store.events(job_id)[-1].message
+
+    d2 = make_dispatcher(tmp_path, store, train)
+    d2.start()
+    try:
+        wait_for(lambda: store.get(job_id).status == "succeeded")
+    finally:
+        d2.shutdown()
+    job = store.get(job_id)
+    assert job.attempts == 2
+    assert any("resumed from step" in (e.message or "") for e in store.events(job_id))
+    assert [p.step for p in store.points(job_id)] == list(range(1, 201))
+
+
+def test_cancel_stops_a_running_job(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    job_id = new_job(store).id
+    d = make_dispatcher(tmp_path, store, fake_train(steps=500, pause=0.01))
+    d.start()
+    try:
+        wait_for(lambda: store.get(job_id).step >= 3)
+        assert store.cancel(job_id).status == "cancelling"
+        # Not told directly: the dispatcher notices "cancelling" in the store (another
+        # process may have taken the request).
+        wait_for(lambda: store.get(job_id).status == "cancelled")
+    finally:
+        d.shutdown()
+    assert store.get(job_id).error.startswith("stopped at")
+
+
+@pytest.mark.parametrize("paused", [True, False])
+def test_paused_or_zero_slots_start_nothing(tmp_path, paused):
+    store = JobStore("sqlite://")
+    job_id = new_job(store).id
+    extra = {"paused": True} if paused else {"max_concurrent_jobs": 0}
+    d = make_dispatcher(tmp_path, store, fake_train(), **extra)
+    d.start()
+    time.sleep(0.3)
+    d.shutdown()
+    assert store.get(job_id).status == "queued"
+    assert d.pending_reason(store.get(job_id), 1) == "the dispatcher is paused"
