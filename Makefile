@@ -34,6 +34,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) benchmarks/core_step.py
 	$(PY) benchmarks/sync_step.py
 
