@@ -1,0 +1,116 @@
+// The job page's predict box: rows typed as text, outputs from the newest checkpoint
+// (POST /jobs/{id}/predict), with the predicted class for classifiers.
+
+import { api } from "./api.js";
+import { h, num } from "./ui.js";
+
+function parseRows(text, width) {
+  const rows = [];
+  const lines = text.split("\n").map((l) => l.trim());
+  for (const [i, line] of lines.entries()) {
+    if (!line) continue;
+    const values = line.split(/[\s,;]+/).filter(Boolean).map(Number);
+    if (values.some((v) => !Number.isFinite(v))) {
+      throw new Error(`line ${i + 1}: "${line}" is not a list of numbers`);
+    }
+    if (values.length !== width) {
+      throw new Error(`line ${i + 1} has ${values.length} values but the model takes ${width}`);
+    }
+    rows.push(values);
+  }
+  if (!rows.length) throw new Error(`type a row of ${width} numbers`);
+  return rows;
+}
+
+// What the outputs mean: logits of classes, a logit of class 1, or regression values.
+function explain(loss, out) {
+  if (loss === "cross_entropy" && out.length > 1) {
+    const max = Math.max(...out);
+    const exp = out.map((v) => Math.exp(v - max));
+    const k = out.indexOf(max);
+    return `class ${k} (${((100 * exp[k]) / exp.reduce((a, b) => a + b)).toFixed(1)}%)`;
+  }
+  if (loss === "bce" || (loss === "cross_entropy" && out.length === 1)) {
+    const p = 1 / (1 + Math.exp(-out[0]));
+    return `class ${p >= 0.5 ? 1 : 0} (p=${p.toFixed(3)})`;
+  }
+  return null;
+}
+
+export function predictBox(jobId, spec) {
+  const sizes = spec.model?.sizes || [];
+  const width = sizes[0];
+  const example = Array.from({ length: width }, (_, i) => (i % 2 ? "-0.25" : "0.5")).join(", ");
+  const input = h("textarea.mono", {
+    id: "predict-input",
+    rows: 3,
+    spellcheck: "false",
+    placeholder: `${example}\n(one row per line)`,
+    "aria-label": "inputs, one row per line",
+  });
+  const out = h("div", { id: "predict-output", "aria-live": "polite" });
+  const button = h("button.btn.primary", { id: "predict-run", type: "submit" }, "Predict");
+
+  async function run(event) {
+    event.preventDefault();
+    let rows;
+    try {
+      rows = parseRows(input.value, width);
+    } catch (err) {
+      out.replaceChildren(h("p.form-error", {}, err.message));
+      return;
+    }
+    button.disabled = true;
+    try {
+      const r = await api(`/jobs/${jobId}/predict`, { method: "POST", body: { inputs: rows } });
+      const classes = spec.loss !== "mse";
+      const table = h(
+        "table.predict-table",
+        { dataset: { outputs: JSON.stringify(r.outputs) } },
+        h(
+          "thead",
+          {},
+          h(
+            "tr",
+            {},
+            h("th", {}, "input"),
+            h("th", {}, "outputs"),
+            classes && h("th", {}, "predicted"),
+          ),
+        ),
+        h(
+          "tbody",
+          {},
+          r.outputs.map((o, i) =>
+            h(
+              "tr",
+              {},
+              h("td.mono", {}, rows[i].join(", ")),
+              h("td.mono", {}, o.map((v) => num(v)).join(", ")),
+              classes && h("td", {}, explain(spec.loss, o) || "–"),
+            ),
+          ),
+        ),
+      );
+      out.replaceChildren(table, h("p.muted.small", {}, `from checkpoint ${r.checkpoint}`));
+    } catch (err) {
+      const errors = Array.isArray(err.detail) ? err.detail.map((e) => e.msg) : [err.message];
+      out.replaceChildren(h("p.form-error", {}, errors.join("; ")));
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  return h(
+    "form.predict",
+    { onsubmit: run },
+    h(
+      "label.small.muted",
+      { for: "predict-input" },
+      `${width} input${width === 1 ? "" : "s"} per row, separated by commas or spaces`,
+    ),
+    input,
+    h("div.row-actions", {}, button),
+    out,
+  );
+}
