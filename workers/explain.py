@@ -1,0 +1,435 @@
+"""Why a trained model answers what it answers: input attributions, computed by the engine.
+
+`explain(model, inputs, method=...)` gives, for one output (`target`) of every row,
+how much each input feature contributes:
+
+* "gradient": df/dx at x, the local sensitivity.
+* "gradient_x_input": (x - baseline) * df/dx at x.
+* "integrated_gradients": (x - baseline) * the mean of df/dx along the straight path
+  from the baseline to x (midpoint rule on `steps` intervals, refined where f bends,
+  see `_path_mean_gradients`). Its attributions add up to f(x) - f(baseline)
+  ("completeness"); `completeness_gap` reports, per row, how far the quadrature is
+  from that: sum(attributions) - (f(x) - f(baseline)), signed, in the output's units.
+
+The gradients come from the engine's backward pass on a copy of the model whose
+parameters are constants, so only the input gradient is computed and the model
+(possibly shared by other requests) is never touched. All the path points of a batch
+of rows go through one forward and one backward: the rows of an MLP are independent,
+so the gradient of the sum of their target outputs is every row's own gradient.
+
+The second half holds the trainer's training-health statistics (gradient and weight
+norms, update ratios, dead ReLU units) and the warnings they raise.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+import core.functional as F
+from core import Tensor, no_grad
+from core.nn import MLP
+
+__all__ = [
+    "METHODS",
+    "active_units",
+    "explain",
+    "health_warnings",
+    "layer_stats",
+    "merge_active",
+    "predict",
+]
+
+METHODS = ("gradient", "gradient_x_input", "integrated_gradients")
+PATH_BATCH = 8192  # rows (inputs or path points) per forward and backward pass
+REFINE_ROUNDS = 8  # integrated gradients: rounds of splitting inexact intervals
+SPLIT = 4  # an interval that is split becomes this many
+RTOL = 1e-3  # refine until the path's summed interval error is below RTOL * |f(x) - f(b)|
+
+
+def predict(model: MLP, inputs) -> np.ndarray:
+    """The raw model outputs (logits or regression values), rows in the model's dtype."""
+    X = _rows(model, inputs, "inputs")
+    with no_grad():
+        return model(Tensor(X)).data
+
+
+def explain(
+    model: MLP,
+    inputs,
+    *,
+    method: str = "gradient",
+    target: int | None = None,
+    baseline=None,
+    steps: int = 64,
+) -> dict:
+    """Attributions of output `target` to every input feature, for every row.
+
+    `target` is one output index for all rows; None explains each row's predicted
+    class (argmax), or output 0 of a single-output model. `baseline` is one row
+    (broadcast) or one row per input; None means zeros. Returns JSON-ready lists:
+    {"outputs", "attributions", "method", "completeness_gap"}; non-finite numbers
+    become None, as in predictions. Bad arguments raise ValueError naming the field.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    X = _rows(model, inputs, "inputs")
+    B = _baseline(model, baseline, len(X))
+    outputs = predict(model, X)
+    targets = _targets(target, outputs)
+    frozen = _frozen(model)
+    gap = None
+    if method == "gradient":
+        attributions = _batched(_target_gradients, frozen, X, targets)
+    elif method == "gradient_x_input":
+        attributions = (X - B) * _batched(_target_gradients, frozen, X, targets)
+    else:
+        rows = np.arange(len(X))
+        change = outputs[rows, targets] - predict(model, B)[rows, targets]
+        attributions = (X - B) * _path_mean_gradients(frozen, X, B, targets, change, steps)
+        gap = attributions.sum(axis=1, dtype=np.float64) - change
+    return {
+        "outputs": _json_rows(outputs),
+        "attributions": _json_rows(attributions),
+        "method": method,
+        "completeness_gap": None if gap is None else _json_rows(gap),
+    }
+
+
+# --- gradients ---------------------------------------------------------------------------------
+
+
+def _frozen(model: MLP) -> MLP:
+    """A shallow copy whose parameters are constants sharing the model's arrays."""
+    clone = copy.copy(model)
+    clone.layers = [copy.copy(layer) for layer in model.layers]
+    for layer in clone.layers:
+        layer.weight = layer.weight.detach()
+        layer.bias = None if layer.bias is None else layer.bias.detach()
+    return clone
+
+
+def _target_gradients(frozen: MLP, X: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """d out[i, targets[i]] / d X[i] for every row i: one forward, one backward."""
+    x = Tensor(X, requires_grad=True)
+    out = frozen(x)
+    out[np.arange(len(X)), targets].sum().backward()
+    return x.grad
+
+
+def _target_outputs(frozen: MLP, X: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    with no_grad():
+        return frozen(Tensor(X)).data[np.arange(len(X)), targets]
+
+
+def _batched(fn, frozen: MLP, X: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """`fn` over at most PATH_BATCH rows at a time."""
+    parts = [
+        fn(frozen, X[i : i + PATH_BATCH], targets[i : i + PATH_BATCH])
+        for i in range(0, len(X), PATH_BATCH)
+    ]
+    return np.concatenate(parts)
+
+
+def _path_mean_gradients(frozen, X, B, targets, change, steps: int) -> np.ndarray:
+    """Mean of df/dx along the straight path from each baseline row to its input row.
+
+    The midpoint rule on `steps` equal intervals of alpha, refined where it is wrong.
+    Every interval compares its midpoint estimate of the change of f,
+    h * grad f(mid) . (x - b), with the true change f(hi) - f(lo); these errors add up
+    to minus the completeness gap. A ReLU kink inside an interval makes them differ by
+    up to h/2 times the jump of the gradient, which at 64 steps often exceeds 1% of
+    f(x) - f(b). So, while a row's summed error is above RTOL * |f(x) - f(b)|, its worst
+    intervals (at most `steps` per round, never for mere rounding noise) are split into
+    SPLIT and evaluated again, for at most REFINE_ROUNDS rounds: adaptive quadrature,
+    with one forward and backward pass per round for all rows together.
+    """
+    n = len(X)
+    D = X - B
+    ends = np.tile(np.arange(steps + 1) / steps, n)
+    end_rows = np.repeat(np.arange(n), steps + 1)
+    f = _batched(_target_outputs, frozen, _on_path(B, D, end_rows, ends), targets[end_rows])
+    f = f.astype(np.float64).reshape(n, steps + 1)
+    pool = _intervals(
+        frozen,
+        B,
+        D,
+        targets,
+        row=np.repeat(np.arange(n), steps),
+        lo=np.tile(np.arange(steps) / steps, n),
+        h=np.full(n * steps, 1.0 / steps),
+        f=f,
+    )
+    tolerance = RTOL * np.abs(change.astype(np.float64))
+    for _ in range(REFINE_ROUNDS):
+        split = _worst(pool, tolerance, steps)
+        if not split.any():
+            break
+        pool = pool.take(~split).join(_subdivide(frozen, B, D, targets, pool.take(split)))
+    means = np.zeros(X.shape)
+    np.add.at(means, pool.row, pool.part)
+    return means.astype(X.dtype)
+
+
+class _Intervals(NamedTuple):
+    """Intervals of alpha on the rows' paths, with their share of the mean gradient."""
+
+    row: np.ndarray
+    lo: np.ndarray
+    h: np.ndarray
+    f_lo: np.ndarray  # f at both ends, float64
+    f_hi: np.ndarray
+    part: np.ndarray  # h * grad f(midpoint), one row of the input's width per interval
+    error: np.ndarray  # |f(hi) - f(lo) - part . (x - b)|
+    splittable: np.ndarray  # error above rounding noise
+
+    def take(self, mask) -> _Intervals:
+        return _Intervals(*(a[mask] for a in self))
+
+    def join(self, other) -> _Intervals:
+        return _Intervals(*(np.concatenate(pair) for pair in zip(self, other, strict=True)))
+
+
+def _intervals(frozen, B, D, targets, row, lo, h, f) -> _Intervals:
+    """Evaluate intervals whose ends have f values f[:, :-1] and f[:, 1:] (one row of f per
+    run of consecutive intervals)."""
+    mid = _on_path(B, D, row, lo + h / 2)
+    part = h[:, None] * _batched(_target_gradients, frozen, mid, targets[row])
+    f_lo, f_hi = f[:, :-1].ravel(), f[:, 1:].ravel()
+    estimate = (part * D[row]).sum(axis=1)
+    error = np.abs(f_hi - f_lo - estimate)
+    rounding = 64 * np.finfo(D.dtype).eps * (np.abs(f_lo) + np.abs(f_hi) + np.abs(estimate))
+    return _Intervals(row, lo, h, f_lo, f_hi, part, error, error > rounding)
+
+
+def _subdivide(frozen, B, D, targets, parent: _Intervals) -> _Intervals:
+    """Each parent interval cut into SPLIT equal ones (f is new only at the inner cuts)."""
+    h = parent.h / SPLIT
+    lo = parent.lo[:, None] + h[:, None] * np.arange(SPLIT)
+    inner_rows = np.repeat(parent.row, SPLIT - 1)
+    inner = _batched(
+        _target_outputs, frozen, _on_path(B, D, inner_rows, lo[:, 1:].ravel()), targets[inner_rows]
+    )
+    f = np.column_stack([parent.f_lo, inner.reshape(len(h), -1), parent.f_hi])
+    return _intervals(
+        frozen, B, D, targets, np.repeat(parent.row, SPLIT), lo.ravel(), np.repeat(h, SPLIT), f
+    )
+
+
+def _on_path(B, D, row, alpha) -> np.ndarray:
+    """The points baseline + alpha * (x - baseline) of rows `row`, in the model's dtype."""
+    return B[row] + (alpha[:, None] * D[row]).astype(B.dtype)
+
+
+def _worst(pool: _Intervals, tolerance: np.ndarray, limit: int) -> np.ndarray:
+    """Intervals to split: in rows whose summed error exceeds their tolerance, the
+    splittable ones, at most `limit` per row, the largest errors first."""
+    row, error = pool.row, pool.error
+    over = np.bincount(row, error, minlength=len(tolerance)) > tolerance
+    order = np.lexsort((-error, row))
+    rows_sorted = row[order]
+    rank = np.empty(len(row), np.int64)
+    rank[order] = np.arange(len(row)) - np.searchsorted(rows_sorted, rows_sorted)
+    return over[row] & pool.splittable & (rank < limit)
+
+
+# --- arguments ---------------------------------------------------------------------------------
+
+
+def _dtype(model: MLP) -> np.dtype:
+    return model.layers[0].weight.dtype
+
+
+def _matrix(value, name: str, width: int, dtype) -> np.ndarray:
+    """`value` as a 2-D array of `width` columns, or a ValueError naming the bad part."""
+    try:
+        a = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        a = None
+    if a is None or a.ndim != 2:
+        if a is not None and a.size == 0:
+            raise ValueError(f"{name} has no rows")
+        for i, row in enumerate(value if isinstance(value, list | tuple) else []):
+            if not isinstance(row, list | tuple | np.ndarray):
+                raise ValueError(f"{name}[{i}] must be a row of {width} numbers")
+            if len(row) != width:
+                raise ValueError(f"{name}[{i}] has width {len(row)} but the model takes {width}")
+        raise ValueError(f"{name} must be a list of rows of {width} numbers")
+    if a.shape[1] != width:
+        raise ValueError(f"{name} has width {a.shape[1]} but the model takes {width}")
+    with np.errstate(over="ignore"):  # 1e39 becomes inf in float32, reported as not finite
+        return a.astype(dtype)
+
+
+def _require_finite(a: np.ndarray, name: str) -> None:
+    bad = np.argwhere(~np.isfinite(a))
+    if len(bad):
+        raise ValueError(f"{name}{''.join(f'[{k}]' for k in bad[0])} is not finite")
+
+
+def _rows(model: MLP, inputs, name: str) -> np.ndarray:
+    X = _matrix(inputs, name, model.sizes[0], _dtype(model))
+    if len(X) == 0:
+        raise ValueError(f"{name} has no rows")
+    _require_finite(X, name)
+    return X
+
+
+def _baseline(model: MLP, baseline, n: int) -> np.ndarray:
+    """One row per input: zeros, one row repeated, or the rows given."""
+    width, dtype = model.sizes[0], _dtype(model)
+    if baseline is None:
+        return np.zeros((n, width), dtype)
+    try:
+        one_row = np.ndim(baseline) == 1
+    except ValueError:  # ragged rows: _matrix names the bad one
+        one_row = False
+    B = _matrix([baseline] if one_row else baseline, "baseline", width, dtype)
+    _require_finite(B[0] if one_row else B, "baseline")
+    if len(B) not in (1, n):
+        raise ValueError(f"baseline has {len(B)} rows but inputs has {n}; give 1 or {n}")
+    return np.broadcast_to(B, (n, width))
+
+
+def _targets(target, outputs: np.ndarray) -> np.ndarray:
+    n_out = outputs.shape[1]
+    if target is None:
+        return outputs.argmax(axis=1) if n_out > 1 else np.zeros(len(outputs), np.int64)
+    if not isinstance(target, numbers.Integral) or isinstance(target, bool):
+        raise ValueError(f"target must be an integer output index, got {target!r}")
+    if not 0 <= target < n_out:
+        raise ValueError(
+            f"target {target} is out of range: the model has {n_out} output(s), "
+            f"so target must be between 0 and {n_out - 1}"
+        )
+    return np.full(len(outputs), int(target))
+
+
+def _json_rows(a: np.ndarray) -> list:
+    """Plain floats, with None for non-finite values (JSON has neither NaN nor inf)."""
+    out = a.astype(object)
+    out[~np.isfinite(a)] = None
+    return out.tolist()
+
+
+# --- training health ---------------------------------------------------------------------------
+# Pure functions for the trainer: per-layer statistics of one step and the warnings they
+# raise. The active masks are computed on each worker for its piece of the batch and
+# combined with `merge_active`, so "dead" means dead on the whole global batch.
+
+EXPLODING_FACTOR = 1e3  # gradient norm above this many times its initial value
+VANISHING_RATIO = 1e-6  # first layer's gradient norm below this times the last layer's
+DEAD_FRACTION = 0.5  # more than this fraction of a layer's ReLU units dead
+
+
+def active_units(model: MLP, X) -> list[np.ndarray]:
+    """Per hidden layer, a bool vector: the unit's output was > 0 for at least one row.
+
+    The forward pass of `MLP.forward`, under no_grad, keeping each hidden output.
+    """
+    x = Tensor(np.asarray(X, dtype=_dtype(model)))
+    masks = []
+    with no_grad():
+        for layer in model.layers[:-1]:
+            x = F.linear(x, layer.weight, layer.bias, model.activation)
+            masks.append((x.data > 0).any(axis=0))
+    return masks
+
+
+def merge_active(pieces) -> list[np.ndarray]:
+    """OR of several workers' `active_units` lists, layer by layer."""
+    return [np.logical_or.reduce(layer) for layer in zip(*pieces, strict=True)]
+
+
+def layer_stats(model: MLP, grads, prev_weights, active_masks=None) -> list[dict]:
+    """Per Linear layer `layers.<i>`: gradient norm, weight norm, update-to-weight ratio
+    and, for ReLU hidden layers with masks given, the fraction of dead units.
+
+    `grads` and `prev_weights` are arrays in `model.parameters()` order; the model holds
+    the weights after the step, so the update is their difference. Norms cover all of a
+    layer's parameters (weight and bias) in float64; they may be inf or nan, which is
+    what the exploding check looks for.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    params = model.parameters()
+    if not len(names) == len(grads) == len(prev_weights):
+        raise ValueError(
+            f"model has {len(names)} parameters; got {len(grads)} gradients "
+            f"and {len(prev_weights)} previous weights"
+        )
+    layers: dict[str, list[int]] = {}
+    for k, name in enumerate(names):
+        layers.setdefault(name.rpartition(".")[0], []).append(k)
+    stats = []
+    for i, (layer, ks) in enumerate(layers.items()):
+        weight_norm = _norm(params[k].data for k in ks)
+        update_norm = _norm(params[k].data - np.asarray(prev_weights[k]) for k in ks)
+        dead = None
+        if model.activation == "relu" and active_masks is not None and i < len(active_masks):
+            dead = float(1.0 - np.mean(active_masks[i]))
+        stats.append(
+            {
+                "layer": layer,
+                "grad_norm": _norm(grads[k] for k in ks),
+                "weight_norm": weight_norm,
+                "update_ratio": update_norm / weight_norm if weight_norm else _ratio0(update_norm),
+                "dead_fraction": dead,
+            }
+        )
+    return stats
+
+
+def health_warnings(stats: list[dict], initial_grad_norms=None) -> list[dict]:
+    """Warnings {"kind", "layer", "message"}, kind "exploding", "vanishing" or "dead".
+
+    `initial_grad_norms` are the layers' gradient norms at the first check (same order
+    as `stats`); without them only non-finite gradients count as exploding.
+    """
+    found = []
+
+    def warn(kind, layer, message):
+        found.append({"kind": kind, "layer": layer, "message": f"{layer}: {message}"})
+
+    for k, s in enumerate(stats):
+        g, layer = s["grad_norm"], s["layer"]
+        g0 = None if initial_grad_norms is None else initial_grad_norms[k]
+        if not math.isfinite(g):
+            warn("exploding", layer, f"gradient norm is {g}; lower the learning rate")
+        elif g0 is not None and 0 < g0 < math.inf and g > EXPLODING_FACTOR * g0:
+            warn(
+                "exploding",
+                layer,
+                f"gradient norm {g:.3g} is {g / g0:.3g} times its initial {g0:.3g}; "
+                "lower the learning rate or clip gradients",
+            )
+        dead = s.get("dead_fraction")
+        if dead is not None and dead > DEAD_FRACTION:
+            warn(
+                "dead",
+                layer,
+                f"{dead:.0%} of its ReLU units are zero on the whole batch and get no "
+                "gradient; lower the learning rate, or use He init and zero biases",
+            )
+    first, last = (stats[0]["grad_norm"], stats[-1]["grad_norm"]) if stats else (0.0, 0.0)
+    if len(stats) > 1 and math.isfinite(first + last) and first < VANISHING_RATIO * last:
+        warn(
+            "vanishing",
+            stats[0]["layer"],
+            f"gradient norm {first:.3g} is {first / last:.3g} times the last layer's "
+            f"{last:.3g}; use fewer layers, relu with He init, or a normalising layer",
+        )
+    return found
+
+
+def _ratio0(update_norm: float) -> float:  # the ratio for all-zero weights
+    return 0.0 if update_norm == 0 else math.inf
+
+
+def _norm(arrays) -> float:
+    return math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays))
