@@ -25,24 +25,27 @@ from core import nn, optim
 
 WORKLOADS = {
     "a": dict(
-        sizes=[784, 256, 256, 10], batch=256, dtype=np.float32, loss="ce", threads=None, steps=50
+        sizes=[784, 256, 256, 10], batch=256, dtype=np.float32, loss="ce", threads=None, steps=25
     ),
-    "b": dict(sizes=[2, 16, 16, 1], batch=100, dtype=np.float64, loss="mse", threads=1, steps=400),
+    "b": dict(sizes=[2, 16, 16, 1], batch=100, dtype=np.float64, loss="mse", threads=1, steps=200),
 }
 
 
 def torch_model(ours: nn.MLP) -> torch.nn.Sequential:
     """The same network in PyTorch: our layers.<i> are its Sequential index 2i."""
+    dtype = getattr(torch, ours.layers[0].weight.dtype.name)  # torch.float32 / float64
     mods = []
     for layer in ours.layers:
-        mods += [torch.nn.Linear(layer.weight.shape[1], layer.weight.shape[0]), torch.nn.ReLU()]
+        n_out, n_in = layer.weight.shape
+        mods += [torch.nn.Linear(n_in, n_out, dtype=dtype), torch.nn.ReLU()]
     model = torch.nn.Sequential(*mods[:-1])
-    state = {
-        f"{2 * int(k.split('.')[1])}.{k.split('.')[2]}": torch.from_numpy(v)
-        for k, v in ours.state_dict().items()
-    }
-    model.load_state_dict(state)
-    return model.to(torch.from_numpy(np.zeros(0, ours.layers[0].weight.dtype)).dtype)
+    model.load_state_dict(
+        {
+            f"{2 * int(k.split('.')[1])}.{k.split('.')[2]}": torch.from_numpy(v)
+            for k, v in ours.state_dict().items()
+        }
+    )
+    return model
 
 
 def make_steps(sizes, batch, dtype, loss, lr=0.01):
@@ -92,24 +95,27 @@ def timed_block(step, n: int) -> list[float]:
     return times
 
 
-def run(name: str, rounds: int, quick: bool) -> tuple[float, float]:
+def run(name: str, rounds: int) -> tuple[float, float, list[float]]:
+    """Median step times (ours, PyTorch) over all blocks, and each round's ratio."""
     spec = dict(WORKLOADS[name])
     threads, steps = spec.pop("threads"), spec.pop("steps")
-    steps = steps // 3 if quick else steps
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads)
     try:
         ours, theirs = make_steps(**spec)
         for _ in range(5):
             ours(), theirs()
-        t_ours, t_torch = [], []
+        t_ours, t_torch, ratios = [], [], []
         for r in range(rounds):  # alternate which engine goes first
-            pair = [(ours, t_ours), (theirs, t_torch)]
-            for step, times in pair if r % 2 == 0 else pair[::-1]:
-                times += timed_block(step, steps)
+            blocks = {}
+            for step in (ours, theirs) if r % 2 == 0 else (theirs, ours):
+                blocks[step] = timed_block(step, steps)
+            t_ours += blocks[ours]
+            t_torch += blocks[theirs]
+            ratios.append(statistics.median(blocks[ours]) / statistics.median(blocks[theirs]))
     finally:
         torch.set_num_threads(default_threads)
-    return statistics.median(t_ours), statistics.median(t_torch)
+    return statistics.median(t_ours), statistics.median(t_torch), ratios
 
 
 def main() -> None:
@@ -117,17 +123,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
     parser.add_argument("--workloads", default="ab", help="which workloads to run, e.g. 'a'")
     args = parser.parse_args()
-    rounds = 4 if args.quick else 12
-    results = {name: run(name, rounds, args.quick) for name in args.workloads}
-    print(f"{'workload':<48} {'ours ms':>9} {'torch ms':>9} {'ratio':>6}")
-    for name, (ours, theirs) in results.items():
+    rounds = 6 if args.quick else 24  # many short alternating blocks even out a noisy machine
+    results = {name: run(name, rounds) for name in args.workloads}
+    print(f"{'workload':<46} {'ours ms':>8} {'torch ms':>8} {'ratio':>6}  per-round ratio p25-p75")
+    for name, (ours, theirs, ratios) in results.items():
         spec = WORKLOADS[name]
         label = (
             f"{name}: MLP {'-'.join(map(str, spec['sizes']))} b{spec['batch']} "
             f"{np.dtype(spec['dtype']).name} {spec['loss']}"
         )
-        print(f"{label:<48} {ours * 1e3:>9.3f} {theirs * 1e3:>9.3f} {ours / theirs:>6.2f}")
-    for name, (ours, theirs) in results.items():
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        times = f"{ours * 1e3:>8.3f} {theirs * 1e3:>8.3f} {ours / theirs:>6.2f}"
+        print(f"{label:<46} {times}  {q1:.2f}-{q3:.2f}")
+    for name, (ours, theirs, _) in results.items():
         ms = f"ours {ours * 1e3:.2f} ms, torch {theirs * 1e3:.2f} ms"
         print(f"{name}: ratio={ours / theirs:.2f} ({ms})")
 

@@ -39,17 +39,28 @@ class Module:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
-    def named_parameters(self, prefix: str = "") -> list[tuple[str, Tensor]]:
-        out = []
+    def _children(self):
+        """(name, Tensor or Module) pairs in assignment order; lists of modules by index."""
         for name, value in vars(self).items():
-            if isinstance(value, Tensor):
-                out.append((prefix + name, value))
-            elif isinstance(value, Module):
-                out += value.named_parameters(f"{prefix}{name}.")
+            if isinstance(value, Tensor | Module):
+                yield name, value
             elif isinstance(value, list | tuple):
-                for i, item in enumerate(value):
-                    if isinstance(item, Module):
-                        out += item.named_parameters(f"{prefix}{name}.{i}.")
+                yield from (
+                    (f"{name}.{i}", m) for i, m in enumerate(value) if isinstance(m, Module)
+                )
+
+    def named_parameters(self, prefix: str = "") -> list[tuple[str, Tensor]]:
+        """(dotted name, tensor) pairs; a tensor shared by two modules is listed once."""
+        out, seen = [], set()
+        for name, value in self._children():
+            if isinstance(value, Tensor):
+                found = [(prefix + name, value)]
+            else:
+                found = value.named_parameters(f"{prefix}{name}.")
+            for item in found:
+                if id(item[1]) not in seen:
+                    seen.add(id(item[1]))
+                    out.append(item)
         return out
 
     def parameters(self) -> list[Tensor]:
@@ -150,10 +161,8 @@ class Sequential(Module):
     def __init__(self, *modules: Module):
         self.modules = list(modules)
 
-    def named_parameters(self, prefix: str = "") -> list[tuple[str, Tensor]]:
-        return [
-            item for i, m in enumerate(self.modules) for item in m.named_parameters(f"{prefix}{i}.")
-        ]
+    def _children(self):
+        return ((str(i), m) for i, m in enumerate(self.modules))
 
     def forward(self, x) -> Tensor:
         for m in self.modules:

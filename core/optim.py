@@ -37,6 +37,14 @@ class Optimizer:
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    def _gradients(self):
+        """(group, param, gradient) for every param with a grad; L2 weight decay added."""
+        for group in self.param_groups:
+            wd = group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is not None:
+                    yield group, p, p.grad + wd * p.data if wd else p.grad
+
     def zero_grad(self) -> None:
         for p in self._params():
             p.grad = None
@@ -64,13 +72,15 @@ class Optimizer:
             p = params[int(i)]
             state[p] = {}
             for k, v in entries.items():
-                if isinstance(v, np.ndarray) or k != "step":
-                    v = np.array(v, dtype=p.dtype)
-                    if v.shape != p.shape:
-                        raise ValueError(
-                            f"state {k!r} of parameter {i} has shape {v.shape}, not {p.shape}"
-                        )
-                state[p][k] = int(v) if k == "step" else v
+                if k == "step":
+                    state[p][k] = int(v)
+                    continue
+                v = np.array(v, dtype=p.dtype)  # a private copy, in the parameter's dtype
+                if v.shape != p.shape:
+                    raise ValueError(
+                        f"state {k!r} of parameter {i} has shape {v.shape}, not {p.shape}"
+                    )
+                state[p][k] = v
         for mine, saved in zip(self.param_groups, groups, strict=True):
             for k, v in saved.items():
                 if k != "params":
@@ -103,24 +113,18 @@ class SGD(Optimizer):
         super().__init__(params, defaults)
 
     def step(self) -> None:
-        for group in self.param_groups:
-            lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                d = p.grad
-                if d is None:
-                    continue
-                if wd:
-                    d = d + wd * p.data
-                if momentum:
-                    state = self.state.setdefault(p, {})
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = np.array(d, dtype=p.dtype)
-                    else:
-                        buf *= momentum
-                        buf += d
-                    d = d + momentum * buf if group["nesterov"] else buf
-                p.data -= lr * d
+        for group, p, d in self._gradients():
+            momentum = group["momentum"]
+            if momentum:
+                state = self.state.setdefault(p, {})
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = np.array(d, dtype=p.dtype)
+                else:
+                    buf *= momentum
+                    buf += d
+                d = d + momentum * buf if group["nesterov"] else buf
+            p.data -= group["lr"] * d
 
 
 class Adam(Optimizer):
@@ -140,29 +144,17 @@ class Adam(Optimizer):
         super().__init__(params, defaults)
 
     def step(self) -> None:
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = (
-                group["lr"],
-                group["betas"],
-                group["eps"],
-                group["weight_decay"],
-            )
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if wd:
-                    g = g + wd * p.data
-                state = self.state.setdefault(p, {})
-                if not state:
-                    state.update(
-                        step=0, exp_avg=np.zeros_like(p.data), exp_avg_sq=np.zeros_like(p.data)
-                    )
-                state["step"] += 1
-                m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
-                m += (1 - beta1) * (g - m)  # torch's lerp(m, g, 1 - beta1)
-                v *= beta2
-                v += (1 - beta2) * g * g
-                step_size = lr / (1 - beta1**step)
-                denom = np.sqrt(v) / math.sqrt(1 - beta2**step) + eps
-                p.data -= step_size * (m / denom)
+        for group, p, g in self._gradients():
+            (beta1, beta2), state = group["betas"], self.state.setdefault(p, {})
+            if not state:
+                state.update(
+                    step=0, exp_avg=np.zeros_like(p.data), exp_avg_sq=np.zeros_like(p.data)
+                )
+            state["step"] += 1
+            m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+            m += (1 - beta1) * (g - m)  # torch's lerp(m, g, 1 - beta1)
+            v *= beta2
+            v += (1 - beta2) * g * g
+            step_size = group["lr"] / (1 - beta1**step)
+            denom = np.sqrt(v) / math.sqrt(1 - beta2**step) + group["eps"]
+            p.data -= step_size * (m / denom)

@@ -55,16 +55,24 @@ def unbroadcast(g: np.ndarray, shape: tuple) -> np.ndarray:
     return g.sum(axis=stretched, keepdims=True) if stretched else g
 
 
-def _as_float(x) -> np.ndarray:
+def _as_float(x, copy: bool = False) -> np.ndarray:
+    """Float arrays keep their dtype; integers and bools become float64."""
     arr = np.asarray(x)
     if arr.dtype.kind in "biu":
         return arr.astype(np.float64)
     if arr.dtype.kind != "f":
         raise TypeError(f"Tensor data must be real numbers, got dtype {arr.dtype}")
-    return arr
+    return arr.copy() if copy else arr
 
 
 class Tensor:
+    """An array with autograd, following PyTorch's semantics.
+
+    `data` is a plain, writable ndarray (float32 or float64); `grad` is None or an
+    ndarray of the same shape and dtype. Graph nodes record `_op` (e.g. "mul",
+    "linear+relu"; "" for leaves) and `_prev`, the input tensors, for graph export.
+    """
+
     __slots__ = (
         "data",
         "grad",
@@ -79,7 +87,7 @@ class Tensor:
 
     def __init__(self, data, requires_grad: bool = False):
         # Copies like torch.tensor, so optimizer steps never write into the caller's array.
-        self.data = np.array(_as_float(data.data if isinstance(data, Tensor) else data))
+        self.data = _as_float(data.data if isinstance(data, Tensor) else data, copy=True)
         self.grad = None
         self.requires_grad = bool(requires_grad)
         self._backward = None
@@ -151,7 +159,7 @@ class Tensor:
             grad = np.array(grad.data if isinstance(grad, Tensor) else grad, dtype=self.dtype)
             if grad.shape != self.shape:
                 raise ValueError(f"gradient shape {grad.shape} != tensor shape {self.shape}")
-        topo = _topo(self)
+        topo = topological_order(self)
         kept = {}
         for node in topo:
             if node._retain and node._backward is not None:
@@ -209,12 +217,11 @@ class Tensor:
         if out.requires_grad:
 
             def _backward(g):
-                if self.requires_grad:
-                    self._accumulate(g * b * a ** (b - 1))
-                if other.requires_grad:
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        self_log = np.where(a > 0, np.log(np.where(a > 0, a, 1)), 0)
-                    other._accumulate(g * y * self_log)
+                with np.errstate(divide="ignore", invalid="ignore"):  # torch's zero cases
+                    if self.requires_grad:  # d/da = b a**(b-1), taken as 0 where b == 0
+                        self._accumulate(g * np.where(b == 0, 0, b * a ** (b - 1)))
+                    if other.requires_grad:  # d/db = a**b log(a), taken as 0 where a == 0
+                        other._accumulate(g * np.where((a == 0) & (b >= 0), 0, y * np.log(a)))
 
             out._backward = _backward
         return out
@@ -453,8 +460,12 @@ def _is_basic(index) -> bool:
     return all(isinstance(i, int | slice | np.integer) or i is None or i is Ellipsis for i in parts)
 
 
-def _topo(root: Tensor) -> list[Tensor]:
-    """Nodes that need grad, inputs before outputs; iterative, so deep graphs work."""
+def topological_order(root) -> list:
+    """Every node reachable from `root` through `_prev`, inputs before outputs.
+
+    Iterative (an explicit stack, not recursion), so 100k-deep graphs work; serves
+    Tensor and Value graphs alike.
+    """
     topo, seen, stack = [], set(), [(root, False)]
     while stack:
         node, expanded = stack.pop()
@@ -463,7 +474,7 @@ def _topo(root: Tensor) -> list[Tensor]:
         elif node not in seen:
             seen.add(node)
             stack.append((node, True))
-            stack.extend((p, False) for p in node._prev if p.requires_grad and p not in seen)
+            stack.extend((p, False) for p in node._prev if p not in seen)
     return topo
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from core.tensor import topological_order
+
 
 class Value:
     __slots__ = ("data", "grad", "_backward", "_prev", "_op")
@@ -105,15 +107,7 @@ class Value:
         return other * self**-1
 
     def backward(self) -> None:
-        topo, seen, stack = [], set(), [(self, False)]
-        while stack:  # post-order DFS with an explicit stack instead of recursion
-            node, expanded = stack.pop()
-            if expanded:
-                topo.append(node)
-            elif node not in seen:
-                seen.add(node)
-                stack.append((node, True))
-                stack.extend((child, False) for child in node._prev if child not in seen)
+        topo = topological_order(self)
         for node in topo:
             if node._prev:
                 node.grad = 0.0  # intermediates start from zero on every pass

@@ -249,3 +249,9 @@ def test_optimizer_state_dict_format():
         bad = adam.state_dict()
         bad["state"][0]["exp_avg"] = np.zeros(2)
         adam.load_state_dict(bad)
+
+
+def test_shared_parameter_is_listed_once():
+    first = nn.Linear(3, 3, rng=0)
+    seq = nn.Sequential(first, nn.Tanh(), first)
+    assert [n for n, _ in seq.named_parameters()] == ["0.weight", "0.bias"]
