@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="default 8000")
     serve.add_argument("--data-dir", type=Path, help="store, checkpoints, uploads (default ./var)")
     serve.add_argument("--ray-address", help="attach to this Ray cluster (default $RAY_ADDRESS)")
+    serve.add_argument(
+        "--access-log",
+        action="store_true",
+        default=None,
+        help="log every request (default off: $SHARDGRAD_ACCESS_LOG)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     def client_command(name: str, func, help: str) -> argparse.ArgumentParser:
@@ -51,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_command("predict", cmd_predict, "model outputs from a job's newest checkpoint")
     p.add_argument("id", help="job id")
     p.add_argument(
-        "--input", action="append", required=True, help="one comma-separated row (repeatable)"
+        "--input",
+        action="append",
+        required=True,
+        help="one comma-separated row (repeatable); a row that starts with a minus: --input=-1,2",
     )
     return parser
 
@@ -81,7 +90,7 @@ def cmd_serve(args) -> int:
     from service.main import create_app
 
     flags = {"host": args.host, "port": args.port, "data_dir": args.data_dir}
-    flags["ray_address"] = args.ray_address
+    flags |= {"ray_address": args.ray_address, "access_log": args.access_log}
     settings = Settings(**{k: v for k, v in flags.items() if v is not None})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # Open SSE streams must not hold up the shutdown that checkpoints running jobs.
@@ -91,6 +100,7 @@ def cmd_serve(args) -> int:
         port=settings.port,
         timeout_graceful_shutdown=3,
         log_level="info",
+        access_log=settings.access_log,
     )
     return 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import httpx
 
@@ -27,6 +27,19 @@ def format_detail(detail) -> str:
         where = ".".join(loc)
         lines.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
     return "\n".join(lines)
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, dict]]:
+    """(event, data) from the lines of a text/event-stream; comments (keep-alives) skipped."""
+    event, data = "message", []
+    for line in lines:
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif not line and data:
+            yield event, json.loads("\n".join(data))
+            event, data = "message", []
 
 
 class Client:
@@ -58,14 +71,6 @@ class Client:
                 if r.status_code >= 400:
                     r.read()
                     raise ClientError(f"{r.status_code}: {format_detail(r.json().get('detail'))}")
-                event, data = "message", []
-                for line in r.iter_lines():
-                    if line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data.append(line[5:].strip())
-                    elif not line and data:
-                        yield event, json.loads("\n".join(data))
-                        event, data = "message", []
+                yield from sse_events(r.iter_lines())
         except httpx.TransportError as err:
             raise ClientError(f"lost the event stream from {self.url}: {err}") from None

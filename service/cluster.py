@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -23,7 +25,13 @@ class RayCluster:
     def start(self) -> None:
         from workers.cluster import ensure_ray
 
+        # ray.init on the main thread installs Ray's own SIGTERM handler, which exits at once;
+        # the server's (uvicorn's) must stay: it checkpoints running jobs before exiting.
+        main = threading.current_thread() is threading.main_thread()
+        server_handler = signal.getsignal(signal.SIGTERM) if main else None
         ensure_ray(self.address, num_cpus=self.num_cpus, dashboard=self.dashboard)
+        if server_handler is not None:
+            signal.signal(signal.SIGTERM, server_handler)
 
     def stop(self) -> None:
         import ray

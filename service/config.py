@@ -17,6 +17,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    access_log: bool = Field(
+        False, description="one log line per request (uvicorn's access log; costs ~20% CPU)"
+    )
     data_dir: Path = Path("var")
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default sqlite:///<data_dir>/shardgrad.db"

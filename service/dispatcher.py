@@ -189,7 +189,7 @@ class Dispatcher:
         cap = self.capacity()
         budget = {"free": cap.free, "slots": s.max_concurrent_jobs - len(self.runs)}
 
-        def decide(job: JobRow) -> bool | None:
+        def decide(job) -> bool | None:  # the job's queue columns, see JobStore.claim
             if budget["slots"] <= 0:
                 return None
             if job.cpus > cap.total + EPS:

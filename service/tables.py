@@ -53,10 +53,13 @@ class JobRow(Base):
     owner: Mapped[str | None] = mapped_column(String(200))  # the dispatcher running it
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
 
-    __table_args__ = (
-        Index("ix_jobs_queue", "status", "priority", "seq"),
-        Index("ix_jobs_updated", "updated_at"),
-    )
+    __table_args__ = (Index("ix_jobs_updated", "updated_at"),)
+
+
+# The queue in its own order (priority DESC, seq ASC): the dispatcher reads the head of the
+# queue and the API counts the jobs ahead of one without sorting the queue each time.
+Index("ix_jobs_queue_order", JobRow.status, JobRow.priority.desc(), JobRow.seq)
+LEGACY_INDEXES = ("ix_jobs_queue",)  # replaced by the ones above; dropped from older stores
 
 
 class MetricRow(Base):

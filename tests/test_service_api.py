@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from service.client import sse_events
 from tests.test_service_fakes import make_client, spec
 from workers.checkpoint import save_checkpoint
 from workers.model import build_model
@@ -75,6 +76,53 @@ def test_submit_returns_201_and_the_job(env):
 def test_submit_rejects_invalid_specs_with_422(env, overrides, loc):
     client, _, _ = env
     assert loc in locs(client.post("/api/v1/jobs", json=spec(**overrides)))
+
+
+def test_file_datasets_are_refused_before_anything_is_read(env, monkeypatch, tmp_path):
+    client, _, _ = env
+    csv = tmp_path / "d.csv"
+    csv.write_text("a,b,y\n0.1,0.2,0\n0.3,0.4,1\n")
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the server read a file dataset")
+
+    monkeypatch.setattr("workers.datasets.load_dataset", no_reading)
+    for path in (str(csv), "/does/not/exist.npz", "/etc/passwd"):
+        r = client.post("/api/v1/jobs", json=spec(data={"type": "file", "path": path}))
+        assert r.status_code == 422
+        assert r.json() == {
+            "detail": [
+                {
+                    "type": "invalid_spec",
+                    "loc": ["body", "data", "file", "path"],
+                    "msg": "data.path: file datasets are disabled on this server; "
+                    "upload the data with POST /api/v1/datasets",
+                    "input": path,
+                }
+            ]
+        }
+
+
+def test_file_datasets_when_the_server_allows_them(tmp_path):
+    client, _, _ = make_client(tmp_path, allow_file_data=True)
+    csv = tmp_path / "d.csv"
+    csv.write_text("a,b,y\n" + "\n".join(f"{i % 5}.5,{i % 3}.25,{i % 2}" for i in range(40)))
+    job = submit(client, data={"type": "file", "path": str(csv)})
+    assert job["spec"]["data"] == {"type": "file", "path": str(csv)}
+    missing = spec(data={"type": "file", "path": str(tmp_path / "missing.csv")})
+    r = client.post("/api/v1/jobs", json=missing)
+    assert locs(r) == [("body", "data", "file", "path")]
+    assert "does not exist" in r.json()["detail"][0]["msg"]
+    assert TrainingSpec.model_validate(missing | {"data": {"type": "file", "path": str(csv)}})
+
+
+def test_the_body_must_be_a_json_object(env):
+    client, _, _ = env
+    headers = {"content-type": "application/json"}
+    r = client.post("/api/v1/jobs", content=b"{not json", headers=headers)
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
+    assert locs(client.post("/api/v1/jobs", content=b"[1, 2]", headers=headers)) == [("body",)]
+    assert locs(client.post("/api/v1/jobs")) == [("body",)]
 
 
 def test_nan_in_a_spec_is_a_422_not_a_500(env):
@@ -308,13 +356,60 @@ def test_job_event_stream(env):
     store.finish(job_id, "fake", "succeeded", None, step=2)
     with client.stream("GET", f"/api/v1/jobs/{job_id}/events") as r:
         assert r.headers["content-type"].startswith("text/event-stream")
-        text = "".join(r.iter_text())
-    events = [
-        (block.split("\n")[0][7:], json.loads(block.split("\n")[1][6:]))
-        for block in text.strip().split("\n\n")
-    ]
+        events = list(sse_events(r.iter_lines()))
     kinds = [kind for kind, _ in events]
     assert kinds == ["status", "progress", "metrics", "end"]
     assert events[0][1]["status"] == "succeeded"
     assert [p["step"] for p in events[2][1]["points"]] == [1, 2]
     assert events[3][1] == {"job_id": job_id, "status": "succeeded"}
+
+
+@pytest.mark.timeout(60)
+def test_all_jobs_event_stream(tmp_path):
+    client, store, _ = make_client(tmp_path, store_url=f"sqlite:///{tmp_path / 'jobs.db'}")
+    with client.stream("GET", "/api/v1/events") as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = r.iter_lines()
+        assert next(lines) == ": connected"
+        events = sse_events(lines)
+
+        def next_for(job_id):
+            return next(
+                (kind, data)
+                for kind, data in events
+                if data.get("id", data.get("job_id")) == job_id
+            )
+
+        job_id = submit(client)["id"]
+        kind, job = next_for(job_id)  # a status event carries the whole job
+        assert (kind, job["status"], job["name"]) == ("status", "queued", "moons")
+        assert job["spec"]["workers"] == 2 and job["progress"]["step"] == 0
+
+        store.claim("fake", lambda j: j.id == job_id or False)
+        kind, job = next_for(job_id)
+        assert (kind, job["status"], job["attempts"]) == ("status", "running", 1)
+
+        # Same status, new progress: a compact progress event.
+        point = {"step": 1, "epoch": 0, "train_loss": 0.5}
+        store.progress(
+            job_id, "fake", {"step": 1, "total_steps": 10, "metrics": {"train_loss": 0.5}}, point
+        )
+        kind, data = next_for(job_id)
+        assert kind == "progress" and set(data) == {"job_id", "status", "progress", "metrics"}
+        assert data["status"] == "running" and data["progress"]["step"] == 1
+        assert data["progress"]["fraction"] == pytest.approx(0.1)
+        assert data["metrics"] == {"train_loss": 0.5}
+
+        other = submit(client, name="other")["id"]  # every job's changes, not just one's
+        assert next_for(other)[1]["status"] == "queued"
+
+        store.finish(job_id, "fake", "succeeded", None, step=10)
+        kind, job = next_for(job_id)
+        assert (kind, job["status"], job["progress"]["step"]) == ("status", "succeeded", 10)
+
+
+def test_all_jobs_event_stream_needs_the_token(tmp_path):
+    client, _, _ = make_client(tmp_path, api_token="s3cret")
+    assert client.get("/api/v1/events").status_code == 401
+    assert client.get("/api/v1/events", params={"token": "nope"}).status_code == 401

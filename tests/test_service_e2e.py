@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -195,6 +196,31 @@ def test_burst_of_200_submissions_keeps_every_job_in_priority_order(servers):
     expected = sorted(items, key=lambda j: (-j["priority"], created[j["id"]]))
     assert [j["id"] for j in by_position] == [j["id"] for j in expected]
     assert all(j["pending_reason"] == "the dispatcher is paused" for j in items)
+
+
+def shardgrad(*argv, **env) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it, in its own process."""
+    env = {**os.environ, **env}
+    cmd = [sys.executable, "-m", "service", *argv]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_submit_follow_then_status(servers, tmp_path):
+    server, paused = servers
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec(name="cli-follow", epochs=2)))
+    done = shardgrad("submit", str(path), "--follow", "--url", server.url)
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.split()[1]
+    assert f"{job_id}  cli-follow  succeeded  (attempts 1)" in done.stdout
+    assert "step 16/16" in done.stdout and "val_accuracy" in done.stdout
+    status = shardgrad("status", job_id, "--url", server.url)
+    assert status.returncode == 0 and "cli-follow  succeeded" in status.stdout
+
+    refused = shardgrad("jobs", "--url", paused.url)
+    assert refused.returncode == 1 and "401 Unauthorized" in refused.stderr
+    listed = shardgrad("jobs", "--url", paused.url, SHARDGRAD_API_TOKEN=TOKEN)
+    assert listed.returncode == 0 and listed.stdout.startswith("ID ")
 
 
 def test_kill_9_mid_job_then_restart_is_bit_identical(tmp_path, ray_session):

@@ -35,11 +35,63 @@ def spec(**overrides) -> dict:
 
 
 class FakeCluster:
+    """A Ray cluster of one node with `cpus` CPUs, all free."""
+
+    def __init__(self, cpus: float = 4.0):
+        self.cpus = cpus
+
+    def start(self):
+        pass
+
+    def capacity(self):
+        return Capacity(self.cpus, self.cpus)
+
     def nodes(self):
-        return [{"id": "node-1", "alive": True, "address": "10.0.0.1", "cpus": 4.0}]
+        return [{"id": "node-1", "alive": True, "address": "10.0.0.1", "cpus": self.cpus}]
 
     def dashboard_url(self):
         return None
+
+
+def fake_train(steps=20, pause=0.02, fail: str | None = None):
+    """Behaves like workers.trainer.train: events, stop_event, resume from `done`; a spec
+    named `fail` fails after its first step."""
+    done: dict[str, int] = {}
+
+    def train(spec, out_dir, *, callback, stop_event, ray_address):
+        key = str(out_dir)
+        step = done.get(key, 0)
+        callback(
+            {
+                "type": "started",
+                "total_steps": steps,
+                "step": step,
+                "resumed_from_step": step or None,
+                "worker_nodes": ["n1"],
+            }
+        )
+        while step < steps:
+            if stop_event.wait(pause):
+                done[key] = step
+                return {"status": "cancelled", "steps": step, "error": f"stopped at {step}"}
+            step += 1
+            callback(
+                {
+                    "type": "step",
+                    "step": step,
+                    "total_steps": steps,
+                    "epoch": 0,
+                    "train_loss": 1.0 / step,
+                    "grad_norm": 0.1,
+                    "samples_per_s": 100.0,
+                }
+            )
+            if spec.name == fail:
+                return {"status": "failed", "steps": step, "error": "diverged at step 1"}
+        done[key] = step
+        return {"status": "succeeded", "steps": steps, "final_loss": 0.1}
+
+    return train
 
 
 class FakeDispatcher:
@@ -79,10 +131,13 @@ class FakeDispatcher:
         return []
 
 
-def make_client(tmp_path, **settings) -> tuple[TestClient, JobStore, FakeDispatcher]:
+def make_client(
+    tmp_path, store_url: str = "sqlite://", **settings
+) -> tuple[TestClient, JobStore, FakeDispatcher]:
+    """The app on an in-memory store (a file one when streams read while the test writes)."""
     cfg = Settings(data_dir=tmp_path, instance_id="fake", **settings)
     app = create_app(cfg, start=False)
-    store = JobStore("sqlite://")
+    store = JobStore(store_url)
     dispatcher = FakeDispatcher(cfg)
     app.dependency_overrides[get_store] = lambda: store
     app.dependency_overrides[get_dispatcher] = lambda: dispatcher

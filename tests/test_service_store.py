@@ -6,12 +6,12 @@ import threading
 import time
 
 import pytest
+from sqlalchemy import text
 
-from service.cluster import Capacity
 from service.config import Settings
 from service.dispatcher import Dispatcher
 from service.store import JobStore
-from tests.test_service_fakes import spec
+from tests.test_service_fakes import FakeCluster, fake_train, spec
 
 
 def new_job(store, cpus=1.0, priority=0, **overrides):
@@ -55,6 +55,31 @@ def test_claim_follows_priority_then_fifo_and_stops_on_none():
     assert store.queue_positions() == {b: 1, a: 2, c: 3}
 
 
+def test_an_older_store_gets_the_queue_index(tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    store = JobStore(url)
+    ids = [new_job(store, priority=p).id for p in (0, 2, 0)]
+    with store.engine.begin() as conn:  # the index as an older version made it
+        conn.execute(text("DROP INDEX ix_jobs_queue_order"))
+        conn.execute(text("CREATE INDEX ix_jobs_queue ON jobs (status, priority, seq)"))
+    store = JobStore(url)
+    with store.engine.connect() as conn:
+        names = {r[0] for r in conn.execute(text("SELECT name FROM sqlite_master"))}
+        plan = " ".join(
+            str(r[-1])
+            for r in conn.execute(
+                text(
+                    "EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE status = 'queued' "
+                    "ORDER BY priority DESC, seq LIMIT 100"
+                )
+            )
+        )
+    assert "ix_jobs_queue_order" in names and "ix_jobs_queue" not in names
+    assert "ix_jobs_queue_order" in plan and "TEMP B-TREE" not in plan  # no sort per read
+    assert store.queue_positions() == {ids[1]: 1, ids[0]: 2, ids[2]: 3}
+    assert [store.queue_position(store.get(i)) for i in ids] == [2, 1, 3]
+
+
 def test_reclaim_orphans_after_a_crash():
     store = JobStore("sqlite://")
     running, cancelling = new_job(store).id, new_job(store).id
@@ -66,55 +91,6 @@ def test_reclaim_orphans_after_a_crash():
     assert store.get(cancelling).status == "cancelled"
     store.claim("new", lambda job: True)
     assert store.get(running).attempts == 2
-
-
-class FakeCluster:
-    def __init__(self, cpus):
-        self.cpus = cpus
-
-    def start(self):
-        pass
-
-    def capacity(self):
-        return Capacity(self.cpus, self.cpus)
-
-
-def fake_train(steps=20, pause=0.02):
-    """Behaves like workers.trainer.train: events, stop_event, resume from `done`."""
-    done: dict[str, int] = {}
-
-    def train(spec, out_dir, *, callback, stop_event, ray_address):
-        key = str(out_dir)
-        step = done.get(key, 0)
-        callback(
-            {
-                "type": "started",
-                "total_steps": steps,
-                "step": step,
-                "resumed_from_step": step or None,
-                "worker_nodes": ["n1"],
-            }
-        )
-        while step < steps:
-            if stop_event.wait(pause):
-                done[key] = step
-                return {"status": "cancelled", "steps": step, "error": f"stopped at {step}"}
-            step += 1
-            callback(
-                {
-                    "type": "step",
-                    "step": step,
-                    "total_steps": steps,
-                    "epoch": 0,
-                    "train_loss": 1.0 / step,
-                    "grad_norm": 0.1,
-                    "samples_per_s": 100.0,
-                }
-            )
-        done[key] = step
-        return {"status": "succeeded", "steps": steps, "final_loss": 0.1}
-
-    return train
 
 
 def wait_for(predicate, timeout=20.0):

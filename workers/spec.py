@@ -14,13 +14,29 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from workers import datasets
 
 # Error type of our own checks. Their messages already start with the field path.
 SPEC_ERROR = "invalid_spec"
+# Validation context: `TrainingSpec.model_validate(obj, context={ALLOW_FILES: False})` refuses
+# `data.type: "file"` without touching the filesystem (a service that does not serve
+# its own paths). Without a context, as on the command line, files are allowed.
+ALLOW_FILES = "allow_files"
+FILES_DISABLED = (
+    "data.path: file datasets are disabled on this server; "
+    "upload the data with POST /api/v1/datasets"
+)
 INT64_MAX = 2**63 - 1
 
 # The fields that change the mathematics of a run. Two specs that agree on these train
@@ -126,7 +142,10 @@ class FileData(_Strict):
 
     @field_validator("path")
     @classmethod
-    def _readable_kind(cls, path: str) -> str:
+    def _readable_kind(cls, path: str, info: ValidationInfo) -> str:
+        # Refused here, before the spec-level checks would read the file.
+        if not (info.context or {}).get(ALLOW_FILES, True):
+            raise PydanticCustomError(SPEC_ERROR, FILES_DISABLED)
         if Path(path).suffix.lower() not in (".npz", ".csv"):
             raise PydanticCustomError(SPEC_ERROR, f"data.path: {path!r} must end in .npz or .csv")
         return path
@@ -195,6 +214,12 @@ class TrainingSpec(_Strict):
     max_failures: int = Field(3, ge=0, description="Worker failures tolerated per job.")
     priority: int = Field(0, ge=-INT64_MAX, le=INT64_MAX, description="Higher runs first.")
     health_every: int = Field(10, ge=1, description="Steps between training-health stats.")
+    exchange: Literal["auto", "compiled", "tasks"] = Field(
+        "auto",
+        description="How parameters and gradients travel each step: a Ray Compiled Graph, "
+        "plain Ray tasks, or auto (compiled, falling back to tasks; $SHARDGRAD_EXCHANGE "
+        "may choose instead). Never changes the result.",
+    )
 
     @model_validator(mode="after")
     def _fits_data(self) -> TrainingSpec:

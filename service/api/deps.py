@@ -1,5 +1,8 @@
 """Dependencies of the routes, as Annotated aliases. Tests swap them with
-`app.dependency_overrides` (an in-memory store, a fake dispatcher, other settings)."""
+`app.dependency_overrides` (an in-memory store, a fake dispatcher, other settings).
+
+The ones that do not block are `async def`: FastAPI runs a plain `def` dependency in the
+thread pool, and a thread hop per dependency per request costs more than the work."""
 
 from __future__ import annotations
 
@@ -15,15 +18,15 @@ from service.store import JobNotFound, JobStore
 from service.tables import JobRow
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     return request.app.state.store
 
 
-def get_dispatcher(request: Request) -> Dispatcher:
+async def get_dispatcher(request: Request) -> Dispatcher:
     return request.app.state.dispatcher
 
 
@@ -47,11 +50,11 @@ def _check(settings: Settings, given: str | None) -> None:
         )
 
 
-def require_token(settings: SettingsDep, credentials: Credentials) -> None:
+async def require_token(settings: SettingsDep, credentials: Credentials) -> None:
     _check(settings, credentials.credentials if credentials else None)
 
 
-def require_token_or_query(
+async def require_token_or_query(
     settings: SettingsDep,
     credentials: Credentials,
     token: Annotated[str | None, Query(description="for EventSource (no headers)")] = None,
@@ -60,7 +63,7 @@ def require_token_or_query(
     _check(settings, credentials.credentials if credentials else token)
 
 
-def get_job(job_id: str, store: StoreDep) -> JobRow:
+def get_job(job_id: str, store: StoreDep) -> JobRow:  # a database read: in the thread pool
     try:
         return store.get(job_id)
     except JobNotFound:

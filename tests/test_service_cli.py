@@ -1,0 +1,193 @@
+"""The `shardgrad` client commands against the app: the CLI's Client talks to it through a
+TestClient, and the real Dispatcher runs jobs with a fake Trainer (no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service import cli
+from service.api.deps import get_dispatcher, get_store
+from service.client import Client
+from service.config import Settings
+from service.dispatcher import Dispatcher
+from service.main import create_app
+from service.store import JobStore
+from tests.test_service_fakes import FakeCluster, fake_train, spec
+from workers.checkpoint import save_checkpoint
+from workers.model import build_model
+from workers.spec import TrainingSpec
+
+
+class Service:
+    """The app with a file store, a paused real dispatcher and a Client the CLI uses."""
+
+    def __init__(self, tmp_path, monkeypatch):
+        self.settings = Settings(
+            data_dir=tmp_path, instance_id="cli", poll_interval_s=0.05, paused=True
+        )
+        self.store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+        self.dispatcher = Dispatcher(
+            self.store, self.settings, FakeCluster(4.0), train=fake_train(steps=12, fail="boom")
+        )
+        app = create_app(self.settings, start=False)
+        app.dependency_overrides[get_store] = lambda: self.store
+        app.dependency_overrides[get_dispatcher] = lambda: self.dispatcher
+        self.http = TestClient(app, base_url="http://testserver/api/v1")
+        monkeypatch.setattr(cli, "Client", self.client)
+        self.tmp_path = tmp_path
+
+    def client(self, url=None) -> Client:
+        client = Client(url or "http://testserver")
+        client.http = self.http
+        return client
+
+    def resume_dispatching(self) -> None:
+        self.settings.paused = False
+        self.dispatcher.wake()
+
+    def spec_file(self, **overrides) -> str:
+        path = self.tmp_path / f"{overrides.get('name', 'moons')}.json"
+        path.write_text(json.dumps(spec(**overrides)))
+        return str(path)
+
+
+@pytest.fixture
+def service(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARDGRAD_DATASETS_DIR", str(tmp_path / "datasets"))
+    s = Service(tmp_path, monkeypatch)
+    s.dispatcher.start()
+    try:
+        yield s
+    finally:
+        s.dispatcher.shutdown()
+
+
+def shardgrad(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def submitted_id(out: str) -> str:
+    first = out.splitlines()[0]
+    assert first.startswith("submitted "), out
+    return first.split()[1]
+
+
+def test_submit_jobs_status_cancel_resume(service, capsys):
+    code, out, _ = shardgrad(capsys, "submit", service.spec_file())
+    job_id = submitted_id(out)
+    assert code == 0 and f"submitted {job_id} (moons): queued" in out
+    assert "the dispatcher is paused" in out
+    second = submitted_id(shardgrad(capsys, "submit", service.spec_file(name="second"))[1])
+
+    code, out, _ = shardgrad(capsys, "jobs")
+    header, *rows = out.splitlines()
+    assert code == 0 and header == header.rstrip()
+    assert header.split() == ["ID", "NAME", "STATUS", "PROGRESS", "LOSS", "ATTEMPTS", "CREATED"]
+    assert [r.split()[:3] for r in rows] == [
+        [second, "second", "queued"],
+        [job_id, "moons", "queued"],
+    ]
+    assert "#2 in queue" in rows[0] and "#1 in queue" in rows[1]
+    code, out, _ = shardgrad(capsys, "jobs", "--status", "running")
+    assert code == 0 and out.splitlines()[1:] == []
+    code, out, _ = shardgrad(capsys, "jobs", "--limit", "1")
+    assert len(out.splitlines()) == 3 and out.splitlines()[-1] == "(more: --limit 2)"
+
+    code, out, _ = shardgrad(capsys, "status", job_id)
+    assert code == 0 and out.startswith(f"{job_id}  moons  queued  (attempts 0)")
+    assert "queue position 1: the dispatcher is paused" in out and "queued     #0  submitted" in out
+
+    assert shardgrad(capsys, "cancel", job_id)[:2] == (0, f"{job_id}: cancelled\n")
+    code, _, err = shardgrad(capsys, "cancel", job_id)
+    assert code == 1 and err.startswith("error: 409 Conflict:") and "only queued or running" in err
+    assert shardgrad(capsys, "resume", job_id)[:2] == (0, f"{job_id}: queued\n")
+    code, out, _ = shardgrad(capsys, "status", job_id)
+    assert "cancelled while queued" in out and "resume requested" in out
+
+
+@pytest.mark.timeout(60)
+def test_submit_follow_until_succeeded(service, capsys):
+    service.resume_dispatching()
+    code, out, err = shardgrad(capsys, "submit", service.spec_file(), "--follow")
+    job_id = submitted_id(out)
+    assert code == 0, err
+    # The progress bar (stderr) and the final job (stdout).
+    assert f"{job_id}  moons  succeeded  (attempts 1)" in out
+    assert "step 12/12" in out and "train_loss: 0.0833333" in out
+    assert "12/12" in err and "succeeded" in err
+    job = service.store.get(job_id)
+    assert job.status == "succeeded" and job.step == 12
+
+
+@pytest.mark.timeout(60)
+def test_submit_follow_of_a_failing_job_exits_1(service, capsys):
+    service.resume_dispatching()
+    code, out, _ = shardgrad(capsys, "submit", service.spec_file(name="boom"), "--follow")
+    assert code == 1
+    assert "boom  failed  (attempts 1)" in out and "error: diverged at step 1" in out
+
+
+@pytest.mark.timeout(60)
+def test_cancel_a_running_job_and_resume_it(service, capsys):
+    service.dispatcher._train = fake_train(steps=10_000, pause=0.01)
+    service.resume_dispatching()
+    job_id = submitted_id(shardgrad(capsys, "submit", service.spec_file())[1])
+    events = service.client().events(job_id)
+    assert next(kind for kind, data in events if data.get("status") == "running")
+    assert shardgrad(capsys, "cancel", job_id)[:2] == (0, f"{job_id}: cancelling\n")
+    assert next(data for kind, data in events if kind == "end")["status"] == "cancelled"
+    assert shardgrad(capsys, "resume", job_id)[:2] == (0, f"{job_id}: queued\n")
+
+
+def test_predict(service, capsys):
+    job_id = submitted_id(shardgrad(capsys, "submit", service.spec_file())[1])
+    code, _, err = shardgrad(capsys, "predict", job_id, "--input", "0.1,0.2")
+    assert code == 1 and "409 Conflict" in err and "no checkpoint yet" in err
+
+    model = build_model(TrainingSpec.model_validate(spec()))
+    out_dir = service.tmp_path / "jobs" / job_id
+    save_checkpoint(out_dir, 5, model.state_dict(), {"state": {}}, {"step": 5})
+    code, out, _ = shardgrad(capsys, "predict", job_id, "--input", "0.1,0.2", "--input=-1,0.5")
+    assert code == 0
+    rows = np.array([[float(v) for v in line.split(",")] for line in out.splitlines()])
+    from core import Tensor, no_grad
+
+    with no_grad():
+        expected = model(Tensor(np.array([[0.1, 0.2], [-1.0, 0.5]]))).data
+    np.testing.assert_allclose(rows, expected, rtol=1e-5)  # printed with 6 digits
+
+    code, _, err = shardgrad(capsys, "predict", job_id, "--input", "0.1")
+    assert (
+        code == 1 and "422" in err and "inputs.0: row 0 has 1 values but the model takes 2" in err
+    )
+    code, _, err = shardgrad(capsys, "predict", job_id, "--input", "a,b")
+    assert code == 1 and "--input must be comma-separated numbers" in err
+
+
+def test_errors_are_readable(service, capsys):
+    code, _, err = shardgrad(capsys, "status", "nope")
+    assert code == 1 and err == "error: 404 Not Found:\nno job 'nope'\n"
+
+    bad = service.spec_file(name="bad", optimizer={"type": "sgd", "lr": -1})
+    code, _, err = shardgrad(capsys, "submit", bad)
+    assert code == 1 and err.startswith("error: 422 Unprocessable")
+    assert "optimizer.sgd.lr: Input should be greater than 0" in err
+
+    files = service.spec_file(name="files", data={"type": "file", "path": "/etc/passwd.csv"})
+    code, _, err = shardgrad(capsys, "submit", files)
+    assert code == 1 and "file datasets are disabled on this server" in err
+
+    code, _, err = shardgrad(capsys, "submit", str(service.tmp_path / "missing.json"))
+    assert code == 1 and err.startswith("error: cannot read")
+
+
+def test_unreachable_service(monkeypatch, capsys):
+    monkeypatch.delenv("SHARDGRAD_URL", raising=False)
+    code, _, err = shardgrad(capsys, "jobs", "--url", "http://127.0.0.1:9")
+    assert code == 1 and "cannot reach the service at http://127.0.0.1:9" in err
