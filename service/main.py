@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None, *, start: bool = True) -> FastA
         cpus = dispatcher.capacity().total
         log.info("shardgrad service up: %s store, %g CPUs", store.dialect, cpus)
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-        print(f"shardgrad is running: open http://{host}:{settings.port}/docs")
+        print(f"shardgrad is running: open http://{host}:{settings.port}/ (API docs at /docs)")
         try:
             yield
         finally:
