@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.tables import STATUSES, EventRow, JobRow, MetricRow
+from service.tables import STATUSES, EventRow, JobRow
 
 Status = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 assert set(Status.__args__) == set(STATUSES)
@@ -99,6 +99,8 @@ class JobPage(BaseModel):
 
 
 class MetricPoint(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     step: int
     epoch: int | None
     train_loss: float | None
@@ -106,18 +108,6 @@ class MetricPoint(BaseModel):
     val_accuracy: float | None
     grad_norm: float | None
     samples_per_s: float | None
-
-    @classmethod
-    def of(cls, row: MetricRow) -> MetricPoint:
-        return cls(
-            step=row.step,
-            epoch=row.epoch,
-            train_loss=row.train_loss,
-            val_loss=row.val_loss,
-            val_accuracy=row.val_accuracy,
-            grad_norm=row.grad_norm,
-            samples_per_s=row.samples_per_s,
-        )
 
 
 class Metrics(BaseModel):
@@ -147,6 +137,8 @@ class PredictResponse(BaseModel):
 
 
 class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     n_samples: int
     n_features: int

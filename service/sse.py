@@ -72,7 +72,7 @@ async def job_events(
                 version = job.version
             points = await run_in_threadpool(store.points, job_id, after)
             if points:
-                data = [MetricPoint.of(p).model_dump() for p in points]
+                data = [MetricPoint.model_validate(p).model_dump() for p in points]
                 out.append(message("metrics", {"job_id": job_id, "points": data}))
                 after = points[-1].step
             if job.status in TERMINAL:

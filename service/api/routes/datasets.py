@@ -15,17 +15,6 @@ from workers.datasets import list_uploaded, save_uploaded
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 
-def _out(d) -> DatasetOut:
-    return DatasetOut(
-        id=d.id,
-        n_samples=d.n_samples,
-        n_features=d.n_features,
-        n_classes=d.n_classes,
-        task=d.task,
-        filename=d.filename,
-    )
-
-
 @router.post("", status_code=status.HTTP_201_CREATED, responses=TOO_LARGE)
 async def upload(
     file: Annotated[UploadFile, File(description=".csv with a header row, or .npz with X, y")],
@@ -37,10 +26,10 @@ async def upload(
     except ValueError as err:
         error = {"loc": ("body", "file"), "msg": str(err), "type": "value_error", "input": None}
         raise RequestValidationError([error]) from None
-    return _out(saved)
+    return DatasetOut.model_validate(saved)
 
 
 @router.get("")
 def datasets() -> list[DatasetOut]:
     """Every uploaded dataset, oldest first."""
-    return [_out(d) for d in list_uploaded()]
+    return [DatasetOut.model_validate(d) for d in list_uploaded()]

@@ -209,4 +209,6 @@ def resume(job_id: str, store: StoreDep, dispatcher: DispatcherDep) -> Job:
 @router.get("/{job_id}/metrics", responses=NOT_FOUND)
 def metrics(job: JobDep, store: StoreDep) -> Metrics:
     """Every metric point, oldest first; one per step (validation fields at epoch ends)."""
-    return Metrics(job_id=job.id, points=[MetricPoint.of(p) for p in store.points(job.id)])
+    return Metrics(
+        job_id=job.id, points=[MetricPoint.model_validate(p) for p in store.points(job.id)]
+    )
