@@ -16,6 +16,26 @@ from workers.trainer import PreparedData, Trainer, train
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
+# Every guarantee holds on both exchanges (workers/exchange.py). Tests that take the
+# `exchange` fixture run on the compiled graph; those parametrized over both exchanges
+# (BOTH, and the worker-count matrix) run on plain tasks too, and compare bit for bit
+# with the compiled graph's uninterrupted run.
+BOTH = pytest.mark.parametrize("exchange", ["compiled", "tasks"], indirect=True)
+
+
+@pytest.fixture
+def exchange(request, monkeypatch):
+    kind = getattr(request, "param", "compiled")
+    monkeypatch.setenv("SHARDGRAD_EXCHANGE", kind)
+    return kind
+
+
+def run(trainer: Trainer, exchange: str) -> dict:
+    """Run, and check that the job stayed on `exchange` (no silent fallback)."""
+    summary = trainer.run()
+    assert (trainer.pool.kind, trainer.pool.fallback_reason) == (exchange, None)
+    return summary
+
 
 def make_spec(**overrides) -> TrainingSpec:
     spec = {
@@ -58,7 +78,7 @@ def reference_loop(spec: TrainingSpec) -> dict[str, np.ndarray]:
 def uninterrupted(tmp_path_factory):
     """The 2-worker run that resume and worker-death tests must reproduce bit for bit."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    summary = Trainer(make_spec(), out).run()
+    summary = Trainer(make_spec(exchange="compiled"), out).run()
     assert summary["status"] == "succeeded"
     return summary, final_params(out)
 
@@ -75,10 +95,14 @@ def test_schedule_splits_global_batch_in_rank_order():
     assert np.array_equal(np.concatenate(pieces), schedule.batch(5))
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3, 4])
-def test_parameters_do_not_depend_on_worker_count(tmp_path, workers, uninterrupted):
+@pytest.mark.parametrize(
+    ("exchange", "workers"),
+    [(exchange, workers) for exchange in ("compiled", "tasks") for workers in (1, 2, 3, 4)],
+    indirect=["exchange"],
+)
+def test_parameters_do_not_depend_on_worker_count(tmp_path, exchange, workers, uninterrupted):
     spec = make_spec(workers=workers)
-    summary = Trainer(spec, tmp_path).run()
+    summary = run(Trainer(spec, tmp_path), exchange)
     assert summary["status"] == "succeeded" and summary["steps"] == 18
     expected = reference_loop(spec)
     got = final_params(tmp_path)
@@ -88,7 +112,8 @@ def test_parameters_do_not_depend_on_worker_count(tmp_path, workers, uninterrupt
         np.testing.assert_allclose(got[key], uninterrupted[1][key], rtol=0, atol=1e-9)
 
 
-def test_mse_and_adam_match_reference(tmp_path):
+@BOTH
+def test_mse_and_adam_match_reference(tmp_path, exchange):
     spec = make_spec(
         model={"type": "mlp", "sizes": [1, 8, 1], "activation": "relu"},
         data={"type": "builtin", "name": "sine", "n_samples": 120, "noise": 0.05},
@@ -97,13 +122,14 @@ def test_mse_and_adam_match_reference(tmp_path):
         workers=3,
         batch_size=16,
     )
-    assert Trainer(spec, tmp_path).run()["status"] == "succeeded"
+    assert run(Trainer(spec, tmp_path), exchange)["status"] == "succeeded"
     expected, got = reference_loop(spec), final_params(tmp_path)
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=1e-9)
 
 
-def test_stop_and_resume_is_bit_identical(tmp_path, uninterrupted):
+@BOTH
+def test_stop_and_resume_is_bit_identical(tmp_path, exchange, uninterrupted):
     spec = make_spec()
     calls = {}
 
@@ -113,11 +139,11 @@ def test_stop_and_resume_is_bit_identical(tmp_path, uninterrupted):
         calls.setdefault(event["type"], 0)
 
     trainer = Trainer(spec, tmp_path, callback=stop_at_7)
-    first = trainer.run()
+    first = run(trainer, exchange)
     assert first["status"] == "cancelled" and first["steps"] == 7
     assert ckpt.load_latest(tmp_path).step == 7
 
-    second = Trainer(spec, tmp_path).run()
+    second = run(Trainer(spec, tmp_path), exchange)
     assert second["status"] == "succeeded" and second["resumed_from_step"] == 7
     expected = uninterrupted[1]
     got = final_params(tmp_path)
@@ -127,14 +153,14 @@ def test_stop_and_resume_is_bit_identical(tmp_path, uninterrupted):
     assert again == second
 
 
-def test_resume_with_other_worker_count_is_close(tmp_path, uninterrupted):
+def test_resume_with_other_worker_count_is_close(tmp_path, exchange, uninterrupted):
     def stop_at_4(event):
         if event["type"] == "step" and event["step"] == 4:
             trainer.stop_event.set()
 
     trainer = Trainer(make_spec(), tmp_path, callback=stop_at_4)
-    assert trainer.run()["status"] == "cancelled"
-    assert Trainer(make_spec(workers=3), tmp_path).run()["status"] == "succeeded"
+    assert run(trainer, exchange)["status"] == "cancelled"
+    assert run(Trainer(make_spec(workers=3), tmp_path), exchange)["status"] == "succeeded"
     for key, value in uninterrupted[1].items():
         np.testing.assert_allclose(final_params(tmp_path)[key], value, rtol=0, atol=1e-9)
 
@@ -148,13 +174,14 @@ def test_a_different_spec_is_refused_in_the_same_out_dir(tmp_path):
     assert train(make_spec(epochs=1, workers=1, name="other"), tmp_path)["status"] == "succeeded"
 
 
-def test_worker_killed_mid_run_is_replaced_bit_identically(tmp_path, uninterrupted):
+@BOTH
+def test_worker_killed_mid_run_is_replaced_bit_identically(tmp_path, exchange, uninterrupted):
     def kill_one(event):
         if event["type"] == "step" and event["step"] == 4:
             os.kill(trainer.pool.worker_pids()[1], signal.SIGKILL)
 
     trainer = Trainer(make_spec(), tmp_path, callback=kill_one)
-    summary = trainer.run()
+    summary = run(trainer, exchange)
     assert summary["status"] == "succeeded"
     assert summary["worker_failures"] == 1
     expected = uninterrupted[1]
@@ -162,18 +189,20 @@ def test_worker_killed_mid_run_is_replaced_bit_identically(tmp_path, uninterrupt
     assert all(np.array_equal(got[k], expected[k]) for k in expected)
 
 
-def test_too_many_worker_failures_fail_the_run(tmp_path):
+@BOTH
+def test_too_many_worker_failures_fail_the_run(tmp_path, exchange):
     def kill_one(event):
         if event["type"] == "step" and event["step"] == 2:
             os.kill(trainer.pool.worker_pids()[0], signal.SIGKILL)
 
     trainer = Trainer(make_spec(max_failures=0), tmp_path, callback=kill_one)
-    summary = trainer.run()
+    summary = run(trainer, exchange)
     assert summary["status"] == "failed"
     assert "exceed max_failures=0" in summary["error"]
 
 
-def test_divergence_stops_with_a_clear_message_and_no_nan_checkpoint(tmp_path):
+@BOTH
+def test_divergence_stops_with_a_clear_message_and_no_nan_checkpoint(tmp_path, exchange):
     spec = make_spec(
         model={"type": "mlp", "sizes": [1, 32, 1], "activation": "relu"},
         data={"type": "builtin", "name": "sine", "n_samples": 200, "noise": 0.1},
@@ -181,7 +210,7 @@ def test_divergence_stops_with_a_clear_message_and_no_nan_checkpoint(tmp_path):
         optimizer={"type": "sgd", "lr": 50},
         checkpoint_every=1,
     )
-    summary = train(spec, tmp_path)
+    summary = run(Trainer(spec, tmp_path), exchange)
     assert summary["status"] == "failed"
     assert summary["error"].startswith("diverged at step ")
     assert "(loss=" in summary["error"]

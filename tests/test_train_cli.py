@@ -18,6 +18,12 @@ from .test_distributed import make_spec
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
+@pytest.fixture(params=["compiled", "tasks"])
+def exchange_env(request):
+    """The CLI's environment, choosing the step exchange (see workers/exchange.py)."""
+    return {**os.environ, "SHARDGRAD_EXCHANGE": request.param}
+
+
 def cli(*args, **kwargs):
     return subprocess.Popen(
         [sys.executable, "-m", "workers.cli", *map(str, args)],
@@ -45,6 +51,7 @@ def test_train_json_summary_is_the_last_stdout_line(tmp_path, ray_address):
     )
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
+    assert "falling back" not in err  # the compiled graph served every step
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["status"] == "succeeded"
     assert summary["steps"] == 12 and summary["epochs"] == 2
@@ -59,11 +66,12 @@ def test_train_json_summary_is_the_last_stdout_line(tmp_path, ray_address):
     assert json.loads(again.strip().splitlines()[-1]) == summary
 
 
-def test_kill_9_of_the_run_then_rerun_is_bit_identical(tmp_path, ray_address):
+def test_kill_9_of_the_run_then_rerun_is_bit_identical(tmp_path, ray_address, exchange_env):
     spec = make_spec(epochs=40, checkpoint_every=10)
     spec_file = write_spec(tmp_path / "spec.json", spec)
     out = tmp_path / "run"
-    proc = cli("train", spec_file, "--out", out, "--json", "--ray-address", ray_address)
+    args = ("train", spec_file, "--out", out, "--json", "--ray-address", ray_address)
+    proc = cli(*args, env=exchange_env)
     deadline = time.time() + 120
     while not ckpt.list_checkpoints(out) and time.time() < deadline:
         time.sleep(0.05)
@@ -73,7 +81,7 @@ def test_kill_9_of_the_run_then_rerun_is_bit_identical(tmp_path, ray_address):
     killed_at = ckpt.load_latest(out).step
     assert killed_at < 240
 
-    proc = cli("train", spec_file, "--out", out, "--json", "--ray-address", ray_address)
+    proc = cli(*args, env=exchange_env)
     stdout, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     summary = json.loads(stdout.strip().splitlines()[-1])
@@ -86,10 +94,11 @@ def test_kill_9_of_the_run_then_rerun_is_bit_identical(tmp_path, ray_address):
     assert all(np.array_equal(got[k], expected[k]) for k in expected)
 
 
-def test_ctrl_c_checkpoints_and_exits_130(tmp_path, ray_address):
+def test_ctrl_c_checkpoints_and_exits_130(tmp_path, ray_address, exchange_env):
     spec_file = write_spec(tmp_path / "spec.json", make_spec(epochs=2000, checkpoint_every=5000))
     out = tmp_path / "run"
-    proc = cli("train", spec_file, "--out", out, "--json", "--ray-address", ray_address)
+    args = ("train", spec_file, "--out", out, "--json", "--ray-address", ray_address)
+    proc = cli(*args, env=exchange_env)
     deadline = time.time() + 120
     while not out.exists() and time.time() < deadline:
         time.sleep(0.05)

@@ -2,7 +2,9 @@
 
 The pool owns no training state: parameters live in the coordinator. When a
 worker dies mid-step, the pool replaces it in the same placement-group bundle
-and the coordinator's step is simply asked again, so no progress is lost.
+and the coordinator's step is simply asked again, so no progress is lost. How
+parameters and gradients travel (a compiled graph or plain tasks) is the
+exchange's business (exchange.py); the pool reopens it over the new actors.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
+from itertools import pairwise
 
 import numpy as np
 import ray
@@ -18,6 +22,16 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from workers.exchange import (
+    ExchangeBroken,
+    WorkersDied,
+    claim_cores,
+    flatten,
+    open_exchange,
+    prepare_worker,
+    resolve,
+    unflatten,
+)
 from workers.model import grad_sum, set_parameters
 
 log = logging.getLogger(__name__)
@@ -41,6 +55,8 @@ class GradWorker:
         from core import nn
 
         self._limits = threadpool_limits(limits=blas_threads)
+        self.blas_threads, self.cores = blas_threads, None
+        prepare_worker()
         self.X, self.y = data
         self.loss = model_cfg["loss"]
         self.model = nn.MLP(
@@ -48,14 +64,25 @@ class GradWorker:
             activation=model_cfg["activation"],
             dtype=np.dtype(model_cfg["dtype"]),
         )
+        # The model's parameters are views of one vector that each step overwrites: a copy
+        # of the step's input, so no view of a channel or object-store buffer outlives it.
+        self.flat = flatten([p.data for p in self.model.parameters()])
+        set_parameters(self.model, unflatten(self.flat, [p.shape for p in self.model.parameters()]))
+
+    def pin(self) -> list[int]:
+        """A core of its own for each BLAS thread, if the node has them free (exchange.py)."""
+        if self.cores is None:
+            self.cores = claim_cores(self.blas_threads)
+        return self.cores
 
     def info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
-    def grad(self, params: list[np.ndarray], idx: np.ndarray):
-        set_parameters(self.model, params)
+    def grad(self, flat_params: np.ndarray, idx: np.ndarray):
+        """(flat gradient sum, sample count, loss sum) over the rows `idx`."""
+        self.flat[:] = flat_params
         grads, loss_sum = grad_sum(self.model, self.loss, self.X[idx], self.y[idx])
-        return grads, len(idx), loss_sum
+        return flatten(grads), len(idx), loss_sum
 
 
 class WorkerPool:
@@ -72,11 +99,13 @@ class WorkerPool:
         failures: int = 0,
         on_failure: Callable[[int, str], None] | None = None,
         placement_timeout_s: float = 60.0,
+        exchange: str | None = None,
     ):
         self.n, self.cpus = n, cpus_per_worker
         self.model_cfg, self.data_ref = model_cfg, data_ref
         self.max_failures, self.failures = max_failures, failures
         self.on_failure = on_failure
+        self.placement_timeout_s = placement_timeout_s
         self.node_ids: list[str] = []
         self.pg = placement_group([{"CPU": cpus_per_worker}] * n, strategy="SPREAD")
         try:
@@ -88,41 +117,97 @@ class WorkerPool:
                 f"could not place {n} workers x {cpus_per_worker} CPU within "
                 f"{placement_timeout_s:.0f}s (cluster has {total:g} CPUs)"
             ) from None
-        self.actors = [self._spawn(rank) for rank in range(n)]
+        sizes, itemsize = model_cfg["sizes"], np.dtype(model_cfg["dtype"]).itemsize
+        # The largest message: the flat parameters plus the batch's indices, with room to spare.
+        self.payload_bytes = sum((a + 1) * b for a, b in pairwise(sizes)) * itemsize + 2**20
+        self.kind, self.exchange = resolve(exchange), None
+        self.fallback_reason: str | None = None
+        self.actors: list = []
+        try:
+            for rank in range(n):
+                self.actors.append(self._spawn(rank))
+            self._connect()
+        except BaseException:
+            self.shutdown()
+            raise
 
     def _spawn(self, rank: int):
-        actor = GradWorker.options(
-            num_cpus=self.cpus,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self.pg, placement_group_bundle_index=rank
-            ),
-        ).remote(self.model_cfg, self.data_ref, max(1, math.floor(self.cpus)))
-        node = ray.get(actor.info.remote())["node_id"]
-        if node not in self.node_ids:
-            self.node_ids.append(node)
+        deadline = time.monotonic() + self.placement_timeout_s
+        while True:
+            actor = GradWorker.options(
+                num_cpus=self.cpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=rank
+                ),
+            ).remote(self.model_cfg, self.data_ref, max(1, math.floor(self.cpus)))
+            try:
+                info = ray.get(actor.info.remote(), timeout=max(0, deadline - time.monotonic()))
+                break
+            except RayActorError as err:
+                # Its node died as it started (the bundle moves once Ray declares the node
+                # dead): it never worked, so it is no failure of the job. Start another.
+                if time.monotonic() > deadline:
+                    raise WorkerFailure(f"could not start worker {rank}: {err}") from None
+                log.warning("new worker %d died before it started; starting another", rank)
+                time.sleep(1.0)
+            except GetTimeoutError:
+                ray.kill(actor, no_restart=True)
+                raise ClusterTooSmall(
+                    f"worker {rank} did not start within {self.placement_timeout_s:.0f}s"
+                ) from None
+        if info["node_id"] not in self.node_ids:
+            self.node_ids.append(info["node_id"])
         return actor
 
-    def grads(self, params: list[np.ndarray], pieces: list[np.ndarray]) -> list[tuple]:
-        """One (grad_sums, count, loss_sum) per worker, in rank order; dead workers are replaced."""
-        while True:
-            params_ref = ray.put(params)
-            futures = [
-                a.grad.remote(params_ref, p) for a, p in zip(self.actors, pieces, strict=True)
-            ]
-            results, dead = [], []
-            for rank, fut in enumerate(futures):
-                try:
-                    results.append(ray.get(fut))
-                except RayActorError as err:
-                    dead.append((rank, err))
-            if not dead:
-                return results
-            for rank, err in dead:
-                self._replace(rank, err)
+    def _connect(self) -> None:
+        """Open the exchange over the current actors; replace dead ones or fall back on the way."""
+        while self.exchange is None:
+            try:
+                self.exchange = open_exchange(self.kind, self.actors, self.payload_bytes)
+            except (WorkersDied, ExchangeBroken) as err:
+                self._recover(err)
 
-    def _replace(self, rank: int, err: Exception) -> None:
+    def _recover(self, err: WorkersDied | ExchangeBroken) -> None:
+        """Replace the dead workers, or give up on the compiled graph for this job."""
+        if isinstance(err, WorkersDied):
+            for rank, cause in err.causes.items():
+                self._replace(rank, cause)
+        else:
+            self.fallback_reason = str(err)
+            log.warning("%s; falling back to the tasks exchange", err)
+            self.kind = "tasks"
+
+    def grads(self, params: list[np.ndarray], pieces: list[np.ndarray]) -> tuple:
+        """(grad_sums, count, loss_sum) over all pieces, the workers' sums added in rank order.
+
+        Dead workers are replaced and the step asked again.
+        """
+        flat, shapes = flatten(params), [p.shape for p in params]
+        while True:
+            try:
+                results = self.exchange(flat, pieces)
+            except (WorkersDied, ExchangeBroken) as err:
+                self._close_exchange()
+                self._recover(err)
+                self._connect()
+                continue
+            # Add in rank order (the results are views into the exchange's buffers, read
+            # here once and dropped): the same sums, in the same order, for any exchange.
+            total = results[0][0].copy()
+            for g, _, _ in results[1:]:
+                total += g
+            n = sum(count for _, count, _ in results)
+            loss_sum = sum(loss for _, _, loss in results)
+            return unflatten(total, shapes), n, loss_sum
+
+    def _close_exchange(self) -> None:
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.close()
+
+    def _replace(self, rank: int, cause: str) -> None:
         self.failures += 1
-        reason = f"worker {rank} died: {type(err).__name__}"
+        reason = f"worker {rank} died: {cause}"
         log.warning("%s (failure %d of at most %d)", reason, self.failures, self.max_failures)
         if self.on_failure:
             self.on_failure(rank, reason)
@@ -138,6 +223,7 @@ class WorkerPool:
         return [info["pid"] for info in ray.get([a.info.remote() for a in self.actors])]
 
     def shutdown(self) -> None:
+        self._close_exchange()
         for a in self.actors:
             ray.kill(a, no_restart=True)
         remove_placement_group(self.pg)

@@ -144,6 +144,7 @@ class Trainer:
             on_failure=lambda rank, reason: self.callback(
                 {"type": "worker_failure", "rank": rank, "reason": reason}
             ),
+            exchange=spec.exchange,
         )
         self.pool = pool
 
@@ -174,6 +175,7 @@ class Trainer:
                 "step": step,
                 "resumed_from_step": resumed_from,
                 "worker_nodes": list(pool.node_ids),
+                "exchange": pool.exchange.name,
             }
         )
         try:
@@ -193,8 +195,8 @@ class Trainer:
                     )
                 t0 = time.perf_counter()
                 idx = schedule.batch(step)
-                results = pool.grads([p.data for p in params], split_batch(idx, self.n_workers))
-                loss, grad_norm = self._apply(results, params, opt, step)
+                sums = pool.grads([p.data for p in params], split_batch(idx, self.n_workers))
+                loss, grad_norm = self._apply(*sums, params, opt, step)
                 step = self.step = step + 1
                 dt = time.perf_counter() - t0
                 epoch_done = step % schedule.steps_per_epoch == 0
@@ -225,14 +227,9 @@ class Trainer:
         save(step, finished=True, summary=summary)
         return summary
 
-    def _apply(self, results, params, opt, step: int) -> tuple[float, float]:
-        """Add the workers' sums in rank order, average, check, and step the optimizer."""
-        grads = [g.copy() for g in results[0][0]]
-        for sums, _, _ in results[1:]:
-            for acc, g in zip(grads, sums, strict=True):
-                acc += g
-        n = sum(count for _, count, _ in results)
-        loss = sum(loss_sum for _, _, loss_sum in results) / n
+    def _apply(self, grads, n, loss_sum, params, opt, step: int) -> tuple[float, float]:
+        """Average the batch's gradient sums (added in rank order), check, step the optimizer."""
+        loss = loss_sum / n
         sq = 0.0
         for p, g in zip(params, grads, strict=True):
             g /= n

@@ -1,0 +1,288 @@
+"""The step exchange (workers/exchange.py): choice, fallback, failure detection, teardown."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+from ray.exceptions import RayChannelError
+
+from workers import checkpoint as ckpt
+from workers import exchange as ex
+from workers.trainer import Trainer
+
+from .test_distributed import final_params, make_spec
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A plain 2-worker run on the compiled graph that the other runs must match bit for bit."""
+    out = tmp_path_factory.mktemp("reference")
+    trainer = Trainer(make_spec(epochs=2, exchange="compiled"), out)
+    assert trainer.run()["status"] == "succeeded"
+    return final_params(out)
+
+
+@pytest.fixture
+def graphs(monkeypatch):
+    """Every compiled graph opened during the test."""
+    opened = []
+    init = ex.CompiledExchange.__init__
+
+    def record(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        opened.append(self.graph)
+
+    monkeypatch.setattr(ex.CompiledExchange, "__init__", record)
+    return opened
+
+
+# ---------------------------------------------------------------- choosing
+
+
+def test_the_spec_chooses_and_the_environment_decides_auto(monkeypatch, caplog):
+    monkeypatch.delenv(ex.ENV, raising=False)
+    assert ex.resolve("auto") == ex.resolve(None) == "compiled"
+    monkeypatch.setenv(ex.ENV, "tasks")
+    assert (ex.resolve("auto"), ex.resolve("compiled")) == ("tasks", "compiled")
+    monkeypatch.setenv(ex.ENV, "carrier-pigeon")
+    with caplog.at_level(logging.WARNING, logger="workers.exchange"):
+        assert ex.resolve("auto") == "compiled"
+    assert "carrier-pigeon" in caplog.text
+
+
+def test_auto_uses_tasks_from_a_ray_client(monkeypatch):
+    from ray.util.client import ray as client
+
+    monkeypatch.delenv(ex.ENV, raising=False)
+    monkeypatch.setattr(client, "is_connected", lambda: True)
+    assert ex.resolve("auto") == "tasks"
+
+
+def test_exchange_is_an_execution_field():
+    spec = make_spec()
+    assert spec.exchange == "auto"
+    assert make_spec(exchange="tasks").spec_hash() == spec.spec_hash()
+    with pytest.raises(ValueError, match="exchange"):
+        make_spec(exchange="mpi")
+
+
+def test_flat_vectors_round_trip_as_views():
+    arrays = [np.arange(6.0).reshape(2, 3), np.arange(3.0), np.ones((1, 1))]
+    flat = ex.flatten(arrays)
+    assert flat.shape == (10,)
+    back = ex.unflatten(flat, [a.shape for a in arrays])
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, back, strict=True))
+    assert all(np.shares_memory(b, flat) for b in back)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
+def test_workers_pin_themselves_to_distinct_free_cores():
+    """Each claim takes cores no other pinned process holds, or none at all."""
+    code = (
+        "import json, sys; from workers.exchange import claim_cores; "
+        "print(json.dumps(claim_cores(1)), flush=True); sys.stdin.read()"
+    )
+    procs, claims = [], []
+    try:
+        for _ in range(len(os.sched_getaffinity(0)) + 1):  # one more than there are cores
+            proc = subprocess.Popen(
+                [sys.executable, "-c", code],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            )
+            procs.append(proc)
+            claims.append(json.loads(proc.stdout.readline()))
+    finally:
+        for proc in procs:
+            proc.communicate("", timeout=30)
+    held = [core for claim in claims for core in claim]
+    assert len(held) == len(set(held))  # nobody shares a core
+    assert all(len(claim) in (0, 1) for claim in claims)
+    assert claims[-1] == []  # once every core is taken, the next one stays unpinned
+
+
+# ---------------------------------------------------------------- same result either way
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_both_exchanges_train_bit_identical_parameters(tmp_path, workers):
+    spec = dict(
+        optimizer={"type": "adam", "lr": 0.01},
+        dtype="float32",
+        workers=workers,
+        epochs=2,
+    )
+    for kind in ("compiled", "tasks"):
+        trainer = Trainer(make_spec(**spec, exchange=kind), tmp_path / kind)
+        assert trainer.run()["status"] == "succeeded"
+        assert trainer.pool.kind == kind
+    assert same(final_params(tmp_path / "compiled"), final_params(tmp_path / "tasks"))
+
+
+# ---------------------------------------------------------------- falling back
+
+
+def test_a_graph_that_cannot_compile_falls_back_to_tasks(tmp_path, monkeypatch, caplog, reference):
+    from ray.dag import DAGNode
+
+    def refuse(self, **kwargs):
+        raise RuntimeError("no compiled graphs on this cluster")
+
+    monkeypatch.setattr(DAGNode, "experimental_compile", refuse)
+    trainer = Trainer(make_spec(epochs=2, exchange="compiled"), tmp_path)
+    with caplog.at_level(logging.WARNING, logger="workers.pool"):
+        summary = trainer.run()
+    assert summary["status"] == "succeeded" and summary["worker_failures"] == 0
+    assert trainer.pool.kind == "tasks"
+    assert "could not compile" in trainer.pool.fallback_reason
+    assert "no compiled graphs on this cluster" in caplog.text
+    assert "falling back to the tasks exchange" in caplog.text
+    assert same(final_params(tmp_path), reference)
+
+
+def test_a_broken_channel_mid_run_falls_back_and_recomputes_the_step(
+    tmp_path, monkeypatch, graphs, reference
+):
+    """A transport failure with every worker alive: not a worker failure, and no lost step."""
+    init = ex.CompiledExchange.__init__
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        execute = self.graph.execute
+
+        def execute_or_break(*inputs):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise RayChannelError("simulated: channel closed")
+            return execute(*inputs)
+
+        self.graph.execute = execute_or_break
+
+    monkeypatch.setattr(ex.CompiledExchange, "__init__", flaky)
+    trainer = Trainer(make_spec(epochs=2, exchange="compiled"), tmp_path)
+    summary = trainer.run()
+    assert summary["status"] == "succeeded" and summary["worker_failures"] == 0
+    assert trainer.pool.kind == "tasks"
+    assert "simulated: channel closed" in trainer.pool.fallback_reason
+    assert all(g.is_teardown for g in graphs)
+    assert same(final_params(tmp_path), reference)
+
+
+# ---------------------------------------------------------------- worker death
+
+
+def test_a_worker_killed_during_a_step_is_detected_fast_and_replaced(tmp_path):
+    """Kill from another thread, so the kill lands while the workers compute a step."""
+    spec = make_spec(
+        model={"type": "mlp", "sizes": [2, 256, 256, 2], "activation": "tanh"},
+        data={"type": "builtin", "name": "moons", "n_samples": 3000, "noise": 0.1},
+        batch_size=1200,
+        epochs=10,
+        checkpoint_every=1000,
+        exchange="compiled",
+    )
+    expected = tmp_path / "uninterrupted"
+    assert Trainer(spec, expected).run()["status"] == "succeeded"
+
+    events = {}
+
+    def on_event(event):
+        if event["type"] == "step" and event["step"] == 3:
+            pid = trainer.pool.worker_pids()[1]
+            timer = threading.Timer(0.02, kill, args=(pid,))
+            timer.start()
+        elif event["type"] == "worker_failure":
+            events["detected"] = time.monotonic()
+
+    def kill(pid):
+        events["killed"] = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+
+    trainer = Trainer(spec, tmp_path / "killed", callback=on_event)
+    summary = trainer.run()
+    assert summary["status"] == "succeeded" and summary["worker_failures"] == 1
+    assert trainer.pool.kind == "compiled"  # recompiled over the replacement, not fallen back
+    assert events["detected"] - events["killed"] < 10  # Ray reports the death; no timeout
+    assert same(final_params(tmp_path / "killed"), final_params(expected))
+
+
+def test_a_worker_death_leaves_a_clean_exit(tmp_path, ray_session):
+    """After a graph failed, the process still exits cleanly (no crash in Ray at exit)."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal, ray
+        from tests.test_distributed import make_spec
+        from workers.trainer import Trainer
+
+        ray.init(address={ray_session.get_runtime_context().gcs_address!r}, log_to_driver=False)
+
+        def kill_one(event):
+            if event["type"] == "step" and event["step"] == 2:
+                os.kill(trainer.pool.worker_pids()[1], signal.SIGKILL)
+
+        trainer = Trainer(make_spec(epochs=1, exchange="compiled"), {str(tmp_path)!r},
+                          callback=kill_one)
+        summary = trainer.run()
+        assert summary["status"] == "succeeded" and summary["worker_failures"] == 1, summary
+        ray.shutdown()
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- teardown
+
+
+@pytest.mark.parametrize("ending", ["succeeded", "cancelled", "diverged", "too many failures"])
+def test_the_graph_is_torn_down_however_the_run_ends(tmp_path, graphs, ending):
+    overrides = {"epochs": 1, "exchange": "compiled"}
+    if ending == "diverged":
+        overrides |= {
+            "model": {"type": "mlp", "sizes": [1, 32, 1], "activation": "relu"},
+            "data": {"type": "builtin", "name": "sine", "n_samples": 200, "noise": 0.1},
+            "loss": "mse",
+            "optimizer": {"type": "sgd", "lr": 50},
+            "epochs": 3,
+        }
+    if ending == "too many failures":
+        overrides["max_failures"] = 0
+
+    def on_event(event):
+        if event["type"] != "step" or event["step"] != 2:
+            return
+        if ending == "cancelled":
+            trainer.stop_event.set()
+        elif ending == "too many failures":
+            os.kill(trainer.pool.worker_pids()[0], signal.SIGKILL)
+
+    trainer = Trainer(make_spec(**overrides), tmp_path, callback=on_event)
+    summary = trainer.run()
+    expected_status = {"succeeded": "succeeded", "cancelled": "cancelled"}.get(ending, "failed")
+    assert summary["status"] == expected_status
+    if ending == "cancelled":
+        assert ckpt.load_latest(tmp_path).step == 2
+    assert graphs and all(g.is_teardown for g in graphs)
+    assert trainer.pool.exchange is None
+    assert ray.util.placement_group_table(trainer.pool.pg)["state"] == "REMOVED"

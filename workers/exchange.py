@@ -1,0 +1,266 @@
+"""How one step's parameters reach the workers, and their gradient sums come back.
+
+Both exchanges carry the same messages: the parameters as one flat vector to every
+worker, and back from worker *i*, in rank order, ``(flat gradient sum, sample count,
+loss sum)``. Only the transport differs, so both train bit-identical parameters.
+
+* ``compiled``: a Ray Compiled Graph (``ray.dag``) over the pool's actors, compiled once
+  per set of actors. A step writes its input once into a shared-memory channel that
+  resident loops on the actors read; there is no task submission and no object-store put.
+* ``tasks``: ``ray.put`` of the parameters, one actor task per worker, ``ray.get``.
+  It works wherever Ray does, and it is the fallback.
+
+``auto`` (the default) means ``compiled`` unless the driver is a Ray Client (compiled
+graphs need a real driver); if a graph cannot be compiled or run, the pool falls back to
+``tasks`` with a logged reason and the job goes on. The spec's ``exchange`` field chooses;
+while it is ``auto``, ``$SHARDGRAD_EXCHANGE`` may choose instead.
+
+A compiled graph lives as long as its set of actors. When a worker dies, Ray's graph
+monitor tears the graph down and the pending ``ray.get`` raises at once (ActorDiedError,
+or a channel error if the death came between steps); the exchange then probes every
+actor and reports the dead ranks, and the pool replaces them and compiles a new graph.
+An error with every worker alive is the transport's: the pool falls back to tasks. Each
+worker of a compiled graph pins itself to a free core (``claim_cores``), because channel
+reads busy-wait; ``SHARDGRAD_PIN_WORKERS=0`` turns that off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import tempfile
+import threading
+import time
+import traceback
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+
+log = logging.getLogger(__name__)
+
+EXCHANGES = ("auto", "compiled", "tasks")
+ENV = "SHARDGRAD_EXCHANGE"
+PIN_ENV = "SHARDGRAD_PIN_WORKERS"  # "0": leave the compiled graph's workers unpinned
+PROBE_TIMEOUT_S = 60.0  # how long a live actor may take to answer after a failed step
+_compile_lock = threading.Lock()  # the service compiles graphs from several job threads
+CORE_LOCK = os.path.join(tempfile.gettempdir(), "shardgrad-cores.lock")  # one per node
+
+
+class WorkersDied(RuntimeError):
+    """Some workers of the step are dead; the pool replaces them and asks again."""
+
+    def __init__(self, causes: dict[int, str]):
+        super().__init__(", ".join(f"worker {r} died: {c}" for r, c in causes.items()))
+        self.causes = causes  # rank -> the error that showed it, e.g. "ActorDiedError"
+
+
+class ExchangeBroken(RuntimeError):
+    """The transport failed while every worker is alive; the pool falls back to tasks."""
+
+
+def resolve(setting: str | None = None) -> str:
+    """'compiled' or 'tasks': the spec's setting, else $SHARDGRAD_EXCHANGE, else auto."""
+    choice = setting if setting and setting != "auto" else os.environ.get(ENV) or "auto"
+    if choice not in EXCHANGES:
+        log.warning("%s=%r is not one of %s; using auto", ENV, choice, ", ".join(EXCHANGES))
+        choice = "auto"
+    if choice == "auto":
+        from ray.util.client import ray as client
+
+        return "tasks" if client.is_connected() else "compiled"
+    return choice
+
+
+# ---------------------------------------------------------------- flat vectors
+
+
+def flatten(arrays: list[np.ndarray]) -> np.ndarray:
+    """One contiguous vector: one buffer to serialize instead of one per tensor."""
+    return np.concatenate([a.ravel() for a in arrays])
+
+
+def unflatten(flat: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """Views of `flat` in `shapes` (no copy)."""
+    out, start = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        out.append(flat[start : start + size].reshape(shape))
+        start += size
+    return out
+
+
+# ---------------------------------------------------------------- the exchanges
+
+
+def prepare_worker() -> None:
+    """Called in each worker actor. Our channels carry NumPy arrays only, but when torch is
+    installed Ray's compiled-graph loop imports it on a worker's first step just to pick a
+    device (seconds, and hundreds of MB, per worker). Tell it there is no torch."""
+    try:
+        from ray.experimental.channel.common import ChannelContext
+
+        ChannelContext.get_current()._torch_available = False
+    except Exception:  # a private detail of Ray: without it we are only slower to start
+        log.debug("could not skip Ray's torch probe", exc_info=True)
+
+
+def claim_cores(k: int) -> list[int]:
+    """Pin this process to `k` cores that no other pinned process on this node holds.
+
+    Compiled-graph channels busy-wait (sched_yield) while they wait for a message. With as
+    many workers as cores, the kernel then often stacks two workers on one core while the
+    other core serves spinning waiters, and a step takes twice its compute. A core of its
+    own per worker prevents that. Cores already pinned by any process are left alone, and
+    if there are not `k` free ones the process stays unpinned. Returns the cores (or []).
+    """
+    if not hasattr(os, "sched_getaffinity"):  # Linux only
+        return []
+    try:
+        return _pin_free_cores(k)
+    except OSError as err:
+        log.info("workers stay unpinned: %s", err)
+        return []
+
+
+def _pin_free_cores(k: int) -> list[int]:
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) <= k:
+        return []
+    with open(CORE_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two workers starting at once must not pick alike
+        taken = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                if not _read(f"/proc/{entry}/cmdline"):
+                    continue  # a kernel thread: those are per-core by design
+                mask = os.sched_getaffinity(int(entry))
+            except OSError:  # gone, or not ours to see
+                continue
+            if not allowed <= mask:  # pinned (to some of our cores, or to others)
+                taken |= mask & allowed
+        free = sorted(allowed - taken)
+        if len(free) < k:
+            return []
+        cores = set(free[:k])
+        for tid in os.listdir("/proc/self/task"):  # every thread; new ones inherit
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(tid), cores)
+    return sorted(cores)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def dead_ranks(actors: list, timeout: float = PROBE_TIMEOUT_S) -> list[int]:
+    """Ranks whose actor is dead, or does not answer within `timeout`."""
+    probes = [a.info.remote() for a in actors]
+    deadline = time.monotonic() + timeout
+    dead = []
+    for rank, probe in enumerate(probes):
+        try:
+            ray.get(probe, timeout=max(0.0, deadline - time.monotonic()))
+        except (RayActorError, GetTimeoutError):
+            dead.append(rank)
+    return dead
+
+
+class TaskExchange:
+    name = "tasks"
+
+    def __init__(self, actors: list):
+        self.actors = actors
+
+    def __call__(self, flat: np.ndarray, pieces: list[np.ndarray]) -> list[tuple]:
+        ref = ray.put(flat)
+        futures = [a.grad.remote(ref, p) for a, p in zip(self.actors, pieces, strict=True)]
+        results, causes = [], {}
+        for rank, future in enumerate(futures):
+            try:
+                results.append(ray.get(future))
+            except RayActorError as err:
+                causes[rank] = type(err).__name__
+        if causes:
+            raise WorkersDied(causes)
+        return results
+
+    def close(self) -> None:
+        pass
+
+
+class CompiledExchange:
+    name = "compiled"
+
+    def __init__(self, actors: list, payload_bytes: int):
+        from ray.dag import DAGContext, InputNode, MultiOutputNode
+
+        self.actors, self.graph = actors, None
+        try:
+            if os.environ.get(PIN_ENV, "1") != "0":
+                ray.get([a.pin.remote() for a in actors])
+            with InputNode() as inp:  # execute(flat, piece_0, piece_1, ...)
+                dag = MultiOutputNode(
+                    [a.grad.bind(inp[0], inp[rank + 1]) for rank, a in enumerate(actors)]
+                )
+            # A channel holds one message; sized for it, it is never resized on the fly.
+            buffer = max(DAGContext.get_current().buffer_size_bytes, payload_bytes)
+            with _compile_lock:
+                self.graph = dag.experimental_compile(_buffer_size_bytes=buffer)
+        except Exception as err:
+            self._diagnose(err, "could not compile")
+
+    def __call__(self, flat: np.ndarray, pieces: list[np.ndarray]) -> list[tuple]:
+        try:
+            # A dead actor makes Ray's graph monitor tear the graph down at once, and the
+            # get raises ActorDiedError; -1 waits as long as a slow step needs, like tasks.
+            results = ray.get(self.graph.execute(flat, *pieces), timeout=-1)
+        except Exception as err:  # ActorDiedError, channel errors, anything of Ray's
+            if isinstance(err, RayTaskError) and not isinstance(err.cause, RayError):
+                _forget_frames(err)  # its message keeps the worker's traceback
+                raise err from None  # the step's own error (a bug, not the transport)
+            self._diagnose(err, "step failed")
+        # Zero-copy views of the channels' buffers: a worker cannot write its next result
+        # while a view of its buffer lives, so the caller must be done with them by then.
+        return results
+
+    def _diagnose(self, err: Exception, what: str):
+        """Tear down, then blame dead workers if there are any, else the transport."""
+        self.close()
+        _forget_frames(err)
+        dead = dead_ranks(self.actors)
+        if dead:
+            raise WorkersDied(dict.fromkeys(dead, type(err).__name__)) from None
+        first_line = str(err).strip().split("\n", 1)[0][:300]
+        raise ExchangeBroken(f"compiled graph {what}: {type(err).__name__}: {first_line}") from None
+
+    def close(self) -> None:
+        graph, self.graph = self.graph, None
+        if graph is not None:
+            try:
+                graph.teardown()
+            except Exception:  # a failed teardown must not hide the reason we are here
+                log.exception("compiled graph teardown failed")
+
+
+def _forget_frames(err: BaseException | None) -> None:
+    """Free the frames an error chain holds. Ray's frames hold the graph in a reference
+    cycle; collected after Ray has shut down (say, at interpreter exit) it segfaults."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        err.__traceback__ = None
+        err = err.__cause__ or err.__context__
+
+
+def open_exchange(kind: str, actors: list, payload_bytes: int):
+    """The exchange `kind` over `actors` (WorkersDied / ExchangeBroken if it cannot open)."""
+    if kind == "compiled":
+        return CompiledExchange(actors, payload_bytes)
+    return TaskExchange(actors)
