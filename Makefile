@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) benchmarks/core_step.py
 	$(PY) benchmarks/sync_step.py
+	$(PY) benchmarks/vs_raytrain.py
 
 clean:
 	rm -rf $(VENV) var runs .pytest_cache
