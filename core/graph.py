@@ -25,6 +25,7 @@ The Tensor engine frees intermediate gradients after backward (as PyTorch does),
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -37,13 +38,18 @@ def export_graph(root, *, max_values: int = 64, parameters=()) -> dict:
     """The graph that produced `root` (a Tensor or Value), with current outputs and grads.
 
     Iterative, so graphs 100k nodes deep work. Gradients are whatever `.grad` holds
-    now: null for Tensor intermediates whose gradient backward freed.
+    now: null for Tensor intermediates whose gradient backward freed. `parameters` may
+    be a mapping of names to parameters (`dict(model.named_parameters())`): their nodes
+    then also carry a "name".
     """
     if max_values < 0:
         raise ValueError(f"max_values must be >= 0, got {max_values}")
     topo = topological_order(root)
     ids = {id(node): i for i, node in enumerate(topo)}
-    chosen = {id(p) for p in parameters}
+    named = (
+        parameters.items() if isinstance(parameters, Mapping) else ((None, p) for p in parameters)
+    )
+    chosen = {id(p): name for name, p in named}
     nodes = []
     for i, node in enumerate(topo):
         if node._prev:
@@ -61,6 +67,8 @@ def export_graph(root, *, max_values: int = 64, parameters=()) -> dict:
                 "inputs": [ids[id(p)] for p in node._prev],
             }
         )
+        if chosen.get(id(node)) is not None:
+            nodes[-1]["name"] = chosen[id(node)]
     return {"root": len(topo) - 1, "nodes": nodes}
 
 
@@ -130,7 +138,7 @@ def to_dot(graph: dict) -> str:
     for n in nodes:
         shape = "scalar" if not n["shape"] else "shape " + "x".join(map(str, n["shape"]))
         fields = [
-            f"#{n['id']} {n['operation']}",
+            f"#{n['id']} {n['operation']}" + (f" {n['name']}" if "name" in n else ""),
             shape,
             "out " + _brief(n["output"]),
             "grad " + _brief(n["gradient"]),

@@ -67,6 +67,14 @@ def test_value_leaves_are_parameters_only_when_named():
     assert ops == ["source", "parameter", "add", "add", "relu"]  # b is 0, a is 1
 
 
+def test_named_parameters_carry_their_names_into_json_and_dot():
+    a, b, e = seed_example(Value)
+    e.backward()
+    graph = export_graph(e, parameters={"a": a})
+    assert [n.get("name") for n in graph["nodes"]] == [None, "a", None, None, None]
+    assert "#1 parameter a" in to_dot(graph)
+
+
 def test_value_backward_with_graph_runs_backward():
     a, b, e = seed_example(Value)
     assert backward_with_graph(e) == SEED_EXAMPLE
