@@ -1,21 +1,12 @@
-"""Attributions (gradient, gradient x input, integrated gradients) and training health."""
+"""Attributions: gradient, gradient x input, integrated gradients."""
 
 import numpy as np
 import pytest
-from sklearn.datasets import make_moons
 
-import core.functional as F
 import workers.explain as explain_module
-from core import Tensor, nn, optim
+from core import Tensor, nn
 from tests.conftest import require
-from workers.explain import (
-    active_units,
-    explain,
-    health_warnings,
-    layer_stats,
-    merge_active,
-    predict,
-)
+from workers.explain import explain, predict
 
 
 def random_mlp(sizes, activation, seed=0, dtype=np.float64):
@@ -257,99 +248,3 @@ def test_baseline_row_is_broadcast():
     one = explain(model, X, method="integrated_gradients", baseline=[0.5, 0.5])
     each = explain(model, X, method="integrated_gradients", baseline=[[0.5, 0.5]] * 3)
     assert one == each
-
-
-# --- training health -----------------------------------------------------------------------------
-
-
-def sgd_step(model, X, y, lr=0.1):
-    """One SGD step; returns what the trainer would hand to layer_stats."""
-    for p in model.parameters():
-        p.grad = None
-    F.cross_entropy(model(Tensor(X)), y).backward()
-    grads = [p.grad.copy() for p in model.parameters()]
-    prev = [p.data.copy() for p in model.parameters()]
-    optim.SGD(model.parameters(), lr=lr).step()
-    return grads, prev
-
-
-def kinds(warnings):
-    return {(w["kind"], w["layer"]) for w in warnings}
-
-
-def test_deep_sigmoid_net_has_vanishing_gradients():
-    model = nn.MLP([2] + [32] * 10 + [2], activation="sigmoid", seed=0)  # Glorot init
-    X, y = make_moons(128, noise=0.1, random_state=0)
-    stats = layer_stats(model, *sgd_step(model, X, y), active_units(model, X))
-    assert [s["layer"] for s in stats] == [f"layers.{i}" for i in range(11)]
-    assert all(s["dead_fraction"] is None for s in stats)  # dead units are a relu notion
-    warnings = health_warnings(stats, [s["grad_norm"] for s in stats])
-    assert kinds(warnings) == {("vanishing", "layers.0")}
-    assert "times the last layer's" in warnings[0]["message"]
-
-
-def test_relu_net_with_negative_bias_has_dead_units():
-    model = nn.MLP([2, 32, 32, 2], activation="relu", seed=0, bias_init=-10.0)
-    X, y = make_moons(128, noise=0.1, random_state=0)
-    masks = active_units(model, X)
-    stats = layer_stats(model, *sgd_step(model, X, y), masks)
-    assert [s["dead_fraction"] for s in stats] == [1.0, 1.0, None]
-    assert {("dead", "layers.0"), ("dead", "layers.1")} <= kinds(health_warnings(stats))
-
-
-@pytest.mark.parametrize("activation", ["tanh", "relu"])
-def test_healthy_moons_training_has_no_warnings(activation):
-    model = nn.MLP([2, 16, 16, 2], activation=activation, seed=0)
-    X, y = make_moons(200, noise=0.1, random_state=0)
-    initial = None
-    for _ in range(100):
-        masks = active_units(model, X)
-        grads, prev = sgd_step(model, X, y, lr=0.2)
-        stats = layer_stats(model, grads, prev, masks)
-        initial = initial or [s["grad_norm"] for s in stats]
-        assert health_warnings(stats, initial) == []
-        for s, g, w in zip(stats, grads[::2], prev[::2], strict=True):  # plain SGD: dw = -lr g
-            assert s["update_ratio"] == pytest.approx(0.2 * s["grad_norm"] / s["weight_norm"])
-            assert s["grad_norm"] >= np.linalg.norm(g) and s["weight_norm"] > 0
-            assert w.shape == g.shape
-
-
-def test_exploding_gradients_over_a_synthetic_series():
-    def stats(first, last):
-        return [
-            {"layer": "layers.0", "grad_norm": first, "dead_fraction": None},
-            {"layer": "layers.1", "grad_norm": last, "dead_fraction": None},
-        ]
-
-    initial = [2.0, 1.0]
-    series = [2.0, 20.0, 200.0, 1999.0, 2001.0, float("inf"), float("nan")]
-    flagged = [
-        kinds(health_warnings(stats(g, 1.0), initial)) == {("exploding", "layers.0")}
-        for g in series
-    ]
-    assert flagged == [False, False, False, False, True, True, True]
-    # without initial norms only non-finite gradients count
-    assert health_warnings(stats(1e9, 1.0)) == []
-    (warning,) = health_warnings(stats(1.0, float("nan")))
-    assert warning["kind"] == "exploding" and warning["layer"] == "layers.1"
-    assert warning["message"].startswith("layers.1: gradient norm is nan")
-
-
-def test_active_units_combine_across_workers():
-    model = nn.MLP([2, 16, 16, 2], activation="relu", seed=0)
-    X = np.random.default_rng(0).normal(size=(50, 2))
-    whole = active_units(model, X)
-    pieces = [active_units(model, part) for part in np.array_split(X, 3)]
-    merged = merge_active(pieces)
-    assert [m.shape for m in merged] == [(16,), (16,)]
-    for a, b in zip(whole, merged, strict=True):
-        np.testing.assert_array_equal(a, b)
-    first = np.maximum(X @ model.layers[0].weight.data.T + model.layers[0].bias.data, 0)
-    np.testing.assert_array_equal(whole[0], (first > 0).any(axis=0))
-
-
-def test_layer_stats_checks_its_inputs():
-    model = nn.MLP([2, 4, 2], seed=0)
-    params = [p.data.copy() for p in model.parameters()]
-    with pytest.raises(ValueError, match="model has 4 parameters; got 3 gradients"):
-        layer_stats(model, params[:3], params)

@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+from workers.health import new_warnings
 from workers.spec import SpecError, TrainingSpec, load_spec
 
 
@@ -37,13 +38,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class ProgressBar:
-    """A tqdm bar on stderr when it is a terminal; silent otherwise."""
+    """A tqdm bar on stderr when it is a terminal; silent otherwise, except for training-health
+    warnings, one line each on stderr when they first appear."""
 
     def __init__(self):
         self.bar = None
         self.enabled = sys.stderr.isatty()
 
     def __call__(self, event: dict) -> None:
+        if event["type"] == "health":
+            for w in new_warnings(event):
+                self.write(f"warning: {w['kind']} at step {w['first_step']}: {w['message']}")
         if not self.enabled:
             return
         from tqdm import tqdm
@@ -61,6 +66,12 @@ class ProgressBar:
             self.bar.update(1)
         elif kind == "worker_failure" and self.bar is not None:
             self.bar.write(f"worker failure: {event['reason']}; recomputing the step")
+
+    def write(self, line: str) -> None:
+        if self.bar is None:
+            print(line, file=sys.stderr)
+        else:
+            self.bar.write(line, file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -120,8 +131,12 @@ def print_summary(summary: dict) -> None:
     if summary["status"] != "succeeded":
         print(f"failed: {summary.get('error')}")
     for key, value in summary.items():
-        if key not in ("status", "error"):
+        if key not in ("status", "error", "health"):
             print(f"{key:>18}: {value}")
+    health = summary.get("health")
+    if health is not None:
+        warned = ", ".join(f"{w['kind']} {w['layer']}" for w in health["warnings"]) or "none"
+        print(f"{'health':>18}: {health['checked_steps']} checks; warnings: {warned}")
 
 
 if __name__ == "__main__":

@@ -16,33 +16,20 @@ parameters are constants, so only the input gradient is computed and the model
 (possibly shared by other requests) is never touched. All the path points of a batch
 of rows go through one forward and one backward: the rows of an MLP are independent,
 so the gradient of the sum of their target outputs is every row's own gradient.
-
-The second half holds the trainer's training-health statistics (gradient and weight
-norms, update ratios, dead ReLU units) and the warnings they raise.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 from typing import NamedTuple
 
 import numpy as np
 
-import core.functional as F
 from core import Tensor, no_grad
 from core.nn import MLP
 
-__all__ = [
-    "METHODS",
-    "active_units",
-    "explain",
-    "health_warnings",
-    "layer_stats",
-    "merge_active",
-    "predict",
-]
+__all__ = ["METHODS", "explain", "predict"]
 
 METHODS = ("gradient", "gradient_x_input", "integrated_gradients")
 PATH_BATCH = 8192  # rows (inputs or path points) per forward and backward pass
@@ -72,7 +59,8 @@ def explain(
     `target` is one output index for all rows; None explains each row's predicted
     class (argmax), or output 0 of a single-output model. `baseline` is one row
     (broadcast) or one row per input; None means zeros. Returns JSON-ready lists:
-    {"outputs", "attributions", "method", "completeness_gap"}; non-finite numbers
+    {"outputs", "attributions", "method", "targets" (the output explained, per row),
+    "completeness_gap"}; non-finite numbers
     become None, as in predictions. Bad arguments raise ValueError naming the field.
     """
     if method not in METHODS:
@@ -98,6 +86,7 @@ def explain(
         "outputs": _json_rows(outputs),
         "attributions": _json_rows(attributions),
         "method": method,
+        "targets": targets.tolist(),
         "completeness_gap": None if gap is None else _json_rows(gap),
     }
 
@@ -316,120 +305,3 @@ def _json_rows(a: np.ndarray) -> list:
     out = a.astype(object)
     out[~np.isfinite(a)] = None
     return out.tolist()
-
-
-# --- training health ---------------------------------------------------------------------------
-# Pure functions for the trainer: per-layer statistics of one step and the warnings they
-# raise. The active masks are computed on each worker for its piece of the batch and
-# combined with `merge_active`, so "dead" means dead on the whole global batch.
-
-EXPLODING_FACTOR = 1e3  # gradient norm above this many times its initial value
-VANISHING_RATIO = 1e-6  # first layer's gradient norm below this times the last layer's
-DEAD_FRACTION = 0.5  # more than this fraction of a layer's ReLU units dead
-
-
-def active_units(model: MLP, X) -> list[np.ndarray]:
-    """Per hidden layer, a bool vector: the unit's output was > 0 for at least one row.
-
-    The forward pass of `MLP.forward`, under no_grad, keeping each hidden output.
-    """
-    x = Tensor(np.asarray(X, dtype=_dtype(model)))
-    masks = []
-    with no_grad():
-        for layer in model.layers[:-1]:
-            x = F.linear(x, layer.weight, layer.bias, model.activation)
-            masks.append((x.data > 0).any(axis=0))
-    return masks
-
-
-def merge_active(pieces) -> list[np.ndarray]:
-    """OR of several workers' `active_units` lists, layer by layer."""
-    return [np.logical_or.reduce(layer) for layer in zip(*pieces, strict=True)]
-
-
-def layer_stats(model: MLP, grads, prev_weights, active_masks=None) -> list[dict]:
-    """Per Linear layer `layers.<i>`: gradient norm, weight norm, update-to-weight ratio
-    and, for ReLU hidden layers with masks given, the fraction of dead units.
-
-    `grads` and `prev_weights` are arrays in `model.parameters()` order; the model holds
-    the weights after the step, so the update is their difference. Norms cover all of a
-    layer's parameters (weight and bias) in float64; they may be inf or nan, which is
-    what the exploding check looks for.
-    """
-    names = [name for name, _ in model.named_parameters()]
-    params = model.parameters()
-    if not len(names) == len(grads) == len(prev_weights):
-        raise ValueError(
-            f"model has {len(names)} parameters; got {len(grads)} gradients "
-            f"and {len(prev_weights)} previous weights"
-        )
-    layers: dict[str, list[int]] = {}
-    for k, name in enumerate(names):
-        layers.setdefault(name.rpartition(".")[0], []).append(k)
-    stats = []
-    for i, (layer, ks) in enumerate(layers.items()):
-        weight_norm = _norm(params[k].data for k in ks)
-        update_norm = _norm(params[k].data - np.asarray(prev_weights[k]) for k in ks)
-        dead = None
-        if model.activation == "relu" and active_masks is not None and i < len(active_masks):
-            dead = float(1.0 - np.mean(active_masks[i]))
-        stats.append(
-            {
-                "layer": layer,
-                "grad_norm": _norm(grads[k] for k in ks),
-                "weight_norm": weight_norm,
-                "update_ratio": update_norm / weight_norm if weight_norm else _ratio0(update_norm),
-                "dead_fraction": dead,
-            }
-        )
-    return stats
-
-
-def health_warnings(stats: list[dict], initial_grad_norms=None) -> list[dict]:
-    """Warnings {"kind", "layer", "message"}, kind "exploding", "vanishing" or "dead".
-
-    `initial_grad_norms` are the layers' gradient norms at the first check (same order
-    as `stats`); without them only non-finite gradients count as exploding.
-    """
-    found = []
-
-    def warn(kind, layer, message):
-        found.append({"kind": kind, "layer": layer, "message": f"{layer}: {message}"})
-
-    for k, s in enumerate(stats):
-        g, layer = s["grad_norm"], s["layer"]
-        g0 = None if initial_grad_norms is None else initial_grad_norms[k]
-        if not math.isfinite(g):
-            warn("exploding", layer, f"gradient norm is {g}; lower the learning rate")
-        elif g0 is not None and 0 < g0 < math.inf and g > EXPLODING_FACTOR * g0:
-            warn(
-                "exploding",
-                layer,
-                f"gradient norm {g:.3g} is {g / g0:.3g} times its initial {g0:.3g}; "
-                "lower the learning rate or clip gradients",
-            )
-        dead = s.get("dead_fraction")
-        if dead is not None and dead > DEAD_FRACTION:
-            warn(
-                "dead",
-                layer,
-                f"{dead:.0%} of its ReLU units are zero on the whole batch and get no "
-                "gradient; lower the learning rate, or use He init and zero biases",
-            )
-    first, last = (stats[0]["grad_norm"], stats[-1]["grad_norm"]) if stats else (0.0, 0.0)
-    if len(stats) > 1 and math.isfinite(first + last) and first < VANISHING_RATIO * last:
-        warn(
-            "vanishing",
-            stats[0]["layer"],
-            f"gradient norm {first:.3g} is {first / last:.3g} times the last layer's "
-            f"{last:.3g}; use fewer layers, relu with He init, or a normalising layer",
-        )
-    return found
-
-
-def _ratio0(update_norm: float) -> float:  # the ratio for all-zero weights
-    return 0.0 if update_norm == 0 else math.inf
-
-
-def _norm(arrays) -> float:
-    return math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays))

@@ -20,7 +20,13 @@ LOSSES = {
 
 def build_model(spec) -> nn.MLP:
     m = spec.model
-    return nn.MLP(m.sizes, activation=m.activation, dtype=np.dtype(spec.dtype), seed=spec.seed)
+    return nn.MLP(
+        m.sizes,
+        activation=m.activation,
+        dtype=np.dtype(spec.dtype),
+        seed=spec.seed,
+        bias_init=getattr(m, "bias_init", 0.0),  # absent in specs stored before it existed
+    )
 
 
 def build_optimizer(spec, params) -> optim.SGD | optim.Adam:

@@ -82,6 +82,11 @@ class MLPSpec(_Strict):
         min_length=2, description="Layer widths, input first and output last."
     )
     activation: Literal["relu", "tanh", "sigmoid"] = "relu"
+    bias_init: float = Field(
+        0.0,
+        description="Every bias starts at this value; for experiments such as provoking "
+        "dead ReLUs with a large negative value.",
+    )
 
 
 # A union of one for now; add new model types with `|`.
@@ -239,6 +244,10 @@ class TrainingSpec(_Strict):
     def spec_hash(self) -> str:
         """sha256 of the fields that change the mathematics (see MATH_FIELDS)."""
         math = self.model_dump(mode="json", include=MATH_FIELDS)
+        # bias_init came later: at its default it is left out, so that checkpoints written
+        # before it existed keep their hash and still resume.
+        if math["model"]["bias_init"] == 0:
+            del math["model"]["bias_init"]
         canonical = json.dumps(math, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -4,7 +4,8 @@ Each step reads like the single-process loop it is equivalent to: take the
 global batch, ask the workers for gradient sums of their pieces, add them in
 rank order, divide by the batch size, step the optimizer, checkpoint now and
 then. See ARCHITECTURE.md for why this makes the result independent of the
-number of workers.
+number of workers. Every `health_every` steps the coordinator also measures training
+health (workers/health.py) from what it already holds.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import ray
 from workers import checkpoint as ckpt
 from workers.cluster import ensure_ray
 from workers.datasets import load_dataset, targets_for, train_val_split
+from workers.health import HealthMonitor
 from workers.model import build_model, build_optimizer, evaluate
 from workers.pool import ClusterTooSmall, WorkerFailure, WorkerPool
 from workers.sampler import Schedule, split_batch
@@ -81,7 +83,7 @@ class Trainer:
     def run(self) -> dict:
         """Train to the end (or until stopped); failures come back as status 'failed'."""
         self.start = time.perf_counter()
-        self.step, self.pool = 0, None
+        self.step, self.pool, self.health = 0, None, None
         try:
             return self._run()
         except (TrainingError, WorkerFailure, ClusterTooSmall) as err:
@@ -89,7 +91,7 @@ class Trainer:
 
     def _failed(self, error: str) -> dict:
         pool = self.pool
-        return {
+        summary = {
             "status": "failed",
             "steps": self.step,
             "error": error,
@@ -97,6 +99,9 @@ class Trainer:
             "worker_failures": pool.failures if pool else 0,
             "elapsed_s": round(time.perf_counter() - self.start, 3),
         }
+        if self.health is not None:
+            summary["health"] = self.health.summary()
+        return summary
 
     def _run(self) -> dict:
         start = self.start
@@ -126,6 +131,9 @@ class Trainer:
             failures = latest.state.get("worker_failures", 0)
             history = latest.state.get("metrics", [])
         resumed_from = step if latest is not None else None
+        health = self.health = HealthMonitor(
+            model, spec.health_every, latest.state.get("health") if latest else None
+        )
 
         ensure_ray(self.ray_address)
         data_ref = ray.put((data.X, data.y))
@@ -141,8 +149,8 @@ class Trainer:
             data_ref,
             max_failures=spec.max_failures,
             failures=failures,
-            on_failure=lambda rank, reason: self.callback(
-                {"type": "worker_failure", "rank": rank, "reason": reason}
+            on_failure=lambda rank, reason, nodes: self.callback(
+                {"type": "worker_failure", "rank": rank, "reason": reason, "worker_nodes": nodes}
             ),
             exchange=spec.exchange,
         )
@@ -155,6 +163,7 @@ class Trainer:
                 "spec_hash": spec.spec_hash(),
                 "metrics": history,
                 "worker_failures": pool.failures,
+                "health": health.state(),
                 **extra,
             }
             path = ckpt.save_checkpoint(
@@ -196,8 +205,16 @@ class Trainer:
                 t0 = time.perf_counter()
                 idx = schedule.batch(step)
                 sums = pool.grads([p.data for p in params], split_batch(idx, self.n_workers))
-                loss, grad_norm = self._apply(*sums, params, opt, step)
+                before = health.before_step(data.X[idx]) if health.due(step + 1) else None
+                try:
+                    loss, grad_norm = self._apply(*sums, params, opt, step)
+                except Diverged:
+                    # Not stepped: the weights are still those the gradients were taken at.
+                    self.callback(health.check(step + 1, before or health.before_step(data.X[idx])))
+                    raise
                 step = self.step = step + 1
+                if before is not None:
+                    self.callback(health.check(step, before))
                 dt = time.perf_counter() - t0
                 epoch_done = step % schedule.steps_per_epoch == 0
                 point = {
@@ -252,10 +269,12 @@ class Trainer:
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
             "checkpoint": str(ckpt.checkpoint_dir(self.out, f"step-{step}")),
-            "worker_nodes": list(pool.node_ids),
+            "worker_nodes": pool.node_ids,
+            "exchange": pool.kind,
             "elapsed_s": round(time.perf_counter() - start, 3),
             "worker_failures": pool.failures,
             "resumed_from_step": resumed_from,
+            "health": self.health.summary(),
         }
         if error:
             summary["error"] = error

@@ -1,0 +1,201 @@
+"""Training health: per-layer statistics of a step and the warnings they raise.
+
+Every `health_every` steps the trainer measures, for each Linear layer `layers.<i>`, the
+gradient norm, the weight norm, the update-to-weight ratio and, for relu nets, the
+fraction of dead units (zero on the whole global batch of the step). Three warnings:
+
+* exploding: a layer's gradient norm above EXPLODING_FACTOR times its initial value (the
+  first check's), or not finite; a non-finite gradient also ends the run ("diverged").
+* vanishing: the first layer's gradient norm below VANISHING_RATIO times the last one's.
+* dead: more than DEAD_FRACTION of a layer's relu units dead.
+
+The functions are pure; `HealthMonitor` is the trainer's record of one run (the initial
+norms and each warning once, with the steps it was first and last seen). The record
+travels in the checkpoints, so a resumed run warns exactly as an uninterrupted one.
+Nothing here writes to the model: health never changes the trained parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import core.functional as F
+from core import Tensor, no_grad
+from core.nn import MLP
+
+EXPLODING_FACTOR = 1e3  # gradient norm above this many times its initial value
+VANISHING_RATIO = 1e-6  # first layer's gradient norm below this times the last layer's
+DEAD_FRACTION = 0.5  # more than this fraction of a layer's ReLU units dead
+KINDS = ("exploding", "vanishing", "dead")
+
+
+def active_units(model: MLP, X) -> list[np.ndarray]:
+    """Per hidden layer, a bool vector: the unit's output was > 0 for at least one row.
+
+    The forward pass of `MLP.forward`, under no_grad, keeping each hidden output.
+    """
+    x = Tensor(np.asarray(X, dtype=model.layers[0].weight.dtype))
+    masks = []
+    with no_grad():
+        for layer in model.layers[:-1]:
+            x = F.linear(x, layer.weight, layer.bias, model.activation)
+            masks.append((x.data > 0).any(axis=0))
+    return masks
+
+
+def layer_stats(model: MLP, grads, prev_weights, active_masks=None) -> list[dict]:
+    """Per Linear layer `layers.<i>`: gradient norm, weight norm, update-to-weight ratio
+    and, for ReLU hidden layers with masks given, the fraction of dead units.
+
+    `grads` and `prev_weights` are arrays in `model.parameters()` order; the model holds
+    the weights after the step, so the update is their difference. Norms cover all of a
+    layer's parameters (weight and bias) in float64; they may be inf or nan, which is
+    what the exploding check looks for.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    params = model.parameters()
+    if not len(names) == len(grads) == len(prev_weights):
+        raise ValueError(
+            f"model has {len(names)} parameters; got {len(grads)} gradients "
+            f"and {len(prev_weights)} previous weights"
+        )
+    layers: dict[str, list[int]] = {}
+    for k, name in enumerate(names):
+        layers.setdefault(name.rpartition(".")[0], []).append(k)
+    stats = []
+    for i, (layer, ks) in enumerate(layers.items()):
+        weight_norm = _norm(params[k].data for k in ks)
+        update_norm = _norm(params[k].data - np.asarray(prev_weights[k]) for k in ks)
+        dead = None
+        if model.activation == "relu" and active_masks is not None and i < len(active_masks):
+            dead = float(1.0 - np.mean(active_masks[i]))
+        stats.append(
+            {
+                "layer": layer,
+                "grad_norm": _norm(grads[k] for k in ks),
+                "weight_norm": weight_norm,
+                "update_ratio": update_norm / weight_norm if weight_norm else _ratio0(update_norm),
+                "dead_fraction": dead,
+            }
+        )
+    return stats
+
+
+def health_warnings(stats: list[dict], initial_grad_norms=None) -> list[dict]:
+    """Warnings {"kind", "layer", "message"}, kind "exploding", "vanishing" or "dead".
+
+    `initial_grad_norms` are the layers' gradient norms at the first check (same order
+    as `stats`); without them only non-finite gradients count as exploding.
+    """
+    found = []
+
+    def warn(kind, layer, message):
+        found.append({"kind": kind, "layer": layer, "message": f"{layer}: {message}"})
+
+    for k, s in enumerate(stats):
+        g, layer = s["grad_norm"], s["layer"]
+        g0 = None if initial_grad_norms is None else initial_grad_norms[k]
+        if not math.isfinite(g):
+            warn("exploding", layer, f"gradient norm is {g}; lower the learning rate")
+        elif g0 is not None and 0 < g0 < math.inf and g > EXPLODING_FACTOR * g0:
+            warn(
+                "exploding",
+                layer,
+                f"gradient norm {g:.3g} is {g / g0:.3g} times its initial {g0:.3g}; "
+                "lower the learning rate or clip gradients",
+            )
+        dead = s.get("dead_fraction")
+        if dead is not None and dead > DEAD_FRACTION:
+            warn(
+                "dead",
+                layer,
+                f"{dead:.0%} of its ReLU units are zero on the whole batch and get no "
+                "gradient; lower the learning rate, or use He init and zero biases",
+            )
+    first, last = (stats[0]["grad_norm"], stats[-1]["grad_norm"]) if stats else (0.0, 0.0)
+    if len(stats) > 1 and math.isfinite(first + last) and first < VANISHING_RATIO * last:
+        warn(
+            "vanishing",
+            stats[0]["layer"],
+            f"gradient norm {first:.3g} is {first / last:.3g} times the last layer's "
+            f"{last:.3g}; use fewer layers, relu with He init, or a normalising layer",
+        )
+    return found
+
+
+def _ratio0(update_norm: float) -> float:  # the ratio for all-zero weights
+    return 0.0 if update_norm == 0 else math.inf
+
+
+def _norm(arrays) -> float:
+    with np.errstate(over="ignore"):  # an overflowing norm is inf: what the check is for
+        return math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays))
+
+
+def new_warnings(event: dict) -> list[dict]:
+    """The warnings of a "health" event that first appeared at its step."""
+    return [w for w in event["warnings"] if w["first_step"] == event["step"]]
+
+
+class HealthMonitor:
+    """The health record of one run: when to check, the initial norms, the warnings so far.
+
+    A check follows the first step of a run (so the initial norms exist) and every step
+    whose 1-based number is a multiple of `every`. Each (kind, layer) warning is kept
+    once, with `first_step` and `last_step` (the latest check that raised it) and the
+    latest message.
+    """
+
+    def __init__(self, model: MLP, every: int, state: dict | None = None):
+        self.model, self.every = model, every
+        state = state or {}
+        self.initial: list[float] | None = state.get("initial_grad_norms")
+        self.checked_steps: int = state.get("checked_steps", 0)
+        self.last_step: int | None = state.get("last_step")
+        self.warnings: list[dict] = [dict(w) for w in state.get("warnings", [])]
+
+    def due(self, step: int) -> bool:
+        """Whether 1-based `step` is checked."""
+        return self.initial is None or step % self.every == 0
+
+    def before_step(self, X: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """What a check needs from before the optimizer step: copies of the weights (the
+        optimizer updates them in place) and, for relu nets, the units active on the step's
+        global batch `X` (exact, and no round trip to the workers)."""
+        prev = [p.data.copy() for p in self.model.parameters()]
+        return prev, active_units(self.model, X) if self.model.activation == "relu" else None
+
+    def check(self, step: int, before) -> dict:
+        """The "health" event of `step`: the model holds the weights after the step and
+        each parameter's `.grad` the step's averaged gradient."""
+        prev, masks = before
+        grads = [p.grad for p in self.model.parameters()]
+        stats = layer_stats(self.model, grads, prev, masks)
+        if self.initial is None:
+            self.initial = [s["grad_norm"] for s in stats]
+        seen = {(w["kind"], w["layer"]): w for w in self.warnings}
+        for w in health_warnings(stats, self.initial):
+            known = seen.get((w["kind"], w["layer"]))
+            if known is None:
+                self.warnings.append(w | {"first_step": step, "last_step": step})
+            else:
+                known.update(message=w["message"], last_step=step)
+        self.checked_steps += 1
+        self.last_step = step
+        return {"type": "health", "step": step, "layers": stats, "warnings": self._warnings()}
+
+    def summary(self) -> dict:
+        return {
+            "checked_steps": self.checked_steps,
+            "last_step": self.last_step,
+            "warnings": self._warnings(),
+        }
+
+    def state(self) -> dict:
+        """The record for a checkpoint (see `HealthMonitor(state=...)`)."""
+        return self.summary() | {"initial_grad_norms": self.initial}
+
+    def _warnings(self) -> list[dict]:
+        return [dict(w) for w in self.warnings]
