@@ -16,7 +16,18 @@ from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import bindparam, create_engine, event, func, insert, or_, select, text, update
+from sqlalchemy import (
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    inspect,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Row, make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
@@ -28,6 +39,7 @@ from service.tables import (
     CANCELLED,
     CANCELLING,
     FAILED,
+    LAYER_FIELDS,
     LEGACY_INDEXES,
     POINT_FIELDS,
     QUEUED,
@@ -83,10 +95,14 @@ class JobStore:
         self.dialect = self.engine.dialect.name
         self.changes = changes or ChangeFeed()
         self._write_lock = threading.Lock() if self.dialect == "sqlite" else nullcontext()
-        Base.metadata.create_all(self.engine)
         # create_all makes only missing tables; a store made by an older version gets the
-        # indexes added since here.
+        # columns and indexes added since here. On PostgreSQL all of it is one transaction
+        # under a lock: services starting together would both create a missing table.
         with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+            Base.metadata.create_all(conn)
+            _add_missing_columns(conn)
             for name in LEGACY_INDEXES:
                 conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
             for table in Base.metadata.sorted_tables:
@@ -352,6 +368,7 @@ class JobStore:
         return job
 
 
+_SCHEMA_LOCK = 0x73686172646772  # "shardgr": the advisory lock key of schema changes
 _QUEUE = (JobRow.priority.desc(), JobRow.seq.asc())
 _QUEUE_HEAD = (
     select(JobRow.seq, JobRow.id, JobRow.priority, JobRow.cpus)
@@ -392,7 +409,29 @@ def _event(job: JobRow, status: str, message: str | None) -> EventRow:
     return EventRow(job_id=job.id, at=utcnow(), status=status, attempt=attempt, message=message)
 
 
+def _add_missing_columns(conn) -> None:
+    """ALTER TABLE ... ADD COLUMN for each column the tables lack; idempotent. Columns added
+    after a release must be nullable, so existing rows need no value."""
+    inspector = inspect(conn)
+    # Two PostgreSQL services may start at once; SQLite has one (and no IF NOT EXISTS here).
+    if_missing = " IF NOT EXISTS" if conn.dialect.name == "postgresql" else ""
+    quote = conn.dialect.identifier_preparer.quote
+    for table in Base.metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(
+                    text(
+                        f"ALTER TABLE {quote(table.name)} "
+                        f"ADD COLUMN{if_missing} {quote(column.name)} {kind}"
+                    )
+                )
+
+
 def _upsert_point(s: Session, values: dict) -> None:
+    """Insert the point, or replace the groups of columns it carries (MetricRow): all of a
+    group (a metric a recomputed step lacks becomes null), none of the other group."""
     name = s.get_bind().dialect.name
     if name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -405,7 +444,12 @@ def _upsert_point(s: Session, values: dict) -> None:
     s.execute(
         stmt.on_conflict_do_update(
             index_elements=["job_id", "step"],
-            set_={k: stmt.excluded[k] for k in POINT_FIELDS},
+            set_={
+                k: stmt.excluded[k]
+                for group in (POINT_FIELDS, LAYER_FIELDS)
+                if values.keys() & set(group)
+                for k in group
+            },
         )
     )
 

@@ -49,6 +49,7 @@ class JobRow(Base):
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     worker_nodes: Mapped[list] = mapped_column(JSON, default=list)
     summary: Mapped[dict | None] = mapped_column(JSON)
+    health: Mapped[dict | None] = mapped_column(JSON)  # the latest check: step, layers, warnings
 
     owner: Mapped[str | None] = mapped_column(String(200))  # the dispatcher running it
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
@@ -63,7 +64,11 @@ LEGACY_INDEXES = ("ix_jobs_queue",)  # replaced by the ones above; dropped from 
 
 
 class MetricRow(Base):
-    """One point per (job, step): a recomputed step after a resume replaces its point."""
+    """One point per (job, step): a recomputed step after a resume replaces its point.
+
+    Two groups of columns, written by separate Trainer events: the step's metrics
+    (POINT_FIELDS) and, at health checks, the per-layer statistics (LAYER_FIELDS).
+    """
 
     __tablename__ = "metric_points"
 
@@ -75,9 +80,11 @@ class MetricRow(Base):
     val_accuracy: Mapped[float | None] = mapped_column(Float)
     grad_norm: Mapped[float | None] = mapped_column(Float)
     samples_per_s: Mapped[float | None] = mapped_column(Float)
+    layers: Mapped[list | None] = mapped_column(JSON)
 
 
 POINT_FIELDS = ("epoch", "train_loss", "val_loss", "val_accuracy", "grad_norm", "samples_per_s")
+LAYER_FIELDS = ("layers",)
 
 
 class EventRow(Base):

@@ -1,4 +1,7 @@
-"""The job store's transitions and the dispatcher's scheduling, without Ray (a fake Trainer)."""
+"""The job store's transitions and the dispatcher's scheduling, without Ray (a fake Trainer).
+
+Every test runs on SQLite (the embedded default) and on PostgreSQL (a fresh database from
+the `pg_url` fixture in conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
 from service.config import Settings
 from service.dispatcher import Dispatcher
@@ -14,38 +17,59 @@ from service.store import JobStore
 from tests.test_service_fakes import FakeCluster, fake_train, spec
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    return request.getfixturevalue("pg_url")
+
+
 def new_job(store, cpus=1.0, priority=0, **overrides):
     s = spec(**overrides)
     return store.create(s, name=s["name"], priority=priority, cpus=cpus)
 
 
-def test_concurrent_claims_never_run_a_job_twice(tmp_path):
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
-    store = JobStore(url)
+def claim_one_by_one(store: JobStore, owner: str) -> list[str]:
+    """A dispatcher that takes one job per claim (many short transactions that interleave
+    with the others') until the queue is empty."""
+    claimed = []
+    while store.counts().get("queued"):
+        budget = iter([True])
+        claimed += [job.id for job in store.claim(owner, lambda _, b=budget: next(b, None))]
+    return claimed
+
+
+def assert_each_claimed_once(store: JobStore, ids, claims: dict[str, list[str]]) -> None:
+    """Every job was claimed by exactly one owner, once: by the store's and the owners' count."""
+    assert sorted(i for got in claims.values() for i in got) == sorted(ids)
+    for owner, got in claims.items():
+        for job_id in got:
+            job, events = store.get(job_id), store.events(job_id)
+            assert job.owner == owner and job.attempts == 1
+            assert [e.message for e in events if e.status == "running"] == [f"started on {owner}"]
+
+
+def test_concurrent_claims_never_run_a_job_twice(store_url):
+    store = JobStore(store_url)
     ids = {new_job(store).id for _ in range(40)}
-    others = [JobStore(url) for _ in range(4)]  # separate engines: separate connections
-    claimed: list[str] = []
-    lock = threading.Lock()
+    others = [JobStore(store_url) for _ in range(4)]  # separate engines: separate connections
+    claims: dict[str, list[str]] = {}
+    barrier = threading.Barrier(len(others))
 
     def dispatcher(s, owner):
-        while True:
-            got = s.claim(owner, lambda job: True if job.id else None)
-            if not got:
-                return
-            with lock:
-                claimed.extend(j.id for j in got)
+        barrier.wait()
+        claims[owner] = claim_one_by_one(s, owner)
 
     threads = [threading.Thread(target=dispatcher, args=(s, f"d{i}")) for i, s in enumerate(others)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(claimed) == sorted(ids)
-    assert all(store.get(i).attempts == 1 for i in ids)
+    assert_each_claimed_once(store, ids, claims)
 
 
-def test_claim_follows_priority_then_fifo_and_stops_on_none():
-    store = JobStore("sqlite://")
+def test_claim_follows_priority_then_fifo_and_stops_on_none(store_url):
+    store = JobStore(store_url)
     a = new_job(store).id
     b = new_job(store, priority=3).id
     c = new_job(store).id
@@ -55,33 +79,54 @@ def test_claim_follows_priority_then_fifo_and_stops_on_none():
     assert store.queue_positions() == {b: 1, a: 2, c: 3}
 
 
-def test_an_older_store_gets_the_queue_index(tmp_path):
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
-    store = JobStore(url)
+QUEUE_HEAD = "SELECT id FROM jobs WHERE status = 'queued' ORDER BY priority DESC, seq LIMIT 100"
+
+
+def queue_plan(store: JobStore) -> tuple[str, bool]:
+    """The database's plan for reading the queue's head, and whether it sorts rows."""
+    with store.engine.begin() as conn:
+        if store.dialect == "sqlite":
+            rows = conn.execute(text(f"EXPLAIN QUERY PLAN {QUEUE_HEAD}"))
+            plan = " ".join(str(r[-1]) for r in rows)
+            return plan, "TEMP B-TREE" in plan
+        # A few rows: PostgreSQL would scan the table; told not to, it picks its best index.
+        conn.execute(text("SET LOCAL enable_seqscan = off"))
+        plan = " ".join(r[0] for r in conn.execute(text(f"EXPLAIN {QUEUE_HEAD}")))
+        return plan, "Sort" in plan
+
+
+def test_an_older_store_gets_the_queue_index(store_url):
+    store = JobStore(store_url)
     ids = [new_job(store, priority=p).id for p in (0, 2, 0)]
     with store.engine.begin() as conn:  # the index as an older version made it
         conn.execute(text("DROP INDEX ix_jobs_queue_order"))
         conn.execute(text("CREATE INDEX ix_jobs_queue ON jobs (status, priority, seq)"))
-    store = JobStore(url)
-    with store.engine.connect() as conn:
-        names = {r[0] for r in conn.execute(text("SELECT name FROM sqlite_master"))}
-        plan = " ".join(
-            str(r[-1])
-            for r in conn.execute(
-                text(
-                    "EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE status = 'queued' "
-                    "ORDER BY priority DESC, seq LIMIT 100"
-                )
-            )
-        )
+    store = JobStore(store_url)
+    names = {index["name"] for index in inspect(store.engine).get_indexes("jobs")}
     assert "ix_jobs_queue_order" in names and "ix_jobs_queue" not in names
-    assert "ix_jobs_queue_order" in plan and "TEMP B-TREE" not in plan  # no sort per read
+    plan, sorts = queue_plan(store)
+    assert "ix_jobs_queue_order" in plan and not sorts  # no sort per read
     assert store.queue_positions() == {ids[1]: 1, ids[0]: 2, ids[2]: 3}
     assert [store.queue_position(store.get(i)) for i in ids] == [2, 1, 3]
 
 
-def test_reclaim_orphans_after_a_crash():
-    store = JobStore("sqlite://")
+def test_an_older_store_gets_the_columns_added_since(store_url):
+    store = JobStore(store_url)
+    job_id = new_job(store).id
+    with store.engine.begin() as conn:  # the tables as an older version made them
+        conn.execute(text("ALTER TABLE jobs DROP COLUMN health"))
+        conn.execute(text("ALTER TABLE metric_points DROP COLUMN layers"))
+    store = JobStore(store_url)
+    columns = {
+        t: {c["name"] for c in inspect(store.engine).get_columns(t)}
+        for t in ("jobs", "metric_points")
+    }
+    assert "health" in columns["jobs"] and "layers" in columns["metric_points"]
+    assert store.get(job_id).health is None  # the existing row reads back
+
+
+def test_reclaim_orphans_after_a_crash(store_url):
+    store = JobStore(store_url)
     running, cancelling = new_job(store).id, new_job(store).id
     store.claim("old", lambda job: True)
     store.cancel(cancelling)
@@ -107,8 +152,8 @@ def make_dispatcher(tmp_path, store, train, cpus=2.0, **settings):
     return Dispatcher(store, cfg, FakeCluster(cpus), train=train)
 
 
-def test_gang_scheduling_concurrency_and_completion(tmp_path):
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+def test_gang_scheduling_concurrency_and_completion(tmp_path, store_url):
+    store = JobStore(store_url)
     big = new_job(store, cpus=2.0).id
     small = [new_job(store, cpus=1.0).id for _ in range(3)]
     d = make_dispatcher(tmp_path, store, fake_train(steps=10), max_concurrent_jobs=2)
@@ -126,8 +171,8 @@ def test_gang_scheduling_concurrency_and_completion(tmp_path):
     assert [p.step for p in store.points(small[0])] == list(range(1, 11))
 
 
-def test_graceful_shutdown_requeues_and_restart_resumes(tmp_path):
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+def test_graceful_shutdown_requeues_and_restart_resumes(tmp_path, store_url):
+    store = JobStore(store_url)
     job_id = new_job(store).id
     train = fake_train(steps=200, pause=0.01)
     d = make_dispatcher(tmp_path, store, train)
@@ -150,8 +195,8 @@ def test_graceful_shutdown_requeues_and_restart_resumes(tmp_path):
     assert [p.step for p in store.points(job_id)] == list(range(1, 201))
 
 
-def test_cancel_stops_a_running_job(tmp_path):
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+def test_cancel_stops_a_running_job(tmp_path, store_url):
+    store = JobStore(store_url)
     job_id = new_job(store).id
     d = make_dispatcher(tmp_path, store, fake_train(steps=500, pause=0.01))
     d.start()
@@ -167,8 +212,8 @@ def test_cancel_stops_a_running_job(tmp_path):
 
 
 @pytest.mark.parametrize("paused", [True, False])
-def test_paused_or_zero_slots_start_nothing(tmp_path, paused):
-    store = JobStore("sqlite://")
+def test_paused_or_zero_slots_start_nothing(tmp_path, store_url, paused):
+    store = JobStore(store_url)
     job_id = new_job(store).id
     extra = {"paused": True} if paused else {"max_concurrent_jobs": 0}
     d = make_dispatcher(tmp_path, store, fake_train(), **extra)
@@ -177,3 +222,27 @@ def test_paused_or_zero_slots_start_nothing(tmp_path, paused):
     d.shutdown()
     assert store.get(job_id).status == "queued"
     assert d.pending_reason(store.get(job_id), 1) == "the dispatcher is paused"
+
+
+def test_a_replaced_worker_moves_the_jobs_worker_nodes(tmp_path, store_url):
+    """A worker_failure event carries where the workers run after the replacement."""
+    store = JobStore(store_url)
+    job_id = new_job(store).id
+    seen = []
+
+    def train(spec, out_dir, *, callback, stop_event, ray_address):
+        callback({"type": "started", "total_steps": 1, "step": 0, "worker_nodes": ["n1", "n2"]})
+        seen.append(store.get(job_id).worker_nodes)
+        reason = "worker 1 died: its node died"
+        callback({"type": "worker_failure", "rank": 1, "reason": reason, "worker_nodes": ["n1"]})
+        return {"status": "succeeded", "steps": 1}
+
+    d = make_dispatcher(tmp_path, store, train)
+    d.start()
+    try:
+        wait_for(lambda: store.get(job_id).status == "succeeded")
+    finally:
+        d.shutdown()
+    assert seen == [["n1", "n2"]] and store.get(job_id).worker_nodes == ["n1"]
+    notes = [e.message for e in store.events(job_id)]
+    assert "worker 1 died: its node died; the step is recomputed" in notes
