@@ -3,17 +3,21 @@
 shardgrad serve [--host 127.0.0.1] [--port 8000] [--data-dir ./var] [--ray-address ADDR]
 shardgrad submit SPEC.json [--follow]
 shardgrad jobs | status ID | cancel ID | resume ID | predict ID --input 0.3,-0.2
+shardgrad explain ID --input 0.3,-0.2 [--method integrated_gradients] [--target N] [--json]
+shardgrad graph ID [--format json|dot]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 from service.client import Client, ClientError
 from workers.cli import build_parser as build_workers_parser
+from workers.explain import METHODS
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -56,13 +60,29 @@ def build_parser() -> argparse.ArgumentParser:
         client_command(name, func, text).add_argument("id", help="job id")
     p = client_command("predict", cmd_predict, "model outputs from a job's newest checkpoint")
     p.add_argument("id", help="job id")
-    p.add_argument(
-        "--input",
-        action="append",
-        required=True,
-        help="one comma-separated row (repeatable); a row that starts with a minus: --input=-1,2",
-    )
+    rows_option(p, "--input", required=True, help="one comma-separated row (repeatable)")
+    p = client_command("explain", cmd_explain, "attributions of a model output to its inputs")
+    p.add_argument("id", help="job id")
+    rows_option(p, "--input", required=True, help="one comma-separated row (repeatable)")
+    p.add_argument("--method", choices=METHODS, default="gradient")
+    p.add_argument("--target", type=int, help="output index (default: the predicted class)")
+    p.add_argument("--steps", type=int, default=64, help="integrated gradients' path steps")
+    rows_option(p, "--baseline", help="one row for all inputs, or one per input (default 0)")
+    p.add_argument("--json", action="store_true", help="print the service's answer as is")
+    p = client_command("graph", cmd_graph, "the loss graph on the first training example")
+    p.add_argument("id", help="job id")
+    p.add_argument("--format", choices=("json", "dot"), default="json", help="dot: Graphviz")
     return parser
+
+
+def rows_option(parser: argparse.ArgumentParser, flag: str, **kw) -> None:
+    """A repeatable option whose value is a comma-separated row, e.g. `--input -1,0.5`.
+
+    Python 3.11's argparse takes a value like "-1,0.5" for an unknown option; this parser
+    accepts anything that starts with a minus and a digit as a value, as 3.13's does.
+    """
+    parser._negative_number_matcher = re.compile(r"-\.?\d")
+    parser.add_argument(flag, action="append", **kw)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +220,8 @@ def print_job(job: dict) -> None:
         print(f"  {key:>14}: {value:.6g}" if isinstance(value, float) else f"  {key:>14}: {value}")
     if job.get("error"):
         print(f"  error: {job['error']}")
+    for w in (job.get("health") or {}).get("warnings", []):
+        print(f"  warning ({w['kind']}, from step {w['first_step']}): {w['message']}")
     for e in job.get("events") or []:
         msg = f"  {e['message']}" if e.get("message") else ""
         print(f"  {e['at'][:19].replace('T', ' ')}  {e['status']:<10} #{e['attempt']}{msg}")
@@ -222,14 +244,74 @@ def cmd_resume(client: Client, args) -> int:
     return 0
 
 
-def cmd_predict(client: Client, args) -> int:
+def parse_rows(lines: list[str], flag: str) -> list[list[float]]:
     try:
-        rows = [[float(v) for v in line.split(",")] for line in args.input]
+        return [[float(v) for v in line.split(",")] for line in lines]
     except ValueError as err:
-        raise ClientError(f"--input must be comma-separated numbers: {err}") from None
+        raise ClientError(f"{flag} must be comma-separated numbers: {err}") from None
+
+
+def cmd_predict(client: Client, args) -> int:
+    rows = parse_rows(args.input, "--input")
     result = client.request("POST", f"/jobs/{args.id}/predict", json={"inputs": rows})
     for row in result["outputs"]:
-        print(",".join("nan" if v is None else f"{v:.6g}" for v in row))
+        print(",".join(_number(v) for v in row))
+    return 0
+
+
+def cmd_explain(client: Client, args) -> int:
+    body = {"inputs": parse_rows(args.input, "--input"), "method": args.method}
+    body |= {"target": args.target, "steps": args.steps}
+    if args.baseline:
+        baseline = parse_rows(args.baseline, "--baseline")
+        body["baseline"] = baseline[0] if len(baseline) == 1 else baseline
+    result = client.request("POST", f"/jobs/{args.id}/explain", json=body)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{args.id}: {result['method']} from checkpoint {result['checkpoint']}")
+    print_attributions(result, predicted=args.target is None)
+    return 0
+
+
+def print_attributions(result: dict, predicted: bool) -> None:
+    """Per row: its outputs and the one explained, then a bar per feature, scaled to the
+    largest attribution of all rows, with the signed value; integrated gradients' gap."""
+    rows = result["attributions"]
+    scale = max((abs(a) for row in rows for a in row if a is not None), default=0.0)
+    gaps = result["completeness_gap"] or [None] * len(rows)
+    rows_of = zip(result["outputs"], rows, result["targets"], gaps, strict=True)
+    for i, (outputs, row, explained, gap) in enumerate(rows_of):
+        why = " (predicted)" if predicted and len(outputs) > 1 else ""
+        values = ", ".join(_number(v) for v in outputs)
+        head = f"row {i}  outputs [{values}]  target {explained}{why}"
+        print(f"{head} = {_number(outputs[explained])}")
+        for k, a in enumerate(row):
+            chart = bar(abs(a) / scale) if a is not None and scale else ""
+            print(f"  x{k:<3} {_number(a, '+.4g'):>10}  {chart}")
+        if gap is not None:
+            print(f"  completeness gap {_number(gap, '+.3g')}")
+
+
+EIGHTHS = ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")  # a bar's last, partial cell
+
+
+def bar(fraction: float, width: int = 30) -> str:
+    """`fraction` (0 to 1) of `width` cells in unicode blocks, to an eighth of a cell."""
+    full, part = divmod(round(fraction * width * 8), 8)
+    return "█" * full + EIGHTHS[part]
+
+
+def _number(v: float | None, spec: str = ".6g") -> str:
+    return "nan" if v is None else format(v, spec)
+
+
+def cmd_graph(client: Client, args) -> int:
+    r = client.send("GET", f"/jobs/{args.id}/graph", params={"format": args.format})
+    if args.format == "dot":
+        sys.stdout.write(r.text)
+    else:
+        print(json.dumps(r.json(), indent=2))
     return 0
 
 

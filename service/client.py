@@ -50,6 +50,11 @@ class Client:
         self.http = httpx.Client(base_url=self.url + "/api/v1", headers=headers, timeout=timeout)
 
     def request(self, method: str, path: str, **kw):
+        """The JSON answer of a request; a ClientError for a status >= 400."""
+        return self.send(method, path, **kw).json()
+
+    def send(self, method: str, path: str, **kw) -> httpx.Response:
+        """The response, for answers that are not JSON; a ClientError for a status >= 400."""
         try:
             r = self.http.request(method, path, **kw)
         except httpx.TransportError as err:
@@ -62,7 +67,7 @@ class Client:
             except ValueError:
                 detail = r.text
             raise ClientError(f"{r.status_code} {r.reason_phrase}:\n{format_detail(detail)}")
-        return r.json()
+        return r
 
     def events(self, job_id: str) -> Iterator[tuple[str, dict]]:
         """(event, data) from a job's SSE stream until it ends."""

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 from service.cluster import Capacity, RayCluster
 from service.config import Settings
-from service.schemas import finite
+from service.schemas import JobHealth, finite
 from service.store import JobStore
 from service.tables import JobRow
+from workers.health import new_warnings
 
 log = logging.getLogger(__name__)
 EPS = 1e-9
@@ -79,6 +80,7 @@ class Dispatcher:
         self._cap_at = 0.0  # monotonic time of the last good read of Ray
         self._beat_at = 0.0
         self.steps_total = 0
+        self.health_warnings: collections.Counter[str] = collections.Counter()  # by kind
         self._step_times: collections.deque[float] = collections.deque(maxlen=10_000)
 
     # -- life cycle -------------------------------------------------------------------
@@ -271,9 +273,14 @@ class Dispatcher:
             self.store.progress(run.job_id, self.owner, values)
             if event.get("resumed_from_step") is not None:
                 self.store.note(run.job_id, f"resumed from step {event['resumed_from_step']}")
+        elif kind == "health":
+            self._on_health(run, event)
         elif kind == "worker_failure":
             reason = event.get("reason") or f"worker {event.get('rank')} failed"
             self.store.note(run.job_id, f"{reason}; the step is recomputed")
+            if event.get("worker_nodes"):  # the replacement may run on another node
+                run.worker_nodes = list(event["worker_nodes"])
+                self.store.progress(run.job_id, self.owner, {"worker_nodes": run.worker_nodes})
 
     def _on_step(self, run: Run, event: dict) -> None:
         now = time.monotonic()
@@ -296,6 +303,14 @@ class Dispatcher:
             "metrics": dict(run.metrics),
         }
         self.store.progress(run.job_id, self.owner, values, point)
+
+    def _on_health(self, run: Run, event: dict) -> None:
+        """The job's latest health (the Trainer's record already holds each warning once,
+        with its first step) and the per-layer statistics of the step's metric point."""
+        health = JobHealth.model_validate(event).model_dump(mode="json")  # non-finite: null
+        point = {"step": health["step"], "layers": health["layers"]}
+        self.store.progress(run.job_id, self.owner, {"health": health}, point)
+        self.health_warnings.update(w["kind"] for w in new_warnings(event))
 
 
 POINT_KEYS = ("train_loss", "val_loss", "val_accuracy", "grad_norm", "samples_per_s")

@@ -20,13 +20,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service.api.deps import require_token, require_token_or_query
-from service.api.routes import checkpoints, cluster, dashboard, datasets, events, jobs, ops
+from service.api.routes import (
+    checkpoints,
+    cluster,
+    dashboard,
+    datasets,
+    events,
+    interpret,
+    jobs,
+    ops,
+)
 from service.cluster import RayCluster
 from service.config import Settings
 from service.dispatcher import Dispatcher
 from service.limits import BodyLimit
 from service.predict import Predictor
-from service.store import JobStore
+from service.store import Conflict, JobNotFound, JobStore
 
 API = "/api/v1"
 log = logging.getLogger(__name__)
@@ -47,6 +56,15 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     """FastAPI's standard 422 shape, also when the rejected input is not valid JSON."""
     detail = _json_safe(jsonable_encoder(exc.errors()))
     return JSONResponse({"detail": detail}, status_code=422)
+
+
+async def job_not_found(request: Request, exc: JobNotFound) -> JSONResponse:
+    return JSONResponse({"detail": f"no job {exc.args[0]!r}"}, status_code=404)
+
+
+async def conflict(request: Request, exc: Conflict) -> JSONResponse:
+    """The job's state does not allow the request; the store's message says why."""
+    return JSONResponse({"detail": str(exc)}, status_code=409)
 
 
 def create_app(settings: Settings | None = None, *, start: bool = True) -> FastAPI:
@@ -88,11 +106,15 @@ def create_app(settings: Settings | None = None, *, start: bool = True) -> FastA
         lifespan=lifespan,
     )
     app.add_exception_handler(RequestValidationError, validation_error)
+    # The store's errors, wherever a route meets them: an unknown job, a state that forbids.
+    app.add_exception_handler(JobNotFound, job_not_found)
+    app.add_exception_handler(Conflict, conflict)
     app.state.settings = settings
     app.state.predictor = Predictor()
     app.add_middleware(BodyLimit, upload_path=f"{API}/datasets")
 
-    for router in (jobs.router, checkpoints.router, datasets.router, cluster.router, dashboard.api):
+    routers = (jobs.router, checkpoints.router, interpret.router, datasets.router, cluster.router)
+    for router in (*routers, dashboard.api):
         app.include_router(router, prefix=API, dependencies=[Depends(require_token)])
     app.include_router(events.router, prefix=API, dependencies=[Depends(require_token_or_query)])
     app.include_router(ops.router)

@@ -1,10 +1,13 @@
-"""Answer predictions from a job's newest checkpoint with the engine that trained it."""
+"""Answer predictions, explanations and the loss graph from a job's newest checkpoint, with
+the engine that trained it."""
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -13,6 +16,14 @@ from workers.checkpoint import CheckpointError, list_checkpoints, load_model_sta
 
 class NoCheckpoint(LookupError):
     pass
+
+
+def model_spec(stored: dict) -> SimpleNamespace:
+    """What build_model reads from a job's stored spec; not a re-validation, which would
+    touch the dataset again."""
+    return SimpleNamespace(
+        model=SimpleNamespace(**stored["model"]), dtype=stored["dtype"], seed=stored["seed"]
+    )
 
 
 class Predictor:
@@ -58,3 +69,32 @@ class Predictor:
             out = np.asarray(model(Tensor(X)).data, dtype=np.float64)
         rows = [[v if np.isfinite(v) else None for v in row] for row in out.tolist()]
         return rows, name
+
+    def explain(
+        self, spec, out_dir: Path, inputs: list[list[float]], **options
+    ) -> tuple[dict, str]:
+        """workers.explain.explain on the newest checkpoint's model; `options` are its
+        keywords. It differentiates a frozen copy, so the cached model stays untouched,
+        and it must not run under no_grad. Bad arguments raise its ValueError."""
+        from workers.explain import explain
+
+        model, name = self._model(spec, out_dir)
+        return explain(model, inputs, **options), name
+
+    def graph(self, spec, out_dir: Path) -> tuple[dict, str]:
+        """The graph of the loss on the first training example, after backward.
+
+        `spec` is a validated TrainingSpec: the data is loaded as the trainer loads it,
+        deterministic from the seed. Backward fills the parameters' gradients, so it runs
+        on a copy of the cached model, which other requests share.
+        """
+        from core import Tensor
+        from core.graph import backward_with_graph
+        from workers.model import LOSSES
+        from workers.trainer import PreparedData
+
+        model, name = self._model(spec, out_dir)
+        model = copy.deepcopy(model)
+        data = PreparedData(spec)
+        loss = LOSSES[spec.loss](model(Tensor(data.X[:1])), data.y[:1])
+        return backward_with_graph(loss, parameters=dict(model.named_parameters())), name

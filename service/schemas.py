@@ -6,9 +6,11 @@ import math
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from service.tables import STATUSES, EventRow, JobRow
+from workers.explain import METHODS
+from workers.health import KINDS
 
 Status = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 assert set(Status.__args__) == set(STATUSES)
@@ -20,6 +22,39 @@ def utc(value: datetime | None) -> datetime | None:
 
 def finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
+
+
+Measure = Annotated[float | None, AfterValidator(finite)]  # inf and nan become null
+
+
+class LayerStats(BaseModel):
+    """One Linear layer at a health check (see workers/health.py)."""
+
+    layer: str = Field(description="layers.<i>, as in the checkpoint")
+    grad_norm: Measure = Field(description="of the step's averaged gradient; null if not finite")
+    weight_norm: Measure
+    update_ratio: Measure = Field(description="norm of the step's update / weight norm")
+    dead_fraction: Measure = Field(
+        description="relu units zero on the step's whole batch; null for other activations"
+    )
+
+
+WarningKind = Literal["exploding", "vanishing", "dead"]
+assert WarningKind.__args__ == KINDS
+
+
+class HealthWarning(BaseModel):
+    kind: WarningKind
+    layer: str
+    message: str = Field(description="the latest occurrence, starting with the layer")
+    first_step: int
+    last_step: int = Field(description="the latest check that raised it")
+
+
+class JobHealth(BaseModel):
+    step: int = Field(description="the latest health check")
+    layers: list[LayerStats]
+    warnings: list[HealthWarning] = Field(description="each (kind, layer) once, oldest first")
 
 
 class Progress(BaseModel):
@@ -58,6 +93,7 @@ class Job(BaseModel):
     queue_position: int | None = Field(description="1 = next to run; only while queued")
     pending_reason: str | None = Field(description="why a queued job is not running yet")
     worker_nodes: list[str]
+    health: JobHealth | None = Field(None, description="the latest training-health check")
     events: list[JobEvent] | None = Field(
         None, description="status timeline, oldest first; only in GET /jobs/{id}"
     )
@@ -89,6 +125,7 @@ class Job(BaseModel):
             queue_position=position,
             pending_reason=reason,
             worker_nodes=row.worker_nodes or [],
+            health=row.health,
             events=None if events is None else [JobEvent.of(e) for e in events],
         )
 
@@ -108,6 +145,7 @@ class MetricPoint(BaseModel):
     val_accuracy: float | None
     grad_norm: float | None
     samples_per_s: float | None
+    layers: list[LayerStats] | None = Field(None, description="at health checks")
 
 
 class Metrics(BaseModel):
@@ -133,6 +171,55 @@ class PredictRequest(BaseModel):
 
 class PredictResponse(BaseModel):
     outputs: list[list[float | None]]
+    checkpoint: str = Field(description="the checkpoint that answered")
+
+
+Method = Literal["gradient", "gradient_x_input", "integrated_gradients"]
+assert Method.__args__ == METHODS
+Row = list[FiniteFloat]
+
+
+class ExplainRequest(BaseModel):
+    """Rows and steps are capped so that one request cannot hold the server for long."""
+
+    model_config = ConfigDict(extra="forbid")
+    inputs: list[Row] = Field(min_length=1, max_length=1000)
+    target: int | None = Field(
+        None,
+        ge=0,
+        strict=True,
+        description="the output to explain, for every row; default: each row's predicted "
+        "class, or 0 for a single output",
+    )
+    method: Method = "gradient"
+    baseline: Row | list[Row] | None = Field(
+        None, description="one row for every input, or one row per input; default zeros"
+    )
+    steps: int = Field(64, ge=1, le=1024, strict=True, description="integrated gradients")
+
+    @field_validator("baseline", mode="wrap")
+    @classmethod
+    def _errors_of_one_shape(cls, value, handler):
+        """Report only the errors of the shape the baseline has (a row, or rows), at the
+        baseline's own loc: a union reports every variant's, under its tag."""
+        try:
+            return handler(value)
+        except ValidationError as err:
+            errors = err.errors()
+            tags = list(dict.fromkeys(e["loc"][0] for e in errors))
+            rows = isinstance(value, list) and any(isinstance(v, list) for v in value)
+            chosen = [e | {"loc": e["loc"][1:]} for e in errors if e["loc"][0] == tags[rows]]
+            raise ValidationError.from_exception_data(err.title, chosen) from None
+
+
+class ExplainResponse(BaseModel):
+    outputs: list[list[float | None]] = Field(description="every output, as predict gives")
+    attributions: list[list[float | None]] = Field(description="one per input feature")
+    method: Method
+    targets: list[int] = Field(description="the output explained, per row")
+    completeness_gap: list[float | None] | None = Field(
+        description="integrated gradients: sum(attributions) - (f(x) - f(baseline)) per row"
+    )
     checkpoint: str = Field(description="the checkpoint that answered")
 
 

@@ -88,8 +88,11 @@ async def job_events(
                 last_sent = time.monotonic()
 
 
-async def all_events(store: JobStore) -> AsyncIterator[str]:
-    """Every job's changes from now on: `status` (the job) or `progress` (compact)."""
+async def all_events(
+    store: JobStore, present: Callable[[list[JobRow]], list[Job]]
+) -> AsyncIterator[str]:
+    """Every job's changes from now on: `status` (the job, as GET /jobs/{id} has it, queue
+    position included) or `progress` (compact)."""
     since = utcnow() - timedelta(seconds=1)
     seen: dict[str, tuple[int, str]] = {}  # job id -> (version, status) last sent
     last_sent = time.monotonic()
@@ -98,17 +101,17 @@ async def all_events(store: JobStore) -> AsyncIterator[str]:
         while True:
             woke.clear()
             rows = await run_in_threadpool(store.changed_since, since)
-            sent = False
-            for job in rows:
-                version, status = seen.get(job.id, (None, None))
-                if job.version == version:
-                    continue
-                if job.status != status:
-                    yield message("status", Job.of(job).model_dump(mode="json"))
+            changed = [job for job in rows if seen.get(job.id, (None, None))[0] != job.version]
+            moved = [job for job in changed if seen.get(job.id, (None, None))[1] != job.status]
+            presented = await run_in_threadpool(present, moved) if moved else []
+            status_of = {job.id: out for job, out in zip(moved, presented, strict=True)}
+            for job in changed:
+                if job.id in status_of:
+                    yield message("status", status_of[job.id].model_dump(mode="json"))
                 else:
                     yield message("progress", _progress(job))
                 seen[job.id] = (job.version, job.status)
-                sent = True
+            sent = bool(changed)
             if rows:
                 # Overlap by a little: writers in other processes have their own clocks.
                 since = max(since, rows[-1].updated_at - timedelta(seconds=2))

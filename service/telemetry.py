@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from service.tables import QUEUED, STATUSES
+from workers.health import KINDS
 
 
 class JobCollector:
@@ -33,6 +34,14 @@ class JobCollector:
         yield CounterMetricFamily(
             "shardgrad_steps", "Training steps completed by this process", value=d.steps_total
         )
+        warnings = CounterMetricFamily(
+            "shardgrad_health_warnings",
+            "Training-health warnings of this process's jobs, counted when they first appear",
+            labels=["kind"],
+        )
+        for kind in KINDS:
+            warnings.add_metric([kind], d.health_warnings[kind])
+        yield warnings
         cap = d.capacity()
         yield GaugeMetricFamily("shardgrad_cluster_cpus", "CPUs of the Ray cluster", cap.total)
         yield GaugeMetricFamily("shardgrad_cluster_cpus_free", "CPUs free for new jobs", cap.free)

@@ -385,6 +385,7 @@ def test_all_jobs_event_stream(tmp_path):
         kind, job = next_for(job_id)  # a status event carries the whole job
         assert (kind, job["status"], job["name"]) == ("status", "queued", "moons")
         assert job["spec"]["workers"] == 2 and job["progress"]["step"] == 0
+        assert job["queue_position"] == 1 and job["pending_reason"]  # as GET /jobs/{id} says
 
         store.claim("fake", lambda j: j.id == job_id or False)
         kind, job = next_for(job_id)

@@ -111,6 +111,18 @@ def test_submit_jobs_status_cancel_resume(service, capsys):
     assert "cancelled while queued" in out and "resume requested" in out
 
 
+def test_status_shows_training_health_warnings(service, capsys):
+    code, out, _ = shardgrad(capsys, "submit", service.spec_file())
+    job_id = submitted_id(out)
+    assert len(service.store.claim("owner", lambda job: True)) == 1
+    message = "layers.0: 100% of its ReLU units are zero on the whole batch"
+    warning = {"kind": "dead", "layer": "layers.0", "message": message}
+    health = {"step": 20, "layers": [], "warnings": [warning | {"first_step": 1, "last_step": 20}]}
+    service.store.progress(job_id, "owner", {"health": health})
+    code, out, _ = shardgrad(capsys, "status", job_id)
+    assert code == 0 and f"  warning (dead, from step 1): {message}" in out.splitlines()
+
+
 @pytest.mark.timeout(60)
 def test_submit_follow_until_succeeded(service, capsys):
     service.resume_dispatching()
@@ -145,14 +157,20 @@ def test_cancel_a_running_job_and_resume_it(service, capsys):
     assert shardgrad(capsys, "resume", job_id)[:2] == (0, f"{job_id}: queued\n")
 
 
-def test_predict(service, capsys):
+def checkpointed_job(service, capsys, command: str):
+    """A submitted job: `command` is refused before its first checkpoint, which is then
+    written (the model as built, step 5). Returns the job's id and the model."""
     job_id = submitted_id(shardgrad(capsys, "submit", service.spec_file())[1])
-    code, _, err = shardgrad(capsys, "predict", job_id, "--input", "0.1,0.2")
+    code, _, err = shardgrad(capsys, command, job_id, "--input", "0.1,0.2")
     assert code == 1 and "409 Conflict" in err and "no checkpoint yet" in err
-
     model = build_model(TrainingSpec.model_validate(spec()))
     out_dir = service.tmp_path / "jobs" / job_id
     save_checkpoint(out_dir, 5, model.state_dict(), {"state": {}}, {"step": 5})
+    return job_id, model
+
+
+def test_predict(service, capsys):
+    job_id, model = checkpointed_job(service, capsys, "predict")
     code, out, _ = shardgrad(capsys, "predict", job_id, "--input", "0.1,0.2", "--input=-1,0.5")
     assert code == 0
     rows = np.array([[float(v) for v in line.split(",")] for line in out.splitlines()])
@@ -168,6 +186,50 @@ def test_predict(service, capsys):
     )
     code, _, err = shardgrad(capsys, "predict", job_id, "--input", "a,b")
     assert code == 1 and "--input must be comma-separated numbers" in err
+
+
+def test_explain_and_graph(service, capsys):
+    job_id, _ = checkpointed_job(service, capsys, "explain")
+    # A value that starts with a minus follows its option after a space, too.
+    rows = ["--input", "-1,0.5", "--input", "0.3,-0.2", "--baseline", "-.5,0"]
+    argv = ["explain", job_id, *rows, "--method", "integrated_gradients"]
+    code, out, err = shardgrad(capsys, *argv, "--json")
+    assert code == 0, err
+    body = {"inputs": [[-1, 0.5], [0.3, -0.2]], "baseline": [-0.5, 0]}
+    body["method"] = "integrated_gradients"
+    result = service.http.post(f"/jobs/{job_id}/explain", json=body).json()
+    assert json.loads(out) == result
+
+    code, out, _ = shardgrad(capsys, *argv)
+    assert code == 0
+    title, *lines = out.splitlines()
+    assert title == f"{job_id}: integrated_gradients from checkpoint step-5"
+    scale = np.abs(result["attributions"]).max()
+    for i, (outputs, attributions, gap) in enumerate(
+        zip(result["outputs"], result["attributions"], result["completeness_gap"], strict=True)
+    ):
+        head, *bars, tail = lines[4 * i : 4 * i + 4]
+        target = int(np.argmax(outputs))
+        assert head.startswith(f"row {i}  outputs [{outputs[0]:.6g}, {outputs[1]:.6g}]")
+        assert head.endswith(f"target {target} (predicted) = {outputs[target]:.6g}")
+        for k, (line, a) in enumerate(zip(bars, attributions, strict=True)):
+            label, value, chart = line.split()
+            assert (label, value) == (f"x{k}", f"{a:+.4g}")
+            assert set(chart) <= set("█▏▎▍▌▋▊▉") and abs(len(chart) - 30 * abs(a) / scale) <= 1
+        assert tail == f"  completeness gap {gap:+.3g}"
+    assert "█" * 30 in out and len(lines) == 8
+
+    code, out, _ = shardgrad(capsys, "explain", job_id, "--input", "0.1,0.2", "--target", "1")
+    assert code == 0 and "target 1 = " in out and "completeness gap" not in out
+    code, _, err = shardgrad(capsys, "explain", job_id, "--input", "0.1,0.2", "--target", "2")
+    assert code == 1 and "422" in err and "target: target 2 is out of range" in err
+    assert shardgrad(capsys, "predict", job_id, "--input", "-1,0.5")[0] == 0
+
+    code, out, _ = shardgrad(capsys, "graph", job_id)
+    graph = json.loads(out)
+    assert code == 0 and graph["nodes"][graph["root"]]["operation"] == "cross_entropy"
+    code, out, _ = shardgrad(capsys, "graph", job_id, "--format", "dot")
+    assert code == 0 and out.startswith("digraph") and out.count(" -> ") == 7
 
 
 def test_errors_are_readable(service, capsys):

@@ -3,6 +3,7 @@ without Ray. Named test_service_* only to stay in the service tests' namespace."
 
 from __future__ import annotations
 
+import collections
 import copy
 
 from fastapi.testclient import TestClient
@@ -107,6 +108,7 @@ class FakeDispatcher:
         self.cancelled: list[str] = []
         self.woken = 0
         self.steps_total = 0
+        self.health_warnings: collections.Counter[str] = collections.Counter()
         self.is_healthy = True
 
     def capacity(self):

@@ -14,7 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.config import Settings
 from service.dispatcher import Dispatcher
-from service.store import JobNotFound, JobStore
+from service.store import JobStore
 from service.tables import JobRow
 
 
@@ -64,10 +64,7 @@ async def require_token_or_query(
 
 
 def get_job(job_id: str, store: StoreDep) -> JobRow:  # a database read: in the thread pool
-    try:
-        return store.get(job_id)
-    except JobNotFound:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}") from None
+    return store.get(job_id)  # JobNotFound: 404 (service/main.py)
 
 
 JobDep = Annotated[JobRow, Depends(get_job)]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 
 from service.api.deps import CONFLICT, NOT_FOUND, JobDep, SettingsDep
-from service.predict import NoCheckpoint, Predictor
+from service.predict import NoCheckpoint, Predictor, model_spec
 from service.schemas import CheckpointOut, PredictRequest, PredictResponse
 from workers.checkpoint import MODEL_FILE, checkpoint_dir, list_checkpoints
 
@@ -60,11 +58,7 @@ def predict(
 ) -> PredictResponse:
     """Model outputs (logits or regression values) for each input row, from the newest
     checkpoint; works while the job is still running."""
-    # What build_model reads; not a re-validation, which would touch the dataset again.
-    stored = job.spec
-    spec = SimpleNamespace(
-        model=SimpleNamespace(**stored["model"]), dtype=stored["dtype"], seed=stored["seed"]
-    )
+    spec = model_spec(job.spec)
     width = spec.model.sizes[0]
     errors = [
         {

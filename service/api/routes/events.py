@@ -7,7 +7,7 @@ from fastapi.responses import StreamingResponse
 
 from service import sse
 from service.api.deps import NOT_FOUND, DispatcherDep, JobDep, StoreDep
-from service.api.routes.jobs import present
+from service.api.routes.jobs import present, present_all
 
 router = APIRouter(tags=["events"])
 STREAM = {200: {"content": {"text/event-stream": {}}, "description": "an SSE stream"}}
@@ -23,6 +23,7 @@ def job_events(job: JobDep, store: StoreDep, dispatcher: DispatcherDep) -> Strea
 
 
 @router.get("/events", response_class=StreamingResponse, responses=STREAM)
-def all_events(store: StoreDep) -> StreamingResponse:
+def all_events(store: StoreDep, dispatcher: DispatcherDep) -> StreamingResponse:
     """Status and progress changes of every job, from the moment of connecting."""
-    return StreamingResponse(sse.all_events(store), media_type="text/event-stream", headers=HEADERS)
+    stream = sse.all_events(store, lambda rows: present_all(rows, store, dispatcher))
+    return StreamingResponse(stream, media_type="text/event-stream", headers=HEADERS)

@@ -8,7 +8,7 @@ import binascii
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, HTTPException, Query, Response, status
+from fastapi import APIRouter, Body, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import SkipValidation, ValidationError
@@ -25,7 +25,7 @@ from service.api.deps import (
 from service.config import Settings
 from service.dispatcher import EPS, Dispatcher
 from service.schemas import Job, JobPage, MetricPoint, Metrics, Status
-from service.store import Conflict, JobNotFound, JobStore
+from service.store import JobStore
 from service.tables import CANCELLING, QUEUED, JobRow
 from workers.spec import ALLOW_FILES, TrainingSpec
 
@@ -40,6 +40,12 @@ def present(
         position = positions.get(job.id) if positions is not None else store.queue_position(job)
         reason = dispatcher.pending_reason(job, position)
     return Job.of(job, position=position, reason=reason, events=events)
+
+
+def present_all(rows: list[JobRow], store: JobStore, dispatcher: Dispatcher) -> list[Job]:
+    """Several jobs at once: the queue positions are read once, if any job is queued."""
+    positions = store.queue_positions() if any(r.status == QUEUED for r in rows) else None
+    return [present(r, store, dispatcher, positions) for r in rows]
 
 
 def _invalid(loc: tuple, msg: str, value) -> RequestValidationError:
@@ -157,9 +163,8 @@ def list_jobs(
     before = _decode_cursor(cursor) if cursor else None
     rows = store.list(status=status, limit=limit + 1, before=before)
     page, more = rows[:limit], len(rows) > limit
-    positions = store.queue_positions() if any(r.status == QUEUED for r in page) else None
     return JobPage(
-        items=[present(r, store, dispatcher, positions) for r in page],
+        items=present_all(page, store, dispatcher),
         next_cursor=_encode_cursor(page[-1].seq) if more else None,
     )
 
@@ -180,12 +185,7 @@ def get_job(job: JobDep, store: StoreDep, dispatcher: DispatcherDep) -> Job:
 def cancel(job_id: str, response: Response, store: StoreDep, dispatcher: DispatcherDep) -> Job:
     """Queued: cancelled at once (200). Running: `cancelling` (202) until it has stopped after
     its current step with a final checkpoint, then `cancelled`."""
-    try:
-        job = store.cancel(job_id)
-    except JobNotFound:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}") from None
-    except Conflict as err:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
+    job = store.cancel(job_id)  # JobNotFound: 404, Conflict: 409 (service/main.py)
     if job.status == CANCELLING:
         dispatcher.cancel(job_id)
     else:
@@ -196,12 +196,7 @@ def cancel(job_id: str, response: Response, store: StoreDep, dispatcher: Dispatc
 @router.post("/{job_id}/resume", responses=NOT_FOUND | CONFLICT)
 def resume(job_id: str, store: StoreDep, dispatcher: DispatcherDep) -> Job:
     """Queue a failed or cancelled job again; it continues from its newest good checkpoint."""
-    try:
-        job = store.resume(job_id)
-    except JobNotFound:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}") from None
-    except Conflict as err:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
+    job = store.resume(job_id)  # JobNotFound: 404, Conflict: 409 (service/main.py)
     dispatcher.wake()
     return present(job, store, dispatcher)
 

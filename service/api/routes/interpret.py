@@ -1,0 +1,112 @@
+"""Why a job's model answers what it answers: its loss graph and input attributions.
+
+Both come from the newest checkpoint and run in the thread pool (plain `def` routes), as
+predictions do.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from core.graph import to_dot
+from service.api.deps import CONFLICT, NOT_FOUND, JobDep, SettingsDep
+from service.predict import NoCheckpoint, Predictor, model_spec
+from service.schemas import ExplainRequest, ExplainResponse
+from workers.spec import TrainingSpec, format_validation_error
+
+router = APIRouter(prefix="/jobs", tags=["interpretability"])
+
+# Integrated gradients holds rows x steps path points of the input's width at once, and
+# refining may add many times as many: past this, a request takes seconds and GBs.
+MAX_PATH_VALUES = 2**20
+
+# workers.explain's errors start with the argument they blame: "inputs[2][1] is not finite".
+BLAMED = re.compile(r"([a-z_]+)((?:\[\d+\])*) ")
+
+GRAPH_TYPES = {200: {"content": {"application/json": {}, "text/vnd.graphviz": {}}}}
+
+
+@router.get(
+    "/{job_id}/graph", response_class=Response, responses=GRAPH_TYPES | NOT_FOUND | CONFLICT
+)
+def graph(
+    job: JobDep,
+    request: Request,
+    settings: SettingsDep,
+    format: Annotated[Literal["json", "dot"], Query(description="JSON, or Graphviz DOT")] = "json",
+) -> Response:
+    """The newest checkpoint's model on the first training example: the forward pass and
+    the loss, which is the root, after backward, so every node has its gradient.
+
+    JSON: {"root", "nodes": [{"id", "operation", "shape", "output", "gradient", "inputs"}]}.
+    A hidden layer is one fused node, named after both parts (e.g. "linear+tanh").
+    The header X-Checkpoint names the checkpoint.
+    """
+    try:
+        spec = TrainingSpec.model_validate(job.spec)
+    except ValidationError as err:  # e.g. its uploaded dataset was deleted
+        detail = f"job {job.id}: its spec no longer validates: {format_validation_error(err)}"
+        raise HTTPException(status.HTTP_409_CONFLICT, detail) from None
+    predictor: Predictor = request.app.state.predictor
+    try:
+        result, name = predictor.graph(spec, settings.jobs_dir / job.id)
+    except NoCheckpoint as err:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id}: {err}") from None
+    headers = {"X-Checkpoint": name}
+    if format == "dot":
+        return Response(to_dot(result), media_type="text/vnd.graphviz", headers=headers)
+    return JSONResponse(result, headers=headers)
+
+
+@router.post("/{job_id}/explain", responses=NOT_FOUND | CONFLICT)
+def explain(
+    job: JobDep, body: ExplainRequest, request: Request, settings: SettingsDep
+) -> ExplainResponse:
+    """Attributions of one output to every input feature, row by row, from the newest
+    checkpoint: the gradient, (x - baseline) * gradient, or integrated gradients with its
+    completeness gap. Outputs are the full rows predict gives."""
+    spec = model_spec(job.spec)
+    _check_cost(body, width=spec.model.sizes[0])
+    predictor: Predictor = request.app.state.predictor
+    options = body.model_dump(exclude={"inputs"})
+    try:
+        result, name = predictor.explain(spec, settings.jobs_dir / job.id, body.inputs, **options)
+    except NoCheckpoint as err:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id}: {err}") from None
+    except ValueError as err:  # a width, or a target, that does not fit the model
+        raise RequestValidationError([_blamed_field(body, err)]) from None
+    return ExplainResponse(**result, checkpoint=name)
+
+
+def _check_cost(body: ExplainRequest, width: int) -> None:
+    values = len(body.inputs) * body.steps * width
+    if body.method == "integrated_gradients" and values > MAX_PATH_VALUES:
+        msg = (
+            f"rows x steps x input width is {values:,}, over the limit of {MAX_PATH_VALUES:,}; "
+            "ask for fewer rows or steps"
+        )
+        error = {"loc": ("body", "steps"), "msg": msg, "type": "value_error", "input": body.steps}
+        raise RequestValidationError([error])
+
+
+def _blamed_field(body: ExplainRequest, err: ValueError) -> dict:
+    """The 422 error for a ValueError of workers.explain, at the field its message names."""
+    match = BLAMED.match(str(err))
+    if match is None or match[1] not in ExplainRequest.model_fields:
+        raise err
+    index = [int(i) for i in re.findall(r"\d+", match[2])]
+    value = getattr(body, match[1])
+    for i in index:
+        value = value[i]
+    return {
+        "loc": ("body", match[1], *index),
+        "msg": str(err),
+        "type": "value_error",
+        "input": value,
+    }
