@@ -65,18 +65,21 @@ export async function api(path, { method = "GET", body } = {}) {
   }
 }
 
-// A file download that carries the token (a plain link cannot send the header).
+const save = (href, filename) =>
+  Object.assign(document.createElement("a"), { href, download: filename }).click();
+
+// A file download that carries the token (a plain link cannot send the header). Without a
+// token the browser fetches it itself, as a download even when the server sends plain text.
 export async function download(path, filename) {
   const t = token();
   if (!t) {
-    location.href = API + path;
+    save(API + path, filename);
     return;
   }
   const r = await fetch(API + path, { headers: { Authorization: `Bearer ${t}` } });
   if (!r.ok) throw new ApiError(r.status, r.statusText);
   const url = URL.createObjectURL(await r.blob());
-  const a = Object.assign(document.createElement("a"), { href: url, download: filename });
-  a.click();
+  save(url, filename);
   setTimeout(() => URL.revokeObjectURL(url), 10_000);
 }
 

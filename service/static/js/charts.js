@@ -1,4 +1,4 @@
-// The job page's curves, drawn with plotly.js (served from the installed plotly package and
+// The job page's charts, drawn with plotly.js (served from the installed plotly package and
 // loaded only when a chart is first needed: the jobs list does not pay for its 4.8 MB).
 
 let loading = null;
@@ -19,6 +19,8 @@ export function plotly() {
 }
 
 const COLORS = { train: "#2563eb", val: "#ea580c", acc: "#16a34a", grad: "#7c3aed" };
+const LAYERS = ["#2563eb", "#ea580c", "#16a34a", "#7c3aed", "#db2777", "#0891b2", "#ca8a04"];
+const SIGN = { positive: "#2563eb", negative: "#dc2626" };
 const GRID = "#e8ebf0";
 const CONFIG = {
   displaylogo: false,
@@ -66,11 +68,55 @@ function line(points, key, name, color, markers) {
   };
 }
 
+// One line per layer: its gradient norm at each health check (the points with `layers`).
+function layerLines(points) {
+  const byLayer = new Map();
+  for (const p of points) {
+    for (const l of p.layers || []) {
+      if (!byLayer.has(l.layer)) byLayer.set(l.layer, []);
+      byLayer.get(l.layer).push({ step: p.step, grad_norm: l.grad_norm });
+    }
+  }
+  return [...byLayer].map(([name, pts], i) =>
+    line(pts, "grad_norm", name, LAYERS[i % LAYERS.length], true),
+  );
+}
+
+// A log y axis labelled at 1, 2 and 5 of each decade over up to three decades (plotly's own
+// choice labels every digit there, and the labels crowd); over more, plotly's decades.
+function logAxis(traces) {
+  const ys = traces.flatMap((t) => t.y).filter((v) => v > 0);
+  const span = ys.length ? Math.log10(Math.max(...ys) / Math.min(...ys)) : 0;
+  return { type: "log", tickformat: ".2~g", ...(span > 0.5 && span <= 3 ? { dtick: "D2" } : {}) };
+}
+
+// A log scale cannot draw a zero norm (a layer whose units are all dead): say so.
+const offTheScale = (names) => ({
+  xref: "paper",
+  yref: "paper",
+  x: 1,
+  y: 1,
+  xanchor: "right",
+  yanchor: "bottom",
+  showarrow: false,
+  text: `${names.join(", ")}: gradient norm 0, below the log scale`,
+  font: { size: 11, color: "#b91c1c" },
+});
+
 // The loss curves, and beside them the validation accuracy of a classifier or the gradient
-// norm of a regression. Redraws at most once a frame (once a second for very long runs).
+// norm of a regression; with `healthDiv`, the per-layer gradient norms too. Redraws at most
+// once a frame (once a second for very long runs).
 export class Curves {
-  constructor(lossDiv, sideDiv, { classify, lossName }) {
-    Object.assign(this, { lossDiv, sideDiv, classify, lossName, log: false, points: [] });
+  constructor(lossDiv, sideDiv, { classify, lossName, healthDiv = null }) {
+    Object.assign(this, {
+      lossDiv,
+      sideDiv,
+      healthDiv,
+      classify,
+      lossName,
+      log: false,
+      points: [],
+    });
     this.pending = null;
     this.lastDraw = 0;
   }
@@ -109,10 +155,42 @@ export class Curves {
       const yaxis = { rangemode: "tozero" };
       await Plotly.react(this.sideDiv, grad, layout("gradient norm", yaxis, none), CONFIG);
     }
+    if (this.healthDiv) {
+      const layers = layerLines(pts);
+      const noChecks = layers.length ? null : "No health checks yet";
+      const plot = layout("gradient norm", logAxis(layers), noChecks);
+      const zero = layers.filter((t) => t.y.includes(0)).map((t) => t.name);
+      if (zero.length) plot.annotations.push(offTheScale(zero));
+      await Plotly.react(this.healthDiv, layers, plot, CONFIG);
+    }
   }
 
   purge() {
     clearTimeout(this.pending);
-    if (window.Plotly) for (const div of [this.lossDiv, this.sideDiv]) window.Plotly.purge(div);
+    const divs = [this.lossDiv, this.sideDiv, this.healthDiv].filter(Boolean);
+    if (window.Plotly) for (const div of divs) window.Plotly.purge(div);
   }
+}
+
+// Horizontal bars, one per input feature (x0 at the top), coloured by sign.
+export async function drawAttributions(div, values) {
+  const Plotly = await plotly();
+  const bars = {
+    type: "bar",
+    orientation: "h",
+    x: values,
+    y: values.map((_, i) => `x${i}`),
+    marker: { color: values.map((v) => (v < 0 ? SIGN.negative : SIGN.positive)) },
+    hovertemplate: "%{y}: %{x:.4g}<extra></extra>",
+  };
+  const base = layout("feature", { type: "category", autorange: "reversed" });
+  const xaxis = { ...base.xaxis, title: { text: "attribution" }, rangemode: "normal" };
+  Object.assign(base, {
+    xaxis: { ...xaxis, zeroline: true, zerolinecolor: "#94a3b8" },
+    height: Math.min(900, Math.max(200, 70 + 22 * values.length)),
+    hovermode: "closest",
+    showlegend: false,
+    uirevision: null, // each explanation starts unzoomed
+  });
+  await Plotly.react(div, [bars], base, CONFIG);
 }

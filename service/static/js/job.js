@@ -1,9 +1,13 @@
-// #/jobs/<id> — one job: live progress and curves (the job's SSE stream), its timeline,
-// checkpoints, spec, the cancel and resume buttons and a predict box.
+// #/jobs/<id> — one job: live progress and curves (the job's SSE stream), its training
+// health, its computational graph, its timeline, checkpoints, spec, the cancel and resume
+// buttons, and boxes to predict and explain.
 
 import { api, apiUrl, download, stream } from "./api.js";
 import { Curves } from "./charts.js";
 import { nodeNames } from "./cluster.js";
+import { explainBox } from "./explain.js";
+import { graphView } from "./graph.js";
+import { healthPanel } from "./health.js";
 import { predictBox } from "./predict.js";
 import {
   alert,
@@ -110,6 +114,9 @@ export function jobView(root, id) {
   const points = new Map(); // step -> point; a recomputed step replaces its point
   let curves = null;
   let lastCheckpoints = 0;
+  let lastJob = 0;
+  let newestCheckpoint; // the graph is drawn again when it changes
+  let explainer = null;
 
   const head = h("div.job-title");
   const summary = h("div");
@@ -120,6 +127,10 @@ export function jobView(root, id) {
   const checkpoints = h("div", {}, h("p.muted", {}, "Loading…"));
   const events = h("div");
   const predict = h("div");
+  const explain = h("div");
+  const healthDiv = h("div.chart", { id: "health-chart" });
+  const health = healthPanel();
+  const graph = graphView(id);
   const spec = h("div");
   const logToggle = h("input", { type: "checkbox", id: "log-y" });
   logToggle.addEventListener("change", () => curves?.setLog(logToggle.checked));
@@ -136,8 +147,21 @@ export function jobView(root, id) {
       h("section.card", {}, h("div.card-head", {}, h("h2", {}, "Loss"), lossHead), lossDiv),
       h("section.card", {}, sideTitle, sideDiv),
     ),
-    h("div.grid-2", {}, card("Predict", predict), card("Checkpoints", checkpoints)),
-    h("div.grid-2", {}, card("Timeline", events), card("Spec", spec)),
+    h(
+      "section.card.wide",
+      { id: "health" },
+      h("h2", {}, "Training health"),
+      h("div.grid-2.inner", {}, healthDiv, health.element),
+    ),
+    h(
+      "section.card.wide",
+      { id: "graph" },
+      h("div.card-head", {}, h("h2", {}, "Computational graph of the loss"), graph.dot),
+      graph.element,
+    ),
+    h("div.grid-2", {}, card("Predict", predict), card("Explain", explain)),
+    h("div.grid-2", {}, card("Checkpoints", checkpoints), card("Timeline", events)),
+    h("section.card.wide", {}, h("h2", {}, "Spec"), spec),
   );
 
   async function act(action) {
@@ -186,13 +210,17 @@ export function jobView(root, id) {
     problem.replaceChildren(job.error && job.status !== "succeeded" ? alert(job.error) : "");
   }
 
+  const sorted = () => [...points.values()].sort((a, b) => a.step - b.step);
+
   function render() {
     renderHead();
     renderSummary();
     events.replaceChildren(timeline(job.events));
+    health.update(sorted(), job.health);
   }
 
   async function loadJob() {
+    lastJob = Date.now();
     const fresh = await api(`/jobs/${id}`);
     if (!alive) return;
     job = fresh;
@@ -203,7 +231,13 @@ export function jobView(root, id) {
     lastCheckpoints = Date.now();
     try {
       const list = await api(`/jobs/${id}/checkpoints`);
-      if (alive) checkpoints.replaceChildren(checkpointsTable(id, list));
+      if (!alive) return;
+      checkpoints.replaceChildren(checkpointsTable(id, list));
+      const newest = list.at(-1)?.name ?? null;
+      if (newest !== newestCheckpoint) {
+        newestCheckpoint = newest;
+        graph.load(newest);
+      }
     } catch (err) {
       if (alive) checkpoints.replaceChildren(alert(errorText(err)));
     }
@@ -211,7 +245,9 @@ export function jobView(root, id) {
 
   function addPoints(list) {
     for (const p of list) points.set(p.step, p);
-    curves?.update([...points.values()].sort((a, b) => a.step - b.step));
+    const all = sorted();
+    curves?.update(all);
+    if (job) health.update(all, job.health);
   }
 
   function connect() {
@@ -230,6 +266,8 @@ export function jobView(root, id) {
       },
       metrics(data) {
         addPoints(data.points);
+        // The warnings are only in GET /jobs/{id}: re-read it after new health checks.
+        if (data.points.some((p) => p.layers) && Date.now() - lastJob > 5000) loadJob();
       },
       end() {
         live.close();
@@ -255,9 +293,11 @@ export function jobView(root, id) {
     const classify = classifies(job);
     sideDiv.id = classify ? "acc-chart" : "grad-chart";
     if (!classify) sideTitle.textContent = "Gradient norm";
-    curves = new Curves(lossDiv, sideDiv, { classify, lossName: job.spec.loss });
+    curves = new Curves(lossDiv, sideDiv, { classify, lossName: job.spec.loss, healthDiv });
     spec.replaceChildren(h("pre.spec", {}, pretty(job.spec)));
     predict.replaceChildren(predictBox(id, job.spec));
+    explainer = explainBox(id, job.spec);
+    explain.replaceChildren(explainer.element);
     addPoints(metrics.points);
     loadCheckpoints();
     connect();
@@ -281,6 +321,7 @@ export function jobView(root, id) {
     alive = false;
     live?.close();
     curves?.purge();
+    explainer?.purge();
     stopTicker();
   };
 }

@@ -4,15 +4,22 @@
 import { api } from "./api.js";
 import { h, num } from "./ui.js";
 
+// One row of numbers, separated by commas, semicolons or spaces; null when one is not a number.
+export function parseRow(line) {
+  const values = line
+    .split(/[\s,;]+/)
+    .filter(Boolean)
+    .map(Number);
+  return values.every(Number.isFinite) ? values : null;
+}
+
 function parseRows(text, width) {
   const rows = [];
   const lines = text.split("\n").map((l) => l.trim());
   for (const [i, line] of lines.entries()) {
     if (!line) continue;
-    const values = line.split(/[\s,;]+/).filter(Boolean).map(Number);
-    if (values.some((v) => !Number.isFinite(v))) {
-      throw new Error(`line ${i + 1}: "${line}" is not a list of numbers`);
-    }
+    const values = parseRow(line);
+    if (!values) throw new Error(`line ${i + 1}: "${line}" is not a list of numbers`);
     if (values.length !== width) {
       throw new Error(`line ${i + 1} has ${values.length} values but the model takes ${width}`);
     }
@@ -23,7 +30,7 @@ function parseRows(text, width) {
 }
 
 // What the outputs mean: logits of classes, a logit of class 1, or regression values.
-function explain(loss, out) {
+export function outputMeaning(loss, out) {
   if (loss === "cross_entropy" && out.length > 1) {
     const max = Math.max(...out);
     const exp = out.map((v) => Math.exp(v - max));
@@ -87,7 +94,7 @@ export function predictBox(jobId, spec) {
               {},
               h("td.mono", {}, rows[i].join(", ")),
               h("td.mono", {}, o.map((v) => num(v)).join(", ")),
-              classes && h("td", {}, explain(spec.loss, o) || "–"),
+              classes && h("td", {}, outputMeaning(spec.loss, o) || "–"),
             ),
           ),
         ),

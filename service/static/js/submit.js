@@ -2,7 +2,7 @@
 // type; the server's 422 errors are listed by field path, and clicking one selects the field.
 
 import { api } from "./api.js";
-import { alert, errorText, h } from "./ui.js";
+import { alert, errorText, h, readable } from "./ui.js";
 
 const DRAFT = "shardgrad.draft";
 
@@ -19,7 +19,6 @@ function fieldPath(loc, spec) {
   return path;
 }
 
-const readable = (msg) => msg.replace(/^Value error, /, "");
 const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
 
 // Where a field path's value starts in the text: each key is searched after the previous one.

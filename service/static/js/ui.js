@@ -29,6 +29,9 @@ export function alert(message, kind = "error") {
   return h(`div.alert.${kind}`, { role: "alert" }, message);
 }
 
+// A validation message without Pydantic's "Value error, " prefix.
+export const readable = (msg) => msg.replace(/^Value error, /, "");
+
 export function errorText(err) {
   if (err?.status === 404) return "Not found.";
   return err?.message || String(err);
