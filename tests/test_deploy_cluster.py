@@ -3,10 +3,10 @@
 `local_cluster` (fixture) / `local_cluster_up` (context manager) start a real
 cluster with `deploy/local-cluster.sh up N` in a unique state dir, yield a
 `LocalCluster` handle (address, driver env, node status, node kill) and always
-run `down` afterwards. Job-level tests (a training job spread over nodes,
-stopping a worker node mid-job) build on them. Drivers run as subprocesses
-(`LocalCluster.run`, `run_driver`, `driver_env`): the pytest process may already
-hold an in-process Ray of its own.
+run `down` afterwards. Job-level tests (tests/test_deploy_jobs.py: a training
+job spread over nodes, stopping a worker node mid-job) build on them. Drivers run
+as subprocesses (`LocalCluster.run`, `run_driver`, `start_driver`, `driver_env`):
+the pytest process may already hold an in-process Ray of its own.
 """
 
 from __future__ import annotations
@@ -128,6 +128,17 @@ class LocalCluster:
     ) -> subprocess.CompletedProcess:
         """Python code as a driver attached to this cluster."""
         return self.run([sys.executable, "-c", textwrap.dedent(code)], timeout, **env)
+
+    def start_driver(self, code: str, *args: str, log: Path, **env: str) -> subprocess.Popen:
+        """`run_driver` in the background (stdout and stderr to `log`): kill a node meanwhile."""
+        with open(log, "wb") as out:
+            return subprocess.Popen(
+                [sys.executable, "-c", textwrap.dedent(code), *args],
+                env=self.driver_env(**env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
 
     def raylet_pid(self, index: int) -> int:
         return self.state()["nodes"][index]["raylet_pid"]
