@@ -278,7 +278,7 @@ class Dispatcher:
         elif kind == "worker_failure":
             reason = event.get("reason") or f"worker {event.get('rank')} failed"
             self.store.note(run.job_id, f"{reason}; the step is recomputed")
-            if event.get("worker_nodes"):  # the replacement may run on another node
+            if event.get("worker_nodes"):  # the replacement may have started on another node
                 run.worker_nodes = list(event["worker_nodes"])
                 self.store.progress(run.job_id, self.owner, {"worker_nodes": run.worker_nodes})
 

@@ -58,10 +58,10 @@ def pg_server():
 
     $SHARDGRAD_TEST_DATABASE_URL names a server you run (its role must create databases);
     .ci/run installs Debian's `postgresql`, starts one and sets it. Otherwise the session
-    starts a throwaway server of the same kind from the local binaries: initdb into a temp dir, listening on a Unix
-    socket in that dir only, so it needs no init system, no pg_hba edits and no free port,
-    and leaves nothing behind. PostgreSQL refuses to run as root, so as root it runs as
-    the `postgres` user the package creates.
+    starts a throwaway server of the same kind from the local binaries: initdb into a temp
+    dir, listening on a Unix socket in that dir only, so it needs no init system, no pg_hba
+    edits and no free port, and leaves nothing behind. PostgreSQL refuses to run as root,
+    so as root it runs as the `postgres` user the package creates.
     """
     require("psycopg")
     if url := os.environ.get("SHARDGRAD_TEST_DATABASE_URL"):

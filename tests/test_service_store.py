@@ -224,8 +224,8 @@ def test_paused_or_zero_slots_start_nothing(tmp_path, store_url, paused):
     assert d.pending_reason(store.get(job_id), 1) == "the dispatcher is paused"
 
 
-def test_a_replaced_worker_moves_the_jobs_worker_nodes(tmp_path, store_url):
-    """A worker_failure event carries where the workers run after the replacement."""
+def test_a_replacement_workers_node_joins_the_jobs_worker_nodes(tmp_path, store_url):
+    """A worker_failure event carries the nodes that ran workers, the replacement's included."""
     store = JobStore(store_url)
     job_id = new_job(store).id
     seen = []
@@ -234,7 +234,8 @@ def test_a_replaced_worker_moves_the_jobs_worker_nodes(tmp_path, store_url):
         callback({"type": "started", "total_steps": 1, "step": 0, "worker_nodes": ["n1", "n2"]})
         seen.append(store.get(job_id).worker_nodes)
         reason = "worker 1 died: its node died"
-        callback({"type": "worker_failure", "rank": 1, "reason": reason, "worker_nodes": ["n1"]})
+        nodes = ["n1", "n2", "n3"]
+        callback({"type": "worker_failure", "rank": 1, "reason": reason, "worker_nodes": nodes})
         return {"status": "succeeded", "steps": 1}
 
     d = make_dispatcher(tmp_path, store, train)
@@ -243,6 +244,6 @@ def test_a_replaced_worker_moves_the_jobs_worker_nodes(tmp_path, store_url):
         wait_for(lambda: store.get(job_id).status == "succeeded")
     finally:
         d.shutdown()
-    assert seen == [["n1", "n2"]] and store.get(job_id).worker_nodes == ["n1"]
+    assert seen == [["n1", "n2"]] and store.get(job_id).worker_nodes == ["n1", "n2", "n3"]
     notes = [e.message for e in store.events(job_id)]
     assert "worker 1 died: its node died; the step is recomputed" in notes

@@ -106,7 +106,7 @@ class WorkerPool:
         self.max_failures, self.failures = max_failures, failures
         self.on_failure = on_failure
         self.placement_timeout_s = placement_timeout_s
-        self.rank_nodes: list[str | None] = [None] * n  # where each rank's actor runs now
+        self.node_ids: list[str] = []  # every node that ran a worker, in order of first use
         self.pg = placement_group([{"CPU": cpus_per_worker}] * n, strategy="SPREAD")
         try:
             ray.get(self.pg.ready(), timeout=placement_timeout_s)
@@ -155,13 +155,9 @@ class WorkerPool:
                 raise ClusterTooSmall(
                     f"worker {rank} did not start within {self.placement_timeout_s:.0f}s"
                 ) from None
-        self.rank_nodes[rank] = info["node_id"]
+        if info["node_id"] not in self.node_ids:
+            self.node_ids.append(info["node_id"])
         return actor
-
-    @property
-    def node_ids(self) -> list[str]:
-        """The nodes the workers run on now, each once, in rank order."""
-        return list(dict.fromkeys(node for node in self.rank_nodes if node is not None))
 
     def _connect(self) -> None:
         """Open the exchange over the current actors; replace dead ones or fall back on the way."""
@@ -220,11 +216,10 @@ class WorkerPool:
                     f"last: {reason}"
                 )
             ray.kill(self.actors[rank], no_restart=True)
-            self.rank_nodes[rank] = None
             self.actors[rank] = self._spawn(rank)
-        finally:  # reported with the nodes as they are now, the replacement's included
+        finally:  # reported with the nodes that ran workers, the replacement's included
             if self.on_failure:
-                self.on_failure(rank, reason, self.node_ids)
+                self.on_failure(rank, reason, list(self.node_ids))
 
     def worker_pids(self) -> list[int]:
         return [info["pid"] for info in ray.get([a.info.remote() for a in self.actors])]

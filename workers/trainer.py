@@ -269,7 +269,7 @@ class Trainer:
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
             "checkpoint": str(ckpt.checkpoint_dir(self.out, f"step-{step}")),
-            "worker_nodes": pool.node_ids,
+            "worker_nodes": list(pool.node_ids),
             "exchange": pool.kind,
             "elapsed_s": round(time.perf_counter() - start, 3),
             "worker_failures": pool.failures,
