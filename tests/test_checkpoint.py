@@ -261,6 +261,17 @@ def test_keep_prunes_to_newest_good(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-4", "step-5"]
 
 
+def test_a_save_hashes_only_the_checkpoints_it_may_keep(tmp_path, monkeypatch):
+    for step in range(1, 6):
+        save(tmp_path, step, keep=None)
+    hashed = []
+    verify = ckpt.verify_checkpoint
+    monkeypatch.setattr(ckpt, "verify_checkpoint", lambda path: hashed.append(path) or verify(path))
+    save(tmp_path, 6, keep=2)  # step-6 was just written; step-4 and older go unhashed
+    assert [path.name for path in hashed] == ["step-5"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-5", "step-6"]
+
+
 def test_prune_never_deletes_newest_good(tmp_path):
     for step in (3, 4):
         save(tmp_path, step, keep=None)

@@ -159,7 +159,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep is not None:
-        prune_checkpoints(out_dir, keep)
+        prune_checkpoints(out_dir, keep, known_good=final)
     return final
 
 
@@ -179,23 +179,31 @@ def _write_files(tmp: Path, step: int, model_state, optimizer_state, state) -> N
     _write_json(tmp / MANIFEST_FILE, manifest)
 
 
-def prune_checkpoints(out_dir: str | os.PathLike, keep: int) -> list[Path]:
+def prune_checkpoints(
+    out_dir: str | os.PathLike, keep: int, known_good: Path | None = None
+) -> list[Path]:
     """Delete all but the ``keep`` newest verified checkpoints; return what was deleted.
 
     Unverifiable directories older than the newest good one are deleted too. Anything
     newer than the newest good one is left alone, so the newest good one always stays.
+    Only the newest ones are hashed: past ``keep`` good ones, every older directory goes,
+    good or not. ``known_good`` (the checkpoint just written) is not hashed again.
     """
     keep = _as_keep(keep)
     good: list[Path] = []
     doomed: list[Path] = []
     for _, path in reversed(_step_dirs(_root(out_dir))):
+        if len(good) == keep:
+            doomed.append(path)
+            continue
         try:
-            verify_checkpoint(path)
+            if path != known_good:
+                verify_checkpoint(path)
         except CheckpointError:
             if good:  # bad and older than the newest good one
                 doomed.append(path)
             continue
-        (good if len(good) < keep else doomed).append(path)
+        good.append(path)
     for path in doomed:
         try:
             _remove_dir(path)
