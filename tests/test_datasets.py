@@ -225,6 +225,19 @@ def test_upload_save_list_load(upload_dir):
     assert ds.info.name == saved.id
 
 
+def test_an_upload_is_read_once_to_describe_it(upload_dir, monkeypatch):
+    saved = save_uploaded(npz_bytes(X=np.eye(4), y=np.arange(4) % 2), "eye.npz")
+    reads = []
+    load = datasets._load_uploaded
+    monkeypatch.setattr(datasets, "_load_uploaded", lambda i: reads.append(i) or load(i))
+    spec = UploadedData(type="dataset", id=saved.id)
+    assert describe(spec) == describe(spec) == get_uploaded(saved.id) == saved
+    assert len(reads) <= 1  # none, if saving already described it
+    (upload_dir / f"{saved.id}.npz").unlink()  # a deleted upload is noticed
+    with pytest.raises(FileNotFoundError, match="no uploaded dataset"):
+        describe(spec)
+
+
 def test_unknown_or_malformed_upload_ids(upload_dir):
     with pytest.raises(FileNotFoundError, match="no uploaded dataset"):
         get_uploaded("0123456789abcdef")

@@ -10,6 +10,7 @@ dataset and its train/validation split are functions of the spec's seed alone.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import os
@@ -332,7 +333,21 @@ def _load_uploaded(dataset_id: str) -> tuple[Dataset, str]:
 
 
 def get_uploaded(dataset_id: str) -> UploadedDataset:
-    """Describe one upload; FileNotFoundError if there is none with this id."""
+    """Describe one upload; FileNotFoundError if there is none with this id.
+
+    An upload never changes (its id is its content's hash), so its description is read
+    once per file: submissions that name it, and the dataset list, don't reload it.
+    """
+    path = _uploaded_path(dataset_id)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no uploaded dataset {dataset_id!r} in {dataset_root()}") from None
+    return _describe_uploaded(dataset_id, (str(path.resolve()), st.st_ino, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=1024)
+def _describe_uploaded(dataset_id: str, file_stamp: tuple) -> UploadedDataset:
     dataset, filename = _load_uploaded(dataset_id)
     return UploadedDataset(**vars(dataset.info), id=dataset_id, filename=filename)
 
@@ -351,6 +366,8 @@ def describe(data: DataSpec, seed: int = 0) -> DatasetInfo:
     """Shape and task of a dataset. Builtins answer from the registry without generating."""
     if data.type == "builtin":
         return _describe_builtin(data)
+    if data.type == "dataset":
+        return get_uploaded(data.id)
     return load_dataset(data, seed).info
 
 
