@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -163,7 +164,7 @@ def follow(client: Client, job_id: str) -> int:
                 postfix = {"epoch": p["epoch"]}
                 loss = data["metrics"].get("train_loss")
                 if loss is not None:
-                    postfix["loss"] = f"{loss:.4f}"
+                    postfix["loss"] = f"{loss:.4g}"
                 bar.set_postfix(postfix, refresh=False)
                 bar.refresh()
             elif event == "end":
@@ -195,7 +196,7 @@ def cmd_jobs(client: Client, args) -> int:
                 j["name"][:24],
                 j["status"],
                 progress,
-                f"{loss:.4f}" if loss is not None else "-",
+                f"{loss:.4g}" if loss is not None else "-",
                 str(j["attempts"]),
                 j["created_at"][:19].replace("T", " "),
             )
@@ -246,9 +247,13 @@ def cmd_resume(client: Client, args) -> int:
 
 def parse_rows(lines: list[str], flag: str) -> list[list[float]]:
     try:
-        return [[float(v) for v in line.split(",")] for line in lines]
+        rows = [[float(v) for v in line.split(",")] for line in lines]
     except ValueError as err:
         raise ClientError(f"{flag} must be comma-separated numbers: {err}") from None
+    for i, row in enumerate(rows):
+        if not all(map(math.isfinite, row)):
+            raise ClientError(f"{flag} row {i} is not all finite numbers: {lines[i]}")
+    return rows
 
 
 def cmd_predict(client: Client, args) -> int:

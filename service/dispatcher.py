@@ -306,9 +306,12 @@ class Dispatcher:
 
     def _on_health(self, run: Run, event: dict) -> None:
         """The job's latest health (the Trainer's record already holds each warning once,
-        with its first step) and the per-layer statistics of the step's metric point."""
+        with its first step), and on the step's metric point the per-layer statistics and
+        the warnings this check raised."""
         health = JobHealth.model_validate(event).model_dump(mode="json")  # non-finite: null
-        point = {"step": health["step"], "layers": health["layers"]}
+        step = health["step"]
+        raised = [w for w in health["warnings"] if w["last_step"] == step]
+        point = {"step": step, "layers": health["layers"], "warnings": raised}
         self.store.progress(run.job_id, self.owner, {"health": health}, point)
         self.health_warnings.update(w["kind"] for w in new_warnings(event))
 

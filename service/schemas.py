@@ -146,6 +146,9 @@ class MetricPoint(BaseModel):
     grad_norm: float | None
     samples_per_s: float | None
     layers: list[LayerStats] | None = Field(None, description="at health checks")
+    warnings: list[HealthWarning] | None = Field(
+        None, description="at health checks: the warnings this check raised"
+    )
 
 
 class Metrics(BaseModel):

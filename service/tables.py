@@ -67,7 +67,8 @@ class MetricRow(Base):
     """One point per (job, step): a recomputed step after a resume replaces its point.
 
     Two groups of columns, written by separate Trainer events: the step's metrics
-    (POINT_FIELDS) and, at health checks, the per-layer statistics (LAYER_FIELDS).
+    (POINT_FIELDS) and, at health checks, the per-layer statistics and the warnings that
+    check raised (LAYER_FIELDS).
     """
 
     __tablename__ = "metric_points"
@@ -81,10 +82,11 @@ class MetricRow(Base):
     grad_norm: Mapped[float | None] = mapped_column(Float)
     samples_per_s: Mapped[float | None] = mapped_column(Float)
     layers: Mapped[list | None] = mapped_column(JSON)
+    warnings: Mapped[list | None] = mapped_column(JSON)
 
 
 POINT_FIELDS = ("epoch", "train_loss", "val_loss", "val_accuracy", "grad_norm", "samples_per_s")
-LAYER_FIELDS = ("layers",)
+LAYER_FIELDS = ("layers", "warnings")
 
 
 class EventRow(Base):

@@ -372,6 +372,9 @@ def test_a_jobs_health_through_the_dispatcher_store_and_api(tmp_path):
     for p, check in zip(points, checks, strict=True):  # neither write erased the other
         assert p["train_loss"] == 0.5 and len(p["layers"]) == len(check["layers"])
     assert points[0]["layers"] == checks[0]["layers"]
+    for p, check in zip(points, checks, strict=True):  # the warnings each check raised
+        raised = [w for w in check["warnings"] if w["last_step"] == check["step"]]
+        assert raised and p["warnings"] == raised
 
     with client.stream("GET", f"/api/v1/jobs/{job_id}/events") as r:
         streamed = dict(sse_events(r.iter_lines()))

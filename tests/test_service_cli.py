@@ -224,6 +224,14 @@ def test_explain_and_graph(service, capsys):
     code, _, err = shardgrad(capsys, "explain", job_id, "--input", "0.1,0.2", "--target", "2")
     assert code == 1 and "422" in err and "target: target 2 is out of range" in err
     assert shardgrad(capsys, "predict", job_id, "--input", "-1,0.5")[0] == 0
+    for command, flag, row, value in [  # refused before any request, without a traceback
+        ("explain", "--input", 1, "nan,1"),
+        ("explain", "--baseline", 0, "inf,0"),
+        ("predict", "--input", 1, "1e400,2"),
+    ]:
+        argv = [command, job_id, "--input", "0.1,0.2", flag, value]
+        code, _, err = shardgrad(capsys, *argv)
+        assert code == 1 and err == f"error: {flag} row {row} is not all finite numbers: {value}\n"
 
     code, out, _ = shardgrad(capsys, "graph", job_id)
     graph = json.loads(out)

@@ -273,6 +273,18 @@ def test_non_finite_numbers_in_the_raw_body_are_422(moons, literal):
     assert locs(raw_post(client, f"{url}/predict", predict_body)) == [("body", "inputs", 0, 0)]
 
 
+def test_values_beyond_a_float32_models_range_are_422_for_predict_and_explain(env):
+    client, _ = env
+    url, _ = trained(env, steps=1, dtype="float32")
+    body = {"inputs": [[0.1, 0.2], [0.1, 1e39]]}  # finite in JSON, inf in float32
+    for route in ("predict", "explain"):
+        assert locs(client.post(f"{url}/{route}", json=body)) == [("body", "inputs", 1, 1)], route
+    assert client.post(f"{url}/predict", json={"inputs": [[0.1, 3e38]]}).status_code == 200
+    assert locs(client.post(f"{url}/predict", json=body | {"method": "gradient"})) == [
+        ("body", "method")
+    ]
+
+
 def test_integrated_gradients_work_is_capped(moons):
     client, url, _ = moons
     rows = MAX_PATH_VALUES // (2 * 1024) + 1  # just over the limit for width 2 at 1024 steps

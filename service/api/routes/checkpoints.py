@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 
@@ -70,6 +71,18 @@ def predict(
         for i, row in enumerate(body.inputs)
         if len(row) != width
     ]
+    if not errors:  # finite in JSON, but not in a float32 model: as explain says it
+        with np.errstate(over="ignore"):
+            X = np.asarray(body.inputs, dtype=np.float64).astype(spec.dtype)
+        errors = [
+            {
+                "loc": ("body", "inputs", int(i), int(j)),
+                "msg": f"inputs[{i}][{j}] is not finite in the model's {spec.dtype}",
+                "type": "value_error",
+                "input": body.inputs[i][j],
+            }
+            for i, j in zip(*np.nonzero(~np.isfinite(X)), strict=True)
+        ]
     if errors:
         raise RequestValidationError(errors[:20])
     predictor: Predictor = request.app.state.predictor
