@@ -37,7 +37,10 @@ class Run:
     workers: int
     cpus: float
     stop: threading.Event = field(default_factory=threading.Event)
-    reason: str | None = None  # "cancel" or "shutdown", once stop is set
+    # Set with stop when this process may no longer own the job: the Trainer ends without
+    # writing anything more, since another process may be resuming it.
+    abandon: threading.Event = field(default_factory=threading.Event)
+    reason: str | None = None  # "cancel", "shutdown" or "abandon", once stop is set
     thread: threading.Thread | None = None
     metrics: dict = field(default_factory=dict)
     worker_nodes: list[str] = field(default_factory=list)
@@ -78,7 +81,8 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
         self._cap = Capacity(0.0, 0.0)
         self._cap_at = 0.0  # monotonic time of the last good read of Ray
-        self._beat_at = 0.0
+        self._held_at = time.monotonic()  # the last heartbeat that reached the store
+        self._lease_thread: threading.Thread | None = None
         self.steps_total = 0
         self.health_warnings: collections.Counter[str] = collections.Counter()  # by kind
         self._step_times: collections.deque[float] = collections.deque(maxlen=10_000)
@@ -93,8 +97,11 @@ class Dispatcher:
             self.settings.lease_s, owner=self.owner, everyone=self.store.single_process
         ):
             log.info("job %s was left running; it goes back to the queue to resume", job_id)
+        self._held_at = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
         self._thread.start()
+        self._lease_thread = threading.Thread(target=self._lease_loop, name="lease", daemon=True)
+        self._lease_thread.start()
 
     def shutdown(self, timeout: float = 120.0) -> None:
         """Graceful stop: every running job checkpoints at its current step and is queued
@@ -110,8 +117,9 @@ class Dispatcher:
         for run in runs:
             if run.thread is not None:
                 run.thread.join(max(0.0, deadline - time.monotonic()))
-        if self._thread is not None:
-            self._thread.join(5)
+        for thread in (self._thread, self._lease_thread):
+            if thread is not None:
+                thread.join(5)
 
     def wake(self) -> None:
         if not self.settings.paused:
@@ -170,16 +178,48 @@ class Dispatcher:
         self._cap = self.cluster.capacity()
         self._cap_at = time.monotonic()
 
+    def _lease_loop(self) -> None:
+        """Renew this process's leases, and never run a job another process may be running.
+
+        On its own thread, so a slow Ray call in the dispatcher's loop cannot delay it. A
+        job the heartbeat no longer finds ours was taken back (our lease lapsed while we
+        stalled): its Trainer is abandoned. If the store has been out of reach for half a
+        lease, every Trainer is abandoned before any other process may take its job; the
+        jobs go back to the queue when their leases lapse and resume from their newest
+        checkpoint, in whichever process claims them.
+        """
+        s = self.settings
+        while not self._stopping.wait(s.heartbeat_s):
+            began = time.monotonic()
+            with self._lock:
+                runs = [r for r in self.runs.values() if not r.abandon.is_set()]
+            try:
+                held = self.store.heartbeat(self.owner, [r.job_id for r in runs])
+                self._held_at = began
+                lost = [r for r in runs if r.job_id not in held]
+                self._abandon(lost, "its lease lapsed and the job was taken back")
+                self.store.reclaim_orphans(s.lease_s)  # other processes' lapsed leases
+            except Exception:  # the store is out of reach: keep trying, within the lease
+                log.exception("heartbeat failed")
+            if time.monotonic() - self._held_at > s.lease_s / 2:
+                with self._lock:
+                    runs = list(self.runs.values())
+                silent = time.monotonic() - self._held_at
+                self._abandon(runs, f"no heartbeat reached the store for {silent:.0f}s")
+
+    def _abandon(self, runs: list[Run], why: str) -> None:
+        for run in runs:
+            if not run.abandon.is_set():
+                log.warning("abandoning job %s: %s", run.job_id, why)
+                run.reason = "abandon"
+                run.abandon.set()
+                run.stop.set()
+
     def _tick(self) -> None:
-        now = time.monotonic()
         # Submissions wake the loop; Ray is asked at most once per poll interval (our own
         # reservations keep the figure right in between).
-        if now - self._cap_at >= self.settings.poll_interval_s:
+        if time.monotonic() - self._cap_at >= self.settings.poll_interval_s:
             self._refresh()
-        if now - self._beat_at >= self.settings.heartbeat_s:
-            self._beat_at = now
-            self.store.heartbeat(self.owner)
-            self.store.reclaim_orphans(self.settings.lease_s)  # other processes' lapsed leases
         for job_id in self.store.owned(self.owner, "cancelling"):  # cancels via other processes
             self.cancel(job_id)
         self._dispatch()
@@ -229,6 +269,7 @@ class Dispatcher:
                 out_dir,
                 callback=lambda event: self._on_event(run, event),
                 stop_event=run.stop,
+                abandon_event=run.abandon,
                 ray_address=self.settings.ray_address,
             )
         except Exception as err:  # anything the Trainer did not turn into a summary
@@ -246,6 +287,10 @@ class Dispatcher:
     def _settle(self, run: Run, summary: dict) -> None:
         status, error = summary.get("status"), summary.get("error")
         store, owner = self.store, self.owner
+        if run.abandon.is_set():  # back to the queue, unless another process took it already
+            message = f"{owner} abandoned it at step {summary.get('steps')}; will resume"
+            store.requeue(run.job_id, owner, message)
+            return
         final = {"summary": summary, "eta_s": None}
         if summary.get("steps") is not None:
             final["step"] = summary["steps"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -254,13 +254,16 @@ class JobStore:
                     claimed.append(job)
         return claimed
 
-    def heartbeat(self, owner: str) -> None:
+    def heartbeat(self, owner: str, job_ids: Collection[str]) -> set[str]:
+        """Renew the leases of the jobs `owner` runs; return those it still holds. One it
+        runs that is missing was taken back (its lease lapsed): its Trainer must stop.
+        Only running Trainers renew: a job its owner no longer runs lapses and is resumed."""
+        if not job_ids:
+            return set()
         with self._tx() as s:
-            s.execute(
-                update(JobRow)
-                .where(JobRow.owner == owner, JobRow.status.in_(ACTIVE))
-                .values(heartbeat_at=utcnow())
-            )
+            held = (JobRow.id.in_(job_ids), JobRow.owner == owner, JobRow.status.in_(ACTIVE))
+            s.execute(update(JobRow).where(*held).values(heartbeat_at=utcnow()))
+            return set(s.scalars(select(JobRow.id).where(*held)))
 
     def progress(self, job_id: str, owner: str, values: dict, point: dict | None = None) -> None:
         """Persist a Trainer event: progress columns of the job, and its metric point."""

@@ -153,6 +153,28 @@ def test_stop_and_resume_is_bit_identical(tmp_path, exchange, uninterrupted):
     assert again == second
 
 
+def test_an_abandoned_run_writes_nothing_more_and_resumes_bit_identically(
+    tmp_path, exchange, uninterrupted
+):
+    """The service lost the job's lease: its Trainer stops at once, without the checkpoint
+    a stop writes (another process may be writing there); the job resumes from step 5."""
+
+    def abandon_at_7(event):
+        if event["type"] == "step" and event["step"] == 7:
+            trainer.abandon_event.set()
+            trainer.stop_event.set()
+
+    trainer = Trainer(make_spec(), tmp_path, callback=abandon_at_7)
+    first = run(trainer, exchange)
+    assert first["status"] == "cancelled"
+    assert first["error"] == "abandoned at step 7; nothing written"
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [5]
+    second = run(Trainer(make_spec(), tmp_path), exchange)
+    assert second["status"] == "succeeded" and second["resumed_from_step"] == 5
+    expected = uninterrupted[1]
+    assert all(np.array_equal(final_params(tmp_path)[k], expected[k]) for k in expected)
+
+
 def test_resume_with_other_worker_count_is_close(tmp_path, exchange, uninterrupted):
     def stop_at_4(event):
         if event["type"] == "step" and event["step"] == 4:

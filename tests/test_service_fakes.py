@@ -55,11 +55,12 @@ class FakeCluster:
 
 
 def fake_train(steps=20, pause=0.02, fail: str | None = None):
-    """Behaves like workers.trainer.train: events, stop_event, resume from `done`; a spec
-    named `fail` fails after its first step."""
+    """Behaves like workers.trainer.train: events, stop_event, resume from `done` (a
+    checkpoint, which an abandoned run does not write); a spec named `fail` fails after its
+    first step. `train.abandoned` lists the out dirs of abandoned runs."""
     done: dict[str, int] = {}
 
-    def train(spec, out_dir, *, callback, stop_event, ray_address):
+    def train(spec, out_dir, *, callback, stop_event, ray_address, abandon_event=None):
         key = str(out_dir)
         step = done.get(key, 0)
         callback(
@@ -73,6 +74,9 @@ def fake_train(steps=20, pause=0.02, fail: str | None = None):
         )
         while step < steps:
             if stop_event.wait(pause):
+                if abandon_event is not None and abandon_event.is_set():
+                    train.abandoned.append(key)
+                    return {"status": "cancelled", "steps": step, "error": "abandoned"}
                 done[key] = step
                 return {"status": "cancelled", "steps": step, "error": f"stopped at {step}"}
             step += 1
@@ -92,6 +96,7 @@ def fake_train(steps=20, pause=0.02, fail: str | None = None):
         done[key] = step
         return {"status": "succeeded", "steps": steps, "final_loss": 0.1}
 
+    train.abandoned = []
     return train
 
 

@@ -93,7 +93,7 @@ def test_a_heartbeat_keeps_the_lease_and_a_lapsed_one_requeues_once(pg_url):
     assert not b.single_process
     assert b.reclaim_orphans(60, owner="b", everyone=b.single_process) == []
     lapse(a, *ids)
-    a.heartbeat("a")  # a beat since: the lease is renewed
+    assert a.heartbeat("a", ids) == set(ids)  # a beat since: the lease is renewed
     assert c.reclaim_orphans(60, owner="c", everyone=c.single_process) == []
     assert {a.get(i).owner for i in ids} == {"a"}
 
@@ -115,7 +115,7 @@ def test_a_heartbeat_keeps_the_lease_and_a_lapsed_one_requeues_once(pg_url):
         assert (job.status, job.owner, job.attempts) == ("queued", None, 1)
         assert [e.message for e in a.events(job_id)].count(f"a {RESUME}") == 1
     # a, alive after all, has lost them: it can neither renew nor end them.
-    a.heartbeat("a")
+    assert a.heartbeat("a", ids) == set()
     assert not a.finish(ids[0], "a", "succeeded")
     assert b.reclaim_orphans(60) == [] and a.get(ids[0]).status == "queued"
 

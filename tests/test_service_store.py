@@ -230,7 +230,7 @@ def test_a_replacement_workers_node_joins_the_jobs_worker_nodes(tmp_path, store_
     job_id = new_job(store).id
     seen = []
 
-    def train(spec, out_dir, *, callback, stop_event, ray_address):
+    def train(spec, out_dir, *, callback, stop_event, ray_address, abandon_event):
         callback({"type": "started", "total_steps": 1, "step": 0, "worker_nodes": ["n1", "n2"]})
         seen.append(store.get(job_id).worker_nodes)
         reason = "worker 1 died: its node died"
@@ -247,3 +247,54 @@ def test_a_replacement_workers_node_joins_the_jobs_worker_nodes(tmp_path, store_
     assert seen == [["n1", "n2"]] and store.get(job_id).worker_nodes == ["n1", "n2", "n3"]
     notes = [e.message for e in store.events(job_id)]
     assert "worker 1 died: its node died; the step is recomputed" in notes
+
+
+def test_a_job_taken_back_from_a_stalled_owner_is_abandoned_without_a_write(tmp_path, store_url):
+    """The owner missed its lease (say it stalled), another process took the job: the
+    owner's next heartbeat finds it gone and its Trainer stops without writing."""
+    store = JobStore(store_url)
+    job_id = new_job(store).id
+    train = fake_train(steps=100_000, pause=0.01)
+    d = make_dispatcher(tmp_path, store, train, heartbeat_s=0.05, max_concurrent_jobs=1)
+    d.start()
+    try:
+        wait_for(lambda: store.get(job_id).status == "running")
+        assert store.reclaim_orphans(0) == [job_id]  # as if d1's lease had lapsed
+        assert [j.id for j in store.claim("b", lambda job: True)] == [job_id]
+        wait_for(lambda: train.abandoned and not d.runs)
+    finally:
+        d.shutdown()
+    job = store.get(job_id)
+    assert (job.status, job.owner) == ("running", "b")  # d1 wrote nothing after losing it
+    assert train.abandoned == [str(tmp_path / "jobs" / job_id)]
+    assert [e.message for e in store.events(job_id)][-1] == "started on b"
+
+
+def test_an_owner_cut_off_from_the_store_abandons_its_jobs_within_half_a_lease(
+    tmp_path, store_url, monkeypatch
+):
+    """No heartbeat reaches the store: before anyone may take the jobs (a lease), their
+    Trainers stop; back in touch, the owner requeues them and they resume."""
+    store = JobStore(store_url)
+    job_id = new_job(store).id
+    train = fake_train(steps=300, pause=0.01)
+    d = make_dispatcher(tmp_path, store, train, heartbeat_s=0.05, lease_s=1.0)
+    d.start()
+    try:
+        wait_for(lambda: store.get(job_id).step > 0)
+        renew = store.heartbeat
+
+        def unreachable(owner, job_ids):
+            raise OSError("the database is unreachable")
+
+        monkeypatch.setattr(store, "heartbeat", unreachable)
+        cut_at = time.monotonic()
+        wait_for(lambda: train.abandoned, timeout=5)
+        assert time.monotonic() - cut_at < 1.0  # within the lease: nobody else ran it yet
+        monkeypatch.setattr(store, "heartbeat", renew)
+        wait_for(lambda: store.get(job_id).status == "succeeded")
+    finally:
+        d.shutdown()
+    job = store.get(job_id)
+    assert job.attempts == 2 and job.step == 300
+    assert any("d1 abandoned it at step" in (e.message or "") for e in store.events(job_id))

@@ -6,11 +6,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from workers import checkpoint as ckpt
+from workers.cli import main as cli_main
+from workers.cli import run_dir_name
 from workers.trainer import Trainer
 
 from .test_distributed import make_spec
@@ -127,3 +130,201 @@ def test_schema_command_prints_the_json_schema():
     out, _ = proc.communicate(timeout=60)
     schema = json.loads(out)
     assert {"model", "data", "optimizer", "batch_size"} <= set(schema["properties"])
+
+
+# -- failures keep the --json contract (issue #3) ------------------------------------------------
+
+CONTRACT_KEYS = {
+    "status",
+    "steps",
+    "epochs",
+    "final_loss",
+    "val_loss",
+    "val_accuracy",
+    "checkpoint",
+    "worker_nodes",
+    "elapsed_s",
+    "worker_failures",
+    "resumed_from_step",
+}
+
+
+def last_json_line(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def assert_failed_summary(summary: dict) -> None:
+    assert set(summary) >= CONTRACT_KEYS | {"error"}
+    assert summary["status"] == "failed" and summary["error"]
+    assert type(summary["steps"]) is int and type(summary["epochs"]) is int
+    assert summary["checkpoint"] is None or Path(summary["checkpoint"]).is_dir()
+    assert isinstance(summary["worker_nodes"], list)
+    assert type(summary["worker_failures"]) is int
+    assert isinstance(summary["elapsed_s"], int | float)
+    # Nothing is evaluated after a failure: the weights may not be finite.
+    assert summary["final_loss"] is summary["val_loss"] is summary["val_accuracy"] is None
+
+
+def assert_no_non_finite_checkpoint(out) -> None:
+    for path in (out / "checkpoints").glob("step-*"):
+        checkpoint = ckpt.load_checkpoint(path)
+        assert all(np.isfinite(a).all() for a in checkpoint.model_state.values()), path
+
+
+def test_divergence_json_summary_keeps_the_contract(tmp_path, ray_address):
+    spec = make_spec(
+        model={"type": "mlp", "sizes": [2, 16, 1], "activation": "relu"},
+        loss="mse",
+        optimizer={"type": "sgd", "lr": 50.0},
+        epochs=5,
+        checkpoint_every=2,
+    )
+    spec_file = write_spec(tmp_path / "spec.json", spec)
+    out = tmp_path / "run"
+    proc = cli("train", spec_file, "--out", out, "--json", "--ray-address", ray_address)
+    stdout, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1, err
+    summary = last_json_line(stdout)
+    assert_failed_summary(summary)
+    steps = summary["steps"]
+    assert summary["error"] in {f"diverged at step {steps + 1} (loss={x})" for x in ("nan", "inf")}
+    assert summary["epochs"] == steps // 6  # 6 steps per epoch
+    assert summary["resumed_from_step"] is None and len(summary["worker_nodes"]) == 1
+    good = ckpt.list_checkpoints(out)
+    assert good and summary["checkpoint"] == str(good[-1].path)  # the newest good one
+    assert_no_non_finite_checkpoint(out)
+
+
+def test_spec_mismatch_summary_points_at_no_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    other = make_spec(optimizer={"type": "sgd", "lr": 0.5})
+    ckpt.save_checkpoint(out, 5, {"w": np.zeros(2)}, {}, {"spec_hash": other.spec_hash()})
+    summary = Trainer(make_spec(), out).run()
+    assert_failed_summary(summary)
+    assert "different spec" in summary["error"]
+    assert (summary["steps"], summary["epochs"], summary["checkpoint"]) == (0, 0, None)
+
+
+def test_parameters_overflowing_to_inf_are_never_checkpointed(tmp_path, ray_address):
+    # Step 1's loss and gradient are finite, but lr * gradient overflows float32.
+    spec = make_spec(
+        model={"type": "mlp", "sizes": [2, 8, 1], "activation": "tanh", "bias_init": 10.0},
+        loss="mse",
+        dtype="float32",
+        optimizer={"type": "sgd", "lr": 1e38},
+        checkpoint_every=1,
+    )
+    spec_file = write_spec(tmp_path / "spec.json", spec)
+    out = tmp_path / "run"
+    proc = cli("train", spec_file, "--out", out, "--json", "--ray-address", ray_address)
+    stdout, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1, err
+    summary = last_json_line(stdout)
+    assert_failed_summary(summary)
+    assert summary["error"] == "diverged at step 1 (parameters not finite)"
+    assert (summary["steps"], summary["epochs"], summary["checkpoint"]) == (1, 0, None)
+    assert_no_non_finite_checkpoint(out)
+    assert ckpt.list_checkpoints(out) == []
+
+
+def bad_spec_file(tmp_path):
+    bad = json.loads(make_spec().model_dump_json())
+    bad["model"]["sizes"][0] = 3
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    return path
+
+
+def broken_json_file(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text("{not json")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (
+            lambda tmp: [bad_spec_file(tmp)],
+            "model.sizes[0] is 3 but dataset 'moons' has 2 features",
+        ),
+        (
+            lambda tmp: [tmp / "missing.json"],
+            "cannot read spec",
+        ),
+        (
+            lambda tmp: [broken_json_file(tmp)],
+            "Invalid JSON",
+        ),
+        (
+            lambda tmp: [write_spec(tmp / "spec.json", make_spec()), "--workers", "0"],
+            "invalid --workers 0:\n  workers: Input should be greater than or equal to 1",
+        ),
+        (
+            lambda tmp: [write_spec(tmp / "spec.json", make_spec()), "--workers", "two"],
+            "invalid --workers two:\n  workers: Input should be a valid integer",
+        ),
+    ],
+    ids=["invalid-spec", "missing-file", "invalid-json", "workers-0", "workers-not-int"],
+)
+def test_usage_errors_end_with_a_json_summary(tmp_path, make_args, message):
+    proc = cli("train", *make_args(tmp_path), "--json", env={**os.environ, "RAY_ADDRESS": ""})
+    stdout, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert message in err and "pydantic" not in err  # readable, no raw ValidationError text
+    summary = last_json_line(stdout)
+    assert_failed_summary(summary)
+    assert summary["error"] == err.strip().removeprefix("error: ")
+    assert (summary["steps"], summary["epochs"], summary["checkpoint"]) == (0, 0, None)
+    assert (summary["worker_nodes"], summary["worker_failures"]) == ([], 0)
+    assert summary["resumed_from_step"] is None
+
+
+def test_an_unexpected_exception_ends_with_a_json_summary(tmp_path, monkeypatch, capsys):
+    def crash(self):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(Trainer, "_run", crash)
+    spec_file = write_spec(tmp_path / "spec.json", make_spec())
+    code = cli_main(["train", str(spec_file), "--out", str(tmp_path / "run"), "--json"])
+    stdout, err = capsys.readouterr()
+    assert code == 1
+    summary = last_json_line(stdout)
+    assert_failed_summary(summary)
+    assert summary["error"] == "unexpected RuntimeError: boom (traceback on stderr)"
+    assert "Traceback (most recent call last)" in err and "second line" in err
+
+
+# -- the default --out -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("moons", "moons"),
+        ("moons v2 (lr=0.1)", "moons-v2-lr-0.1-"),
+        ("../../etc", "-..-etc"),
+        ("..", "run"),
+        ("/", "-"),
+        (".hidden", "hidden"),
+        ("a/b\\c\x00d", "a-b-c-d"),
+        ("ünïcode", "-n-code"),
+    ],
+)
+def test_run_dir_name_is_one_safe_directory(tmp_path, name, expected):
+    assert run_dir_name(name) == expected
+    runs = tmp_path / "runs"
+    assert (runs / run_dir_name(name)).resolve().parent == runs.resolve()
+
+
+def test_default_out_of_an_unsafe_name_stays_under_runs(tmp_path, ray_address):
+    spec_file = write_spec(tmp_path / "spec.json", make_spec(name="../../escape", epochs=1))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    proc = cli("train", spec_file, "--json", "--ray-address", ray_address, cwd=cwd)
+    stdout, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    checkpoint = (cwd / last_json_line(stdout)["checkpoint"]).resolve()
+    assert checkpoint.is_relative_to((cwd / "runs" / "-..-escape").resolve())
+    assert [p.name for p in cwd.iterdir()] == ["runs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "spec.json"]

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from workers.health import new_warnings
-from workers.spec import SpecError, TrainingSpec, load_spec
+from workers.spec import SpecError, TrainingSpec, format_validation_error, load_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,8 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a spec on Ray (resumes from --out if possible)")
     train.add_argument("spec", type=Path, help="training spec (JSON)")
-    train.add_argument("--workers", type=int, help="override the spec's worker count")
-    train.add_argument("--out", type=Path, help="run directory (default ./runs/<name>)")
+    # Not type=int: the spec validates it, so a bad value fails like a bad spec (with --json too).
+    train.add_argument("--workers", metavar="N", help="override the spec's worker count")
+    train.add_argument(
+        "--out", type=Path, help="run directory (default ./runs/<name>, made safe as a dir name)"
+    )
     train.add_argument("--ray-address", help="attach to this Ray cluster (default $RAY_ADDRESS)")
     train.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     train.set_defaults(func=cmd_train)
@@ -78,22 +85,36 @@ class ProgressBar:
             self.bar.close()
 
 
+_UNSAFE_IN_DIR_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def run_dir_name(name: str) -> str:
+    """A spec's free-text `name` as one safe directory name, for the default ./runs/<name>:
+    runs of characters other than [A-Za-z0-9._-] become '-', leading dots go (so no '..'
+    and no hidden directory), and an empty result becomes 'run'."""
+    return _UNSAFE_IN_DIR_NAME.sub("-", name).lstrip(".") or "run"
+
+
 def cmd_train(args) -> int:
-    from workers.trainer import train
+    from workers.trainer import Trainer, run_summary
+
+    def usage_error(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        if args.json:
+            print(json.dumps(run_summary("failed", 0, error=message)))
+        return 2
 
     try:
         spec = load_spec(args.spec)
     except SpecError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return usage_error(str(err))
     if args.workers is not None:
-        spec = spec.model_copy(update={"workers": args.workers})
         try:
-            spec = TrainingSpec.model_validate(spec.model_dump())
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    out = args.out or Path("runs") / spec.name
+            spec = TrainingSpec.model_validate(spec.model_dump() | {"workers": args.workers})
+        except ValidationError as err:
+            errors = format_validation_error(err).replace("\n", "\n  ")
+            return usage_error(f"invalid --workers {args.workers}:\n  {errors}")
+    out = args.out or Path("runs") / run_dir_name(spec.name)
 
     stop = threading.Event()
 
@@ -105,11 +126,18 @@ def cmd_train(args) -> int:
 
     previous = signal.signal(signal.SIGINT, interrupt)
     bar = ProgressBar()
+    trainer = Trainer(spec, out, callback=bar, stop_event=stop, ray_address=args.ray_address)
     try:
-        summary = train(spec, out, callback=bar, stop_event=stop, ray_address=args.ray_address)
-    finally:
-        bar.close()
-        signal.signal(signal.SIGINT, previous)
+        try:
+            summary = trainer.run()
+        finally:
+            bar.close()
+            signal.signal(signal.SIGINT, previous)
+    except Exception as err:  # a bug or an environment problem, not a failure the Trainer reports
+        traceback.print_exc()
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        error = f"unexpected {type(err).__name__}: {first_line} (traceback on stderr)"
+        summary = trainer.failed(error)
 
     interrupted = summary["status"] == "cancelled"
     if interrupted:

@@ -69,13 +69,19 @@ class Trainer:
         workers: int | None = None,
         callback: Callback | None = None,
         stop_event: threading.Event | None = None,
+        abandon_event: threading.Event | None = None,
         ray_address: str | None = None,
     ):
+        """`stop_event`: stop after the current step with a checkpoint ("cancelled").
+        `abandon_event` (set with stop_event): stop without writing anything more, because
+        the job may no longer be ours (the service lost its lease; another process may be
+        resuming it from the same directory)."""
         self.spec = spec
         self.out = Path(out_dir)
         self.n_workers = workers or spec.workers
         self.callback = callback or (lambda event: None)
         self.stop_event = stop_event or threading.Event()
+        self.abandon_event = abandon_event or threading.Event()
         self.ray_address = ray_address
 
     # -- the run ---------------------------------------------------------------
@@ -84,24 +90,52 @@ class Trainer:
         """Train to the end (or until stopped); failures come back as status 'failed'."""
         self.start = time.perf_counter()
         self.step, self.pool, self.health = 0, None, None
+        self.schedule, self.resumed_from = None, None  # known once the spec is checked
         try:
             return self._run()
         except (TrainingError, WorkerFailure, ClusterTooSmall) as err:
-            return self._failed(str(err))
+            return self.failed(str(err))
 
-    def _failed(self, error: str) -> dict:
-        pool = self.pool
-        summary = {
-            "status": "failed",
-            "steps": self.step,
-            "error": error,
-            "worker_nodes": list(pool.node_ids) if pool else [],
-            "worker_failures": pool.failures if pool else 0,
-            "elapsed_s": round(time.perf_counter() - self.start, 3),
-        }
-        if self.health is not None:
-            summary["health"] = self.health.summary()
-        return summary
+    def failed(self, error: str) -> dict:
+        """The summary of a run that stopped with `error`. Nothing is evaluated (the weights
+        may not be finite); `checkpoint` is the newest good one to resume from, if any."""
+        return self._report(
+            "failed",
+            self.step,
+            self.schedule,
+            self.pool,
+            self.start,
+            self.resumed_from,
+            checkpoint=self._newest_checkpoint(),
+            error=error,
+        )
+
+    def _newest_checkpoint(self) -> str | None:
+        """The newest verified checkpoint of this spec under the run directory, or None."""
+        good = ckpt.list_checkpoints(self.out)
+        if not good:
+            return None
+        try:
+            state = ckpt.load_checkpoint(good[-1].path).state
+        except ckpt.CheckpointError:  # changed since it was listed
+            return None
+        # After a SpecMismatch the directory holds another spec's checkpoints: not ours.
+        return str(good[-1].path) if state.get("spec_hash") == self.spec.spec_hash() else None
+
+    def _report(self, status, step, schedule, pool, start, resumed_from, **results) -> dict:
+        """`run_summary` from what the trainer knows; `schedule` and `pool` may be None."""
+        return run_summary(
+            status,
+            step,
+            epochs=step // schedule.steps_per_epoch if schedule is not None else 0,
+            worker_nodes=list(pool.node_ids) if pool is not None else [],
+            exchange=pool.kind if pool is not None else None,
+            elapsed_s=round(time.perf_counter() - start, 3),
+            worker_failures=pool.failures if pool is not None else 0,
+            resumed_from_step=resumed_from,
+            health=self.health.summary() if self.health is not None else None,
+            **results,
+        )
 
     def _run(self) -> dict:
         start = self.start
@@ -131,6 +165,7 @@ class Trainer:
             failures = latest.state.get("worker_failures", 0)
             history = latest.state.get("metrics", [])
         resumed_from = step if latest is not None else None
+        self.schedule, self.resumed_from = schedule, resumed_from  # for failed()
         health = self.health = HealthMonitor(
             model, spec.health_every, latest.state.get("health") if latest else None
         )
@@ -156,7 +191,14 @@ class Trainer:
         )
         self.pool = pool
 
-        def save(at_step: int, **extra) -> Path:
+        def save(at_step: int, **extra) -> Path | None:
+            if self.abandon_event.is_set():  # no longer ours to write
+                return None
+            model_state = model.state_dict()
+            # A finite gradient can still overflow the weights (float32, a huge lr). Checked
+            # here rather than every step: no per-step cost, and never a non-finite checkpoint.
+            if not all(np.isfinite(a).all() for a in model_state.values()):
+                raise Diverged(f"diverged at step {at_step} (parameters not finite)")
             state = {
                 "step": at_step,
                 "epoch": at_step // schedule.steps_per_epoch,
@@ -169,7 +211,7 @@ class Trainer:
             path = ckpt.save_checkpoint(
                 self.out,
                 at_step,
-                model.state_dict(),
+                model_state,
                 opt.state_dict(),
                 state,
                 keep=spec.keep_checkpoints,
@@ -190,7 +232,7 @@ class Trainer:
         try:
             while step < schedule.total_steps:
                 if self.stop_event.is_set():
-                    save(step)
+                    written = save(step) is not None
                     return self._summary(
                         "cancelled",
                         step,
@@ -200,7 +242,9 @@ class Trainer:
                         pool,
                         start,
                         resumed_from,
-                        error=f"stopped at step {step}; checkpoint written",
+                        error=f"stopped at step {step}; checkpoint written"
+                        if written
+                        else f"abandoned at step {step}; nothing written",
                     )
                 t0 = time.perf_counter()
                 idx = schedule.batch(step)
@@ -261,24 +305,60 @@ class Trainer:
     def _summary(self, status, step, schedule, model, data, pool, start, resumed_from, error=None):
         train = evaluate(model, self.spec.loss, data.X, data.y, data.classify)
         val = evaluate(model, self.spec.loss, data.X_val, data.y_val, data.classify)
-        summary = {
-            "status": status,
-            "steps": step,
-            "epochs": step // schedule.steps_per_epoch,
-            "final_loss": train["loss"],
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-            "checkpoint": str(ckpt.checkpoint_dir(self.out, f"step-{step}")),
-            "worker_nodes": list(pool.node_ids),
-            "exchange": pool.kind,
-            "elapsed_s": round(time.perf_counter() - start, 3),
-            "worker_failures": pool.failures,
-            "resumed_from_step": resumed_from,
-            "health": self.health.summary(),
-        }
-        if error:
-            summary["error"] = error
-        return summary
+        return self._report(
+            status,
+            step,
+            schedule,
+            pool,
+            start,
+            resumed_from,
+            final_loss=train["loss"],
+            val_loss=val["loss"],
+            val_accuracy=val["accuracy"],
+            checkpoint=str(ckpt.checkpoint_dir(self.out, f"step-{step}")),
+            error=error,
+        )
+
+
+def run_summary(
+    status: str,
+    steps: int,
+    *,
+    epochs: int = 0,
+    final_loss: float | None = None,
+    val_loss: float | None = None,
+    val_accuracy: float | None = None,
+    checkpoint: str | None = None,
+    worker_nodes: list[str] | None = None,
+    exchange: str | None = None,
+    elapsed_s: float = 0.0,
+    worker_failures: int = 0,
+    resumed_from_step: int | None = None,
+    health: dict | None = None,
+    error: str | None = None,
+) -> dict:
+    """A run's summary, as `train` returns it and `shardgrad train --json` prints it, with
+    every key of that contract; what a run never got to is None, 0 or []. `health` and
+    `error` are only present when given."""
+    summary = {
+        "status": status,
+        "steps": steps,
+        "epochs": epochs,
+        "final_loss": final_loss,
+        "val_loss": val_loss,
+        "val_accuracy": val_accuracy,
+        "checkpoint": checkpoint,
+        "worker_nodes": list(worker_nodes or []),
+        "exchange": exchange,
+        "elapsed_s": elapsed_s,
+        "worker_failures": worker_failures,
+        "resumed_from_step": resumed_from_step,
+    }
+    if health is not None:
+        summary["health"] = health
+    if error is not None:
+        summary["error"] = error
+    return summary
 
 
 def train(spec: TrainingSpec, out_dir: str | Path, **kwargs) -> dict:
