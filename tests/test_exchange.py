@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -182,6 +183,45 @@ def test_a_broken_channel_mid_run_falls_back_and_recomputes_the_step(
     assert summary["status"] == "succeeded" and summary["worker_failures"] == 0
     assert trainer.pool.kind == "tasks"
     assert "simulated: channel closed" in trainer.pool.fallback_reason
+    assert all(g.is_teardown for g in graphs)
+    assert same(final_params(tmp_path), reference)
+
+
+@ray.remote(num_cpus=0)
+def _never_answers() -> None:
+    time.sleep(3600)
+
+
+def test_a_stuck_step_falls_back_instead_of_hanging(tmp_path, monkeypatch, graphs, reference):
+    """Every worker alive, no answer: past the step timeout (or 50 times the slowest step)
+    the graph is torn down and the step recomputed on tasks."""
+    monkeypatch.setenv(ex.STEP_TIMEOUT_ENV, "1.5")
+    init = ex.CompiledExchange.__init__
+    calls, stuck = {"n": 0}, []
+
+    def stalling(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        execute = self.graph.execute
+
+        def execute_or_stall(*inputs):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                stuck.append(_never_answers.remote())
+                return stuck[-1]
+            return execute(*inputs)
+
+        self.graph.execute = execute_or_stall
+
+    monkeypatch.setattr(ex.CompiledExchange, "__init__", stalling)
+    trainer = Trainer(make_spec(epochs=2, exchange="compiled"), tmp_path)
+    try:
+        summary = trainer.run()
+    finally:
+        for ref in stuck:
+            ray.cancel(ref, force=True)
+    assert summary["status"] == "succeeded" and summary["worker_failures"] == 0
+    assert trainer.pool.kind == "tasks"
+    assert re.search(r"step gave no answer in [\d.]+s", trainer.pool.fallback_reason)
     assert all(g.is_teardown for g in graphs)
     assert same(final_params(tmp_path), reference)
 

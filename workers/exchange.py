@@ -45,6 +45,10 @@ EXCHANGES = ("auto", "compiled", "tasks")
 ENV = "SHARDGRAD_EXCHANGE"
 PIN_ENV = "SHARDGRAD_PIN_WORKERS"  # "0": leave the compiled graph's workers unpinned
 PROBE_TIMEOUT_S = 60.0  # how long a live actor may take to answer after a failed step
+# A compiled step with every worker alive that answers within neither this nor 50 times the
+# slowest step so far is stuck in the transport: the job falls back to tasks, never hangs.
+STEP_TIMEOUT_ENV = "SHARDGRAD_STEP_TIMEOUT_S"
+STEP_TIMEOUT_S = 300.0
 _compile_lock = threading.Lock()  # the service compiles graphs from several job threads
 CORE_LOCK = os.path.join(tempfile.gettempdir(), "shardgrad-cores.lock")  # one per node
 
@@ -201,6 +205,8 @@ class CompiledExchange:
         from ray.dag import DAGContext, InputNode, MultiOutputNode
 
         self.actors, self.graph = actors, None
+        self.slowest = 0.0  # seconds, of the steps so far
+        self.timeout_floor = float(os.environ.get(STEP_TIMEOUT_ENV, STEP_TIMEOUT_S))
         try:
             if os.environ.get(PIN_ENV, "1") != "0":
                 ray.get([a.pin.remote() for a in actors])
@@ -216,15 +222,21 @@ class CompiledExchange:
             self._diagnose(err, "could not compile")
 
     def __call__(self, flat: np.ndarray, pieces: list[np.ndarray]) -> list[tuple]:
+        # A dead actor makes Ray's graph monitor tear the graph down at once, and the get
+        # raises ActorDiedError; a slow step may take many times the slowest one so far.
+        timeout = max(self.timeout_floor, 50 * self.slowest)
+        began = time.monotonic()
         try:
-            # A dead actor makes Ray's graph monitor tear the graph down at once, and the
-            # get raises ActorDiedError; -1 waits as long as a slow step needs, like tasks.
-            results = ray.get(self.graph.execute(flat, *pieces), timeout=-1)
+            results = ray.get(self.graph.execute(flat, *pieces), timeout=timeout)
         except Exception as err:  # ActorDiedError, channel errors, anything of Ray's
             if isinstance(err, RayTaskError) and not isinstance(err.cause, RayError):
                 _forget_frames(err)  # its message keeps the worker's traceback
                 raise err from None  # the step's own error (a bug, not the transport)
-            self._diagnose(err, "step failed")
+            what = "step failed"
+            if isinstance(err, TimeoutError):  # no worker died, yet no answer: stuck
+                what = f"step gave no answer in {timeout:.3g}s"
+            self._diagnose(err, what)
+        self.slowest = max(self.slowest, time.monotonic() - began)
         # Zero-copy views of the channels' buffers: a worker cannot write its next result
         # while a view of its buffer lives, so the caller must be done with them by then.
         return results
