@@ -171,6 +171,20 @@ def assert_no_non_finite_checkpoint(out) -> None:
         assert all(np.isfinite(a).all() for a in checkpoint.model_state.values()), path
 
 
+def failed_run(tmp_path, spec, ray_address) -> tuple[dict, Path]:
+    """`shardgrad train --json` of a spec that must fail: its summary (checked against the
+    contract) and its run directory, where no checkpoint may hold a non-finite value."""
+    spec_file = write_spec(tmp_path / "spec.json", spec)
+    out = tmp_path / "run"
+    proc = cli("train", spec_file, "--out", out, "--json", "--ray-address", ray_address)
+    stdout, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1, err
+    summary = last_json_line(stdout)
+    assert_failed_summary(summary)
+    assert_no_non_finite_checkpoint(out)
+    return summary, out
+
+
 def test_divergence_json_summary_keeps_the_contract(tmp_path, ray_address):
     spec = make_spec(
         model={"type": "mlp", "sizes": [2, 16, 1], "activation": "relu"},
@@ -179,20 +193,13 @@ def test_divergence_json_summary_keeps_the_contract(tmp_path, ray_address):
         epochs=5,
         checkpoint_every=2,
     )
-    spec_file = write_spec(tmp_path / "spec.json", spec)
-    out = tmp_path / "run"
-    proc = cli("train", spec_file, "--out", out, "--json", "--ray-address", ray_address)
-    stdout, err = proc.communicate(timeout=180)
-    assert proc.returncode == 1, err
-    summary = last_json_line(stdout)
-    assert_failed_summary(summary)
+    summary, out = failed_run(tmp_path, spec, ray_address)
     steps = summary["steps"]
     assert summary["error"] in {f"diverged at step {steps + 1} (loss={x})" for x in ("nan", "inf")}
     assert summary["epochs"] == steps // 6  # 6 steps per epoch
     assert summary["resumed_from_step"] is None and len(summary["worker_nodes"]) == 1
     good = ckpt.list_checkpoints(out)
     assert good and summary["checkpoint"] == str(good[-1].path)  # the newest good one
-    assert_no_non_finite_checkpoint(out)
 
 
 def test_spec_mismatch_summary_points_at_no_checkpoint(tmp_path):
@@ -214,16 +221,9 @@ def test_parameters_overflowing_to_inf_are_never_checkpointed(tmp_path, ray_addr
         optimizer={"type": "sgd", "lr": 1e38},
         checkpoint_every=1,
     )
-    spec_file = write_spec(tmp_path / "spec.json", spec)
-    out = tmp_path / "run"
-    proc = cli("train", spec_file, "--out", out, "--json", "--ray-address", ray_address)
-    stdout, err = proc.communicate(timeout=180)
-    assert proc.returncode == 1, err
-    summary = last_json_line(stdout)
-    assert_failed_summary(summary)
+    summary, out = failed_run(tmp_path, spec, ray_address)
     assert summary["error"] == "diverged at step 1 (parameters not finite)"
     assert (summary["steps"], summary["epochs"], summary["checkpoint"]) == (1, 0, None)
-    assert_no_non_finite_checkpoint(out)
     assert ckpt.list_checkpoints(out) == []
 
 
