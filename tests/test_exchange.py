@@ -158,33 +158,46 @@ def test_a_graph_that_cannot_compile_falls_back_to_tasks(tmp_path, monkeypatch, 
     assert same(final_params(tmp_path), reference)
 
 
+def replace_fifth_step(monkeypatch, step) -> None:
+    """The 5th execute of the compiled graphs calls `step()` instead and returns what it
+    returns (or raises what it raises): a transport fault with every worker alive."""
+    init = ex.CompiledExchange.__init__
+    calls = {"n": 0}
+
+    def patched(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        execute = self.graph.execute
+
+        def execute_or_replace(*inputs):
+            calls["n"] += 1
+            return step() if calls["n"] == 5 else execute(*inputs)
+
+        self.graph.execute = execute_or_replace
+
+    monkeypatch.setattr(ex.CompiledExchange, "__init__", patched)
+
+
+def assert_fell_back_to_tasks(trainer, summary, graphs, reference, reason: str) -> None:
+    """No worker failure, the job on tasks for `reason` (a regex), no lost step."""
+    assert summary["status"] == "succeeded" and summary["worker_failures"] == 0
+    assert trainer.pool.kind == "tasks"
+    assert re.search(reason, trainer.pool.fallback_reason), trainer.pool.fallback_reason
+    assert all(g.is_teardown for g in graphs)
+    assert same(final_params(trainer.out), reference)
+
+
 def test_a_broken_channel_mid_run_falls_back_and_recomputes_the_step(
     tmp_path, monkeypatch, graphs, reference
 ):
     """A transport failure with every worker alive: not a worker failure, and no lost step."""
-    init = ex.CompiledExchange.__init__
-    calls = {"n": 0}
 
-    def flaky(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        execute = self.graph.execute
+    def broken():
+        raise RayChannelError("simulated: channel closed")
 
-        def execute_or_break(*inputs):
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise RayChannelError("simulated: channel closed")
-            return execute(*inputs)
-
-        self.graph.execute = execute_or_break
-
-    monkeypatch.setattr(ex.CompiledExchange, "__init__", flaky)
+    replace_fifth_step(monkeypatch, broken)
     trainer = Trainer(make_spec(epochs=2, exchange="compiled"), tmp_path)
     summary = trainer.run()
-    assert summary["status"] == "succeeded" and summary["worker_failures"] == 0
-    assert trainer.pool.kind == "tasks"
-    assert "simulated: channel closed" in trainer.pool.fallback_reason
-    assert all(g.is_teardown for g in graphs)
-    assert same(final_params(tmp_path), reference)
+    assert_fell_back_to_tasks(trainer, summary, graphs, reference, "simulated: channel closed")
 
 
 @ray.remote(num_cpus=0)
@@ -196,34 +209,18 @@ def test_a_stuck_step_falls_back_instead_of_hanging(tmp_path, monkeypatch, graph
     """Every worker alive, no answer: past the step timeout (or 50 times the slowest step)
     the graph is torn down and the step recomputed on tasks."""
     monkeypatch.setenv(ex.STEP_TIMEOUT_ENV, "1.5")
-    init = ex.CompiledExchange.__init__
-    calls, stuck = {"n": 0}, []
-
-    def stalling(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        execute = self.graph.execute
-
-        def execute_or_stall(*inputs):
-            calls["n"] += 1
-            if calls["n"] == 5:
-                stuck.append(_never_answers.remote())
-                return stuck[-1]
-            return execute(*inputs)
-
-        self.graph.execute = execute_or_stall
-
-    monkeypatch.setattr(ex.CompiledExchange, "__init__", stalling)
+    stuck = []
+    replace_fifth_step(monkeypatch, lambda: stuck.append(_never_answers.remote()) or stuck[-1])
     trainer = Trainer(make_spec(epochs=2, exchange="compiled"), tmp_path)
     try:
         summary = trainer.run()
     finally:
         for ref in stuck:
             ray.cancel(ref, force=True)
-    assert summary["status"] == "succeeded" and summary["worker_failures"] == 0
-    assert trainer.pool.kind == "tasks"
-    assert re.search(r"step gave no answer in [\d.]+s", trainer.pool.fallback_reason)
-    assert all(g.is_teardown for g in graphs)
-    assert same(final_params(tmp_path), reference)
+    assert stuck, "the 5th step was not replaced"
+    assert_fell_back_to_tasks(
+        trainer, summary, graphs, reference, r"step gave no answer in [\d.]+s"
+    )
 
 
 # ---------------------------------------------------------------- worker death
