@@ -90,8 +90,8 @@ class Predictor:
         """
         from core import Tensor
         from core.graph import backward_with_graph
+        from workers.data import PreparedData
         from workers.model import LOSSES
-        from workers.trainer import PreparedData
 
         model, name = self._model(spec, out_dir)
         model = copy.deepcopy(model)

@@ -9,10 +9,11 @@ import pytest
 import core.functional as F
 from core import Tensor
 from workers import checkpoint as ckpt
+from workers.data import PreparedData
 from workers.model import LOSSES, build_model, build_optimizer
 from workers.sampler import Schedule, split_batch
 from workers.spec import TrainingSpec
-from workers.trainer import PreparedData, Trainer, train
+from workers.trainer import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

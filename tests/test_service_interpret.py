@@ -13,9 +13,9 @@ from service.api.routes.interpret import MAX_PATH_VALUES
 from tests.test_service_api import locs, submit
 from tests.test_service_fakes import make_client, spec
 from workers.checkpoint import save_checkpoint
+from workers.data import PreparedData
 from workers.model import LOSSES, build_model, build_optimizer, grad_sum
 from workers.spec import TrainingSpec
-from workers.trainer import PreparedData
 
 SINE = {
     "name": "sine",

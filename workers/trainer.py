@@ -21,7 +21,7 @@ import ray
 
 from workers import checkpoint as ckpt
 from workers.cluster import ensure_ray
-from workers.datasets import load_dataset, targets_for, train_val_split
+from workers.data import PreparedData
 from workers.health import HealthMonitor
 from workers.model import build_model, build_optimizer, evaluate
 from workers.pool import ClusterTooSmall, WorkerFailure, WorkerPool
@@ -43,21 +43,6 @@ class Diverged(TrainingError):
 
 class SpecMismatch(TrainingError):
     pass
-
-
-class PreparedData:
-    """Training and validation arrays in the spec's dtype and the loss's target form."""
-
-    def __init__(self, spec: TrainingSpec):
-        dataset = load_dataset(spec.data, spec.seed)
-        train, val = train_val_split(dataset, spec.validation_fraction, spec.seed)
-        dtype = np.dtype(spec.dtype)
-        self.info = dataset.info
-        self.classify = dataset.info.task == "classification"
-        self.X = np.ascontiguousarray(train.X, dtype=dtype)
-        self.y = targets_for(train.y, spec.loss, dtype)
-        self.X_val = np.ascontiguousarray(val.X, dtype=dtype)
-        self.y_val = targets_for(val.y, spec.loss, dtype)
 
 
 class Trainer:

@@ -1,0 +1,40 @@
+"""Settings of the training side: environment variables with the SHARDGRAD_ prefix.
+
+One `WorkerSettings` is made where a run starts (the `shardgrad train` command, the
+service's app) and passed explicitly to what needs it: the Trainer, the datasets and the
+exchange. Nothing reads or writes `os.environ` behind another's back, so two apps in one
+process (or two tests) keep their own settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ExchangeChoice = Literal["auto", "compiled", "tasks"]
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SHARDGRAD_", extra="ignore", populate_by_name=True
+    )
+
+    datasets_dir: Path = Field(Path("var/datasets"), description="where uploads are stored")
+    exchange: ExchangeChoice = Field(
+        "auto", description="the step exchange while a spec says auto ($SHARDGRAD_EXCHANGE)"
+    )
+    pin_workers: bool = Field(
+        True, description="pin compiled-graph workers to free cores ($SHARDGRAD_PIN_WORKERS)"
+    )
+    step_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="a compiled step with every worker alive that answers within neither this "
+        "nor 50x the slowest step so far falls back to tasks ($SHARDGRAD_STEP_TIMEOUT_S)",
+    )
+    ray_address: str | None = Field(
+        None, validation_alias="RAY_ADDRESS", description="the cluster to attach to"
+    )
