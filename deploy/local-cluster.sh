@@ -37,7 +37,8 @@
 # stays for the next `up` unless --purge.
 #
 # Environment:
-#   RAY_BIN                ray executable (default <repo>/.venv/bin/ray; VENV=<dir> also works)
+#   RAY_BIN                ray executable (default <repo>/.venv/bin/ray, else `ray` on PATH;
+#                          VENV=<dir> picks <dir>/bin/ray)
 #   SHARDGRAD_CLUSTER_DIR  state dir (default <repo>/.ray-local-cluster; --state-dir overrides)
 #   SHARDGRAD_CLUSTER_TMP  parent of Ray's per-cluster temp dir (default /tmp; keep it short)
 #   Any RAY_* setting (e.g. RAY_health_check_period_ms) is passed on to every node.
@@ -48,32 +49,47 @@ set -euo pipefail
 
 deploy_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo_root=$(dirname "$deploy_dir")
-RAY_BIN=${RAY_BIN:-${VENV:-$repo_root/.venv}/bin/ray}
+# RAY_BIN if set; else $VENV/bin/ray if VENV is set; else the repo's .venv; else `ray` on PATH.
+if [[ -z ${RAY_BIN:-} ]]; then
+    venv=${VENV:-$repo_root/.venv}
+    if [[ -n ${VENV:-} || -x $venv/bin/ray ]]; then
+        RAY_BIN=$venv/bin/ray
+    else
+        RAY_BIN=$(command -v ray || true)
+    fi
+fi
 
-if [[ ! -x $RAY_BIN ]]; then
-    echo "error: ray executable not found at $RAY_BIN (run \`make test\` to create .venv, or set RAY_BIN)" >&2
+if [[ -z $RAY_BIN || ! -x $RAY_BIN ]]; then
+    echo "error: ray executable not found (${RAY_BIN:-no $repo_root/.venv/bin/ray, no ray on PATH}):" \
+        "run \`make run\` to create .venv, put ray on PATH, or set RAY_BIN" >&2
     exit 2
 fi
 
-# The interpreter that runs $RAY_BIN: the python next to it, else its shebang.
+# The interpreter that runs $RAY_BIN: the first of the python next to it and the one its
+# shebang names that can import ray (a `ray` on PATH may sit beside another Python).
+imports_ray() {
+    [[ -n $1 && -x $1 ]] &&
+        "$1" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("ray") is None)' 2>/dev/null
+}
+shebang_python() {
+    local shebang words
+    read -r shebang <"$RAY_BIN" || true
+    [[ $shebang == '#!'* ]] || return 0
+    read -r -a words <<<"${shebang#\#!}"
+    if [[ ${words[0]:-} == */env ]]; then
+        command -v "${words[1]:-python3}" || true
+    else
+        echo "${words[0]:-}"
+    fi
+}
 python=""
-for candidate in "$(dirname "$RAY_BIN")/python3" "$(dirname "$RAY_BIN")/python"; do
-    if [[ -x $candidate ]]; then
+for candidate in "$(dirname "$RAY_BIN")/python3" "$(dirname "$RAY_BIN")/python" "$(shebang_python)"; do
+    if imports_ray "$candidate"; then
         python=$candidate
         break
     fi
 done
 if [[ -z $python ]]; then
-    read -r shebang <"$RAY_BIN" || true
-    interpreter=${shebang#\#!}
-    read -r -a words <<<"$interpreter"
-    if [[ ${words[0]:-} == */env ]]; then
-        python=$(command -v "${words[1]:-python3}" || true)
-    else
-        python=${words[0]:-}
-    fi
-fi
-if [[ -z $python ]] || ! "$python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("ray") is None)' 2>/dev/null; then
     echo "error: could not find the Python that runs $RAY_BIN (with ray importable)" >&2
     exit 2
 fi

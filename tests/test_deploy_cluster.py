@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -336,3 +337,58 @@ def test_cpu_split_and_port_allocation(monkeypatch):
     ports = list(head.values()) + [p for node in nodes for p in node.values()]
     assert len(ports) == len(set(ports)) == 3 + 2 * 6
     assert port not in ports
+
+
+def _script_copy(tmp_path: Path) -> Path:
+    """deploy/local-cluster.sh in a repo of its own: no .venv beside it, and a local_cluster.py
+    that records how the script ran it instead of starting anything."""
+    deploy = tmp_path / "repo" / "deploy"
+    deploy.mkdir(parents=True)
+    script = deploy / "local-cluster.sh"
+    script.write_text(SCRIPT.read_text())
+    script.chmod(0o755)
+    (deploy / "local_cluster.py").write_text(
+        "import json, os, sys\n"
+        "print(json.dumps({'argv': sys.argv[1:], 'ray_bin': os.environ['RAY_BIN'],"
+        " 'python': sys.executable}))\n"
+    )
+    return script
+
+
+def _fake_ray(path: Path) -> Path:
+    """A `ray` whose shebang names this interpreter (which can import ray), no python beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!{sys.executable}\nraise SystemExit('not the real ray')\n")
+    path.chmod(0o755)
+    return path
+
+
+def _run_copy(script: Path, path: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_BIN", "VENV")}
+    env["PATH"] = path
+    return subprocess.run(
+        [str(script), "status", "--json"], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_script_finds_ray_on_path_without_a_venv(tmp_path):
+    script = _script_copy(tmp_path)
+    system = "/usr/bin:/bin"
+    if shutil.which("ray", path=system):
+        pytest.skip("a ray executable is installed system-wide")
+
+    missing = _run_copy(script, system)
+    assert missing.returncode == 2 and "ray executable not found" in missing.stderr
+
+    on_path = _fake_ray(tmp_path / "bin" / "ray")
+    ran = _run_copy(script, f"{on_path.parent}:{system}")
+    assert ran.returncode == 0, ran.stderr
+    record = json.loads(ran.stdout)
+    assert record["argv"] == ["status", "--json"]
+    assert record["ray_bin"] == str(on_path)
+    assert Path(record["python"]).samefile(sys.executable)
+
+    in_venv = _fake_ray(script.parent.parent / ".venv" / "bin" / "ray")
+    ran = _run_copy(script, f"{on_path.parent}:{system}")
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout)["ray_bin"] == str(in_venv), "the repo's .venv comes first"
