@@ -2,7 +2,11 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# Install stamps carry pyproject.toml's checksum, so an edit to it re-installs. `make run`
+# needs the runtime only; `make test` adds the dev extras (pytest, ruff, torch, Playwright…).
+SUM       := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+RUN_STAMP := $(VENV)/.installed-run-$(SUM)
+DEV_STAMP := $(VENV)/.installed-dev-$(SUM)
 
 .PHONY: run demo test lint bench clean
 
@@ -10,31 +14,35 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# Re-install only when pyproject.toml changes (the stamp carries its checksum).
-$(STAMP): $(PY) pyproject.toml
+$(RUN_STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet -e .
+	rm -f $(VENV)/.installed-run-* && touch $(RUN_STAMP)
+
+# The dev extras include the runtime, so this stamp stands for both.
+$(DEV_STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
-	rm -f $(VENV)/.installed-* && touch $(STAMP)
+	rm -f $(VENV)/.installed-* && touch $(RUN_STAMP) $(DEV_STAMP)
 
 # The service with embedded defaults: SQLite and checkpoints under ./var, Ray on this machine.
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(VENV)/bin/shardgrad serve --data-dir var
 
 # The engine alone (no Ray), then one distributed job from the command line.
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(PY) examples/core_demo.py
 	$(VENV)/bin/shardgrad train examples/moons.json --out var/runs/moons
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+bench: $(RUN_STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/core_step.py
 	$(PY) benchmarks/sync_step.py
 	$(PY) benchmarks/vs_raytrain.py
