@@ -1,4 +1,4 @@
-"""A checkpoint's model.safetensors loads into torch.nn.Sequential as the README shows."""
+"""A checkpoint's model.safetensors loads into torch.nn.Sequential as docs/architecture.md shows."""
 
 import numpy as np
 
