@@ -257,6 +257,40 @@ def test_errors_are_readable(service, capsys):
     assert code == 1 and err.startswith("error: cannot read")
 
 
+def test_every_client_command_prints_one_json_document(service, capsys):
+    def answer(*argv) -> dict:
+        code, out, err = shardgrad(capsys, *argv, "--json")
+        assert code == 0, err
+        return json.loads(out)
+
+    job = answer("submit", service.spec_file())
+    assert job["status"] == "queued" and job["pending_reason"]
+    job_id = job["id"]
+    assert answer("status", job_id) == service.http.get(f"/jobs/{job_id}").json()
+    page = answer("jobs", "--limit", "1")
+    assert [j["id"] for j in page["items"]] == [job_id] and page["next_cursor"] is None
+    assert answer("cancel", job_id)["status"] == "cancelled"
+    assert answer("resume", job_id)["status"] == "queued"
+    checkpoint = {"state": {}}, {"step": 5}
+    model = build_model(TrainingSpec.model_validate(spec()))
+    save_checkpoint(service.tmp_path / "jobs" / job_id, 5, model.state_dict(), *checkpoint)
+    body = {"inputs": [[-1.0, 0.5]]}
+    expected = service.http.post(f"/jobs/{job_id}/predict", json=body).json()
+    assert answer("predict", job_id, "--input", "-1,0.5") == expected
+    graph = answer("graph", job_id, "--format", "dot")  # --json wins: one JSON document
+    assert graph == service.http.get(f"/jobs/{job_id}/graph").json()
+    assert answer("schema") == TrainingSpec.model_json_schema()
+
+
+def test_negative_rows_are_values_in_any_position():
+    argv = ["explain", "j", "--input", "-1,0.5", "--baseline", "-.5,0", "--target", "-1"]
+    assert cli.join_negative_rows(argv) == [
+        *["explain", "j", "--input=-1,0.5", "--baseline=-.5,0", "--target", "-1"]
+    ]
+    args = cli.build_parser().parse_args(cli.join_negative_rows(argv))
+    assert (args.input, args.baseline, args.target) == (["-1,0.5"], ["-.5,0"], -1)
+
+
 def test_unreachable_service(monkeypatch, capsys):
     monkeypatch.delenv("SHARDGRAD_URL", raising=False)
     code, _, err = shardgrad(capsys, "jobs", "--url", "http://127.0.0.1:9")
