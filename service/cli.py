@@ -3,8 +3,10 @@
 shardgrad serve [--host 127.0.0.1] [--port 8000] [--data-dir ./var] [--ray-address ADDR]
 shardgrad submit SPEC.json [--follow]
 shardgrad jobs | status ID | cancel ID | resume ID | predict ID --input 0.3,-0.2
-shardgrad explain ID --input 0.3,-0.2 [--method integrated_gradients] [--target N] [--json]
+shardgrad explain ID --input 0.3,-0.2 [--method integrated_gradients] [--target N]
 shardgrad graph ID [--format json|dot]
+
+Every client command takes --json: one JSON document on stdout, the data it shows.
 """
 
 from __future__ import annotations
@@ -17,17 +19,38 @@ import sys
 from pathlib import Path
 
 from service.client import Client, ClientError
-from workers.cli import build_parser as build_workers_parser
+from workers import render
+from workers.cli import build_parser as build_command_tree
 from workers.explain import METHODS
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+ROW_FLAGS = ("--input", "--baseline")  # options whose value is a comma-separated row
+_NEGATIVE = re.compile(r"-\.?\d")  # a value, not an option: "-1,0.5", "-.5,0"
+ROW_HELP = "one comma-separated row (repeatable)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = build_workers_parser()
-    parser.description = __doc__
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return build_command_tree(add_service_commands, add_client_commands, description=__doc__)
 
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(join_negative_rows(argv))
+    return args.func(args) or 0
+
+
+def join_negative_rows(argv: list[str]) -> list[str]:
+    """`--input -1,0.5` as `--input=-1,0.5`: Python 3.11's argparse takes a value that starts
+    with a minus and is not a plain number for an unknown option (3.13's does not)."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in ROW_FLAGS and _NEGATIVE.match(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def add_service_commands(sub) -> None:
     serve = sub.add_parser("serve", help="run the HTTP job service (embedded Ray by default)")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="default 8000")
@@ -41,16 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=cmd_serve)
 
-    def client_command(name: str, func, help: str) -> argparse.ArgumentParser:
+
+def add_client_commands(sub) -> None:
+    def command(name: str, func, help: str, json_help: str = "print the service's answer as is"):
         p = sub.add_parser(name, help=help)
         p.add_argument("--url", help="service URL (default $SHARDGRAD_URL or 127.0.0.1:8000)")
+        p.add_argument("--json", action="store_true", help=json_help)
         p.set_defaults(func=lambda args: _run_client(func, args))
         return p
 
-    p = client_command("submit", cmd_submit, "submit a training spec to the service")
+    p = command("submit", cmd_submit, "submit a training spec to the service")
     p.add_argument("spec", type=Path, help="training spec (JSON)")
     p.add_argument("--follow", action="store_true", help="show progress until the job ends")
-    p = client_command("jobs", cmd_jobs, "list jobs, newest first")
+    p = command("jobs", cmd_jobs, "list jobs, newest first")
     p.add_argument("--status", help="only jobs in this status")
     p.add_argument("--limit", type=int, default=50)
     for name, func, text in (
@@ -58,37 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
         ("cancel", cmd_cancel, "cancel a queued or running job (it checkpoints first)"),
         ("resume", cmd_resume, "re-queue a failed or cancelled job from its newest checkpoint"),
     ):
-        client_command(name, func, text).add_argument("id", help="job id")
-    p = client_command("predict", cmd_predict, "model outputs from a job's newest checkpoint")
+        command(name, func, text).add_argument("id", help="job id")
+    p = command("predict", cmd_predict, "model outputs from a job's newest checkpoint")
     p.add_argument("id", help="job id")
-    rows_option(p, "--input", required=True, help="one comma-separated row (repeatable)")
-    p = client_command("explain", cmd_explain, "attributions of a model output to its inputs")
+    p.add_argument("--input", action="append", required=True, help=ROW_HELP)
+    p = command("explain", cmd_explain, "attributions of a model output to its inputs")
     p.add_argument("id", help="job id")
-    rows_option(p, "--input", required=True, help="one comma-separated row (repeatable)")
+    p.add_argument("--input", action="append", required=True, help=ROW_HELP)
     p.add_argument("--method", choices=METHODS, default="gradient")
     p.add_argument("--target", type=int, help="output index (default: the predicted class)")
     p.add_argument("--steps", type=int, default=64, help="integrated gradients' path steps")
-    rows_option(p, "--baseline", help="one row for all inputs, or one per input (default 0)")
-    p.add_argument("--json", action="store_true", help="print the service's answer as is")
-    p = client_command("graph", cmd_graph, "the loss graph on the first training example")
+    p.add_argument(
+        "--baseline",
+        action="append",
+        help="one row for all inputs, or one per input (default 0)",
+    )
+    p = command("graph", cmd_graph, "the loss graph on the first training example", "--format json")
     p.add_argument("id", help="job id")
     p.add_argument("--format", choices=("json", "dot"), default="json", help="dot: Graphviz")
-    return parser
-
-
-def rows_option(parser: argparse.ArgumentParser, flag: str, **kw) -> None:
-    """A repeatable option whose value is a comma-separated row, e.g. `--input -1,0.5`.
-
-    Python 3.11's argparse takes a value like "-1,0.5" for an unknown option; this parser
-    accepts anything that starts with a minus and a digit as a value, as 3.13's does.
-    """
-    parser._negative_number_matcher = re.compile(r"-\.?\d")
-    parser.add_argument(flag, action="append", **kw)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args) or 0
 
 
 def _run_client(func, args) -> int:
@@ -126,7 +139,7 @@ def cmd_serve(args) -> int:
     return 0
 
 
-# -- client commands ----------------------------------------------------------------------
+# -- client commands: a request, then its answer rendered (or as JSON with --json) ----------
 
 
 def cmd_submit(client: Client, args) -> int:
@@ -135,47 +148,35 @@ def cmd_submit(client: Client, args) -> int:
     except (OSError, ValueError) as err:
         raise ClientError(f"cannot read {args.spec}: {err}") from None
     job = client.request("POST", "/jobs", json=spec)
-    print(f"submitted {job['id']} ({job['name']}): {job['status']}")
-    if job.get("pending_reason"):
-        print(f"  {job['pending_reason']}")
     if not args.follow:
+        show(args, job, render.print_submitted)
         return 0
-    return follow(client, job["id"])
+    if not args.json:
+        render.print_submitted(job)
+    job = follow(client, job["id"])
+    show(args, job, render.print_job)
+    return 0 if job["status"] == "succeeded" else 1
 
 
-def follow(client: Client, job_id: str) -> int:
-    from tqdm import tqdm
-
-    bar = None
-    status = None
+def follow(client: Client, job_id: str) -> dict:
+    """The job's progress on stderr until it ends; then the job as it ended."""
+    bar = render.ProgressBar(enabled=True)
     try:
         for event, data in client.events(job_id):
-            if event == "status":
-                status = data["status"]
-                if bar is None:
-                    tqdm.write(f"{job_id}: {status}", file=sys.stderr)
-                else:
-                    bar.set_description(status)
-            elif event == "progress" and data["progress"]["total_steps"]:
-                p = data["progress"]
-                if bar is None:
-                    bar = tqdm(total=p["total_steps"], unit="step", desc=data["status"])
-                bar.n = p["step"]
-                postfix = {"epoch": p["epoch"]}
-                loss = data["metrics"].get("train_loss")
-                if loss is not None:
-                    postfix["loss"] = f"{loss:.4g}"
-                bar.set_postfix(postfix, refresh=False)
-                bar.refresh()
-            elif event == "end":
-                status = data["status"]
+            if event == "end":
                 break
+            bar.job_event(event, data)
     finally:
-        if bar is not None:
-            bar.close()
-    job = client.request("GET", f"/jobs/{job_id}")
-    print_job(job)
-    return 0 if job["status"] == "succeeded" else 1
+        bar.close()
+    return client.request("GET", f"/jobs/{job_id}")
+
+
+def show(args, doc: dict, print_human) -> None:
+    """`doc` as JSON with --json, else as `print_human` renders it."""
+    if args.json:
+        render.print_json(doc)
+    else:
+        print_human(doc)
 
 
 def cmd_jobs(client: Client, args) -> int:
@@ -183,65 +184,22 @@ def cmd_jobs(client: Client, args) -> int:
     if args.status:
         params["status"] = args.status
     page = client.request("GET", "/jobs", params=params)
-    rows = [("ID", "NAME", "STATUS", "PROGRESS", "LOSS", "ATTEMPTS", "CREATED")]
-    for j in page["items"]:
-        p = j["progress"]
-        progress = f"{p['step']}/{p['total_steps']}" if p["total_steps"] else "-"
-        if j["status"] == "queued":
-            progress = f"#{j['queue_position']} in queue"
-        loss = j["metrics"].get("train_loss")
-        rows.append(
-            (
-                j["id"],
-                j["name"][:24],
-                j["status"],
-                progress,
-                f"{loss:.4g}" if loss is not None else "-",
-                str(j["attempts"]),
-                j["created_at"][:19].replace("T", " "),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
-    if page["next_cursor"]:
-        print(f"(more: --limit {args.limit * 2})")
+    show(args, page, lambda page: render.print_jobs(page, args.limit))
     return 0
 
 
-def print_job(job: dict) -> None:
-    p = job["progress"]
-    print(f"{job['id']}  {job['name']}  {job['status']}  (attempts {job['attempts']})")
-    if p["total_steps"]:
-        eta = f", eta {p['eta_s']:.0f}s" if p.get("eta_s") is not None else ""
-        print(f"  step {p['step']}/{p['total_steps']}  epoch {p['epoch']}{eta}")
-    if job.get("queue_position"):
-        print(f"  queue position {job['queue_position']}: {job.get('pending_reason')}")
-    for key, value in job["metrics"].items():
-        print(f"  {key:>14}: {value:.6g}" if isinstance(value, float) else f"  {key:>14}: {value}")
-    if job.get("error"):
-        print(f"  error: {job['error']}")
-    for w in (job.get("health") or {}).get("warnings", []):
-        print(f"  warning ({w['kind']}, from step {w['first_step']}): {w['message']}")
-    for e in job.get("events") or []:
-        msg = f"  {e['message']}" if e.get("message") else ""
-        print(f"  {e['at'][:19].replace('T', ' ')}  {e['status']:<10} #{e['attempt']}{msg}")
-
-
 def cmd_status(client: Client, args) -> int:
-    print_job(client.request("GET", f"/jobs/{args.id}"))
+    show(args, client.request("GET", f"/jobs/{args.id}"), render.print_job)
     return 0
 
 
 def cmd_cancel(client: Client, args) -> int:
-    job = client.request("POST", f"/jobs/{args.id}/cancel")
-    print(f"{job['id']}: {job['status']}")
+    show(args, client.request("POST", f"/jobs/{args.id}/cancel"), render.print_job_status)
     return 0
 
 
 def cmd_resume(client: Client, args) -> int:
-    job = client.request("POST", f"/jobs/{args.id}/resume")
-    print(f"{job['id']}: {job['status']}")
+    show(args, client.request("POST", f"/jobs/{args.id}/resume"), render.print_job_status)
     return 0
 
 
@@ -259,8 +217,7 @@ def parse_rows(lines: list[str], flag: str) -> list[list[float]]:
 def cmd_predict(client: Client, args) -> int:
     rows = parse_rows(args.input, "--input")
     result = client.request("POST", f"/jobs/{args.id}/predict", json={"inputs": rows})
-    for row in result["outputs"]:
-        print(",".join(_number(v) for v in row))
+    show(args, result, render.print_outputs)
     return 0
 
 
@@ -271,52 +228,18 @@ def cmd_explain(client: Client, args) -> int:
         baseline = parse_rows(args.baseline, "--baseline")
         body["baseline"] = baseline[0] if len(baseline) == 1 else baseline
     result = client.request("POST", f"/jobs/{args.id}/explain", json=body)
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(f"{args.id}: {result['method']} from checkpoint {result['checkpoint']}")
-    print_attributions(result, predicted=args.target is None)
+    predicted = args.target is None
+    show(args, result, lambda result: render.print_attributions(args.id, result, predicted))
     return 0
 
 
-def print_attributions(result: dict, predicted: bool) -> None:
-    """Per row: its outputs and the one explained, then a bar per feature, scaled to the
-    largest attribution of all rows, with the signed value; integrated gradients' gap."""
-    rows = result["attributions"]
-    scale = max((abs(a) for row in rows for a in row if a is not None), default=0.0)
-    gaps = result["completeness_gap"] or [None] * len(rows)
-    rows_of = zip(result["outputs"], rows, result["targets"], gaps, strict=True)
-    for i, (outputs, row, explained, gap) in enumerate(rows_of):
-        why = " (predicted)" if predicted and len(outputs) > 1 else ""
-        values = ", ".join(_number(v) for v in outputs)
-        head = f"row {i}  outputs [{values}]  target {explained}{why}"
-        print(f"{head} = {_number(outputs[explained])}")
-        for k, a in enumerate(row):
-            chart = bar(abs(a) / scale) if a is not None and scale else ""
-            print(f"  x{k:<3} {_number(a, '+.4g'):>10}  {chart}")
-        if gap is not None:
-            print(f"  completeness gap {_number(gap, '+.3g')}")
-
-
-EIGHTHS = ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")  # a bar's last, partial cell
-
-
-def bar(fraction: float, width: int = 30) -> str:
-    """`fraction` (0 to 1) of `width` cells in unicode blocks, to an eighth of a cell."""
-    full, part = divmod(round(fraction * width * 8), 8)
-    return "█" * full + EIGHTHS[part]
-
-
-def _number(v: float | None, spec: str = ".6g") -> str:
-    return "nan" if v is None else format(v, spec)
-
-
 def cmd_graph(client: Client, args) -> int:
-    r = client.send("GET", f"/jobs/{args.id}/graph", params={"format": args.format})
-    if args.format == "dot":
+    fmt = "json" if args.json else args.format
+    r = client.send("GET", f"/jobs/{args.id}/graph", params={"format": fmt})
+    if fmt == "dot":
         sys.stdout.write(r.text)
     else:
-        print(json.dumps(r.json(), indent=2))
+        render.print_json(r.json())
     return 0
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from service import cli
 from service.api.deps import get_dispatcher, get_store
-from service.client import Client
+from service.client import Client, Reconnect
 from service.config import Settings
 from service.dispatcher import Dispatcher
 from service.main import create_app
@@ -255,6 +256,149 @@ def test_errors_are_readable(service, capsys):
 
     code, _, err = shardgrad(capsys, "submit", str(service.tmp_path / "missing.json"))
     assert code == 1 and err.startswith("error: cannot read")
+
+
+def test_every_client_command_prints_one_json_document(service, capsys):
+    def answer(*argv) -> dict:
+        code, out, err = shardgrad(capsys, *argv, "--json")
+        assert code == 0, err
+        return json.loads(out)
+
+    job = answer("submit", service.spec_file())
+    assert job["status"] == "queued" and job["pending_reason"]
+    job_id = job["id"]
+    assert answer("status", job_id) == service.http.get(f"/jobs/{job_id}").json()
+    page = answer("jobs", "--limit", "1")
+    assert [j["id"] for j in page["items"]] == [job_id] and page["next_cursor"] is None
+    assert answer("cancel", job_id)["status"] == "cancelled"
+    assert answer("resume", job_id)["status"] == "queued"
+    checkpoint = {"state": {}}, {"step": 5}
+    model = build_model(TrainingSpec.model_validate(spec()))
+    save_checkpoint(service.tmp_path / "jobs" / job_id, 5, model.state_dict(), *checkpoint)
+    body = {"inputs": [[-1.0, 0.5]]}
+    expected = service.http.post(f"/jobs/{job_id}/predict", json=body).json()
+    assert answer("predict", job_id, "--input", "-1,0.5") == expected
+    graph = answer("graph", job_id, "--format", "dot")  # --json wins: one JSON document
+    assert graph == service.http.get(f"/jobs/{job_id}/graph").json()
+    assert answer("schema") == TrainingSpec.model_json_schema()
+
+
+def test_negative_rows_are_values_in_any_position():
+    argv = ["explain", "j", "--input", "-1,0.5", "--baseline", "-.5,0", "--target", "-1"]
+    assert cli.join_negative_rows(argv) == [
+        *["explain", "j", "--input=-1,0.5", "--baseline=-.5,0", "--target", "-1"]
+    ]
+    args = cli.build_parser().parse_args(cli.join_negative_rows(argv))
+    assert (args.input, args.baseline, args.target) == (["-1,0.5"], ["-.5,0"], -1)
+
+
+# -- submit --follow over a stream that drops ----------------------------------------------------
+
+
+def sse(kind: str, data: dict, event_id: int) -> bytes:
+    return f"event: {kind}\nid: {event_id}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def job_json(status: str, step: int) -> dict:
+    progress = {"step": step, "total_steps": 12, "epoch": step // 6, "eta_s": None}
+    job = {"id": "j1", "name": "moons", "status": status, "attempts": 1, "progress": progress}
+    return job | {"metrics": {"train_loss": 1 / (step + 1)}, "queue_position": None}
+
+
+def stream_events(status: str, step: int, last_id: int) -> list[bytes]:
+    """What the service sends on each connection: status and progress afresh, the metric
+    points after `last_id` (each event's id is the step of the last point sent so far)."""
+    job = job_json(status, step)
+    progress = {k: job[k] for k in ("status", "progress", "metrics")}
+    points = [{"step": s, "train_loss": 1 / s} for s in range(max(last_id, 0) + 1, step + 1)]
+    return [
+        sse("status", job, last_id),
+        sse("progress", progress, last_id),
+        sse("metrics", {"job_id": "j1", "points": points}, step),
+    ]
+
+
+class Stream(httpx.SyncByteStream):
+    """A response body of `chunks`, then `error` raised (a dropped connection) if given."""
+
+    def __init__(self, chunks: list[bytes], error: Exception | None = None):
+        self.chunks, self.error = chunks, error
+
+    def __iter__(self):
+        yield from self.chunks
+        if self.error is not None:
+            raise self.error
+
+
+class DroppingService:
+    """POST /jobs, GET /jobs/j1, and j1's event stream, one scripted answer per connection:
+    each either a list of events and how it ends, or an exception (refused)."""
+
+    def __init__(self, connections: list):
+        self.connections = connections
+        self.last_event_ids: list[str | None] = []
+        self.delays: list[float] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path.removeprefix("/api/v1")
+        if path == "/jobs":
+            return httpx.Response(201, json=job_json("queued", 0))
+        if path == "/jobs/j1":
+            return httpx.Response(200, json=job_json("succeeded", 12) | {"events": []})
+        self.last_event_ids.append(request.headers.get("Last-Event-ID"))
+        answer = self.connections[len(self.last_event_ids) - 1]
+        if isinstance(answer, Exception):
+            raise answer
+        headers = {"content-type": "text/event-stream"}
+        return httpx.Response(200, headers=headers, stream=Stream(*answer))
+
+    def client(self, url=None) -> Client:
+        client = Client("http://testserver")
+        client.http = httpx.Client(
+            base_url="http://testserver/api/v1", transport=httpx.MockTransport(self)
+        )
+        client.reconnect = Reconnect(sleep=self.delays.append)
+        return client
+
+
+def test_submit_follow_resumes_a_dropped_stream_after_the_last_event_id(
+    monkeypatch, tmp_path, capsys
+):
+    end = [sse("end", {"job_id": "j1", "status": "succeeded"}, 12)]
+    served = DroppingService(
+        [
+            (stream_events("running", 3, -1), httpx.RemoteProtocolError("peer closed")),
+            (stream_events("running", 8, 3), None),  # ends without an `end` event
+            httpx.ConnectError("connection refused"),  # the service is restarting
+            (stream_events("running", 10, 8), httpx.ReadError("connection reset")),
+            (stream_events("succeeded", 12, 10) + end, None),
+        ]
+    )
+    monkeypatch.setattr(cli, "Client", served.client)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec()))
+    code, out, err = shardgrad(capsys, "submit", str(spec_file), "--follow")
+    assert code == 0, err
+    assert served.last_event_ids == [None, "3", "8", "8", "10"]
+    # Backoff doubles over tries in a row without an event, and starts again after one.
+    assert served.delays == [0.5, 0.5, 1.0, 0.5]
+    assert "j1  moons  succeeded  (attempts 1)" in out and "12/12" in err
+
+
+def test_submit_follow_gives_up_after_bounded_reconnects(monkeypatch, tmp_path, capsys):
+    first = (stream_events("running", 3, -1), httpx.ReadError("connection reset"))
+    served = DroppingService([first] + [httpx.ConnectError("connection refused")] * 5)
+    monkeypatch.setattr(cli, "Client", served.client)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec()))
+    code, out, err = shardgrad(capsys, "submit", str(spec_file), "--follow")
+    assert code == 1 and out.startswith("submitted j1 (moons): queued")
+    assert served.last_event_ids == [None, "3", "3", "3", "3", "3"]
+    assert served.delays == [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert err.splitlines()[-1] == (
+        "error: lost the event stream from http://testserver: connection refused "
+        "(gave up after 5 reconnects without an event)"
+    )
 
 
 def test_unreachable_service(monkeypatch, capsys):

@@ -9,18 +9,30 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from workers.health import new_warnings
+from workers.render import ProgressBar, print_json, print_summary
 from workers.spec import SpecError, TrainingSpec, format_validation_error, load_spec
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardgrad", description=__doc__)
+def build_parser(*more: Callable, description: str | None = None) -> argparse.ArgumentParser:
+    """The `shardgrad` command tree: the root parser, this module's commands, then those that
+    each of `more` adds to the subparsers (the service adds its own this way)."""
+    parser = argparse.ArgumentParser(
+        prog="shardgrad",
+        description=description or __doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the usage lines stay lines
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+    for add_commands in (add_train_commands, *more):
+        add_commands(sub)
+    return parser
 
+
+def add_train_commands(sub) -> None:
     train = sub.add_parser("train", help="train a spec on Ray (resumes from --out if possible)")
     train.add_argument("spec", type=Path, help="training spec (JSON)")
     # Not type=int: the spec validates it, so a bad value fails like a bad spec (with --json too).
@@ -33,56 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     schema = sub.add_parser("schema", help="print the training spec's JSON Schema")
-    schema.set_defaults(
-        func=lambda args: print(json.dumps(TrainingSpec.model_json_schema(), indent=2))
-    )
-    return parser
+    schema.add_argument("--json", action="store_true", help="the same: it is JSON already")
+    schema.set_defaults(func=lambda args: print_json(TrainingSpec.model_json_schema()))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.func(args) or 0
-
-
-class ProgressBar:
-    """A tqdm bar on stderr when it is a terminal; silent otherwise, except for training-health
-    warnings, one line each on stderr when they first appear."""
-
-    def __init__(self):
-        self.bar = None
-        self.enabled = sys.stderr.isatty()
-
-    def __call__(self, event: dict) -> None:
-        if event["type"] == "health":
-            for w in new_warnings(event):
-                self.write(f"warning: {w['kind']} at step {w['first_step']}: {w['message']}")
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        kind = event["type"]
-        if kind == "started":
-            self.bar = tqdm(total=event["total_steps"], initial=event["step"], unit="step")
-        elif kind == "step" and self.bar is not None:
-            postfix = {"epoch": event["epoch"], "loss": f"{event['train_loss']:.4f}"}
-            if event.get("samples_per_s"):
-                postfix["samples/s"] = f"{event['samples_per_s']:.0f}"
-            if event.get("val_accuracy") is not None:
-                postfix["val_acc"] = f"{event['val_accuracy']:.3f}"
-            self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(1)
-        elif kind == "worker_failure" and self.bar is not None:
-            self.bar.write(f"worker failure: {event['reason']}; recomputing the step")
-
-    def write(self, line: str) -> None:
-        if self.bar is None:
-            print(line, file=sys.stderr)
-        else:
-            self.bar.write(line, file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 _UNSAFE_IN_DIR_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -153,18 +122,6 @@ def cmd_train(args) -> int:
     if interrupted:
         return 130
     return 0 if summary["status"] == "succeeded" else 1
-
-
-def print_summary(summary: dict) -> None:
-    if summary["status"] != "succeeded":
-        print(f"failed: {summary.get('error')}")
-    for key, value in summary.items():
-        if key not in ("status", "error", "health"):
-            print(f"{key:>18}: {value}")
-    health = summary.get("health")
-    if health is not None:
-        warned = ", ".join(f"{w['kind']} {w['layer']}" for w in health["warnings"]) or "none"
-        print(f"{'health':>18}: {health['checked_steps']} checks; warnings: {warned}")
 
 
 if __name__ == "__main__":
