@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from service.tables import STATUSES, EventRow, JobRow
-from workers.explain import METHODS
-from workers.health import KINDS
-
-Status = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
-assert set(Status.__args__) == set(STATUSES)
+from service.tables import EventRow, JobRow, Status
+from workers.explain import Method
+from workers.health import WarningKind
 
 
 def utc(value: datetime | None) -> datetime | None:
@@ -37,10 +34,6 @@ class LayerStats(BaseModel):
     dead_fraction: Measure = Field(
         description="relu units zero on the step's whole batch; null for other activations"
     )
-
-
-WarningKind = Literal["exploding", "vanishing", "dead"]
-assert WarningKind.__args__ == KINDS
 
 
 class HealthWarning(BaseModel):
@@ -177,8 +170,6 @@ class PredictResponse(BaseModel):
     checkpoint: str = Field(description="the checkpoint that answered")
 
 
-Method = Literal["gradient", "gradient_x_input", "integrated_gradients"]
-assert Method.__args__ == METHODS
 Row = list[FiniteFloat]
 
 

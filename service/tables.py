@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal, get_args
 
 from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
-SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
-STATUSES = (QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED)
+Status = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+STATUSES = get_args(Status)
+QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED = STATUSES
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 ACTIVE = (RUNNING, CANCELLING)  # owned by a dispatcher, a Trainer thread is on it
 

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import copy
 import numbers
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 
 from core import Tensor, no_grad
 from core.nn import MLP
 
-__all__ = ["METHODS", "explain", "predict"]
+__all__ = ["METHODS", "Method", "explain", "predict"]
 
-METHODS = ("gradient", "gradient_x_input", "integrated_gradients")
+Method = Literal["gradient", "gradient_x_input", "integrated_gradients"]
+METHODS = get_args(Method)
 PATH_BATCH = 8192  # rows (inputs or path points) per forward and backward pass
 REFINE_ROUNDS = 8  # integrated gradients: rounds of splitting inexact intervals
 SPLIT = 4  # an interval that is split becomes this many

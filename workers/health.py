@@ -18,6 +18,7 @@ Nothing here writes to the model: health never changes the trained parameters.
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -28,7 +29,8 @@ from core.nn import MLP
 EXPLODING_FACTOR = 1e3  # gradient norm above this many times its initial value
 VANISHING_RATIO = 1e-6  # first layer's gradient norm below this times the last layer's
 DEAD_FRACTION = 0.5  # more than this fraction of a layer's ReLU units dead
-KINDS = ("exploding", "vanishing", "dead")
+WarningKind = Literal["exploding", "vanishing", "dead"]
+KINDS = get_args(WarningKind)
 
 
 def active_units(model: MLP, X) -> list[np.ndarray]:
