@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import socket
-from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from workers.config import WorkerSettings
 
 MB = 1024 * 1024
 
@@ -63,7 +64,9 @@ class Settings(BaseSettings):
     def token(self) -> str | None:
         return self.api_token.get_secret_value() if self.api_token else None
 
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()
+    def worker_settings(self) -> WorkerSettings:
+        """The training side's settings for this service's jobs and uploads: its datasets
+        directory and cluster; the rest (exchange, pinning, timeouts) from the environment.
+        Made anew on each call (about a millisecond), so a changed setting is seen."""
+        given = {"datasets_dir": self.uploads_dir, "ray_address": self.ray_address}
+        return WorkerSettings(**{k: v for k, v in given.items() if v is not None})

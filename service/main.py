@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import os
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -76,8 +75,6 @@ def create_app(settings: Settings | None = None, *, start: bool = True) -> FastA
             yield
             return
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        # workers.datasets reads uploads (and Trainers read datasets) from here.
-        os.environ["SHARDGRAD_DATASETS_DIR"] = str(settings.uploads_dir)
         store = JobStore(settings.store_url)
         cluster = RayCluster(settings.ray_address, settings.ray_num_cpus, settings.ray_dashboard)
         dispatcher = Dispatcher(store, settings, cluster)

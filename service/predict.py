@@ -7,23 +7,22 @@ import copy
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
 from workers.checkpoint import CheckpointError, list_checkpoints, load_model_state
+from workers.config import WorkerSettings
+from workers.spec import TrainingSpec
 
 
 class NoCheckpoint(LookupError):
     pass
 
 
-def model_spec(stored: dict) -> SimpleNamespace:
-    """What build_model reads from a job's stored spec; not a re-validation, which would
-    touch the dataset again."""
-    return SimpleNamespace(
-        model=SimpleNamespace(**stored["model"]), dtype=stored["dtype"], seed=stored["seed"]
-    )
+def model_spec(stored: dict) -> TrainingSpec:
+    """A job's stored spec, validated again: the JSON alone, no data is read. Specs stored
+    before a field existed get its default."""
+    return TrainingSpec.model_validate(stored)
 
 
 class Predictor:
@@ -34,7 +33,7 @@ class Predictor:
         self._size = size
         self._lock = threading.Lock()
 
-    def _model(self, spec, out_dir: Path):
+    def _model(self, spec: TrainingSpec, out_dir: Path):
         from workers.model import build_model
 
         for _ in range(3):  # the newest checkpoint may be pruned between listing and loading
@@ -60,7 +59,9 @@ class Predictor:
             return model, newest.name
         raise NoCheckpoint("the checkpoints changed while loading; try again")
 
-    def predict(self, spec, out_dir: Path, inputs: list[list[float]]) -> tuple[list, str]:
+    def predict(
+        self, spec: TrainingSpec, out_dir: Path, inputs: list[list[float]]
+    ) -> tuple[list, str]:
         from core import Tensor, no_grad
 
         model, name = self._model(spec, out_dir)
@@ -71,7 +72,7 @@ class Predictor:
         return rows, name
 
     def explain(
-        self, spec, out_dir: Path, inputs: list[list[float]], **options
+        self, spec: TrainingSpec, out_dir: Path, inputs: list[list[float]], **options
     ) -> tuple[dict, str]:
         """workers.explain.explain on the newest checkpoint's model; `options` are its
         keywords. It differentiates a frozen copy, so the cached model stays untouched,
@@ -81,10 +82,12 @@ class Predictor:
         model, name = self._model(spec, out_dir)
         return explain(model, inputs, **options), name
 
-    def graph(self, spec, out_dir: Path) -> tuple[dict, str]:
+    def graph(
+        self, spec: TrainingSpec, out_dir: Path, settings: WorkerSettings
+    ) -> tuple[dict, str]:
         """The graph of the loss on the first training example, after backward.
 
-        `spec` is a validated TrainingSpec: the data is loaded as the trainer loads it,
+        The data is loaded as the trainer loads it (uploads from `settings.datasets_dir`),
         deterministic from the seed. Backward fills the parameters' gradients, so it runs
         on a copy of the cached model, which other requests share.
         """
@@ -95,6 +98,6 @@ class Predictor:
 
         model, name = self._model(spec, out_dir)
         model = copy.deepcopy(model)
-        data = PreparedData(spec)
+        data = PreparedData(spec, settings)
         loss = LOSSES[spec.loss](model(Tensor(data.X[:1])), data.y[:1])
         return backward_with_graph(loss, parameters=dict(model.named_parameters())), name

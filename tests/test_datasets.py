@@ -1,12 +1,17 @@
 import io
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from workers import datasets
+from workers.catalogue import BUILTINS
+from workers.config import WorkerSettings
+from workers.data import PreparedData
 from workers.datasets import (
-    BUILTINS,
     describe,
     get_uploaded,
     list_uploaded,
@@ -15,7 +20,7 @@ from workers.datasets import (
     targets_for,
     train_val_split,
 )
-from workers.spec import BuiltinData, FileData, UploadedData
+from workers.spec import BuiltinData, FileData, TrainingSpec, UploadedData
 
 
 def builtin(name, **kw):
@@ -42,7 +47,7 @@ def upload_dir(tmp_path, monkeypatch):
 def test_builtin_shapes_match_describe(name):
     data = builtin(name, n_samples=300)
     ds = load_dataset(data, seed=0)
-    info = describe(data, seed=0)
+    info = describe(data)
     assert ds.info == info
     assert ds.X.dtype == np.float64 and ds.X.flags.c_contiguous
     assert ds.X.shape == (info.n_samples, info.n_features)
@@ -68,7 +73,7 @@ def test_builtin_shapes_match_describe(name):
     ],
 )
 def test_builtin_descriptions(name, n_features, task, n_classes):
-    info = describe(builtin(name), 0)
+    info = describe(builtin(name))
     assert (info.name, info.n_features, info.task, info.n_classes, info.n_targets) == (
         name,
         n_features,
@@ -119,6 +124,31 @@ def test_digits_and_iris_are_bundled_and_scaled():
     assert iris.X.shape == (150, 4)
     np.testing.assert_allclose(iris.X.mean(axis=0), 0, atol=1e-12)
     np.testing.assert_allclose(iris.X.std(axis=0), 1)
+
+
+def test_every_builtin_has_a_generator():
+    assert set(datasets.GENERATORS) == set(BUILTINS)
+
+
+def test_digits_and_iris_are_read_as_scikit_learn_reads_them():
+    from sklearn.datasets import load_digits, load_iris
+
+    for ours, theirs in ((datasets.load_digits, load_digits), (datasets.load_iris, load_iris)):
+        (X, y), (X_ref, y_ref) = ours(), theirs(return_X_y=True)
+        assert X.dtype == X_ref.dtype and y.dtype == y_ref.dtype
+        np.testing.assert_array_equal(X, X_ref)
+        np.testing.assert_array_equal(y, y_ref)
+
+
+def test_loading_digits_does_not_import_scikit_learn():
+    code = (
+        "import sys; from workers.datasets import load_dataset;"
+        "from workers.spec import BuiltinData;"
+        "ds = load_dataset(BuiltinData(type='builtin', name='digits'), 0);"
+        "print(ds.X.shape, 'sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "(1797, 64) False"
 
 
 # ---------------------------------------------------------------- files
@@ -187,6 +217,24 @@ def test_bad_files_give_clear_errors(upload_dir, filename, raw, message):
     assert not list_uploaded()
 
 
+def test_a_file_is_parsed_once_per_content(tmp_path, monkeypatch):
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    first.write_text("a,b,y\n1,2,0\n3,4,1\n")
+    second.write_bytes(first.read_bytes())
+    parsed = []
+    read = datasets.read_arrays
+    monkeypatch.setattr(datasets, "read_arrays", lambda *a: parsed.append(a[1]) or read(*a))
+    a, b = FileData(type="file", path=str(first)), FileData(type="file", path=str(second))
+    assert describe(a) == describe(a) and describe(a).name == str(first)
+    assert describe(b).name == str(second)  # the same bytes elsewhere: not parsed again
+    assert (describe(b).n_features, describe(b).n_samples) == (2, 2)
+    assert parsed == [str(first)]
+    first.write_text("a,y\n1,0\n2,1\n3,1\n")  # changed: read, hashed and parsed again
+    os.utime(first, ns=(1, 1))
+    assert (describe(a).n_features, describe(a).n_samples) == (1, 3)
+    assert parsed == [str(first), str(first)]
+
+
 # ---------------------------------------------------------------- uploads
 
 
@@ -195,6 +243,31 @@ def test_dataset_root(monkeypatch, tmp_path):
     assert str(datasets.dataset_root()) == "var/datasets"
     monkeypatch.setenv("SHARDGRAD_DATASETS_DIR", str(tmp_path))
     assert datasets.dataset_root() == tmp_path
+
+
+def test_uploads_live_where_the_caller_says(upload_dir, tmp_path):
+    """An explicit root (a service's uploads_dir) wins over the environment's."""
+    root = tmp_path / "elsewhere"
+    saved = save_uploaded(b"a,b,y\n1,2,0\n3,4,1\n2,2,0\n", "d.csv", root)
+    assert (root / f"{saved.id}.npz").is_file() and not upload_dir.exists()
+    assert list_uploaded(root) == [saved] and list_uploaded() == []
+    assert get_uploaded(saved.id, root) == saved
+    with pytest.raises(FileNotFoundError, match="no uploaded dataset"):
+        get_uploaded(saved.id)
+    spec = TrainingSpec.model_validate(
+        {
+            "name": "u",
+            "model": {"type": "mlp", "sizes": [2, 2]},
+            "data": {"type": "dataset", "id": saved.id},
+            "loss": "cross_entropy",
+            "optimizer": {"type": "sgd", "lr": 0.1},
+            "epochs": 1,
+            "batch_size": 2,
+            "validation_fraction": 0,
+        }
+    )
+    data = PreparedData(spec, WorkerSettings(datasets_dir=root))
+    assert sorted(data.X.tolist()) == [[1, 2], [2, 2], [3, 4]]  # in the split's order
 
 
 def test_upload_save_list_load(upload_dir):
@@ -229,7 +302,7 @@ def test_an_upload_is_read_once_to_describe_it(upload_dir, monkeypatch):
     saved = save_uploaded(npz_bytes(X=np.eye(4), y=np.arange(4) % 2), "eye.npz")
     reads = []
     load = datasets._load_uploaded
-    monkeypatch.setattr(datasets, "_load_uploaded", lambda i: reads.append(i) or load(i))
+    monkeypatch.setattr(datasets, "_load_uploaded", lambda *a: reads.append(a) or load(*a))
     spec = UploadedData(type="dataset", id=saved.id)
     assert describe(spec) == describe(spec) == get_uploaded(saved.id) == saved
     assert len(reads) <= 1  # none, if saving already described it

@@ -87,6 +87,7 @@ def test_file_datasets_are_refused_before_anything_is_read(env, monkeypatch, tmp
         raise AssertionError("the server read a file dataset")
 
     monkeypatch.setattr("workers.datasets.load_dataset", no_reading)
+    monkeypatch.setattr("workers.datasets._describe_file", no_reading)
     for path in (str(csv), "/does/not/exist.npz", "/etc/passwd"):
         r = client.post("/api/v1/jobs", json=spec(data={"type": "file", "path": path}))
         assert r.status_code == 422

@@ -1,13 +1,19 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from workers.data import check_data, with_data
 from workers.datasets import save_uploaded
+from workers.model import LOSSES, build_model
 from workers.spec import (
     SPEC_ERROR,
+    Loss,
     SpecError,
     TrainingSpec,
     format_validation_error,
@@ -38,7 +44,8 @@ SINE = {
 
 
 def spec(base=MOONS, **changes) -> TrainingSpec:
-    return TrainingSpec.model_validate({**base, **changes})
+    """Validated as a submission is: the spec and its data."""
+    return TrainingSpec.model_validate({**base, **changes}, context=with_data())
 
 
 def errors(base=MOONS, **changes) -> list[dict]:
@@ -377,17 +384,17 @@ def test_load_spec_reports_every_error(tmp_path):
         )
     )
     with pytest.raises(SpecError) as info:
-        load_spec(path)
+        load_spec(path, context=with_data())
     assert str(info.value) == (
         f"invalid spec {path}:\n  optimizer.sgd.lr: Input should be greater than 0"
     )
     path.write_text(json.dumps({**MOONS, "model": {"type": "mlp", "sizes": [3, 2]}, "x": 1}))
     with pytest.raises(SpecError) as info:
-        load_spec(path)
+        load_spec(path, context=with_data())
     assert "  x: Extra inputs are not permitted" in str(info.value)
     path.write_text(json.dumps({**MOONS, "model": {"type": "mlp", "sizes": [3, 2]}}))
     with pytest.raises(SpecError, match=r"model\.sizes\[0\] is 3 but dataset 'moons'"):
-        load_spec(path)
+        load_spec(path, context=with_data())
     path.write_text("{not json")
     with pytest.raises(SpecError, match="Invalid JSON"):
         load_spec(path)
@@ -410,3 +417,64 @@ def test_float32_spec_and_numpy_free_json():
     s = spec(dtype="float32")
     assert json.loads(s.model_dump_json())["dtype"] == "float32"
     assert np.dtype(s.dtype) == np.float32
+
+
+# ---------------------------------------------------------------- a pure spec, one data check
+
+
+def test_validation_reads_no_data(tmp_path):
+    """The JSON alone: a missing file or upload passes; check_data is what reads them."""
+    for data in (
+        {"type": "file", "path": str(tmp_path / "missing.csv")},
+        {"type": "dataset", "id": "0123456789abcdef"},
+    ):
+        s = TrainingSpec.model_validate({**MOONS, "data": data})
+        with pytest.raises(ValidationError) as checked:
+            check_data(s, tmp_path)
+        with pytest.raises(ValidationError) as together:
+            TrainingSpec.model_validate({**MOONS, "data": data}, context=with_data(tmp_path))
+        assert checked.value.errors() == together.value.errors()
+        (err,) = checked.value.errors()
+        assert err["loc"] == ("data", data["type"], "path" if "path" in data else "id")
+
+
+def test_check_data_reports_the_same_errors_and_returns_the_description():
+    bad = TrainingSpec.model_validate({**MOONS, "model": {"type": "mlp", "sizes": [3, 3]}})
+    with pytest.raises(ValidationError) as info:
+        check_data(bad)
+    assert info.value.errors() == errors(model={"type": "mlp", "sizes": [3, 3]})
+    assert info.value.title == "TrainingSpec"
+    good = check_data(spec())
+    assert (good.name, good.n_features, good.n_classes) == ("moons", 2, 2)
+
+
+def test_spec_does_not_import_the_datasets():
+    code = "import sys, workers.spec; print('workers.datasets' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "name, digest",
+    [
+        ("moons", "fdd6c7d2783050076018dd0394e2b9dac20c236720a50f12b1121ccb69b9a2a8"),
+        ("digits", "52f54bfbaf9afce6cccbbe6ed0ec84a703966e1cef65a10c840e2a779c13434e"),
+        ("spirals", "219018ee350b28d8f7445794879d586b3e63b0e49f4aa7185424771e799d3f54"),
+    ],
+)
+def test_spec_hash_is_stable(name, digest):
+    """Checkpoints record it: a spec's hash never changes between versions."""
+    assert load_spec(EXAMPLES / f"{name}.json").spec_hash() == digest
+
+
+def test_a_spec_stored_before_bias_init_builds_its_model():
+    stored = spec().model_dump(mode="json")
+    del stored["model"]["bias_init"]
+    old = TrainingSpec.model_validate(stored)
+    assert old.model.bias_init == 0.0 and old.spec_hash() == spec().spec_hash()
+    biases = [p.data for n, p in build_model(old).named_parameters() if n.endswith("bias")]
+    assert biases and all((b == 0).all() for b in biases)
+
+
+def test_every_loss_has_its_function():
+    assert set(get_args(Loss)) == set(LOSSES)

@@ -65,6 +65,7 @@ def run_dir_name(name: str) -> str:
 
 
 def cmd_train(args) -> int:
+    from workers.data import with_data
     from workers.trainer import Trainer, run_summary
 
     def usage_error(message: str) -> int:
@@ -74,7 +75,7 @@ def cmd_train(args) -> int:
         return 2
 
     try:
-        spec = load_spec(args.spec)
+        spec = load_spec(args.spec, context=with_data())  # checked against its data, too
     except SpecError as err:
         return usage_error(str(err))
     if args.workers is not None:

@@ -5,44 +5,34 @@ indices `(n,)` for classification, float64 `(n, n_targets)` for regression.
 
 Randomness comes from `np.random.default_rng([seed, TAG])`, never from global state, so a
 dataset and its train/validation split are functions of the spec's seed alone.
+
+Uploads live under a root directory that callers pass (`WorkerSettings.datasets_dir`);
+None means `WorkerSettings()`'s, from $SHARDGRAD_DATASETS_DIR.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import gzip
 import hashlib
+import importlib.util
 import io
 import os
-import re
 import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from workers.spec import BuiltinData, DataSpec
-
-Task = Literal["classification", "regression"]
+from workers.catalogue import DATASET_ID, MAX_CLASSES, DatasetInfo
+from workers.config import WorkerSettings
+from workers.spec import DataSpec
 
 _DATA_TAG = 0xDA7A  # the generator stream of builtin datasets
 _SPLIT_TAG = 0x5B17  # the train/validation permutation
-MAX_CLASSES = 100  # integer targets with more distinct values than this are regression
-DATASET_ID = re.compile(r"^[0-9a-f]{16}$")
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    n_features: int
-    task: Task
-    n_classes: int | None  # None for regression
-    n_targets: int  # 1 for classification (one label per sample)
-    n_samples: int
 
 
 @dataclass(frozen=True)
@@ -69,24 +59,15 @@ def _rng(seed: int, tag: int) -> np.random.Generator:
 
 # ---------------------------------------------------------------- builtin generators
 # Each generator takes the resolved info, the noise level and a Generator and returns (X, y).
+# The registry's facts (task, shapes, options) are in workers/catalogue.py.
+
+Generator = Callable[[DatasetInfo, float, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+GENERATORS: dict[str, Generator] = {}
 
 
-@dataclass(frozen=True)
-class Builtin:
-    make: Callable[[DatasetInfo, float, np.random.Generator], tuple[np.ndarray, np.ndarray]]
-    task: Task
-    n_features: int
-    n_classes: int | None = None
-    n_samples: int | None = None  # fixed size of a bundled dataset; None: from the spec
-    options: tuple[str, ...] = ()  # which of n_classes / n_features the spec may set
-
-
-BUILTINS: dict[str, Builtin] = {}
-
-
-def _builtin(name: str, task: Task, n_features: int, n_classes: int | None = None, **kw):
-    def register(make):
-        BUILTINS[name] = Builtin(make, task, n_features, n_classes, **kw)
+def _builtin(name: str):
+    def register(make: Generator) -> Generator:
+        GENERATORS[name] = make
         return make
 
     return register
@@ -100,7 +81,7 @@ def _on_circle(angle: np.ndarray) -> np.ndarray:
     return np.column_stack([np.cos(angle), np.sin(angle)])
 
 
-@_builtin("moons", "classification", n_features=2, n_classes=2)
+@_builtin("moons")
 def make_moons(info, noise, rng):
     y = _balanced_labels(info.n_samples, 2, rng)
     t = rng.uniform(0.0, np.pi, info.n_samples)
@@ -110,7 +91,7 @@ def make_moons(info, noise, rng):
     return X + noise * rng.standard_normal(X.shape), y
 
 
-@_builtin("circles", "classification", n_features=2, n_classes=2)
+@_builtin("circles")
 def make_circles(info, noise, rng):
     y = _balanced_labels(info.n_samples, 2, rng)
     radius = np.where(y == 0, 1.0, 0.5)
@@ -118,7 +99,7 @@ def make_circles(info, noise, rng):
     return X + noise * rng.standard_normal(X.shape), y
 
 
-@_builtin("spirals", "classification", n_features=2, n_classes=3, options=("n_classes",))
+@_builtin("spirals")
 def make_spirals(info, noise, rng):
     y = _balanced_labels(info.n_samples, info.n_classes, rng)
     r = rng.uniform(0.0, 1.0, info.n_samples)
@@ -128,58 +109,61 @@ def make_spirals(info, noise, rng):
     return X + noise * rng.standard_normal(X.shape), y
 
 
-@_builtin("xor", "classification", n_features=2, n_classes=2)
+@_builtin("xor")
 def make_xor(info, noise, rng):
     X = rng.uniform(-1.0, 1.0, (info.n_samples, 2))
     y = ((X[:, 0] > 0) != (X[:, 1] > 0)).astype(np.int64)
     return X + noise * rng.standard_normal(X.shape), y
 
 
-@_builtin("blobs", "classification", n_features=2, n_classes=3, options=("n_classes", "n_features"))
+@_builtin("blobs")
 def make_blobs(info, noise, rng):
     centres = rng.uniform(-1.0, 1.0, (info.n_classes, info.n_features))
     y = _balanced_labels(info.n_samples, info.n_classes, rng)
     return centres[y] + noise * rng.standard_normal((info.n_samples, info.n_features)), y
 
 
-@_builtin("sine", "regression", n_features=1)
+@_builtin("sine")
 def make_sine(info, noise, rng):
     X = rng.uniform(-np.pi, np.pi, (info.n_samples, 1))
     return X, np.sin(X) + noise * rng.standard_normal(X.shape)
 
 
 # scikit-learn's bundled copies: no download. n_samples and noise do not apply.
-@_builtin("digits", "classification", n_features=64, n_classes=10, n_samples=1797)
+@_builtin("digits")
 def make_digits(info, noise, rng):
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
+    X, y = load_digits()
     return X / 16.0, y  # pixel intensities 0..16 -> [0, 1]
 
 
-@_builtin("iris", "classification", n_features=4, n_classes=3, n_samples=150)
+@_builtin("iris")
 def make_iris(info, noise, rng):
-    from sklearn.datasets import load_iris
-
-    X, y = load_iris(return_X_y=True)
+    X, y = load_iris()
     return (X - X.mean(axis=0)) / X.std(axis=0), y
 
 
-def _describe_builtin(data: BuiltinData) -> DatasetInfo:
-    b = BUILTINS[data.name]
-    n_classes, n_features = b.n_classes, b.n_features
-    if "n_classes" in b.options and data.n_classes is not None:
-        n_classes = data.n_classes
-    if "n_features" in b.options and data.n_features is not None:
-        n_features = data.n_features
-    return DatasetInfo(
-        name=data.name,
-        n_features=n_features,
-        task=b.task,
-        n_classes=n_classes,
-        n_targets=1,
-        n_samples=b.n_samples or data.n_samples,
-    )
+def _sklearn_data(filename: str) -> Path:
+    """A data file that scikit-learn ships, found without importing scikit-learn, which
+    would take seconds of a run's start-up."""
+    found = importlib.util.find_spec("sklearn")
+    for root in (found.submodule_search_locations or []) if found else []:
+        path = Path(root) / "datasets" / "data" / filename
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"scikit-learn's bundled {filename} is not installed")
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn.datasets.load_digits(return_X_y=True), read from the file it reads."""
+    with gzip.open(_sklearn_data("digits.csv.gz"), "rt", encoding="utf-8") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1], data[:, -1].astype(int)
+
+
+def load_iris() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn.datasets.load_iris(return_X_y=True), read from the file it reads."""
+    data = np.loadtxt(_sklearn_data("iris.csv"), delimiter=",", skiprows=1)
+    return data[:, :-1], data[:, -1].astype(int)
 
 
 # ---------------------------------------------------------------- files and uploads
@@ -276,15 +260,20 @@ def from_arrays(name: str, X: np.ndarray, y: np.ndarray) -> Dataset:
     return Dataset(X, targets, info)
 
 
-def dataset_root() -> Path:
-    """Where uploads live: $SHARDGRAD_DATASETS_DIR, else ./var/datasets."""
-    return Path(os.environ.get("SHARDGRAD_DATASETS_DIR", "var/datasets"))
+def dataset_root(root: Path | None = None) -> Path:
+    """Where uploads live: `root`, else WorkerSettings' datasets_dir ($SHARDGRAD_DATASETS_DIR,
+    else ./var/datasets)."""
+    return Path(root) if root is not None else WorkerSettings().datasets_dir
 
 
-def _uploaded_path(dataset_id: str) -> Path:
+def _uploaded_path(dataset_id: str, root: Path) -> Path:
     if not DATASET_ID.match(dataset_id):
         raise ValueError(f"{dataset_id!r} is not a dataset id (16 lowercase hex characters)")
-    return dataset_root() / f"{dataset_id}.npz"
+    return root / f"{dataset_id}.npz"
+
+
+def _no_upload(dataset_id: str, root: Path) -> FileNotFoundError:
+    return FileNotFoundError(f"no uploaded dataset {dataset_id!r} in {root}")
 
 
 def _content_id(X: np.ndarray, y: np.ndarray) -> str:
@@ -295,7 +284,7 @@ def _content_id(X: np.ndarray, y: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def save_uploaded(raw: bytes, filename: str) -> UploadedDataset:
+def save_uploaded(raw: bytes, filename: str, root: Path | None = None) -> UploadedDataset:
     """Validate an uploaded .csv/.npz and store it as <root>/<id>.npz (id = content hash).
 
     Raises ValueError with a readable message when the file is not a usable dataset.
@@ -305,8 +294,8 @@ def save_uploaded(raw: bytes, filename: str) -> UploadedDataset:
     X, y = read_arrays(raw, filename)
     from_arrays(filename, X, y)  # validates: raises ValueError on unusable arrays
     X = np.ascontiguousarray(X, dtype=np.float64)
-    dataset_id = _content_id(X, y)
-    path = _uploaded_path(dataset_id)
+    dataset_id, root = _content_id(X, y), dataset_root(root)
+    path = _uploaded_path(dataset_id, root)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -319,62 +308,92 @@ def save_uploaded(raw: bytes, filename: str) -> UploadedDataset:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-    return get_uploaded(dataset_id)
+    return get_uploaded(dataset_id, root)
 
 
-def _load_uploaded(dataset_id: str) -> tuple[Dataset, str]:
-    path = _uploaded_path(dataset_id)
+def _load_uploaded(dataset_id: str, root: Path) -> tuple[Dataset, str]:
+    path = _uploaded_path(dataset_id, root)
     if not path.is_file():
-        raise FileNotFoundError(f"no uploaded dataset {dataset_id!r} in {dataset_root()}")
+        raise _no_upload(dataset_id, root)
     with np.load(path, allow_pickle=False) as npz:
         X, y = npz["X"], npz["y"]
         filename = str(npz["filename"]) if "filename" in npz.files else path.name
     return from_arrays(dataset_id, X, y), filename
 
 
-def get_uploaded(dataset_id: str) -> UploadedDataset:
+def get_uploaded(dataset_id: str, root: Path | None = None) -> UploadedDataset:
     """Describe one upload; FileNotFoundError if there is none with this id.
 
     An upload never changes (its id is its content's hash), so its description is read
     once per file: submissions that name it, and the dataset list, don't reload it.
     """
-    path = _uploaded_path(dataset_id)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no uploaded dataset {dataset_id!r} in {dataset_root()}") from None
-    return _describe_uploaded(dataset_id, (str(path.resolve()), st.st_ino, st.st_mtime_ns))
+    root = dataset_root(root)
+    path = _uploaded_path(dataset_id, root)
+    if not path.is_file():
+        raise _no_upload(dataset_id, root)
+    return _describe_uploaded(dataset_id, path.resolve().parent)
 
 
 @functools.lru_cache(maxsize=1024)
-def _describe_uploaded(dataset_id: str, file_stamp: tuple) -> UploadedDataset:
-    dataset, filename = _load_uploaded(dataset_id)
+def _describe_uploaded(dataset_id: str, root: Path) -> UploadedDataset:
+    dataset, filename = _load_uploaded(dataset_id, root)
     return UploadedDataset(**vars(dataset.info), id=dataset_id, filename=filename)
 
 
-def list_uploaded() -> list[UploadedDataset]:
+def list_uploaded(root: Path | None = None) -> list[UploadedDataset]:
     """Every stored upload, oldest first."""
-    root = dataset_root()
+    root = dataset_root(root)
     paths = [p for p in root.glob("*.npz") if DATASET_ID.match(p.stem)] if root.is_dir() else []
-    return [get_uploaded(p.stem) for p in sorted(paths, key=lambda p: (p.stat().st_mtime, p.name))]
+    paths.sort(key=lambda p: (p.stat().st_mtime, p.name))
+    return [get_uploaded(p.stem, root) for p in paths]
+
+
+# ---------------------------------------------------------------- files, described once
+
+_DIGESTS: dict[tuple, tuple[str, str]] = {}  # (path, inode, mtime, size) -> content key
+_DESCRIBED: dict[tuple[str, str], DatasetInfo] = {}  # (sha256 of the bytes, suffix) -> info
+_CACHED = 1024
+
+
+def _remember(cache: dict, key, value) -> None:
+    cache[key] = value
+    while len(cache) > _CACHED:
+        del cache[next(iter(cache))]  # the oldest entry
+
+
+def _describe_file(path: str) -> DatasetInfo:
+    """A file's description, parsed once per content: cached by the sha256 of its bytes,
+    which are read again only when the file's (path, inode, mtime, size) changes."""
+    p = Path(path)
+    st = p.stat()
+    stamp = (str(p.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+    key = _DIGESTS.get(stamp)
+    if key not in _DESCRIBED:
+        raw = p.read_bytes()
+        key = (hashlib.sha256(raw).hexdigest(), p.suffix.lower())
+        if key not in _DESCRIBED:
+            _remember(_DESCRIBED, key, from_arrays(path, *read_arrays(raw, path)).info)
+        _remember(_DIGESTS, stamp, key)
+    return replace(_DESCRIBED[key], name=path)
 
 
 # ---------------------------------------------------------------- the public entry points
 
 
-def describe(data: DataSpec, seed: int = 0) -> DatasetInfo:
-    """Shape and task of a dataset. Builtins answer from the registry without generating."""
+def describe(data: DataSpec, root: Path | None = None) -> DatasetInfo:
+    """Shape and task of a dataset. Builtins answer from the registry without generating;
+    a file or an upload is parsed once per content."""
     if data.type == "builtin":
-        return _describe_builtin(data)
+        return data.describe()
     if data.type == "dataset":
-        return get_uploaded(data.id)
-    return load_dataset(data, seed).info
+        return get_uploaded(data.id, root)
+    return _describe_file(data.path)
 
 
-def load_dataset(data: DataSpec, seed: int) -> Dataset:
+def load_dataset(data: DataSpec, seed: int, root: Path | None = None) -> Dataset:
     if data.type == "builtin":
-        info = _describe_builtin(data)
-        X, y = BUILTINS[data.name].make(info, data.noise, _rng(seed, _DATA_TAG))
+        info = data.describe()
+        X, y = GENERATORS[data.name](info, data.noise, _rng(seed, _DATA_TAG))
         X = np.ascontiguousarray(X, dtype=np.float64)
         if info.task == "classification":
             return Dataset(X, np.asarray(y, dtype=np.int64), info)
@@ -383,7 +402,7 @@ def load_dataset(data: DataSpec, seed: int) -> Dataset:
         X, y = read_arrays(Path(data.path).read_bytes(), data.path)
         return from_arrays(data.path, X, y)
     if data.type == "dataset":
-        return _load_uploaded(data.id)[0]
+        return _load_uploaded(data.id, dataset_root(root))[0]
     raise ValueError(f"unknown data type {data.type!r}")
 
 

@@ -6,10 +6,15 @@ single-process reference loop, so all three compute exactly the same thing.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 import core.functional as F
 from core import Tensor, nn, no_grad, optim
+
+if TYPE_CHECKING:
+    from workers.spec import TrainingSpec
 
 LOSSES = {
     "mse": F.mse_loss,
@@ -18,18 +23,18 @@ LOSSES = {
 }
 
 
-def build_model(spec) -> nn.MLP:
+def build_model(spec: TrainingSpec) -> nn.MLP:
     m = spec.model
     return nn.MLP(
         m.sizes,
         activation=m.activation,
         dtype=np.dtype(spec.dtype),
         seed=spec.seed,
-        bias_init=getattr(m, "bias_init", 0.0),  # absent in specs stored before it existed
+        bias_init=m.bias_init,
     )
 
 
-def build_optimizer(spec, params) -> optim.SGD | optim.Adam:
+def build_optimizer(spec: TrainingSpec, params) -> optim.SGD | optim.Adam:
     o = spec.optimizer
     if o.type == "sgd":
         return optim.SGD(

@@ -5,12 +5,18 @@ discriminated on `type`, so an error's `loc` carries the variant, e.g.
 `("optimizer", "sgd", "lr")`. Checks that span fields (the model against the dataset and
 the loss, batch size against workers) report at the field they blame, with a message that
 starts with that field's path: `model.sizes[0] is 3 but dataset 'moons' has 2 features`.
+
+Validation reads the JSON alone: no file, no upload. Checking a spec against its data
+(`workers.data.check_data`) is done once, where a job is submitted; it hands this module a
+`describe` function through the validation context (DESCRIBE_DATA), so that one
+ValidationError lists the spec's own problems and its data's together.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,7 +31,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from workers import datasets
+from workers.catalogue import BUILTINS, DATASET_ID, MAX_CLASSES, DatasetInfo
+from workers.config import ExchangeChoice
 
 # Error type of our own checks. Their messages already start with the field path.
 SPEC_ERROR = "invalid_spec"
@@ -33,6 +40,10 @@ SPEC_ERROR = "invalid_spec"
 # `data.type: "file"` without touching the filesystem (a service that does not serve
 # its own paths). Without a context, as on the command line, files are allowed.
 ALLOW_FILES = "allow_files"
+# Validation context: `{DESCRIBE_DATA: describe}`, with `describe(data_spec) -> DatasetInfo`
+# (which reads the data), also checks the spec against its data. Without it, as when the
+# dispatcher starts a job, validation touches no disk.
+DESCRIBE_DATA = "describe_data"
 FILES_DISABLED = (
     "data.path: file datasets are disabled on this server; "
     "upload the data with POST /api/v1/datasets"
@@ -56,11 +67,16 @@ MATH_FIELDS = frozenset(
 )
 
 
+Activation = Literal["relu", "tanh", "sigmoid"]
+Loss = Literal["mse", "cross_entropy", "bce"]
+Dtype = Literal["float32", "float64"]
+
+
 def _error(loc: tuple[str | int, ...], message: str, value: Any) -> InitErrorDetails:
     return InitErrorDetails(type=PydanticCustomError(SPEC_ERROR, message), loc=loc, input=value)
 
 
-def _fail(title: str, errors: list[InitErrorDetails]) -> None:
+def raise_errors(title: str, errors: list[InitErrorDetails]) -> None:
     # A ValidationError raised inside a validator keeps each error's loc (relative to the
     # model being validated), unlike a ValueError, which always lands at the model itself.
     if errors:
@@ -81,7 +97,7 @@ class MLPSpec(_Strict):
     sizes: list[Annotated[int, Field(ge=1)]] = Field(
         min_length=2, description="Layer widths, input first and output last."
     )
-    activation: Literal["relu", "tanh", "sigmoid"] = "relu"
+    activation: Activation = "relu"
     bias_init: float = Field(
         0.0,
         description="Every bias starts at this value; for experiments such as provoking "
@@ -104,17 +120,17 @@ class BuiltinData(_Strict):
     """
 
     type: Literal["builtin"]
-    name: str = Field(json_schema_extra={"enum": sorted(datasets.BUILTINS)})
+    name: str = Field(json_schema_extra={"enum": sorted(BUILTINS)})
     n_samples: int = Field(1000, ge=1, le=1_000_000)
     noise: float = Field(0.1, ge=0)
-    n_classes: int | None = Field(None, ge=2, le=datasets.MAX_CLASSES)
+    n_classes: int | None = Field(None, ge=2, le=MAX_CLASSES)
     n_features: int | None = Field(None, ge=1, le=10_000)
 
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        if name not in datasets.BUILTINS:
-            valid = ", ".join(sorted(datasets.BUILTINS))
+        if name not in BUILTINS:
+            valid = ", ".join(sorted(BUILTINS))
             raise PydanticCustomError(
                 SPEC_ERROR, f"data.name: unknown dataset {name!r}; valid: {valid}"
             )
@@ -122,21 +138,38 @@ class BuiltinData(_Strict):
 
     @model_validator(mode="after")
     def _options_apply(self) -> BuiltinData:
-        builtin = datasets.BUILTINS[self.name]
+        builtin = BUILTINS[self.name]
         errors = [
             _error((option,), f"data.{option} does not apply to {self.name!r}", value)
             for option in ("n_classes", "n_features")
             if (value := getattr(self, option)) is not None and option not in builtin.options
         ]
-        _fail(type(self).__name__, errors)
+        raise_errors(type(self).__name__, errors)
         # Fill in the registry's defaults, so that omitting them hashes like stating them.
-        info = datasets.describe(self)
+        info = self.describe()
         for option in builtin.options:
             setattr(self, option, getattr(info, option))
         if self.n_samples * info.n_features > 20_000_000:
             msg = "data.n_samples x n_features must stay <= 20,000,000 values"
-            _fail(type(self).__name__, [_error(("n_samples",), msg, self.n_samples)])
+            raise_errors(type(self).__name__, [_error(("n_samples",), msg, self.n_samples)])
         return self
+
+    def describe(self) -> DatasetInfo:
+        """Shape and task, from the registry and this spec's options; nothing is generated."""
+        b = BUILTINS[self.name]
+        n_classes, n_features = b.n_classes, b.n_features
+        if "n_classes" in b.options and self.n_classes is not None:
+            n_classes = self.n_classes
+        if "n_features" in b.options and self.n_features is not None:
+            n_features = self.n_features
+        return DatasetInfo(
+            name=self.name,
+            n_features=n_features,
+            task=b.task,
+            n_classes=n_classes,
+            n_targets=1,
+            n_samples=b.n_samples or self.n_samples,
+        )
 
 
 class FileData(_Strict):
@@ -148,7 +181,7 @@ class FileData(_Strict):
     @field_validator("path")
     @classmethod
     def _readable_kind(cls, path: str, info: ValidationInfo) -> str:
-        # Refused here, before the spec-level checks would read the file.
+        # Refused here, before a data check (DESCRIBE_DATA) would read the file.
         if not (info.context or {}).get(ALLOW_FILES, True):
             raise PydanticCustomError(SPEC_ERROR, FILES_DISABLED)
         if Path(path).suffix.lower() not in (".npz", ".csv"):
@@ -160,7 +193,7 @@ class UploadedData(_Strict):
     """A dataset uploaded to the service, by the id the upload returned."""
 
     type: Literal["dataset"]
-    id: str = Field(pattern=datasets.DATASET_ID.pattern)
+    id: str = Field(pattern=DATASET_ID.pattern)
 
 
 DataSpec = Annotated[BuiltinData | FileData | UploadedData, Field(discriminator="type")]
@@ -180,7 +213,7 @@ class SGDSpec(_Strict):
     def _nesterov_needs_momentum(self) -> SGDSpec:
         if self.nesterov and self.momentum == 0:
             msg = "optimizer.nesterov requires optimizer.momentum > 0 (as torch.optim.SGD)"
-            _fail(type(self).__name__, [_error(("nesterov",), msg, self.nesterov)])
+            raise_errors(type(self).__name__, [_error(("nesterov",), msg, self.nesterov)])
         return self
 
 
@@ -205,21 +238,21 @@ class TrainingSpec(_Strict):
     name: str = Field(min_length=1, max_length=200)
     model: ModelSpec
     data: DataSpec
-    loss: Literal["mse", "cross_entropy", "bce"]
+    loss: Loss
     optimizer: OptimizerSpec
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1, description="The global batch, split across workers.")
     workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     seed: int = Field(0, ge=0, le=INT64_MAX)
-    dtype: Literal["float32", "float64"] = "float64"
+    dtype: Dtype = "float64"
     validation_fraction: float = Field(0.2, ge=0, le=0.9)
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(3, ge=1)
     max_failures: int = Field(3, ge=0, description="Worker failures tolerated per job.")
     priority: int = Field(0, ge=-INT64_MAX, le=INT64_MAX, description="Higher runs first.")
     health_every: int = Field(10, ge=1, description="Steps between training-health stats.")
-    exchange: Literal["auto", "compiled", "tasks"] = Field(
+    exchange: ExchangeChoice = Field(
         "auto",
         description="How parameters and gradients travel each step: a Ray Compiled Graph, "
         "plain Ray tasks, or auto (compiled, falling back to tasks; $SHARDGRAD_EXCHANGE "
@@ -227,18 +260,15 @@ class TrainingSpec(_Strict):
     )
 
     @model_validator(mode="after")
-    def _fits_data(self) -> TrainingSpec:
+    def _consistent(self, info: ValidationInfo) -> TrainingSpec:
         errors = []
         if self.batch_size < self.workers:
             msg = f"batch_size ({self.batch_size}) must be >= workers ({self.workers})"
             errors.append(_error(("batch_size",), msg, self.batch_size))
-        try:
-            info = datasets.describe(self.data, self.seed)
-        except (OSError, ValueError) as e:
-            errors.append(_data_error(self.data, e))
-        else:
-            errors += _model_errors(self, info)
-        _fail(type(self).__name__, errors)
+        describe = (info.context or {}).get(DESCRIBE_DATA)
+        if describe is not None:
+            errors += data_errors(self, describe)[1]
+        raise_errors(type(self).__name__, errors)
         return self
 
     def spec_hash(self) -> str:
@@ -250,6 +280,18 @@ class TrainingSpec(_Strict):
             del math["model"]["bias_init"]
         canonical = json.dumps(math, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def data_errors(
+    spec: TrainingSpec, describe: Callable[[BuiltinData | FileData | UploadedData], DatasetInfo]
+) -> tuple[DatasetInfo | None, list[InitErrorDetails]]:
+    """The spec against its data as `describe` finds it: the data's description (None if
+    it cannot be read) and the errors, each at the field it blames."""
+    try:
+        info = describe(spec.data)
+    except (OSError, ValueError) as e:
+        return None, [_data_error(spec.data, e)]
+    return info, _model_errors(spec, info)
 
 
 def _data_error(data: FileData | UploadedData, e: Exception) -> InitErrorDetails:
@@ -269,7 +311,7 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def _model_errors(spec: TrainingSpec, info: datasets.DatasetInfo) -> list[InitErrorDetails]:
+def _model_errors(spec: TrainingSpec, info: DatasetInfo) -> list[InitErrorDetails]:
     """The model's input width must match the data, its output width the loss."""
     sizes, name, loss = spec.model.sizes, info.name, spec.loss
     loc = ("model", spec.model.type, "sizes")
@@ -327,15 +369,17 @@ def format_validation_error(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_spec(path: str | Path) -> TrainingSpec:
-    """Read and validate a spec file; SpecError with one line per problem otherwise."""
+def load_spec(path: str | Path, context: dict | None = None) -> TrainingSpec:
+    """Read and validate a spec file; SpecError with one line per problem otherwise.
+
+    `context` is the validation context: `workers.data.with_data()` checks the data too."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(f"cannot read spec {path}: {e}") from None
     try:
-        return TrainingSpec.model_validate_json(text)
+        return TrainingSpec.model_validate_json(text, context=context)
     except ValidationError as e:
         errors = format_validation_error(e).replace("\n", "\n  ")
         raise SpecError(f"invalid spec {path}:\n  {errors}") from None

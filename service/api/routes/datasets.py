@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 
-from service.api.deps import TOO_LARGE
+from service.api.deps import TOO_LARGE, SettingsDep
 from service.schemas import DatasetOut
 from workers.datasets import list_uploaded, save_uploaded
 
@@ -18,11 +18,13 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 @router.post("", status_code=status.HTTP_201_CREATED, responses=TOO_LARGE)
 async def upload(
     file: Annotated[UploadFile, File(description=".csv with a header row, or .npz with X, y")],
+    settings: SettingsDep,
 ) -> DatasetOut:
     """Store a dataset; the same content uploaded twice gets the same id."""
     raw = await file.read()
+    name, root = file.filename or "upload", settings.uploads_dir
     try:
-        saved = await run_in_threadpool(save_uploaded, raw, file.filename or "upload")
+        saved = await run_in_threadpool(save_uploaded, raw, name, root)
     except ValueError as err:
         error = {"loc": ("body", "file"), "msg": str(err), "type": "value_error", "input": None}
         raise RequestValidationError([error]) from None
@@ -30,6 +32,6 @@ async def upload(
 
 
 @router.get("")
-def datasets() -> list[DatasetOut]:
+def datasets(settings: SettingsDep) -> list[DatasetOut]:
     """Every uploaded dataset, oldest first."""
-    return [DatasetOut.model_validate(d) for d in list_uploaded()]
+    return [DatasetOut.model_validate(d) for d in list_uploaded(settings.uploads_dir)]

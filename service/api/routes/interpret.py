@@ -18,7 +18,8 @@ from core.graph import to_dot
 from service.api.deps import CONFLICT, NOT_FOUND, JobDep, SettingsDep
 from service.predict import NoCheckpoint, Predictor, model_spec
 from service.schemas import ExplainRequest, ExplainResponse
-from workers.spec import TrainingSpec, format_validation_error
+from workers.data import check_data
+from workers.spec import format_validation_error
 
 router = APIRouter(prefix="/jobs", tags=["interpretability"])
 
@@ -49,13 +50,14 @@ def graph(
     The header X-Checkpoint names the checkpoint.
     """
     try:
-        spec = TrainingSpec.model_validate(job.spec)
+        spec = model_spec(job.spec)
+        check_data(spec, settings.uploads_dir)
     except ValidationError as err:  # e.g. its uploaded dataset was deleted
         detail = f"job {job.id}: its spec no longer validates: {format_validation_error(err)}"
         raise HTTPException(status.HTTP_409_CONFLICT, detail) from None
     predictor: Predictor = request.app.state.predictor
     try:
-        result, name = predictor.graph(spec, settings.jobs_dir / job.id)
+        result, name = predictor.graph(spec, settings.jobs_dir / job.id, settings.worker_settings())
     except NoCheckpoint as err:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id}: {err}") from None
     headers = {"X-Checkpoint": name}

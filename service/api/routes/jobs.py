@@ -27,7 +27,8 @@ from service.dispatcher import EPS, Dispatcher
 from service.schemas import Job, JobPage, MetricPoint, Metrics, Status
 from service.store import JobStore
 from service.tables import CANCELLING, QUEUED, JobRow
-from workers.spec import ALLOW_FILES, TrainingSpec
+from workers.data import with_data
+from workers.spec import TrainingSpec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -54,14 +55,16 @@ def _invalid(loc: tuple, msg: str, value) -> RequestValidationError:
 
 # The body as OpenAPI documents it (the TrainingSpec schema), handed to the route as parsed
 # JSON, unvalidated: FastAPI validates a body without a validation context, and the spec's
-# checks need the server's (file datasets allowed or not).
+# checks need the server's (file datasets allowed or not, where uploads are).
 SpecBody = Annotated[TrainingSpec, SkipValidation, Body(title="TrainingSpec")]
 
 
 def validate_spec(body: Any, settings: Settings) -> TrainingSpec:
-    """The TrainingSpec, or FastAPI's standard 422 with every error's loc under "body"."""
+    """The TrainingSpec, checked against its data, or FastAPI's standard 422 with every
+    error's loc under "body"."""
+    context = with_data(settings.uploads_dir, allow_files=settings.allow_file_data)
     try:
-        return TrainingSpec.model_validate(body, context={ALLOW_FILES: settings.allow_file_data})
+        return TrainingSpec.model_validate(body, context=context)
     except ValidationError as err:
         errors = err.errors(include_url=False)
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
