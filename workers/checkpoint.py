@@ -53,8 +53,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load as load_safetensors
-from safetensors.numpy import save_file
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 __all__ = [
     "Checkpoint",
@@ -319,10 +319,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
     manifest, data = _read_verified(path)
     try:
-        model_state = _load_model(data[MODEL_FILE])
-        optimizer_state = _unflatten_optimizer(
-            load_safetensors(data[OPTIMIZER_FILE]), _metadata(data[OPTIMIZER_FILE])
-        )
+        model_state = _load_model(path / MODEL_FILE)
+        optimizer_state = _unflatten_optimizer(*_read_safetensors(path / OPTIMIZER_FILE))
         state = json.loads(data[STATE_FILE])
     except CheckpointError:
         raise
@@ -337,9 +335,9 @@ def load_model_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Only the model parameters of a checkpoint directory, checked against its manifest."""
     path = Path(path)
     manifest = _read_manifest(path)
-    data = _read_listed(path, MODEL_FILE, manifest["files"][MODEL_FILE])
+    _read_listed(path, MODEL_FILE, manifest["files"][MODEL_FILE])
     try:
-        return _load_model(data)
+        return _load_model(path / MODEL_FILE)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot decode {MODEL_FILE}: {e!r}") from e
 
@@ -455,18 +453,21 @@ def _read_listed(path: Path, name: str, entry: dict) -> bytes:
     return data
 
 
-def _load_model(data: bytes) -> dict[str, np.ndarray]:
-    tensors = load_safetensors(data)
-    keys = _metadata(data).get("keys")
+def _load_model(file: Path) -> dict[str, np.ndarray]:
+    tensors, metadata = _read_safetensors(file)
+    keys = metadata.get("keys")
     if keys is None:  # written by another tool: keep the file's order
         return tensors
     return {k: tensors[k] for k in json.loads(keys)}
 
 
-def _metadata(data: bytes) -> dict[str, str]:
-    # safetensors: 8-byte little-endian header length, then the JSON header
-    size = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+def _read_safetensors(file: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors and the metadata of a file whose hash was just checked. A committed
+    checkpoint is never written again (a new one is renamed into place), so the file read
+    here is the one verified."""
+    with safe_open(file, "np") as f:
+        metadata = f.metadata() or {}
+    return load_file(file), metadata
 
 
 def _warn_skipped(error: CheckpointError) -> None:
