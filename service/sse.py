@@ -1,7 +1,9 @@
 """Server-Sent Events: live status, progress and metric points, read back from the store.
 
 A stream re-reads the store when the store's ChangeFeed fires (a write in this process)
-or after `poll_s` (a write by another service process), and sends only what changed.
+or after `POLL_S` (a write by another service process), and sends only what changed.
+sse-starlette frames the events, sends keep-alive pings and stops a stream whose client
+went away.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
 from fastapi.concurrency import run_in_threadpool
+from sse_starlette import ServerSentEvent
 
 from service.schemas import Job, MetricPoint
 from service.store import JobNotFound, JobStore, utcnow
@@ -21,11 +23,13 @@ from service.tables import TERMINAL, JobRow
 
 POLL_S = 1.0  # another process's writes show up within this
 MIN_GAP_S = 0.2  # at most ~5 messages a second per stream, however fast the steps
-KEEPALIVE_S = 15.0
+KEEPALIVE_S = 15.0  # a ping comment on an idle stream, so proxies keep it open
 
 
-def message(event: str, data: dict) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+def message(event: str, data: dict, last_step: int | None = None) -> ServerSentEvent:
+    """One event; on a job's stream its id is the step of the last metric point sent."""
+    text = json.dumps(data, separators=(",", ":"))
+    return ServerSentEvent(text, event=event, id=None if last_step is None else str(last_step))
 
 
 def _progress(job: JobRow) -> dict:
@@ -38,66 +42,58 @@ def _progress(job: JobRow) -> dict:
     }
 
 
-async def _wait(woke: asyncio.Event, last_sent: float) -> bool:
-    """Sleep until woken or POLL_S; True when a keep-alive comment is due."""
+async def _wait(woke: asyncio.Event) -> None:
+    """Sleep until woken (after at least MIN_GAP_S) or POLL_S."""
     await asyncio.sleep(MIN_GAP_S)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(woke.wait(), POLL_S)
-    return time.monotonic() - last_sent > KEEPALIVE_S
 
 
 async def job_events(
-    store: JobStore, job_id: str, present: Callable[[JobRow], Job]
-) -> AsyncIterator[str]:
-    """`status` (the job, on each transition), `progress`, `metrics` (new points; all
-    existing ones first), and `end` once the job is terminal; then the stream closes."""
+    store: JobStore, job_id: str, present: Callable[[JobRow], Job], after: int = -1
+) -> AsyncIterator[ServerSentEvent]:
+    """`status` (the job, on each transition), `progress`, `metrics` (new points: those after
+    step `after` first), and `end` once the job is terminal; then the stream closes.
+
+    Every event's id is the step of the last point sent so far (`after` before any), so a
+    client that reconnects with `Last-Event-ID` gets the status and progress afresh and
+    then only the points it has not seen."""
     status = version = None
-    after = -1
-    last_sent = time.monotonic()
     with store.changes.subscribe() as woke:
         while True:
             woke.clear()
             try:
                 job = await run_in_threadpool(store.get, job_id)
             except JobNotFound:
-                yield message("end", {"job_id": job_id, "status": None})
+                yield message("end", {"job_id": job_id, "status": None}, after)
                 return
-            out = []
             if job.status != status:
                 job_out = await run_in_threadpool(present, job)
-                out.append(message("status", job_out.model_dump(mode="json")))
+                yield message("status", job_out.model_dump(mode="json"), after)
                 status = job.status
             if job.version != version:
-                out.append(message("progress", _progress(job)))
+                yield message("progress", _progress(job), after)
                 version = job.version
             points = await run_in_threadpool(store.points, job_id, after)
             if points:
-                data = [MetricPoint.model_validate(p).model_dump() for p in points]
-                out.append(message("metrics", {"job_id": job_id, "points": data}))
                 after = points[-1].step
+                data = [MetricPoint.model_validate(p).model_dump() for p in points]
+                yield message("metrics", {"job_id": job_id, "points": data}, after)
             if job.status in TERMINAL:
-                out.append(message("end", {"job_id": job_id, "status": job.status}))
-            for text in out:
-                yield text
-            if job.status in TERMINAL:
+                yield message("end", {"job_id": job_id, "status": job.status}, after)
                 return
-            if out:
-                last_sent = time.monotonic()
-            if await _wait(woke, last_sent):
-                yield ": keep-alive\n\n"
-                last_sent = time.monotonic()
+            await _wait(woke)
 
 
 async def all_events(
     store: JobStore, present: Callable[[list[JobRow]], list[Job]]
-) -> AsyncIterator[str]:
+) -> AsyncIterator[ServerSentEvent]:
     """Every job's changes from now on: `status` (the job, as GET /jobs/{id} has it, queue
     position included) or `progress` (compact)."""
     since = utcnow() - timedelta(seconds=1)
     seen: dict[str, tuple[int, str]] = {}  # job id -> (version, status) last sent
-    last_sent = time.monotonic()
     with store.changes.subscribe() as woke:
-        yield ": connected\n\n"
+        yield ServerSentEvent(comment="connected")
         while True:
             woke.clear()
             rows = await run_in_threadpool(store.changed_since, since)
@@ -111,14 +107,9 @@ async def all_events(
                 else:
                     yield message("progress", _progress(job))
                 seen[job.id] = (job.version, job.status)
-            sent = bool(changed)
             if rows:
                 # Overlap by a little: writers in other processes have their own clocks.
                 since = max(since, rows[-1].updated_at - timedelta(seconds=2))
                 keep = {job.id for job in rows}
                 seen = {k: v for k, v in seen.items() if k in keep}
-            if sent:
-                last_sent = time.monotonic()
-            if await _wait(woke, last_sent):
-                yield ": keep-alive\n\n"
-                last_sent = time.monotonic()
+            await _wait(woke)

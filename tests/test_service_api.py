@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from httpx_sse import connect_sse
 
 from service.client import sse_events
 from tests.test_service_fakes import make_client, spec
@@ -363,6 +364,43 @@ def test_job_event_stream(env):
     assert events[0][1]["status"] == "succeeded"
     assert [p["step"] for p in events[2][1]["points"]] == [1, 2]
     assert events[3][1] == {"job_id": job_id, "status": "succeeded"}
+
+
+def job_stream(client, job_id: str, **headers) -> list[tuple[str, str, dict]]:
+    """(event, id, data) of every event of a job's stream, up to its end."""
+    with connect_sse(client, "GET", f"/api/v1/jobs/{job_id}/events", headers=headers) as source:
+        return [(e.event, e.id, e.json()) for e in source.iter_sse()]
+
+
+def test_job_event_stream_ids_are_the_last_step_sent_and_resume_after_it(env):
+    client, store, _ = env
+    job_id = submit(client)["id"]
+    run(store, job_id, steps=5)
+    store.finish(job_id, "fake", "succeeded", None, step=5)
+    full = job_stream(client, job_id)
+    assert [(kind, id) for kind, id, _ in full] == [
+        ("status", "-1"),
+        ("progress", "-1"),
+        ("metrics", "5"),
+        ("end", "5"),
+    ]
+    resumed = job_stream(client, job_id, **{"Last-Event-ID": "3"})
+    assert [(kind, id) for kind, id, _ in resumed] == [
+        ("status", "3"),
+        ("progress", "3"),
+        ("metrics", "5"),
+        ("end", "5"),
+    ]
+    assert [p["step"] for p in resumed[2][2]["points"]] == [4, 5]
+    assert [data for _, _, data in resumed[:2]] == [data for _, _, data in full[:2]]
+    caught_up = job_stream(client, job_id, **{"Last-Event-ID": "5"})
+    assert [(kind, id) for kind, id, _ in caught_up] == [
+        ("status", "5"),
+        ("progress", "5"),
+        ("end", "5"),
+    ]
+    bad = client.get(f"/api/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "x"})
+    assert bad.status_code == 422
 
 
 @pytest.mark.timeout(60)

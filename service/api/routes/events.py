@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
+from typing import Annotated
+
+from fastapi import APIRouter, Header
+from sse_starlette import EventSourceResponse
 
 from service import sse
 from service.api.deps import NOT_FOUND, DispatcherDep, JobDep, StoreDep
@@ -11,19 +13,39 @@ from service.api.routes.jobs import present, present_all
 
 router = APIRouter(tags=["events"])
 STREAM = {200: {"content": {"text/event-stream": {}}, "description": "an SSE stream"}}
-HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+HEADERS = {"Cache-Control": "no-cache"}
+LastEventId = Annotated[
+    int,
+    Header(
+        alias="Last-Event-ID",
+        ge=-1,
+        le=2**31 - 1,
+        description="the id of the last event received: resume after that metric point",
+    ),
+]
 
 
-@router.get("/jobs/{job_id}/events", response_class=StreamingResponse, responses=STREAM | NOT_FOUND)
-def job_events(job: JobDep, store: StoreDep, dispatcher: DispatcherDep) -> StreamingResponse:
+def _stream(events) -> EventSourceResponse:
+    return EventSourceResponse(events, headers=HEADERS, ping=sse.KEEPALIVE_S)
+
+
+@router.get(
+    "/jobs/{job_id}/events", response_class=EventSourceResponse, responses=STREAM | NOT_FOUND
+)
+def job_events(
+    job: JobDep, store: StoreDep, dispatcher: DispatcherDep, last_event_id: LastEventId = -1
+) -> EventSourceResponse:
     """Events `status`, `progress`, `metrics` and a final `end` (then the stream closes;
-    an EventSource client should call close() on `end`)."""
-    stream = sse.job_events(store, job.id, lambda row: present(row, store, dispatcher))
-    return StreamingResponse(stream, media_type="text/event-stream", headers=HEADERS)
+    an EventSource client should call close() on `end`). Each event's id is the step of
+    the last metric point sent; with `Last-Event-ID` the stream sends the status and
+    progress, then only the points after that step."""
+    events = sse.job_events(
+        store, job.id, lambda row: present(row, store, dispatcher), after=last_event_id
+    )
+    return _stream(events)
 
 
-@router.get("/events", response_class=StreamingResponse, responses=STREAM)
-def all_events(store: StoreDep, dispatcher: DispatcherDep) -> StreamingResponse:
+@router.get("/events", response_class=EventSourceResponse, responses=STREAM)
+def all_events(store: StoreDep, dispatcher: DispatcherDep) -> EventSourceResponse:
     """Status and progress changes of every job, from the moment of connecting."""
-    stream = sse.all_events(store, lambda rows: present_all(rows, store, dispatcher))
-    return StreamingResponse(stream, media_type="text/event-stream", headers=HEADERS)
+    return _stream(sse.all_events(store, lambda rows: present_all(rows, store, dispatcher)))
