@@ -22,7 +22,6 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    inspect,
     or_,
     select,
     text,
@@ -31,8 +30,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Row, make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
-from sqlalchemy.schema import CreateIndex
 
+from service import migrations
 from service.feed import ChangeFeed
 from service.tables import (
     ACTIVE,
@@ -40,12 +39,10 @@ from service.tables import (
     CANCELLING,
     FAILED,
     LAYER_FIELDS,
-    LEGACY_INDEXES,
     POINT_FIELDS,
     QUEUED,
     RUNNING,
     SUCCEEDED,
-    Base,
     EventRow,
     JobRow,
     MetricRow,
@@ -95,19 +92,8 @@ class JobStore:
         self.dialect = self.engine.dialect.name
         self.changes = changes or ChangeFeed()
         self._write_lock = threading.Lock() if self.dialect == "sqlite" else nullcontext()
-        # create_all makes only missing tables; a store made by an older version gets the
-        # columns and indexes added since here. On PostgreSQL all of it is one transaction
-        # under a lock: services starting together would both create a missing table.
         with self.engine.begin() as conn:
-            if self.dialect == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
-            Base.metadata.create_all(conn)
-            _add_missing_columns(conn)
-            for name in LEGACY_INDEXES:
-                conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
-            for table in Base.metadata.sorted_tables:
-                for index in table.indexes:
-                    conn.execute(CreateIndex(index, if_not_exists=True))
+            migrations.upgrade(conn)  # Alembic: a new store, or one an older version made
 
     @property
     def single_process(self) -> bool:
@@ -371,7 +357,6 @@ class JobStore:
         return job
 
 
-_SCHEMA_LOCK = 0x73686172646772  # "shardgr": the advisory lock key of schema changes
 _QUEUE = (JobRow.priority.desc(), JobRow.seq.asc())
 _QUEUE_HEAD = (
     select(JobRow.seq, JobRow.id, JobRow.priority, JobRow.cpus)
@@ -410,26 +395,6 @@ def _cas(s: Session, job_id: str, expected, values: dict, owner: str | None = No
 def _event(job: JobRow, status: str, message: str | None) -> EventRow:
     attempt = job.attempts
     return EventRow(job_id=job.id, at=utcnow(), status=status, attempt=attempt, message=message)
-
-
-def _add_missing_columns(conn) -> None:
-    """ALTER TABLE ... ADD COLUMN for each column the tables lack; idempotent. Columns added
-    after a release must be nullable, so existing rows need no value."""
-    inspector = inspect(conn)
-    # Two PostgreSQL services may start at once; SQLite has one (and no IF NOT EXISTS here).
-    if_missing = " IF NOT EXISTS" if conn.dialect.name == "postgresql" else ""
-    quote = conn.dialect.identifier_preparer.quote
-    for table in Base.metadata.sorted_tables:
-        present = {c["name"] for c in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name not in present and column.nullable:
-                kind = column.type.compile(dialect=conn.dialect)
-                conn.execute(
-                    text(
-                        f"ALTER TABLE {quote(table.name)} "
-                        f"ADD COLUMN{if_missing} {quote(column.name)} {kind}"
-                    )
-                )
 
 
 def _upsert_point(s: Session, values: dict) -> None:

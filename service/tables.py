@@ -1,4 +1,7 @@
-"""The job store's tables (SQLAlchemy 2). Portable between SQLite and PostgreSQL."""
+"""The job store's tables (SQLAlchemy 2). Portable between SQLite and PostgreSQL.
+
+A change here needs a new Alembic revision in service/migrations/versions/ (a test checks
+that the revisions build exactly these tables)."""
 
 from __future__ import annotations
 
@@ -61,7 +64,6 @@ class JobRow(Base):
 # The queue in its own order (priority DESC, seq ASC): the dispatcher reads the head of the
 # queue and the API counts the jobs ahead of one without sorting the queue each time.
 Index("ix_jobs_queue_order", JobRow.status, JobRow.priority.desc(), JobRow.seq)
-LEGACY_INDEXES = ("ix_jobs_queue",)  # replaced by the ones above; dropped from older stores
 
 
 class MetricRow(Base):

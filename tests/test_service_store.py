@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import inspect, text
 
 from service.config import Settings
 from service.dispatcher import Dispatcher
@@ -77,52 +76,6 @@ def test_claim_follows_priority_then_fifo_and_stops_on_none(store_url):
     store.claim("me", lambda job: order.append(job.id) or (None if job.id == a else False))
     assert order == [b, a]  # c is never looked at: a blocks the queue
     assert store.queue_positions() == {b: 1, a: 2, c: 3}
-
-
-QUEUE_HEAD = "SELECT id FROM jobs WHERE status = 'queued' ORDER BY priority DESC, seq LIMIT 100"
-
-
-def queue_plan(store: JobStore) -> tuple[str, bool]:
-    """The database's plan for reading the queue's head, and whether it sorts rows."""
-    with store.engine.begin() as conn:
-        if store.dialect == "sqlite":
-            rows = conn.execute(text(f"EXPLAIN QUERY PLAN {QUEUE_HEAD}"))
-            plan = " ".join(str(r[-1]) for r in rows)
-            return plan, "TEMP B-TREE" in plan
-        # A few rows: PostgreSQL would scan the table; told not to, it picks its best index.
-        conn.execute(text("SET LOCAL enable_seqscan = off"))
-        plan = " ".join(r[0] for r in conn.execute(text(f"EXPLAIN {QUEUE_HEAD}")))
-        return plan, "Sort" in plan
-
-
-def test_an_older_store_gets_the_queue_index(store_url):
-    store = JobStore(store_url)
-    ids = [new_job(store, priority=p).id for p in (0, 2, 0)]
-    with store.engine.begin() as conn:  # the index as an older version made it
-        conn.execute(text("DROP INDEX ix_jobs_queue_order"))
-        conn.execute(text("CREATE INDEX ix_jobs_queue ON jobs (status, priority, seq)"))
-    store = JobStore(store_url)
-    names = {index["name"] for index in inspect(store.engine).get_indexes("jobs")}
-    assert "ix_jobs_queue_order" in names and "ix_jobs_queue" not in names
-    plan, sorts = queue_plan(store)
-    assert "ix_jobs_queue_order" in plan and not sorts  # no sort per read
-    assert store.queue_positions() == {ids[1]: 1, ids[0]: 2, ids[2]: 3}
-    assert [store.queue_position(store.get(i)) for i in ids] == [2, 1, 3]
-
-
-def test_an_older_store_gets_the_columns_added_since(store_url):
-    store = JobStore(store_url)
-    job_id = new_job(store).id
-    with store.engine.begin() as conn:  # the tables as an older version made them
-        conn.execute(text("ALTER TABLE jobs DROP COLUMN health"))
-        conn.execute(text("ALTER TABLE metric_points DROP COLUMN layers"))
-    store = JobStore(store_url)
-    columns = {
-        t: {c["name"] for c in inspect(store.engine).get_columns(t)}
-        for t in ("jobs", "metric_points")
-    }
-    assert "health" in columns["jobs"] and "layers" in columns["metric_points"]
-    assert store.get(job_id).health is None  # the existing row reads back
 
 
 def test_reclaim_orphans_after_a_crash(store_url):
