@@ -13,7 +13,7 @@ How it works
 * Token authentication stays on: every node runs with `RAY_AUTH_MODE=token` and
   `RAY_AUTH_TOKEN_PATH=<state dir>/auth_token`, one token for the cluster.
 * Every process `ray start` spawns inherits `SHARDGRAD_LOCAL_CLUSTER=<id>`.
-  `up` records those processes (pid + kernel start time, so a recycled pid is
+  `up` records those processes (pid + create time, so a recycled pid is
   never mistaken for ours); `down` signals exactly them and their descendants,
   plus Ray worker processes that still hold files in this cluster's temp dir.
   It never runs a global `ray stop`.
@@ -35,6 +35,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STATE_DIR = REPO_ROOT / ".ray-local-cluster"
@@ -180,92 +182,69 @@ def allocate_ports(num_nodes: int, gcs_port: int | None) -> tuple[dict, list[dic
 # --------------------------------------------------------------------------- processes
 
 
-def proc_stat(pid: int) -> tuple[int, int, str] | None:
-    """(ppid, start time in clock ticks, state letter) or None if the pid is gone."""
+# A process is known by its pid and create time, so a recycled pid is never mistaken for
+# ours. psutil's create time is the boot time plus the kernel's start ticks, and the boot
+# time it reads may move by a second when the clock is adjusted: hence the tolerance.
+SAME_START_S = 1.0
+GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+ATTRS = ["ppid", "create_time", "status", "name"]
+
+
+def process_table() -> dict[int, dict]:
+    """pid -> {ppid, create_time, status, name} of every process."""
+    return {p.pid: p.info for p in psutil.process_iter(ATTRS) if p.info["ppid"] is not None}
+
+
+def same_start(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and abs(a - b) < SAME_START_S
+
+
+def is_running(pid: int, start_time: float | None = None) -> bool:
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2 :].split()
-    return int(fields[1]), int(fields[19]), fields[0]
-
-
-def process_table() -> dict[int, tuple[int, int, str]]:
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = proc_stat(int(entry))
-            if stat is not None:
-                table[int(entry)] = stat
-    return table
-
-
-def proc_environ(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return b""
-
-
-def proc_cmdline(pid: int) -> str:
-    try:
-        return (
-            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        )
-    except OSError:
-        return ""
-
-
-def proc_comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def holds_files_under(pid: int, root: str) -> bool:
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
+        proc = psutil.Process(pid)
+        if proc.status() in GONE:
+            return False
+        return start_time is None or same_start(proc.create_time(), start_time)
+    except psutil.Error:
         return False
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(root + "/"):
-                return True
-    return False
 
 
-def is_running(pid: int, start_time: int | None = None) -> bool:
-    stat = proc_stat(pid)
-    if stat is None or stat[2] in ("Z", "X"):
-        return False
-    return start_time is None or stat[1] == start_time
+def proc_name(pid: int) -> str:
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid).name()
+    return ""
 
 
-def own_lineage(table: dict[int, tuple[int, int, str]]) -> set[int]:
+def own_lineage() -> set[int]:
     """This process and its ancestors: never signalled."""
-    pids, pid = set(), os.getpid()
-    while pid > 1 and pid not in pids:
-        pids.add(pid)
-        pid = table.get(pid, (0, 0, ""))[0]
-    return pids
+    me = psutil.Process()
+    return {me.pid, *(p.pid for p in me.parents())}
 
 
 def marked_pids(table: dict, cluster_id: str, node: int | None = None) -> set[int]:
-    needle = f"{MARKER}={cluster_id}\0".encode()
-    node_needle = f"{MARKER_NODE}={node}\0".encode()
     found = set()
     for pid in table:
-        env = b"\0" + proc_environ(pid)
-        if b"\0" + needle in env and (node is None or b"\0" + node_needle in env):
-            found.add(pid)
+        with contextlib.suppress(psutil.Error):
+            env = psutil.Process(pid).environ()
+            ours = env.get(MARKER) == cluster_id
+            if ours and (node is None or env.get(MARKER_NODE) == str(node)):
+                found.add(pid)
     return found
+
+
+def is_orphaned_worker(pid: int, temp_dir: str) -> bool:
+    """A Ray worker (`ray::...`) that holds files open under this cluster's temp dir."""
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        if " ".join(proc.cmdline()).startswith("ray::"):
+            return any(f.path.startswith(temp_dir + "/") for f in proc.open_files())
+    return False
 
 
 def with_descendants(table: dict, roots: set[int]) -> set[int]:
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
+    for pid, info in table.items():
+        children.setdefault(info["ppid"], []).append(pid)
     result, todo = set(), list(roots)
     while todo:
         pid = todo.pop()
@@ -276,49 +255,43 @@ def with_descendants(table: dict, roots: set[int]) -> set[int]:
     return result
 
 
-def cluster_processes(state: dict) -> dict[int, int]:
-    """pid -> start time of every live process that belongs to this cluster."""
+def cluster_processes(state: dict) -> dict[int, float]:
+    """pid -> create time of every live process that belongs to this cluster."""
     table = process_table()
     roots = {
         rec["pid"]
         for rec in state.get("processes", [])
-        if rec["pid"] in table and table[rec["pid"]][1] == rec["start_time"]
+        if rec["pid"] in table and same_start(table[rec["pid"]]["create_time"], rec["start_time"])
     }
     roots |= marked_pids(table, state["cluster_id"])
-    # Ray workers rename themselves (`ray::...`), which clobbers /proc/<pid>/environ;
+    # Ray workers rename themselves (`ray::...`), which clobbers their environment;
     # orphans of a killed raylet are recognised by the log files they hold open.
     temp_dir = state["temp_dir"]
-    for pid in table:
-        if (
-            pid not in roots
-            and proc_cmdline(pid).startswith("ray::")
-            and holds_files_under(pid, temp_dir)
-        ):
-            roots.add(pid)
-    pids = with_descendants(table, roots) - own_lineage(table)
-    return {pid: table[pid][1] for pid in pids if table[pid][2] not in ("Z", "X")}
+    roots |= {pid for pid in table if pid not in roots and is_orphaned_worker(pid, temp_dir)}
+    pids = with_descendants(table, roots) - own_lineage()
+    return {pid: table[pid]["create_time"] for pid in pids if table[pid]["status"] not in GONE}
 
 
 def snapshot(state: dict) -> list[dict]:
     return [
-        {"pid": pid, "start_time": start, "comm": proc_comm(pid)}
+        {"pid": pid, "start_time": start, "comm": proc_name(pid)}
         for pid, start in sorted(cluster_processes(state).items())
     ]
 
 
-def terminate(procs: dict[int, int], grace: float) -> dict[int, int]:
+def terminate(procs: dict[int, float], grace: float) -> dict[int, float]:
     """Stop `procs` in `ray stop`'s order: raylets, then everything else, then the GCS.
 
     Each group gets SIGTERM, up to `grace` seconds, then SIGKILL. Returns survivors."""
 
-    def alive(group: dict[int, int]) -> dict[int, int]:
+    def alive(group: dict[int, float]) -> dict[int, float]:
         return {pid: st for pid, st in group.items() if is_running(pid, st)}
 
     def phase(pid: int) -> int:
-        comm = proc_comm(pid)
+        comm = proc_name(pid)
         return 0 if comm == "raylet" else 2 if comm == "gcs_server" else 1
 
-    groups: list[dict[int, int]] = [{}, {}, {}]
+    groups: list[dict[int, float]] = [{}, {}, {}]
     for pid, start in procs.items():
         groups[phase(pid)][pid] = start
     for group in groups:
@@ -538,11 +511,11 @@ def wait_for_nodes(state: dict, deadline: float) -> list[dict]:
         time.sleep(0.5)
 
 
-def raylet_pid(state: dict, index: int) -> tuple[int, int] | None:
+def raylet_pid(state: dict, index: int) -> tuple[int, float] | None:
     table = process_table()
     for pid in marked_pids(table, state["cluster_id"], index):
-        if proc_comm(pid) == "raylet":
-            return pid, table[pid][1]
+        if table[pid]["name"] == "raylet":
+            return pid, table[pid]["create_time"]
     return None
 
 

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,25 +62,24 @@ def run_script(
     )
 
 
-def _proc_start_time(pid: int) -> int | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2 :].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+def _still_running(pid: int, start_time: float) -> bool:
+    """The process `up` recorded (pid and create time, give or take the boot time's
+    second) is alive."""
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        if proc.status() != psutil.STATUS_ZOMBIE:
+            return abs(proc.create_time() - start_time) < 1.0
+    return False
 
 
 def marked_processes(cluster_id: str) -> list[int]:
     """Live processes that inherited this cluster's marker from `ray start`."""
-    needle = f"SHARDGRAD_LOCAL_CLUSTER={cluster_id}\0".encode()
     found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                env = b"\0" + Path(f"/proc/{entry}/environ").read_bytes()
-                if b"\0" + needle in env and _proc_start_time(int(entry)) is not None:
-                    found.append(int(entry))
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            marked = proc.environ().get("SHARDGRAD_LOCAL_CLUSTER") == cluster_id
+            if marked and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
     return found
 
 
@@ -287,7 +287,7 @@ def test_local_cluster_lifecycle(local_cluster: LocalCluster):
     assert killed in recorded and len(recorded) >= 9  # gcs, raylets, agents, monitors...
     down = c.script("down")
     assert down.returncode == 0, down.stderr
-    still = [pid for pid, start in recorded.items() if _proc_start_time(pid) == start]
+    still = [pid for pid, start in recorded.items() if _still_running(pid, start)]
     assert still == [], f"processes left running: {still}"
     assert marked_processes(cluster_id) == []
     assert not Path(state["temp_dir"]).exists()
