@@ -10,7 +10,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from pydantic import SkipValidation, ValidationError
 
 from service.api.deps import (
@@ -22,6 +21,7 @@ from service.api.deps import (
     SettingsDep,
     StoreDep,
 )
+from service.api.errors import body_errors, field_error
 from service.config import Settings
 from service.dispatcher import EPS, Dispatcher
 from service.schemas import Job, JobPage, MetricPoint, Metrics, Status
@@ -48,10 +48,6 @@ def present_all(rows: list[JobRow], store: JobStore, dispatcher: Dispatcher) -> 
     return [present(r, store, dispatcher, positions) for r in rows]
 
 
-def _invalid(loc: tuple, msg: str, value) -> RequestValidationError:
-    return RequestValidationError([{"loc": loc, "msg": msg, "type": "value_error", "input": value}])
-
-
 # The body as OpenAPI documents it (the TrainingSpec schema), handed to the route as parsed
 # JSON, unvalidated: FastAPI validates a body without a validation context, and the spec's
 # checks need the server's (file datasets allowed or not).
@@ -63,8 +59,7 @@ def validate_spec(body: Any, settings: Settings) -> TrainingSpec:
     try:
         return TrainingSpec.model_validate(body, context={ALLOW_FILES: settings.allow_file_data})
     except ValidationError as err:
-        errors = err.errors(include_url=False)
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+        raise body_errors(err) from None
 
 
 class GroupCommit:
@@ -118,7 +113,7 @@ def _check_fits(spec: TrainingSpec, dispatcher: Dispatcher, settings: Settings) 
             f"workers x cpus_per_worker = {spec.workers} x {spec.cpus_per_worker:g} = "
             f"{need:g} CPUs, but the whole cluster has {total:g}"
         )
-        raise _invalid(("body", "workers"), msg, spec.workers)
+        raise field_error(("body", "workers"), msg, spec.workers)
     return need
 
 
@@ -144,7 +139,8 @@ def _decode_cursor(cursor: str) -> int:
     try:
         return int(base64.urlsafe_b64decode(cursor.encode() + b"==").decode())
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise _invalid(("query", "cursor"), "not a cursor returned by GET /jobs", cursor) from None
+        msg = "not a cursor returned by GET /jobs"
+        raise field_error(("query", "cursor"), msg, cursor) from None
 
 
 def _encode_cursor(seq: int) -> str:
