@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Response, status
@@ -62,48 +60,6 @@ def validate_spec(body: Any, settings: Settings) -> TrainingSpec:
         raise body_errors(err) from None
 
 
-class GroupCommit:
-    """Submissions are written by one thread of their own, and those that arrive while it
-    writes go into its next transaction together: one commit, one thread hop and one turn
-    of the store's lock for a whole burst. (SQLite takes one writer at a time anyway, and
-    this hop costs a third of one through FastAPI's shared thread pool.)"""
-
-    def __init__(self) -> None:
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="submit")
-        self._pending: dict[tuple, list] = {}  # (event loop, store) -> [(job, future)]
-        self._writers: dict[tuple, asyncio.Task] = {}
-
-    async def submit(self, store: JobStore, **job) -> tuple[JobRow, int]:
-        loop = asyncio.get_running_loop()
-        key, future = (loop, store), loop.create_future()
-        self._pending.setdefault(key, []).append((job, future))
-        if key not in self._writers:
-            self._writers[key] = loop.create_task(self._write(key))
-        return await future
-
-    async def _write(self, key: tuple) -> None:
-        loop, store = key
-        try:
-            while batch := self._pending.pop(key, None):
-                jobs = [job for job, _ in batch]
-                try:
-                    results = await loop.run_in_executor(self._thread, store.submit_many, jobs)
-                except Exception as err:  # every request of the batch answers with it
-                    results = [err] * len(batch)
-                for (_, future), result in zip(batch, results, strict=True):
-                    if future.done():  # the client went away; its job is queued all the same
-                        continue
-                    if isinstance(result, Exception):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
-        finally:
-            del self._writers[key]
-
-
-_writes = GroupCommit()
-
-
 def _check_fits(spec: TrainingSpec, dispatcher: Dispatcher, settings: Settings) -> float:
     """The CPUs the job's gang needs; 422 when the whole cluster has fewer (no autoscaler)."""
     need = spec.workers * spec.cpus_per_worker
@@ -128,8 +84,8 @@ async def submit(
     else:  # an upload is read to check it against the model: not on the event loop
         spec = await run_in_threadpool(validate_spec, body, settings)
     need = _check_fits(spec, dispatcher, settings)
-    job, position = await _writes.submit(
-        store, spec=spec.model_dump(mode="json"), name=spec.name, priority=spec.priority, cpus=need
+    job, position = await store.submit(
+        spec.model_dump(mode="json"), name=spec.name, priority=spec.priority, cpus=need
     )
     dispatcher.wake()
     return present(job, store, dispatcher, positions={job.id: position})
