@@ -33,7 +33,7 @@ from service.cluster import RayCluster
 from service.config import Settings
 from service.dispatcher import Dispatcher
 from service.limits import BodyLimit
-from service.predict import Predictor
+from service.predict import NoCheckpoint, Predictor
 from service.store import Conflict, JobNotFound, JobStore
 
 API = "/api/v1"
@@ -64,6 +64,12 @@ async def job_not_found(request: Request, exc: JobNotFound) -> JSONResponse:
 async def conflict(request: Request, exc: Conflict) -> JSONResponse:
     """The job's state does not allow the request; the store's message says why."""
     return JSONResponse({"detail": str(exc)}, status_code=409)
+
+
+async def no_checkpoint(request: Request, exc: NoCheckpoint) -> JSONResponse:
+    """A model was asked of a job that has no (readable) checkpoint yet."""
+    job_id = request.path_params.get("job_id")
+    return JSONResponse({"detail": f"job {job_id}: {exc}"}, status_code=409)
 
 
 def create_app(settings: Settings | None = None, *, start: bool = True) -> FastAPI:
@@ -103,9 +109,11 @@ def create_app(settings: Settings | None = None, *, start: bool = True) -> FastA
         lifespan=lifespan,
     )
     app.add_exception_handler(RequestValidationError, validation_error)
-    # The store's errors, wherever a route meets them: an unknown job, a state that forbids.
+    # The store's errors, wherever a route meets them: an unknown job, a state that forbids;
+    # and the predictor's, when the job has no checkpoint to answer from.
     app.add_exception_handler(JobNotFound, job_not_found)
     app.add_exception_handler(Conflict, conflict)
+    app.add_exception_handler(NoCheckpoint, no_checkpoint)
     app.state.settings = settings
     app.state.predictor = Predictor()
     app.add_middleware(BodyLimit, upload_path=f"{API}/datasets")

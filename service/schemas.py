@@ -150,6 +150,8 @@ class Metrics(BaseModel):
 
 
 class CheckpointOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     name: str
     step: int
     created_at: str

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
 from service import migrations
+from service.batching import GroupCommit
 from service.feed import ChangeFeed
 from service.tables import (
     ACTIVE,
@@ -91,6 +92,7 @@ class JobStore:
         self.engine = make_engine(url)
         self.dialect = self.engine.dialect.name
         self.changes = changes or ChangeFeed()
+        self._submits = GroupCommit(self.submit_many, name="submit")
         self._write_lock = threading.Lock() if self.dialect == "sqlite" else nullcontext()
         with self.engine.begin() as conn:
             migrations.upgrade(conn)  # Alembic: a new store, or one an older version made
@@ -117,6 +119,13 @@ class JobStore:
 
     def create(self, spec: dict, *, name: str, priority: int, cpus: float) -> JobRow:
         return self.submit_many([dict(spec=spec, name=name, priority=priority, cpus=cpus)])[0][0]
+
+    async def submit(
+        self, spec: dict, *, name: str, priority: int, cpus: float
+    ) -> tuple[JobRow, int]:
+        """Queue a new job from an event loop, with its queue position: the submissions
+        that arrive together are written by submit_many in one transaction."""
+        return await self._submits(dict(spec=spec, name=name, priority=priority, cpus=cpus))
 
     def submit_many(self, jobs: list[dict]) -> list[tuple[JobRow, int]]:
         """Queue new jobs (dicts of spec, name, priority, cpus) in one transaction, in order;

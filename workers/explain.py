@@ -29,7 +29,7 @@ import numpy as np
 from core import Tensor, no_grad
 from core.nn import MLP
 
-__all__ = ["METHODS", "Method", "explain", "predict"]
+__all__ = ["METHODS", "ExplainError", "Method", "explain", "predict"]
 
 Method = Literal["gradient", "gradient_x_input", "integrated_gradients"]
 METHODS = get_args(Method)
@@ -37,6 +37,16 @@ PATH_BATCH = 8192  # rows (inputs or path points) per forward and backward pass
 REFINE_ROUNDS = 8  # integrated gradients: rounds of splitting inexact intervals
 SPLIT = 4  # an interval that is split becomes this many
 RTOL = 1e-3  # refine until the path's summed interval error is below RTOL * |f(x) - f(b)|
+
+
+class ExplainError(ValueError):
+    """A bad argument, at `loc`: its name, then the indices into it (("inputs", 2, 1)).
+    The message starts with the place as Python writes it: "inputs[2][1] is not finite"."""
+
+    def __init__(self, loc: tuple, what: str):
+        name, *index = loc
+        super().__init__(f"{name}{''.join(f'[{i}]' for i in index)} {what}")
+        self.loc = loc
 
 
 def predict(model: MLP, inputs) -> np.ndarray:
@@ -62,12 +72,13 @@ def explain(
     (broadcast) or one row per input; None means zeros. Returns JSON-ready lists:
     {"outputs", "attributions", "method", "targets" (the output explained, per row),
     "completeness_gap"}; non-finite numbers
-    become None, as in predictions. Bad arguments raise ValueError naming the field.
+    become None, as in predictions. Bad arguments raise ExplainError (a ValueError) at
+    the argument.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+        raise ExplainError(("method",), f"must be one of {', '.join(METHODS)}; got {method!r}")
     if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise ExplainError(("steps",), f"must be a positive integer, got {steps!r}")
     X = _rows(model, inputs, "inputs")
     B = _baseline(model, baseline, len(X))
     outputs = predict(model, X)
@@ -237,22 +248,22 @@ def _dtype(model: MLP) -> np.dtype:
 
 
 def _matrix(value, name: str, width: int, dtype) -> np.ndarray:
-    """`value` as a 2-D array of `width` columns, or a ValueError naming the bad part."""
+    """`value` as a 2-D array of `width` columns, or an ExplainError at the bad part."""
     try:
         a = np.array(value, dtype=np.float64)
     except (TypeError, ValueError):
         a = None
     if a is None or a.ndim != 2:
         if a is not None and a.size == 0:
-            raise ValueError(f"{name} has no rows")
+            raise ExplainError((name,), "has no rows")
         for i, row in enumerate(value if isinstance(value, list | tuple) else []):
             if not isinstance(row, list | tuple | np.ndarray):
-                raise ValueError(f"{name}[{i}] must be a row of {width} numbers")
+                raise ExplainError((name, i), f"must be a row of {width} numbers")
             if len(row) != width:
-                raise ValueError(f"{name}[{i}] has width {len(row)} but the model takes {width}")
-        raise ValueError(f"{name} must be a list of rows of {width} numbers")
+                raise ExplainError((name, i), f"has width {len(row)} but the model takes {width}")
+        raise ExplainError((name,), f"must be a list of rows of {width} numbers")
     if a.shape[1] != width:
-        raise ValueError(f"{name} has width {a.shape[1]} but the model takes {width}")
+        raise ExplainError((name,), f"has width {a.shape[1]} but the model takes {width}")
     with np.errstate(over="ignore"):  # 1e39 becomes inf in float32, reported as not finite
         return a.astype(dtype)
 
@@ -260,13 +271,13 @@ def _matrix(value, name: str, width: int, dtype) -> np.ndarray:
 def _require_finite(a: np.ndarray, name: str) -> None:
     bad = np.argwhere(~np.isfinite(a))
     if len(bad):
-        raise ValueError(f"{name}{''.join(f'[{k}]' for k in bad[0])} is not finite")
+        raise ExplainError((name, *(int(k) for k in bad[0])), "is not finite")
 
 
 def _rows(model: MLP, inputs, name: str) -> np.ndarray:
     X = _matrix(inputs, name, model.sizes[0], _dtype(model))
     if len(X) == 0:
-        raise ValueError(f"{name} has no rows")
+        raise ExplainError((name,), "has no rows")
     _require_finite(X, name)
     return X
 
@@ -283,7 +294,7 @@ def _baseline(model: MLP, baseline, n: int) -> np.ndarray:
     B = _matrix([baseline] if one_row else baseline, "baseline", width, dtype)
     _require_finite(B[0] if one_row else B, "baseline")
     if len(B) not in (1, n):
-        raise ValueError(f"baseline has {len(B)} rows but inputs has {n}; give 1 or {n}")
+        raise ExplainError(("baseline",), f"has {len(B)} rows but inputs has {n}; give 1 or {n}")
     return np.broadcast_to(B, (n, width))
 
 
@@ -292,11 +303,12 @@ def _targets(target, outputs: np.ndarray) -> np.ndarray:
     if target is None:
         return outputs.argmax(axis=1) if n_out > 1 else np.zeros(len(outputs), np.int64)
     if not isinstance(target, numbers.Integral) or isinstance(target, bool):
-        raise ValueError(f"target must be an integer output index, got {target!r}")
+        raise ExplainError(("target",), f"must be an integer output index, got {target!r}")
     if not 0 <= target < n_out:
-        raise ValueError(
-            f"target {target} is out of range: the model has {n_out} output(s), "
-            f"so target must be between 0 and {n_out - 1}"
+        raise ExplainError(
+            ("target",),
+            f"{target} is out of range: the model has {n_out} output(s), "
+            f"so target must be between 0 and {n_out - 1}",
         )
     return np.full(len(outputs), int(target))
 

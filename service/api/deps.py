@@ -14,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.config import Settings
 from service.dispatcher import Dispatcher
+from service.predict import Predictor
 from service.store import JobStore
 from service.tables import JobRow
 
@@ -30,9 +31,14 @@ async def get_dispatcher(request: Request) -> Dispatcher:
     return request.app.state.dispatcher
 
 
+async def get_predictor(request: Request) -> Predictor:
+    return request.app.state.predictor
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 
 bearer = HTTPBearer(auto_error=False, description="SHARDGRAD_API_TOKEN, when it is set")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Request, Response, status
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, HTTPException, Response, status
 
-from service.api.deps import CONFLICT, NOT_FOUND, JobDep, SettingsDep
-from service.predict import NoCheckpoint, Predictor, model_spec
+from service.api.deps import CONFLICT, NOT_FOUND, JobDep, PredictorDep, SettingsDep
+from service.api.errors import field_errors
+from service.predict import model_spec
 from service.schemas import CheckpointOut, PredictRequest, PredictResponse
 from workers.checkpoint import MODEL_FILE, checkpoint_dir, list_checkpoints
 
@@ -17,16 +17,7 @@ router = APIRouter(prefix="/jobs", tags=["checkpoints"])
 @router.get("/{job_id}/checkpoints", responses=NOT_FOUND)
 def checkpoints(job: JobDep, settings: SettingsDep) -> list[CheckpointOut]:
     """Verified checkpoints, oldest first."""
-    return [
-        CheckpointOut(
-            name=c.name,
-            step=c.step,
-            created_at=c.created_at,
-            size_bytes=c.size_bytes,
-            sha256=c.sha256,
-        )
-        for c in list_checkpoints(settings.jobs_dir / job.id)
-    ]
+    return [CheckpointOut.model_validate(c) for c in list_checkpoints(settings.jobs_dir / job.id)]
 
 
 @router.get(
@@ -55,39 +46,31 @@ def download(job: JobDep, name: str, settings: SettingsDep) -> Response:
 
 @router.post("/{job_id}/predict", responses=NOT_FOUND | CONFLICT)
 def predict(
-    job: JobDep, body: PredictRequest, request: Request, settings: SettingsDep
+    job: JobDep, body: PredictRequest, predictor: PredictorDep, settings: SettingsDep
 ) -> PredictResponse:
     """Model outputs (logits or regression values) for each input row, from the newest
     checkpoint; works while the job is still running."""
     spec = model_spec(job.spec)
-    width = spec.model.sizes[0]
-    errors = [
-        {
-            "loc": ("body", "inputs", i),
-            "msg": f"row {i} has {len(row)} values but the model takes {width}",
-            "type": "value_error",
-            "input": row,
-        }
-        for i, row in enumerate(body.inputs)
+    _check_rows(body.inputs, spec.model.sizes[0], spec.dtype)
+    outputs, name = predictor.predict(spec, settings.jobs_dir / job.id, body.inputs)
+    return PredictResponse(outputs=outputs, checkpoint=name)
+
+
+def _check_rows(inputs: list[list[float]], width: int, dtype: str) -> None:
+    """422 for every row of the wrong width; else for every value that is finite in JSON
+    but not in the model's dtype (1e39 in float32), as explain says it."""
+    wrong = [
+        (("body", "inputs", i), f"row {i} has {len(row)} values but the model takes {width}", row)
+        for i, row in enumerate(inputs)
         if len(row) != width
     ]
-    if not errors:  # finite in JSON, but not in a float32 model: as explain says it
-        with np.errstate(over="ignore"):
-            X = np.asarray(body.inputs, dtype=np.float64).astype(spec.dtype)
-        errors = [
-            {
-                "loc": ("body", "inputs", int(i), int(j)),
-                "msg": f"inputs[{i}][{j}] is not finite in the model's {spec.dtype}",
-                "type": "value_error",
-                "input": body.inputs[i][j],
-            }
-            for i, j in zip(*np.nonzero(~np.isfinite(X)), strict=True)
-        ]
-    if errors:
-        raise RequestValidationError(errors[:20])
-    predictor: Predictor = request.app.state.predictor
-    try:
-        outputs, name = predictor.predict(spec, settings.jobs_dir / job.id, body.inputs)
-    except NoCheckpoint as err:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id}: {err}") from None
-    return PredictResponse(outputs=outputs, checkpoint=name)
+    if wrong:
+        raise field_errors(wrong)
+    with np.errstate(over="ignore"):
+        X = np.asarray(inputs, dtype=np.float64).astype(dtype)
+    bad = [(int(i), int(j)) for i, j in zip(*np.nonzero(~np.isfinite(X)), strict=True)]
+    if bad:
+        msg = "inputs[{}][{}] is not finite in the model's {}"
+        raise field_errors(
+            (("body", "inputs", i, j), msg.format(i, j, dtype), inputs[i][j]) for i, j in bad
+        )

@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 
 from service.api.deps import TOO_LARGE, SettingsDep
+from service.api.errors import field_error
 from service.schemas import DatasetOut
 from workers.datasets import list_uploaded, save_uploaded
 
@@ -26,8 +26,7 @@ async def upload(
     try:
         saved = await run_in_threadpool(save_uploaded, raw, name, root)
     except ValueError as err:
-        error = {"loc": ("body", "file"), "msg": str(err), "type": "value_error", "input": None}
-        raise RequestValidationError([error]) from None
+        raise field_error(("body", "file"), str(err), None) from None
     return DatasetOut.model_validate(saved)
 
 

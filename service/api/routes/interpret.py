@@ -6,19 +6,19 @@ predictions do.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response, status
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from core.graph import to_dot
-from service.api.deps import CONFLICT, NOT_FOUND, JobDep, SettingsDep
-from service.predict import NoCheckpoint, Predictor, model_spec
+from service.api.deps import CONFLICT, NOT_FOUND, JobDep, PredictorDep, SettingsDep
+from service.api.errors import field_error
+from service.predict import model_spec
 from service.schemas import ExplainRequest, ExplainResponse
 from workers.data import check_data
+from workers.explain import ExplainError
 from workers.spec import format_validation_error
 
 router = APIRouter(prefix="/jobs", tags=["interpretability"])
@@ -26,9 +26,6 @@ router = APIRouter(prefix="/jobs", tags=["interpretability"])
 # Integrated gradients holds rows x steps path points of the input's width at once, and
 # refining may add many times as many: past this, a request takes seconds and GBs.
 MAX_PATH_VALUES = 2**20
-
-# workers.explain's errors start with the argument they blame: "inputs[2][1] is not finite".
-BLAMED = re.compile(r"([a-z_]+)((?:\[\d+\])*) ")
 
 GRAPH_TYPES = {200: {"content": {"application/json": {}, "text/vnd.graphviz": {}}}}
 
@@ -38,7 +35,7 @@ GRAPH_TYPES = {200: {"content": {"application/json": {}, "text/vnd.graphviz": {}
 )
 def graph(
     job: JobDep,
-    request: Request,
+    predictor: PredictorDep,
     settings: SettingsDep,
     format: Annotated[Literal["json", "dot"], Query(description="JSON, or Graphviz DOT")] = "json",
 ) -> Response:
@@ -55,11 +52,7 @@ def graph(
     except ValidationError as err:  # e.g. its uploaded dataset was deleted
         detail = f"job {job.id}: its spec no longer validates: {format_validation_error(err)}"
         raise HTTPException(status.HTTP_409_CONFLICT, detail) from None
-    predictor: Predictor = request.app.state.predictor
-    try:
-        result, name = predictor.graph(spec, settings.jobs_dir / job.id, settings.worker_settings())
-    except NoCheckpoint as err:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id}: {err}") from None
+    result, name = predictor.graph(spec, settings.jobs_dir / job.id, settings.worker_settings())
     headers = {"X-Checkpoint": name}
     if format == "dot":
         return Response(to_dot(result), media_type="text/vnd.graphviz", headers=headers)
@@ -68,21 +61,18 @@ def graph(
 
 @router.post("/{job_id}/explain", responses=NOT_FOUND | CONFLICT)
 def explain(
-    job: JobDep, body: ExplainRequest, request: Request, settings: SettingsDep
+    job: JobDep, body: ExplainRequest, predictor: PredictorDep, settings: SettingsDep
 ) -> ExplainResponse:
     """Attributions of one output to every input feature, row by row, from the newest
     checkpoint: the gradient, (x - baseline) * gradient, or integrated gradients with its
     completeness gap. Outputs are the full rows predict gives."""
     spec = model_spec(job.spec)
     _check_cost(body, width=spec.model.sizes[0])
-    predictor: Predictor = request.app.state.predictor
     options = body.model_dump(exclude={"inputs"})
     try:
         result, name = predictor.explain(spec, settings.jobs_dir / job.id, body.inputs, **options)
-    except NoCheckpoint as err:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id}: {err}") from None
-    except ValueError as err:  # a width, or a target, that does not fit the model
-        raise RequestValidationError([_blamed_field(body, err)]) from None
+    except ExplainError as err:  # a width, or a target, that does not fit the model
+        raise field_error(("body", *err.loc), str(err), _value_at(body, err.loc)) from None
     return ExplainResponse(**result, checkpoint=name)
 
 
@@ -93,22 +83,13 @@ def _check_cost(body: ExplainRequest, width: int) -> None:
             f"rows x steps x input width is {values:,}, over the limit of {MAX_PATH_VALUES:,}; "
             "ask for fewer rows or steps"
         )
-        error = {"loc": ("body", "steps"), "msg": msg, "type": "value_error", "input": body.steps}
-        raise RequestValidationError([error])
+        raise field_error(("body", "steps"), msg, body.steps)
 
 
-def _blamed_field(body: ExplainRequest, err: ValueError) -> dict:
-    """The 422 error for a ValueError of workers.explain, at the field its message names."""
-    match = BLAMED.match(str(err))
-    if match is None or match[1] not in ExplainRequest.model_fields:
-        raise err
-    index = [int(i) for i in re.findall(r"\d+", match[2])]
-    value = getattr(body, match[1])
+def _value_at(body: ExplainRequest, loc: tuple):
+    """The request's value at an ExplainError's loc: ("inputs", 2, 1) is body.inputs[2][1]."""
+    name, *index = loc
+    value = getattr(body, name)
     for i in index:
         value = value[i]
-    return {
-        "loc": ("body", match[1], *index),
-        "msg": str(err),
-        "type": "value_error",
-        "input": value,
-    }
+    return value

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from pydantic import SkipValidation, ValidationError
 
 from service.api.deps import (
@@ -22,6 +19,7 @@ from service.api.deps import (
     SettingsDep,
     StoreDep,
 )
+from service.api.errors import body_errors, field_error
 from service.config import Settings
 from service.dispatcher import EPS, Dispatcher
 from service.schemas import Job, JobPage, MetricPoint, Metrics, Status
@@ -49,10 +47,6 @@ def present_all(rows: list[JobRow], store: JobStore, dispatcher: Dispatcher) -> 
     return [present(r, store, dispatcher, positions) for r in rows]
 
 
-def _invalid(loc: tuple, msg: str, value) -> RequestValidationError:
-    return RequestValidationError([{"loc": loc, "msg": msg, "type": "value_error", "input": value}])
-
-
 # The body as OpenAPI documents it (the TrainingSpec schema), handed to the route as parsed
 # JSON, unvalidated: FastAPI validates a body without a validation context, and the spec's
 # checks need the server's (file datasets allowed or not, where uploads are).
@@ -66,50 +60,7 @@ def validate_spec(body: Any, settings: Settings) -> TrainingSpec:
     try:
         return TrainingSpec.model_validate(body, context=context)
     except ValidationError as err:
-        errors = err.errors(include_url=False)
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
-
-
-class GroupCommit:
-    """Submissions are written by one thread of their own, and those that arrive while it
-    writes go into its next transaction together: one commit, one thread hop and one turn
-    of the store's lock for a whole burst. (SQLite takes one writer at a time anyway, and
-    this hop costs a third of one through FastAPI's shared thread pool.)"""
-
-    def __init__(self) -> None:
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="submit")
-        self._pending: dict[tuple, list] = {}  # (event loop, store) -> [(job, future)]
-        self._writers: dict[tuple, asyncio.Task] = {}
-
-    async def submit(self, store: JobStore, **job) -> tuple[JobRow, int]:
-        loop = asyncio.get_running_loop()
-        key, future = (loop, store), loop.create_future()
-        self._pending.setdefault(key, []).append((job, future))
-        if key not in self._writers:
-            self._writers[key] = loop.create_task(self._write(key))
-        return await future
-
-    async def _write(self, key: tuple) -> None:
-        loop, store = key
-        try:
-            while batch := self._pending.pop(key, None):
-                jobs = [job for job, _ in batch]
-                try:
-                    results = await loop.run_in_executor(self._thread, store.submit_many, jobs)
-                except Exception as err:  # every request of the batch answers with it
-                    results = [err] * len(batch)
-                for (_, future), result in zip(batch, results, strict=True):
-                    if future.done():  # the client went away; its job is queued all the same
-                        continue
-                    if isinstance(result, Exception):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
-        finally:
-            del self._writers[key]
-
-
-_writes = GroupCommit()
+        raise body_errors(err) from None
 
 
 def _check_fits(spec: TrainingSpec, dispatcher: Dispatcher, settings: Settings) -> float:
@@ -121,7 +72,7 @@ def _check_fits(spec: TrainingSpec, dispatcher: Dispatcher, settings: Settings) 
             f"workers x cpus_per_worker = {spec.workers} x {spec.cpus_per_worker:g} = "
             f"{need:g} CPUs, but the whole cluster has {total:g}"
         )
-        raise _invalid(("body", "workers"), msg, spec.workers)
+        raise field_error(("body", "workers"), msg, spec.workers)
     return need
 
 
@@ -136,8 +87,8 @@ async def submit(
     else:  # an upload is read to check it against the model: not on the event loop
         spec = await run_in_threadpool(validate_spec, body, settings)
     need = _check_fits(spec, dispatcher, settings)
-    job, position = await _writes.submit(
-        store, spec=spec.model_dump(mode="json"), name=spec.name, priority=spec.priority, cpus=need
+    job, position = await store.submit(
+        spec.model_dump(mode="json"), name=spec.name, priority=spec.priority, cpus=need
     )
     dispatcher.wake()
     return present(job, store, dispatcher, positions={job.id: position})
@@ -147,7 +98,8 @@ def _decode_cursor(cursor: str) -> int:
     try:
         return int(base64.urlsafe_b64decode(cursor.encode() + b"==").decode())
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise _invalid(("query", "cursor"), "not a cursor returned by GET /jobs", cursor) from None
+        msg = "not a cursor returned by GET /jobs"
+        raise field_error(("query", "cursor"), msg, cursor) from None
 
 
 def _encode_cursor(seq: int) -> str:
