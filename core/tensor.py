@@ -10,12 +10,17 @@ Gradient buffers are never written in place unless this engine allocated them
 (`_owns_grad`): an op may hand its upstream gradient, or a view of it, straight to an
 input, and the first accumulation only borrows it. That saves a copy per node and
 keeps one tensor's `+=` from leaking into another's gradient.
+
+The activations are one table, `ACTIVATIONS`: each forward beside its derivative, shared
+by the Tensor methods (`relu`, `tanh`, `sigmoid`) and the fused `linear+<act>` node.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -63,6 +68,49 @@ def _as_float(x, copy: bool = False) -> np.ndarray:
     if arr.dtype.kind != "f":
         raise TypeError(f"Tensor data must be real numbers, got dtype {arr.dtype}")
     return arr.copy() if copy else arr
+
+
+# --- activations -------------------------------------------------------------------------
+
+
+def sigmoid_array(x: np.ndarray) -> np.ndarray:
+    """1/(1+exp(-x)) without overflow: exp only ever sees -|x|."""
+    e = np.exp(-np.abs(x))
+    s = 1 / (1 + e)
+    return np.where(x >= 0, s, e * s)
+
+
+def _relu(x, b=None, out=None):
+    if b is None:
+        return np.maximum(x, 0, out=out)
+    y = np.maximum(x, -b, out=out)  # relu(x + b) == max(x, -b) + b exactly, one pass fewer
+    y += b
+    return y
+
+
+def _tanh(x, b=None, out=None):
+    return np.tanh(x if b is None else np.add(x, b, out=out), out=out)
+
+
+def _sigmoid(x, b=None, out=None):
+    return sigmoid_array(x if b is None else np.add(x, b, out=out))
+
+
+class Activation(NamedTuple):
+    """`forward(x, b=None, out=None)` is act(x + b), written into `out` where it can be
+    (`out` may be `x` itself); `slope(y)` is the derivative, from the output y = act(.)."""
+
+    forward: Callable
+    slope: Callable
+
+
+# name: (act(x + b), its derivative from the output y). Tensor.relu/tanh/sigmoid, the fused
+# linear+<act> node and nn.MLP all read this table, so each rule stands here once.
+ACTIVATIONS = {
+    "relu": Activation(_relu, lambda y: y > 0),
+    "tanh": Activation(_tanh, lambda y: 1 - y * y),
+    "sigmoid": Activation(_sigmoid, lambda y: y * (1 - y)),
+}
 
 
 class Tensor:
@@ -345,16 +393,18 @@ class Tensor:
         return self._unary(np.log(x), "log", lambda: 1.0 / x)
 
     def relu(self):
-        x = self.data
-        return self._unary(np.maximum(x, 0), "relu", lambda: x > 0)
+        return self._activation("relu")
 
     def tanh(self):
-        y = np.tanh(self.data)
-        return self._unary(y, "tanh", lambda: 1 - y * y)
+        return self._activation("tanh")
 
     def sigmoid(self):
-        y = sigmoid_array(self.data)
-        return self._unary(y, "sigmoid", lambda: y * (1 - y))
+        return self._activation("sigmoid")
+
+    def _activation(self, name):
+        act = ACTIVATIONS[name]
+        y = act.forward(self.data)
+        return self._unary(y, name, lambda: act.slope(y))
 
     # --- shape ops -------------------------------------------------------------------------
 
@@ -437,13 +487,6 @@ def _lift(x, like: Tensor) -> Tensor:
 def as_tensor(x) -> Tensor:
     """A Tensor as is; anything else wrapped without copying, as a constant."""
     return x if isinstance(x, Tensor) else _const(_as_float(x))
-
-
-def sigmoid_array(x: np.ndarray) -> np.ndarray:
-    """1/(1+exp(-x)) without overflow: exp only ever sees -|x|."""
-    e = np.exp(-np.abs(x))
-    s = 1 / (1 + e)
-    return np.where(x >= 0, s, e * s)
 
 
 def _plain_index(index):
