@@ -16,7 +16,17 @@ import warnings
 
 import numpy as np
 
-from core.tensor import ACTIVATIONS, Tensor, _node, as_tensor, concatenate, sigmoid_array, stack
+from core.tensor import (
+    ACTIVATIONS,
+    Tensor,
+    _node,
+    _squeeze,
+    _unsqueeze,
+    as_tensor,
+    concatenate,
+    sigmoid_array,
+    stack,
+)
 
 __all__ = [
     "binary_cross_entropy_with_logits",
@@ -121,13 +131,11 @@ def logsumexp(x, axis=-1, keepdims: bool = False) -> Tensor:
     x = as_tensor(x)
     z, m = _shifted(x.data, axis)
     lse = np.log(np.exp(z).sum(axis=axis, keepdims=True)) + m
-    y = lse if keepdims else (lse.reshape(()) if axis is None else np.squeeze(lse, axis))
-    out = _node(y, (x,), "logsumexp")
+    out = _node(_squeeze(lse, axis, keepdims), (x,), "logsumexp")
     if out.requires_grad:
 
         def _backward(g):
-            g = g if keepdims or axis is None else np.expand_dims(g, axis)
-            x._accumulate(g * np.exp(x.data - lse))
+            x._accumulate(_unsqueeze(g, axis, keepdims) * np.exp(x.data - lse))
 
         out._backward = _backward
     return out

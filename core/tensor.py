@@ -230,14 +230,7 @@ class Tensor:
         other = _lift(other, self)
         out = _node(self.data + other.data, (self, other), "add")
         if out.requires_grad:
-
-            def _backward(g):
-                if self.requires_grad:
-                    self._accumulate(g)
-                if other.requires_grad:
-                    other._accumulate(g)
-
-            out._backward = _backward
+            out._backward = lambda g: _send((self, other), (g, g))
         return out
 
     def __mul__(self, other):
@@ -353,7 +346,7 @@ class Tensor:
             n = x.size // max(y.size, 1) if op == "mean" else 1
 
             def _backward(g):
-                g = g if keepdims or axis is None else np.expand_dims(g, axis)
+                g = _unsqueeze(g, axis, keepdims)
                 self._accumulate(np.broadcast_to(g / n if n != 1 else g, x.shape))
 
             out._backward = _backward
@@ -363,12 +356,11 @@ class Tensor:
         """Maximum; tied maxima share the gradient equally (torch.amax semantics)."""
         x = self.data
         m = x.max(axis=axis, keepdims=True)
-        y = m if keepdims else (m.reshape(()) if axis is None else np.squeeze(m, axis))
-        out = _node(y, (self,), "max")
+        out = _node(_squeeze(m, axis, keepdims), (self,), "max")
         if out.requires_grad:
 
             def _backward(g):
-                g = g if keepdims or axis is None else np.expand_dims(g, axis)
+                g = _unsqueeze(g, axis, keepdims)
                 hit = x == m
                 self._accumulate(hit * (g / hit.sum(axis=axis, keepdims=True)))
 
@@ -489,6 +481,23 @@ def as_tensor(x) -> Tensor:
     return x if isinstance(x, Tensor) else _const(_as_float(x))
 
 
+def _send(inputs, grads) -> None:
+    """Each input that requires grad receives its gradient."""
+    for t, g in zip(inputs, grads, strict=True):
+        if t.requires_grad:
+            t._accumulate(g)
+
+
+def _squeeze(y, axis, keepdims: bool):
+    """A reduction computed with keepdims=True, shaped as the caller asked."""
+    return y if keepdims else (y.reshape(()) if axis is None else np.squeeze(y, axis))
+
+
+def _unsqueeze(g, axis, keepdims: bool):
+    """Adjoint of `_squeeze`: the output gradient with the reduced axes back, as size 1."""
+    return g if keepdims or axis is None else np.expand_dims(g, axis)
+
+
 def _plain_index(index):
     """Tensors used as indices become integer (or bool) arrays."""
     if isinstance(index, tuple):
@@ -547,13 +556,7 @@ def concatenate(tensors, axis: int = 0) -> Tensor:
     out = _node(np.concatenate([t.data for t in tensors], axis=axis), tuple(tensors), "concatenate")
     if out.requires_grad:
         ends = np.cumsum([t.data.shape[axis] for t in tensors])[:-1]
-
-        def _backward(g):
-            for t, part in zip(tensors, np.split(g, ends, axis=axis), strict=True):
-                if t.requires_grad:
-                    t._accumulate(part)
-
-        out._backward = _backward
+        out._backward = lambda g: _send(tensors, np.split(g, ends, axis=axis))
     return out
 
 
@@ -561,11 +564,5 @@ def stack(tensors, axis: int = 0) -> Tensor:
     tensors = [as_tensor(t) for t in tensors]
     out = _node(np.stack([t.data for t in tensors], axis=axis), tuple(tensors), "stack")
     if out.requires_grad:
-
-        def _backward(g):
-            for t, part in zip(tensors, np.moveaxis(g, axis, 0), strict=True):
-                if t.requires_grad:
-                    t._accumulate(part)
-
-        out._backward = _backward
+        out._backward = lambda g: _send(tensors, np.moveaxis(g, axis, 0))
     return out
