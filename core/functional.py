@@ -16,7 +16,17 @@ import warnings
 
 import numpy as np
 
-from core.tensor import Tensor, _node, as_tensor, concatenate, sigmoid_array, stack
+from core.tensor import (
+    ACTIVATIONS,
+    Tensor,
+    _node,
+    _squeeze,
+    _unsqueeze,
+    as_tensor,
+    concatenate,
+    sigmoid_array,
+    stack,
+)
 
 __all__ = [
     "binary_cross_entropy_with_logits",
@@ -32,8 +42,6 @@ __all__ = [
     "stack",
     "tanh",
 ]
-
-ACTIVATIONS = ("relu", "tanh", "sigmoid")
 
 
 def relu(x) -> Tensor:
@@ -55,34 +63,25 @@ def linear(x, weight: Tensor, bias: Tensor | None = None, activation: str | None
     for an `x` that does not need one, which skips the largest matmul for a data batch.
     """
     if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS} or None, got {activation!r}")
+        names = tuple(ACTIVATIONS)
+        raise ValueError(f"activation must be one of {names} or None, got {activation!r}")
     x, weight = as_tensor(x), as_tensor(weight)
     bias = None if bias is None else as_tensor(bias)
     w = weight.data
     y = x.data @ w.T
     b = None if bias is None else bias.data
-    if activation == "relu":  # relu(y + b) == max(y, -b) + b exactly, with one pass fewer
-        np.maximum(y, 0 if b is None else -b, out=y)
-        if b is not None:
-            y += b
-    else:
-        if b is not None:
-            y += b
-        if activation == "tanh":
-            np.tanh(y, out=y)
-        elif activation == "sigmoid":
-            y = sigmoid_array(y)
+    act = None if activation is None else ACTIVATIONS[activation]
+    if act is not None:
+        y = act.forward(y, b, out=y)  # act(y + b), the bias added inside
+    elif b is not None:
+        y += b
     prev = (x, weight) if bias is None else (x, weight, bias)
     out = _node(y, prev, "linear" if activation is None else "linear+" + activation)
     if out.requires_grad:
 
         def _backward(g):
-            if activation == "relu":
-                g = g * (y > 0)
-            elif activation == "tanh":
-                g = g * (1 - y * y)
-            elif activation == "sigmoid":
-                g = g * (y * (1 - y))
+            if act is not None:
+                g = g * act.slope(y)
             g2 = g.reshape(-1, g.shape[-1]) if g.ndim != 2 else g
             if weight.requires_grad:
                 x2 = x.data.reshape(-1, x.data.shape[-1]) if x.data.ndim != 2 else x.data
@@ -132,13 +131,11 @@ def logsumexp(x, axis=-1, keepdims: bool = False) -> Tensor:
     x = as_tensor(x)
     z, m = _shifted(x.data, axis)
     lse = np.log(np.exp(z).sum(axis=axis, keepdims=True)) + m
-    y = lse if keepdims else (lse.reshape(()) if axis is None else np.squeeze(lse, axis))
-    out = _node(y, (x,), "logsumexp")
+    out = _node(_squeeze(lse, axis, keepdims), (x,), "logsumexp")
     if out.requires_grad:
 
         def _backward(g):
-            g = g if keepdims or axis is None else np.expand_dims(g, axis)
-            x._accumulate(g * np.exp(x.data - lse))
+            x._accumulate(_unsqueeze(g, axis, keepdims) * np.exp(x.data - lse))
 
         out._backward = _backward
     return out

@@ -24,7 +24,7 @@ from itertools import pairwise
 import numpy as np
 
 from core import functional as F
-from core.tensor import Tensor, as_tensor
+from core.tensor import ACTIVATIONS, Tensor, as_tensor
 
 __all__ = ["MLP", "Linear", "Module", "ReLU", "Sequential", "Sigmoid", "Tanh"]
 
@@ -199,8 +199,8 @@ class MLP(Module):
         rng: np.random.Generator | None = None,
         bias_init: float = 0.0,
     ):
-        if activation not in F.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {F.ACTIVATIONS}, got {activation!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
         if len(sizes) < 2:
             raise ValueError(f"MLP needs at least an input and an output size, got {sizes}")
         if seed is not None and rng is not None:
@@ -222,7 +222,13 @@ class MLP(Module):
             layer.bias.data[...] = value
 
     def forward(self, x) -> Tensor:
+        *_, out = self.layer_outputs(x)
+        return out
+
+    def layer_outputs(self, x):
+        """Yield each layer's output in order: the hidden layers' activations, then the
+        model's output. The one forward pass, for callers that inspect the hidden layers."""
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             x = F.linear(x, layer.weight, layer.bias, None if i == last else self.activation)
-        return x
+            yield x

@@ -10,12 +10,17 @@ Gradient buffers are never written in place unless this engine allocated them
 (`_owns_grad`): an op may hand its upstream gradient, or a view of it, straight to an
 input, and the first accumulation only borrows it. That saves a copy per node and
 keeps one tensor's `+=` from leaking into another's gradient.
+
+The activations are one table, `ACTIVATIONS`: each forward beside its derivative, shared
+by the Tensor methods (`relu`, `tanh`, `sigmoid`) and the fused `linear+<act>` node.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -63,6 +68,49 @@ def _as_float(x, copy: bool = False) -> np.ndarray:
     if arr.dtype.kind != "f":
         raise TypeError(f"Tensor data must be real numbers, got dtype {arr.dtype}")
     return arr.copy() if copy else arr
+
+
+# --- activations -------------------------------------------------------------------------
+
+
+def sigmoid_array(x: np.ndarray) -> np.ndarray:
+    """1/(1+exp(-x)) without overflow: exp only ever sees -|x|."""
+    e = np.exp(-np.abs(x))
+    s = 1 / (1 + e)
+    return np.where(x >= 0, s, e * s)
+
+
+def _relu(x, b=None, out=None):
+    if b is None:
+        return np.maximum(x, 0, out=out)
+    y = np.maximum(x, -b, out=out)  # relu(x + b) == max(x, -b) + b exactly, one pass fewer
+    y += b
+    return y
+
+
+def _tanh(x, b=None, out=None):
+    return np.tanh(x if b is None else np.add(x, b, out=out), out=out)
+
+
+def _sigmoid(x, b=None, out=None):
+    return sigmoid_array(x if b is None else np.add(x, b, out=out))
+
+
+class Activation(NamedTuple):
+    """`forward(x, b=None, out=None)` is act(x + b), written into `out` where it can be
+    (`out` may be `x` itself); `slope(y)` is the derivative, from the output y = act(.)."""
+
+    forward: Callable
+    slope: Callable
+
+
+# name: (act(x + b), its derivative from the output y). Tensor.relu/tanh/sigmoid, the fused
+# linear+<act> node and nn.MLP all read this table, so each rule stands here once.
+ACTIVATIONS = {
+    "relu": Activation(_relu, lambda y: y > 0),
+    "tanh": Activation(_tanh, lambda y: 1 - y * y),
+    "sigmoid": Activation(_sigmoid, lambda y: y * (1 - y)),
+}
 
 
 class Tensor:
@@ -182,14 +230,7 @@ class Tensor:
         other = _lift(other, self)
         out = _node(self.data + other.data, (self, other), "add")
         if out.requires_grad:
-
-            def _backward(g):
-                if self.requires_grad:
-                    self._accumulate(g)
-                if other.requires_grad:
-                    other._accumulate(g)
-
-            out._backward = _backward
+            out._backward = lambda g: _send((self, other), (g, g))
         return out
 
     def __mul__(self, other):
@@ -305,7 +346,7 @@ class Tensor:
             n = x.size // max(y.size, 1) if op == "mean" else 1
 
             def _backward(g):
-                g = g if keepdims or axis is None else np.expand_dims(g, axis)
+                g = _unsqueeze(g, axis, keepdims)
                 self._accumulate(np.broadcast_to(g / n if n != 1 else g, x.shape))
 
             out._backward = _backward
@@ -315,12 +356,11 @@ class Tensor:
         """Maximum; tied maxima share the gradient equally (torch.amax semantics)."""
         x = self.data
         m = x.max(axis=axis, keepdims=True)
-        y = m if keepdims else (m.reshape(()) if axis is None else np.squeeze(m, axis))
-        out = _node(y, (self,), "max")
+        out = _node(_squeeze(m, axis, keepdims), (self,), "max")
         if out.requires_grad:
 
             def _backward(g):
-                g = g if keepdims or axis is None else np.expand_dims(g, axis)
+                g = _unsqueeze(g, axis, keepdims)
                 hit = x == m
                 self._accumulate(hit * (g / hit.sum(axis=axis, keepdims=True)))
 
@@ -345,16 +385,18 @@ class Tensor:
         return self._unary(np.log(x), "log", lambda: 1.0 / x)
 
     def relu(self):
-        x = self.data
-        return self._unary(np.maximum(x, 0), "relu", lambda: x > 0)
+        return self._activation("relu")
 
     def tanh(self):
-        y = np.tanh(self.data)
-        return self._unary(y, "tanh", lambda: 1 - y * y)
+        return self._activation("tanh")
 
     def sigmoid(self):
-        y = sigmoid_array(self.data)
-        return self._unary(y, "sigmoid", lambda: y * (1 - y))
+        return self._activation("sigmoid")
+
+    def _activation(self, name):
+        act = ACTIVATIONS[name]
+        y = act.forward(self.data)
+        return self._unary(y, name, lambda: act.slope(y))
 
     # --- shape ops -------------------------------------------------------------------------
 
@@ -439,11 +481,21 @@ def as_tensor(x) -> Tensor:
     return x if isinstance(x, Tensor) else _const(_as_float(x))
 
 
-def sigmoid_array(x: np.ndarray) -> np.ndarray:
-    """1/(1+exp(-x)) without overflow: exp only ever sees -|x|."""
-    e = np.exp(-np.abs(x))
-    s = 1 / (1 + e)
-    return np.where(x >= 0, s, e * s)
+def _send(inputs, grads) -> None:
+    """Each input that requires grad receives its gradient."""
+    for t, g in zip(inputs, grads, strict=True):
+        if t.requires_grad:
+            t._accumulate(g)
+
+
+def _squeeze(y, axis, keepdims: bool):
+    """A reduction computed with keepdims=True, shaped as the caller asked."""
+    return y if keepdims else (y.reshape(()) if axis is None else np.squeeze(y, axis))
+
+
+def _unsqueeze(g, axis, keepdims: bool):
+    """Adjoint of `_squeeze`: the output gradient with the reduced axes back, as size 1."""
+    return g if keepdims or axis is None else np.expand_dims(g, axis)
 
 
 def _plain_index(index):
@@ -504,13 +556,7 @@ def concatenate(tensors, axis: int = 0) -> Tensor:
     out = _node(np.concatenate([t.data for t in tensors], axis=axis), tuple(tensors), "concatenate")
     if out.requires_grad:
         ends = np.cumsum([t.data.shape[axis] for t in tensors])[:-1]
-
-        def _backward(g):
-            for t, part in zip(tensors, np.split(g, ends, axis=axis), strict=True):
-                if t.requires_grad:
-                    t._accumulate(part)
-
-        out._backward = _backward
+        out._backward = lambda g: _send(tensors, np.split(g, ends, axis=axis))
     return out
 
 
@@ -518,11 +564,5 @@ def stack(tensors, axis: int = 0) -> Tensor:
     tensors = [as_tensor(t) for t in tensors]
     out = _node(np.stack([t.data for t in tensors], axis=axis), tuple(tensors), "stack")
     if out.requires_grad:
-
-        def _backward(g):
-            for t, part in zip(tensors, np.moveaxis(g, axis, 0), strict=True):
-                if t.requires_grad:
-                    t._accumulate(part)
-
-        out._backward = _backward
+        out._backward = lambda g: _send(tensors, np.moveaxis(g, axis, 0))
     return out

@@ -8,6 +8,7 @@ import pytest
 
 import core.functional as F
 from core import Tensor, concatenate, gradcheck, no_grad, stack
+from core.tensor import ACTIVATIONS
 
 
 def _softmax(x, axis=-1):
@@ -47,6 +48,7 @@ MASK = np.array([True, False, True])
 EYE = np.eye(6, 1)  # 0/1 targets for binary cross-entropy
 PAIR, XWB = [(6, 2), (6, 2)], [(5, 3), (4, 3), (4,)]  # loss (input, target); linear (x, w, b)
 ce, bce, mse, lin = F.cross_entropy, F.binary_cross_entropy_with_logits, F.mse_loss, F.linear
+ACT = {"relu": lambda a: np.maximum(a, 0), "tanh": np.tanh, "sigmoid": _sigmoid}  # references
 
 
 def op(name, shapes, ours, ref=None):
@@ -94,9 +96,7 @@ OPS = [
     op("max_axes_keep", [(3, 4, 5)], lambda a: a.max((0, 2), keepdims=True)),
     op("exp", [(3, 4)], lambda a: a.exp(), np.exp),
     op("log", [(3, 4)], lambda a: (a * a + 1).log(), lambda a: np.log(a * a + 1)),
-    op("relu", [(3, 4)], lambda a: a.relu(), lambda a: np.maximum(a, 0)),
-    op("tanh", [(3, 4)], lambda a: a.tanh(), np.tanh),
-    op("sigmoid", [(3, 4)], lambda a: a.sigmoid(), _sigmoid),
+    *[op(name, [(3, 4)], lambda a, n=name: getattr(a, n)(), ref) for name, ref in ACT.items()],
     op("reshape", [(3, 4)], lambda a: a.reshape(2, 6)),
     op("reshape_tuple", [(3, 4)], lambda a: a.reshape((-1,))),
     op("transpose", [(2, 3, 4)], lambda a: a.transpose(0, 2), lambda a: a.swapaxes(0, 2)),
@@ -157,9 +157,10 @@ OPS = [
     ),
     op("linear", XWB, lin, _affine),
     op("linear_no_bias", [(5, 3), (4, 3)], lin, lambda x, w: x @ w.T),
-    op("linear_relu", XWB, lambda *a: lin(*a, "relu"), lambda *a: np.maximum(_affine(*a), 0)),
-    op("linear_tanh", XWB, lambda *a: lin(*a, "tanh"), lambda *a: np.tanh(_affine(*a))),
-    op("linear_sigmoid", XWB, lambda *a: lin(*a, "sigmoid"), lambda *a: _sigmoid(_affine(*a))),
+    *[
+        op(f"linear_{name}", XWB, lambda *a, n=name: lin(*a, n), lambda *a, r=ref: r(_affine(*a)))
+        for name, ref in ACT.items()
+    ],
     op("linear_3d", [(2, 5, 3), (4, 3), (4,)], lin, _affine),
     op("linear_1d", [(3,), (4, 3), (4,)], lin, _affine),
     op(
@@ -169,6 +170,23 @@ OPS = [
         lambda a, b: np.tanh(a * b + a).sum(1) ** 2,
     ),
 ]
+
+
+def test_every_activation_has_a_reference():  # so the op cases above cover each one
+    assert set(ACT) == set(ACTIVATIONS)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_with_bias_is_exactly_the_activation_of_the_sum(name):
+    """forward(x, b, out=x), as the fused linear node calls it, equals act(x + b) bit for bit
+    (relu takes max(x, -b) + b), including where x + b is 0 or x is -0.0."""
+    x = np.concatenate([_inputs([(7, 4)], seed=1)[0], [[0.0, -0.0, 1.5, -2.0]]])
+    b = np.array([0.0, 0.0, -1.5, 2.0])
+    act = ACTIVATIONS[name]
+    want, y = act.forward(x + b), x.copy()
+    got = act.forward(y, b, out=y)
+    assert got is y or name == "sigmoid"  # sigmoid_array allocates its result
+    np.testing.assert_array_equal(got.view(np.int64), want.view(np.int64))
 
 
 def _inputs(shapes, seed=0, dtype=np.float64):

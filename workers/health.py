@@ -17,12 +17,12 @@ Nothing here writes to the model: health never changes the trained parameters.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Literal, get_args
 
 import numpy as np
 
-import core.functional as F
 from core import Tensor, no_grad
 from core.nn import MLP
 
@@ -36,15 +36,13 @@ KINDS = get_args(WarningKind)
 def active_units(model: MLP, X) -> list[np.ndarray]:
     """Per hidden layer, a bool vector: the unit's output was > 0 for at least one row.
 
-    The forward pass of `MLP.forward`, under no_grad, keeping each hidden output.
+    The model's own forward pass (`MLP.layer_outputs`) under no_grad, stopped before the
+    output layer.
     """
     x = Tensor(np.asarray(X, dtype=model.layers[0].weight.dtype))
-    masks = []
     with no_grad():
-        for layer in model.layers[:-1]:
-            x = F.linear(x, layer.weight, layer.bias, model.activation)
-            masks.append((x.data > 0).any(axis=0))
-    return masks
+        hidden = itertools.islice(model.layer_outputs(x), len(model.layers) - 1)
+        return [(h.data > 0).any(axis=0) for h in hidden]
 
 
 def layer_stats(model: MLP, grads, prev_weights, active_masks=None) -> list[dict]:
