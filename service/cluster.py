@@ -60,11 +60,7 @@ class RayCluster:
     def dashboard_url(self) -> str | None:
         if not self.dashboard:
             return None
-        try:  # Ray keeps the URL of the connected cluster's dashboard here
-            from ray._private.worker import get_dashboard_url
+        from workers.ray_private import dashboard_url
 
-            url = get_dashboard_url()
-        except Exception:  # noqa: BLE001 - a missing dashboard must not break /cluster
-            log.debug("no Ray dashboard URL", exc_info=True)
-            return None
+        url = dashboard_url()
         return url if not url or "://" in url else f"http://{url}"

@@ -7,6 +7,8 @@ import os
 
 import ray
 
+from workers.ray_private import quiet_token_auth_notice
+
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False):
     """Connect once per process: `address`, else $RAY_ADDRESS, else a local embedded Ray."""
@@ -16,7 +18,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, dashb
     kwargs = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address:
         ray.init(address=address, **kwargs)
-    else:
+        return
+    with quiet_token_auth_notice():
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard, **kwargs)
 
 

@@ -36,6 +36,7 @@ import time
 import traceback
 
 import numpy as np
+import psutil
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
@@ -99,18 +100,6 @@ def unflatten(flat: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarra
 # ---------------------------------------------------------------- the exchanges
 
 
-def prepare_worker() -> None:
-    """Called in each worker actor. Our channels carry NumPy arrays only, but when torch is
-    installed Ray's compiled-graph loop imports it on a worker's first step just to pick a
-    device (seconds, and hundreds of MB, per worker). Tell it there is no torch."""
-    try:
-        from ray.experimental.channel.common import ChannelContext
-
-        ChannelContext.get_current()._torch_available = False
-    except Exception:  # a private detail of Ray: without it we are only slower to start
-        log.debug("could not skip Ray's torch probe", exc_info=True)
-
-
 def claim_cores(k: int) -> list[int]:
     """Pin this process to `k` cores that no other pinned process on this node holds.
 
@@ -136,30 +125,23 @@ def _pin_free_cores(k: int) -> list[int]:
     with open(CORE_LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two workers starting at once must not pick alike
         taken = set()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                if not _read(f"/proc/{entry}/cmdline"):
-                    continue  # a kernel thread: those are per-core by design
-                mask = os.sched_getaffinity(int(entry))
-            except OSError:  # gone, or not ours to see
-                continue
+        # Not ours to see, or gone since it was listed: None, and skipped.
+        for proc in psutil.process_iter(["cmdline", "cpu_affinity"], ad_value=None):
+            cmdline, affinity = proc.info["cmdline"], proc.info["cpu_affinity"]
+            if proc.pid == os.getpid() or not cmdline or affinity is None:
+                continue  # no command line: a kernel thread, per-core by design
+            mask = set(affinity)
             if not allowed <= mask:  # pinned (to some of our cores, or to others)
                 taken |= mask & allowed
         free = sorted(allowed - taken)
         if len(free) < k:
             return []
         cores = set(free[:k])
-        for tid in os.listdir("/proc/self/task"):  # every thread; new ones inherit
+        # Every thread (an affinity is per thread; new ones inherit it).
+        for thread in psutil.Process().threads():
             with contextlib.suppress(OSError):
-                os.sched_setaffinity(int(tid), cores)
+                os.sched_setaffinity(thread.id, cores)
     return sorted(cores)
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def dead_ranks(actors: list, timeout: float = PROBE_TIMEOUT_S) -> list[int]:

@@ -28,11 +28,11 @@ from workers.exchange import (
     claim_cores,
     flatten,
     open_exchange,
-    prepare_worker,
     resolve,
     unflatten,
 )
 from workers.model import grad_sum, set_parameters
+from workers.ray_private import skip_torch_probe
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class GradWorker:
 
         self._limits = threadpool_limits(limits=blas_threads)
         self.blas_threads, self.cores = blas_threads, None
-        prepare_worker()
+        skip_torch_probe()
         self.X, self.y = data
         self.loss = model_cfg["loss"]
         self.model = nn.MLP(
