@@ -270,7 +270,7 @@ class Dispatcher:
                 callback=lambda event: self._on_event(run, event),
                 stop_event=run.stop,
                 abandon_event=run.abandon,
-                ray_address=self.settings.ray_address,
+                settings=self.settings.worker_settings(),
             )
         except Exception as err:  # anything the Trainer did not turn into a summary
             log.exception("job %s crashed", job.id)

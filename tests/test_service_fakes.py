@@ -60,7 +60,7 @@ def fake_train(steps=20, pause=0.02, fail: str | None = None):
     first step. `train.abandoned` lists the out dirs of abandoned runs."""
     done: dict[str, int] = {}
 
-    def train(spec, out_dir, *, callback, stop_event, ray_address, abandon_event=None):
+    def train(spec, out_dir, *, callback, stop_event, settings, abandon_event=None):
         key = str(out_dir)
         step = done.get(key, 0)
         callback(

@@ -230,7 +230,7 @@ def test_a_replacement_workers_node_joins_the_jobs_worker_nodes(tmp_path, store_
     job_id = new_job(store).id
     seen = []
 
-    def train(spec, out_dir, *, callback, stop_event, ray_address, abandon_event):
+    def train(spec, out_dir, *, callback, stop_event, settings, abandon_event):
         callback({"type": "started", "total_steps": 1, "step": 0, "worker_nodes": ["n1", "n2"]})
         seen.append(store.get(job_id).worker_nodes)
         reason = "worker 1 died: its node died"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from workers.config import WorkerSettings
 from workers.render import ProgressBar, print_json, print_summary
 from workers.spec import SpecError, TrainingSpec, format_validation_error, load_spec
 
@@ -84,6 +85,12 @@ def cmd_train(args) -> int:
         except ValidationError as err:
             errors = format_validation_error(err).replace("\n", "\n  ")
             return usage_error(f"invalid --workers {args.workers}:\n  {errors}")
+    try:
+        settings = WorkerSettings()
+    except ValidationError as err:
+        return usage_error(f"invalid settings:\n  {err}")
+    if args.ray_address:
+        settings = settings.model_copy(update={"ray_address": args.ray_address})
     out = args.out or Path("runs") / run_dir_name(spec.name)
 
     stop = threading.Event()
@@ -96,7 +103,7 @@ def cmd_train(args) -> int:
 
     previous = signal.signal(signal.SIGINT, interrupt)
     bar = ProgressBar()
-    trainer = Trainer(spec, out, callback=bar, stop_event=stop, ray_address=args.ray_address)
+    trainer = Trainer(spec, out, callback=bar, stop_event=stop, settings=settings)
     try:
         try:
             summary = trainer.run()

@@ -3,7 +3,7 @@
 Each step reads like the single-process loop it is equivalent to: take the
 global batch, ask the workers for gradient sums of their pieces, add them in
 rank order, divide by the batch size, step the optimizer, checkpoint now and
-then. See ARCHITECTURE.md for why this makes the result independent of the
+then. See docs/architecture.md for why this makes the result independent of the
 number of workers. Every `health_every` steps the coordinator also measures training
 health (workers/health.py) from what it already holds.
 """
@@ -21,6 +21,7 @@ import ray
 
 from workers import checkpoint as ckpt
 from workers.cluster import ensure_ray
+from workers.config import WorkerSettings
 from workers.data import PreparedData
 from workers.health import HealthMonitor
 from workers.model import build_model, build_optimizer, evaluate
@@ -55,19 +56,20 @@ class Trainer:
         callback: Callback | None = None,
         stop_event: threading.Event | None = None,
         abandon_event: threading.Event | None = None,
-        ray_address: str | None = None,
+        settings: WorkerSettings | None = None,
     ):
         """`stop_event`: stop after the current step with a checkpoint ("cancelled").
         `abandon_event` (set with stop_event): stop without writing anything more, because
         the job may no longer be ours (the service lost its lease; another process may be
-        resuming it from the same directory)."""
+        resuming it from the same directory). `settings`: the cluster to attach to and the
+        exchange's knobs (default: from the environment)."""
         self.spec = spec
         self.out = Path(out_dir)
         self.n_workers = workers or spec.workers
         self.callback = callback or (lambda event: None)
         self.stop_event = stop_event or threading.Event()
         self.abandon_event = abandon_event or threading.Event()
-        self.ray_address = ray_address
+        self.settings = settings or WorkerSettings()
 
     # -- the run ---------------------------------------------------------------
 
@@ -155,7 +157,7 @@ class Trainer:
             model, spec.health_every, latest.state.get("health") if latest else None
         )
 
-        ensure_ray(self.ray_address)
+        ensure_ray(self.settings)
         data_ref = ray.put((data.X, data.y))
         pool = WorkerPool(
             self.n_workers,
@@ -173,6 +175,7 @@ class Trainer:
                 {"type": "worker_failure", "rank": rank, "reason": reason, "worker_nodes": nodes}
             ),
             exchange=spec.exchange,
+            settings=self.settings,
         )
         self.pool = pool
 
