@@ -143,9 +143,11 @@ CONTRACT_KEYS = {
     "val_accuracy",
     "checkpoint",
     "worker_nodes",
+    "exchange",
     "elapsed_s",
     "worker_failures",
     "resumed_from_step",
+    "health",
 }
 
 
@@ -284,7 +286,7 @@ def test_an_unexpected_exception_ends_with_a_json_summary(tmp_path, monkeypatch,
     def crash(self):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(Trainer, "_run", crash)
+    monkeypatch.setattr(Trainer, "_prepare", lambda self, latest: crash(self))
     spec_file = write_spec(tmp_path / "spec.json", make_spec())
     code = cli_main(["train", str(spec_file), "--out", str(tmp_path / "run"), "--json"])
     stdout, err = capsys.readouterr()
