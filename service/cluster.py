@@ -24,12 +24,14 @@ class RayCluster:
 
     def start(self) -> None:
         from workers.cluster import ensure_ray
+        from workers.config import WorkerSettings
 
         # ray.init on the main thread installs Ray's own SIGTERM handler, which exits at once;
         # the server's (uvicorn's) must stay: it checkpoints running jobs before exiting.
         main = threading.current_thread() is threading.main_thread()
         server_handler = signal.getsignal(signal.SIGTERM) if main else None
-        ensure_ray(self.address, num_cpus=self.num_cpus, dashboard=self.dashboard)
+        settings = WorkerSettings(ray_address=self.address) if self.address else None
+        ensure_ray(settings, num_cpus=self.num_cpus, dashboard=self.dashboard)
         if server_handler is not None:
             signal.signal(signal.SIGTERM, server_handler)
 
@@ -60,11 +62,7 @@ class RayCluster:
     def dashboard_url(self) -> str | None:
         if not self.dashboard:
             return None
-        try:  # Ray keeps the URL of the connected cluster's dashboard here
-            from ray._private.worker import get_dashboard_url
+        from workers.ray_private import dashboard_url
 
-            url = get_dashboard_url()
-        except Exception:  # noqa: BLE001 - a missing dashboard must not break /cluster
-            log.debug("no Ray dashboard URL", exc_info=True)
-            return None
+        url = dashboard_url()
         return url if not url or "://" in url else f"http://{url}"

@@ -15,13 +15,24 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from service.cluster import Capacity, RayCluster
 from service.config import Settings
 from service.schemas import JobHealth, finite
 from service.store import JobStore
 from service.tables import JobRow
+from workers.events import (
+    CheckpointEvent,
+    Event,
+    EventType,
+    HealthEvent,
+    StartedEvent,
+    StepEvent,
+    WorkerFailureEvent,
+)
 from workers.health import new_warnings
 
 log = logging.getLogger(__name__)
@@ -46,6 +57,7 @@ class Run:
     worker_nodes: list[str] = field(default_factory=list)
     rate: float | None = None  # steps per second, smoothed
     last_step_at: float | None = None
+    checkpoint_step: int | None = None  # the newest checkpoint the Trainer reported
 
 
 def pending_reason(
@@ -270,7 +282,7 @@ class Dispatcher:
                 callback=lambda event: self._on_event(run, event),
                 stop_event=run.stop,
                 abandon_event=run.abandon,
-                ray_address=self.settings.ray_address,
+                settings=self.settings.worker_settings(),
             )
         except Exception as err:  # anything the Trainer did not turn into a summary
             log.exception("job %s crashed", job.id)
@@ -288,8 +300,10 @@ class Dispatcher:
         status, error = summary.get("status"), summary.get("error")
         store, owner = self.store, self.owner
         if run.abandon.is_set():  # back to the queue, unless another process took it already
-            message = f"{owner} abandoned it at step {summary.get('steps')}; will resume"
-            store.requeue(run.job_id, owner, message)
+            at = run.checkpoint_step
+            resume = "the start" if at is None else f"its checkpoint at step {at}"
+            message = f"{owner} abandoned it at step {summary.get('steps')}; will resume from "
+            store.requeue(run.job_id, owner, message + resume)
             return
         final = {"summary": summary, "eta_s": None}
         if summary.get("steps") is not None:
@@ -307,27 +321,36 @@ class Dispatcher:
         else:
             store.finish(run.job_id, owner, "failed", error or "training failed", **final)
 
-    def _on_event(self, run: Run, event: dict) -> None:
-        kind = event.get("type")
-        if kind == "step":
-            self._on_step(run, event)
-        elif kind == "started":
-            run.worker_nodes = list(event.get("worker_nodes") or [])
-            values = {"total_steps": event["total_steps"], "step": event["step"]}
-            values["worker_nodes"] = run.worker_nodes
-            self.store.progress(run.job_id, self.owner, values)
-            if event.get("resumed_from_step") is not None:
-                self.store.note(run.job_id, f"resumed from step {event['resumed_from_step']}")
-        elif kind == "health":
-            self._on_health(run, event)
-        elif kind == "worker_failure":
-            reason = event.get("reason") or f"worker {event.get('rank')} failed"
-            self.store.note(run.job_id, f"{reason}; the step is recomputed")
-            if event.get("worker_nodes"):  # the replacement may have started on another node
-                run.worker_nodes = list(event["worker_nodes"])
-                self.store.progress(run.job_id, self.owner, {"worker_nodes": run.worker_nodes})
+    def _on_event(self, run: Run, event: Event) -> None:
+        handler = self._handlers.get(event.get("type"))
+        if handler is None:
+            log.warning("job %s: unknown trainer event %r", run.job_id, event.get("type"))
+            return
+        handler(self, run, event)
 
-    def _on_step(self, run: Run, event: dict) -> None:
+    def _on_started(self, run: Run, event: StartedEvent) -> None:
+        run.worker_nodes = list(event.get("worker_nodes") or [])
+        values = {"total_steps": event["total_steps"], "step": event["step"]}
+        values["worker_nodes"] = run.worker_nodes
+        self.store.progress(run.job_id, self.owner, values)
+        run.checkpoint_step = event.get("resumed_from_step")
+        if run.checkpoint_step is not None:
+            self.store.note(run.job_id, f"resumed from step {run.checkpoint_step}")
+
+    def _on_checkpoint(self, run: Run, event: CheckpointEvent) -> None:
+        """Where the job resumes from if this process loses it (said in the timeline entry
+        of an abandoned run). Not a timeline entry of its own: the timeline holds status
+        changes, and GET /jobs/{id}/checkpoints lists the checkpoints."""
+        run.checkpoint_step = event["step"]
+
+    def _on_worker_failure(self, run: Run, event: WorkerFailureEvent) -> None:
+        reason = event.get("reason") or f"worker {event.get('rank')} failed"
+        self.store.note(run.job_id, f"{reason}; the step is recomputed")
+        if event.get("worker_nodes"):  # the replacement may have started on another node
+            run.worker_nodes = list(event["worker_nodes"])
+            self.store.progress(run.job_id, self.owner, {"worker_nodes": run.worker_nodes})
+
+    def _on_step(self, run: Run, event: StepEvent) -> None:
         now = time.monotonic()
         if run.last_step_at is not None and now > run.last_step_at:
             rate = 1.0 / (now - run.last_step_at)
@@ -349,7 +372,7 @@ class Dispatcher:
         }
         self.store.progress(run.job_id, self.owner, values, point)
 
-    def _on_health(self, run: Run, event: dict) -> None:
+    def _on_health(self, run: Run, event: HealthEvent) -> None:
         """The job's latest health (the Trainer's record already holds each warning once,
         with its first step), and on the step's metric point the per-layer statistics and
         the warnings this check raised."""
@@ -359,6 +382,15 @@ class Dispatcher:
         point = {"step": step, "layers": health["layers"], "warnings": raised}
         self.store.progress(run.job_id, self.owner, {"health": health}, point)
         self.health_warnings.update(w["kind"] for w in new_warnings(event))
+
+    # One handler per event type of workers/events.py.
+    _handlers: ClassVar[dict[EventType, Callable]] = {
+        "started": _on_started,
+        "step": _on_step,
+        "checkpoint": _on_checkpoint,
+        "health": _on_health,
+        "worker_failure": _on_worker_failure,
+    }
 
 
 POINT_KEYS = ("train_loss", "val_loss", "val_accuracy", "grad_norm", "samples_per_s")

@@ -18,11 +18,13 @@ from ray.exceptions import RayChannelError
 
 from workers import checkpoint as ckpt
 from workers import exchange as ex
+from workers.config import WorkerSettings
 from workers.trainer import Trainer
 
 from .test_distributed import final_params, make_spec
 
 pytestmark = pytest.mark.usefixtures("ray_session")
+ENV = "SHARDGRAD_EXCHANGE"  # read by WorkerSettings.exchange
 
 
 def same(a: dict, b: dict) -> bool:
@@ -56,22 +58,22 @@ def graphs(monkeypatch):
 
 
 def test_the_spec_chooses_and_the_environment_decides_auto(monkeypatch, caplog):
-    monkeypatch.delenv(ex.ENV, raising=False)
-    assert ex.resolve("auto") == ex.resolve(None) == "compiled"
-    monkeypatch.setenv(ex.ENV, "tasks")
-    assert (ex.resolve("auto"), ex.resolve("compiled")) == ("tasks", "compiled")
-    monkeypatch.setenv(ex.ENV, "carrier-pigeon")
-    with caplog.at_level(logging.WARNING, logger="workers.exchange"):
-        assert ex.resolve("auto") == "compiled"
+    monkeypatch.delenv(ENV, raising=False)
+    assert ex.resolve("auto", WorkerSettings()) == ex.resolve(None, WorkerSettings()) == "compiled"
+    monkeypatch.setenv(ENV, "tasks")
+    settings = WorkerSettings()
+    assert (ex.resolve("auto", settings), ex.resolve("compiled", settings)) == ("tasks", "compiled")
+    monkeypatch.setenv(ENV, "carrier-pigeon")
+    with caplog.at_level(logging.WARNING, logger="workers.config"):
+        assert ex.resolve("auto", WorkerSettings()) == "compiled"
     assert "carrier-pigeon" in caplog.text
 
 
 def test_auto_uses_tasks_from_a_ray_client(monkeypatch):
     from ray.util.client import ray as client
 
-    monkeypatch.delenv(ex.ENV, raising=False)
     monkeypatch.setattr(client, "is_connected", lambda: True)
-    assert ex.resolve("auto") == "tasks"
+    assert ex.resolve("auto", WorkerSettings(exchange="auto")) == "tasks"
 
 
 def test_exchange_is_an_execution_field():
@@ -208,10 +210,10 @@ def _never_answers() -> None:
 def test_a_stuck_step_falls_back_instead_of_hanging(tmp_path, monkeypatch, graphs, reference):
     """Every worker alive, no answer: past the step timeout (or 50 times the slowest step)
     the graph is torn down and the step recomputed on tasks."""
-    monkeypatch.setenv(ex.STEP_TIMEOUT_ENV, "1.5")
     stuck = []
     replace_fifth_step(monkeypatch, lambda: stuck.append(_never_answers.remote()) or stuck[-1])
-    trainer = Trainer(make_spec(epochs=2, exchange="compiled"), tmp_path)
+    settings = WorkerSettings(step_timeout_s=1.5)
+    trainer = Trainer(make_spec(epochs=2, exchange="compiled"), tmp_path, settings=settings)
     try:
         summary = trainer.run()
     finally:

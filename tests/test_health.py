@@ -330,7 +330,7 @@ def train_with_checks(checks: list[dict]):
     """A stand-in for workers.trainer.train that sends `checks` with its steps, the first
     after its step's metrics, the others before theirs."""
 
-    def train(spec, out_dir, *, callback, stop_event, ray_address, abandon_event):
+    def train(spec, out_dir, *, callback, stop_event, settings, abandon_event):
         total = len(checks)
         callback({"type": "started", "total_steps": total, "step": 0, "resumed_from_step": None})
         for i, check in enumerate(checks):

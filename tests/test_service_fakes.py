@@ -14,6 +14,7 @@ from service.config import Settings
 from service.dispatcher import pending_reason
 from service.main import create_app
 from service.store import JobStore
+from workers.events import StartedEvent, StepEvent
 
 SPEC = {
     "name": "moons",
@@ -60,17 +61,18 @@ def fake_train(steps=20, pause=0.02, fail: str | None = None):
     first step. `train.abandoned` lists the out dirs of abandoned runs."""
     done: dict[str, int] = {}
 
-    def train(spec, out_dir, *, callback, stop_event, ray_address, abandon_event=None):
+    def train(spec, out_dir, *, callback, stop_event, settings, abandon_event=None):
         key = str(out_dir)
         step = done.get(key, 0)
         callback(
-            {
-                "type": "started",
-                "total_steps": steps,
-                "step": step,
-                "resumed_from_step": step or None,
-                "worker_nodes": ["n1"],
-            }
+            StartedEvent(
+                type="started",
+                total_steps=steps,
+                step=step,
+                resumed_from_step=step or None,
+                worker_nodes=["n1"],
+                exchange="tasks",
+            )
         )
         while step < steps:
             if stop_event.wait(pause):
@@ -81,15 +83,15 @@ def fake_train(steps=20, pause=0.02, fail: str | None = None):
                 return {"status": "cancelled", "steps": step, "error": f"stopped at {step}"}
             step += 1
             callback(
-                {
-                    "type": "step",
-                    "step": step,
-                    "total_steps": steps,
-                    "epoch": 0,
-                    "train_loss": 1.0 / step,
-                    "grad_norm": 0.1,
-                    "samples_per_s": 100.0,
-                }
+                StepEvent(
+                    type="step",
+                    step=step,
+                    total_steps=steps,
+                    epoch=0,
+                    train_loss=1.0 / step,
+                    grad_norm=0.1,
+                    samples_per_s=100.0,
+                )
             )
             if spec.name == fail:
                 return {"status": "failed", "steps": step, "error": "diverged at step 1"}

@@ -11,9 +11,10 @@ import time
 import pytest
 
 from service.config import Settings
-from service.dispatcher import Dispatcher
+from service.dispatcher import Dispatcher, Run
 from service.store import JobStore
 from tests.test_service_fakes import FakeCluster, fake_train, spec
+from workers.events import EVENT_TYPES, CheckpointEvent, StartedEvent
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -105,6 +106,16 @@ def make_dispatcher(tmp_path, store, train, cpus=2.0, **settings):
     return Dispatcher(store, cfg, FakeCluster(cpus), train=train)
 
 
+def run_to_success(tmp_path, store, train, job_id) -> None:
+    """A dispatcher runs `train` until the job succeeded."""
+    d = make_dispatcher(tmp_path, store, train)
+    d.start()
+    try:
+        wait_for(lambda: store.get(job_id).status == "succeeded")
+    finally:
+        d.shutdown()
+
+
 def test_gang_scheduling_concurrency_and_completion(tmp_path, store_url):
     store = JobStore(store_url)
     big = new_job(store, cpus=2.0).id
@@ -136,12 +147,7 @@ def test_graceful_shutdown_requeues_and_restart_resumes(tmp_path, store_url):
     assert job.status == "queued" and job.attempts == 1 and job.owner is None
     assert "queued" in store.events(job_id)[-1].message
 
-    d2 = make_dispatcher(tmp_path, store, train)
-    d2.start()
-    try:
-        wait_for(lambda: store.get(job_id).status == "succeeded")
-    finally:
-        d2.shutdown()
+    run_to_success(tmp_path, store, train, job_id)
     job = store.get(job_id)
     assert job.attempts == 2
     assert any("resumed from step" in (e.message or "") for e in store.events(job_id))
@@ -183,7 +189,7 @@ def test_a_replacement_workers_node_joins_the_jobs_worker_nodes(tmp_path, store_
     job_id = new_job(store).id
     seen = []
 
-    def train(spec, out_dir, *, callback, stop_event, ray_address, abandon_event):
+    def train(spec, out_dir, *, callback, stop_event, settings, abandon_event):
         callback({"type": "started", "total_steps": 1, "step": 0, "worker_nodes": ["n1", "n2"]})
         seen.append(store.get(job_id).worker_nodes)
         reason = "worker 1 died: its node died"
@@ -191,15 +197,45 @@ def test_a_replacement_workers_node_joins_the_jobs_worker_nodes(tmp_path, store_
         callback({"type": "worker_failure", "rank": 1, "reason": reason, "worker_nodes": nodes})
         return {"status": "succeeded", "steps": 1}
 
-    d = make_dispatcher(tmp_path, store, train)
-    d.start()
-    try:
-        wait_for(lambda: store.get(job_id).status == "succeeded")
-    finally:
-        d.shutdown()
+    run_to_success(tmp_path, store, train, job_id)
     assert seen == [["n1", "n2"]] and store.get(job_id).worker_nodes == ["n1", "n2", "n3"]
     notes = [e.message for e in store.events(job_id)]
     assert "worker 1 died: its node died; the step is recomputed" in notes
+
+
+def test_the_dispatcher_handles_every_trainer_event():
+    assert set(Dispatcher._handlers) == set(EVENT_TYPES)
+
+
+def test_an_abandoned_job_says_which_checkpoint_it_resumes_from(tmp_path, store_url):
+    """The newest checkpoint the Trainer reported (or the one it resumed from) is where
+    the job's next owner starts; an abandoned run writes none of its own."""
+    store = JobStore(store_url)
+    job_id = new_job(store).id
+    d = make_dispatcher(tmp_path, store, fake_train())
+    [job] = store.claim(d.owner, lambda _: True)
+    messages = []
+    for checkpoints in ([], [5]):
+        run = Run(job_id, job.name, 2, job.cpus)
+        started = StartedEvent(
+            type="started",
+            total_steps=9,
+            step=3,
+            resumed_from_step=3,
+            worker_nodes=["n1"],
+            exchange="tasks",
+        )
+        d._on_event(run, started)
+        for step in checkpoints:
+            d._on_event(run, CheckpointEvent(type="checkpoint", step=step, path="p"))
+        run.abandon.set()
+        d._settle(run, {"status": "cancelled", "steps": 7, "error": "abandoned"})
+        messages.append(store.events(job_id)[-1].message)
+        store.claim(d.owner, lambda _: True)
+    assert messages == [
+        "d1 abandoned it at step 7; will resume from its checkpoint at step 3",
+        "d1 abandoned it at step 7; will resume from its checkpoint at step 5",
+    ]
 
 
 def test_a_job_taken_back_from_a_stalled_owner_is_abandoned_without_a_write(tmp_path, store_url):

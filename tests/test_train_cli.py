@@ -14,6 +14,8 @@ import pytest
 from workers import checkpoint as ckpt
 from workers.cli import main as cli_main
 from workers.cli import run_dir_name
+from workers.events import run_summary
+from workers.render import print_summary
 from workers.trainer import Trainer
 
 from .test_distributed import make_spec
@@ -143,9 +145,11 @@ CONTRACT_KEYS = {
     "val_accuracy",
     "checkpoint",
     "worker_nodes",
+    "exchange",
     "elapsed_s",
     "worker_failures",
     "resumed_from_step",
+    "health",
 }
 
 
@@ -284,7 +288,7 @@ def test_an_unexpected_exception_ends_with_a_json_summary(tmp_path, monkeypatch,
     def crash(self):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(Trainer, "_run", crash)
+    monkeypatch.setattr(Trainer, "_prepare", lambda self, latest: crash(self))
     spec_file = write_spec(tmp_path / "spec.json", make_spec())
     code = cli_main(["train", str(spec_file), "--out", str(tmp_path / "run"), "--json"])
     stdout, err = capsys.readouterr()
@@ -293,6 +297,28 @@ def test_an_unexpected_exception_ends_with_a_json_summary(tmp_path, monkeypatch,
     assert_failed_summary(summary)
     assert summary["error"] == "unexpected RuntimeError: boom (traceback on stderr)"
     assert "Traceback (most recent call last)" in err and "second line" in err
+
+
+def test_the_human_summary_has_no_python_reprs(capsys):
+    node = "923f0b055e3924a4b5f86841508294ed10991777284642033fc8848d"
+    summary = run_summary(
+        "succeeded",
+        650,
+        epochs=50,
+        final_loss=0.004185232700495081,
+        val_accuracy=0.995,
+        worker_nodes=[node, "0" * 56],
+        elapsed_s=16.0123,
+        health={"checked_steps": 66, "last_step": 650, "warnings": []},
+    )
+    print_summary(summary)
+    pairs = (line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    lines = {key.strip(): value for key, value in pairs}
+    assert lines["final_loss"] == "0.004185" and lines["val_accuracy"] == "0.995"
+    assert lines["val_loss"] == lines["checkpoint"] == lines["resumed_from_step"] == "-"
+    assert lines["worker_nodes"] == "923f0b05, 00000000" and lines["elapsed_s"] == "16.0 s"
+    assert lines["health"] == "66 checks; warnings: none"
+    assert not any(word in line for line in lines.values() for word in ("None", "[", "'"))
 
 
 # -- the default --out -------------------------------------------------------------------------

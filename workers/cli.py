@@ -14,6 +14,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from workers.config import WorkerSettings
+from workers.events import RunSummary, run_summary
 from workers.render import ProgressBar, print_json, print_summary
 from workers.spec import SpecError, TrainingSpec, format_validation_error, load_spec
 
@@ -64,51 +66,43 @@ def run_dir_name(name: str) -> str:
     return _UNSAFE_IN_DIR_NAME.sub("-", name).lstrip(".") or "run"
 
 
-def cmd_train(args) -> int:
-    from workers.data import with_data
-    from workers.trainer import Trainer, run_summary
+class UsageError(Exception):
+    """A bad spec, --workers or setting: exit code 2, the message on stderr."""
 
-    def usage_error(message: str) -> int:
-        print(f"error: {message}", file=sys.stderr)
-        if args.json:
-            print(json.dumps(run_summary("failed", 0, error=message)))
-        return 2
+
+def train_inputs(args) -> tuple[TrainingSpec, WorkerSettings]:
+    """The spec (with --workers applied) and the settings (with --ray-address applied)."""
+    from workers.data import with_data
 
     try:
-        spec = load_spec(args.spec, context=with_data())  # checked against its data, too
+        settings = WorkerSettings()
+    except ValidationError as err:
+        raise UsageError(f"invalid settings:\n  {err}") from None
+    if args.ray_address:
+        settings = settings.model_copy(update={"ray_address": args.ray_address})
+    try:  # checked against its data, too
+        spec = load_spec(args.spec, context=with_data(settings.datasets_dir))
     except SpecError as err:
-        return usage_error(str(err))
+        raise UsageError(str(err)) from None
     if args.workers is not None:
         try:
             spec = TrainingSpec.model_validate(spec.model_dump() | {"workers": args.workers})
         except ValidationError as err:
             errors = format_validation_error(err).replace("\n", "\n  ")
-            return usage_error(f"invalid --workers {args.workers}:\n  {errors}")
-    out = args.out or Path("runs") / run_dir_name(spec.name)
+            raise UsageError(f"invalid --workers {args.workers}:\n  {errors}") from None
+    return spec, settings
 
-    stop = threading.Event()
 
-    def interrupt(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        print("\nstopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, interrupt)
-    bar = ProgressBar()
-    trainer = Trainer(spec, out, callback=bar, stop_event=stop, ray_address=args.ray_address)
+def cmd_train(args) -> int:
     try:
-        try:
-            summary = trainer.run()
-        finally:
-            bar.close()
-            signal.signal(signal.SIGINT, previous)
-    except Exception as err:  # a bug or an environment problem, not a failure the Trainer reports
-        traceback.print_exc()
-        first_line = (str(err).strip().splitlines() or [""])[0]
-        error = f"unexpected {type(err).__name__}: {first_line} (traceback on stderr)"
-        summary = trainer.failed(error)
-
+        spec, settings = train_inputs(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        if args.json:
+            print(json.dumps(run_summary("failed", 0, error=str(err))))
+        return 2
+    out = args.out or Path("runs") / run_dir_name(spec.name)
+    summary = run_interruptibly(spec, out, settings)
     interrupted = summary["status"] == "cancelled"
     if interrupted:
         summary["status"] = "failed"
@@ -123,6 +117,34 @@ def cmd_train(args) -> int:
     if interrupted:
         return 130
     return 0 if summary["status"] == "succeeded" else 1
+
+
+def run_interruptibly(spec: TrainingSpec, out: Path, settings: WorkerSettings) -> RunSummary:
+    """Train with a progress bar; the first Ctrl-C stops after the step, the second aborts."""
+    from workers.trainer import Trainer
+
+    stop = threading.Event()
+
+    def interrupt(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    bar = ProgressBar()
+    trainer = Trainer(spec, out, callback=bar, stop_event=stop, settings=settings)
+    try:
+        try:
+            return trainer.run()
+        finally:
+            bar.close()
+            signal.signal(signal.SIGINT, previous)
+    except Exception as err:  # a bug or an environment problem, not a failure the Trainer reports
+        traceback.print_exc()
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        error = f"unexpected {type(err).__name__}: {first_line} (traceback on stderr)"
+        return trainer.failed(error)
 
 
 if __name__ == "__main__":

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import ray
 
+from workers.config import WorkerSettings
+from workers.ray_private import quiet_token_auth_notice
 
-def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False):
-    """Connect once per process: `address`, else $RAY_ADDRESS, else a local embedded Ray."""
+
+def ensure_ray(
+    settings: WorkerSettings | None = None,
+    *,
+    num_cpus: int | None = None,
+    dashboard: bool = False,
+) -> None:
+    """Connect once per process: to `settings.ray_address` (which $RAY_ADDRESS sets), else
+    to a local embedded Ray."""
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = (settings or WorkerSettings()).ray_address or None
     kwargs = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address:
         ray.init(address=address, **kwargs)
-    else:
+        return
+    with quiet_token_auth_notice():
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard, **kwargs)
 
 

@@ -8,12 +8,14 @@ process (or two tests) keep their own settings.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+log = logging.getLogger(__name__)
 ExchangeChoice = Literal["auto", "compiled", "tasks"]
 
 
@@ -38,3 +40,13 @@ class WorkerSettings(BaseSettings):
     ray_address: str | None = Field(
         None, validation_alias="RAY_ADDRESS", description="the cluster to attach to"
     )
+
+    @field_validator("exchange", mode="before")
+    @classmethod
+    def _unknown_exchange_means_auto(cls, value):
+        """A typo in $SHARDGRAD_EXCHANGE must not stop every run: warned about, then auto."""
+        if value not in get_args(ExchangeChoice):
+            choices = ", ".join(get_args(ExchangeChoice))
+            log.warning("SHARDGRAD_EXCHANGE=%r is not one of %s; using auto", value, choices)
+            return "auto"
+        return value

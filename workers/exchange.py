@@ -13,7 +13,8 @@ loss sum)``. Only the transport differs, so both train bit-identical parameters.
 ``auto`` (the default) means ``compiled`` unless the driver is a Ray Client (compiled
 graphs need a real driver); if a graph cannot be compiled or run, the pool falls back to
 ``tasks`` with a logged reason and the job goes on. The spec's ``exchange`` field chooses;
-while it is ``auto``, ``$SHARDGRAD_EXCHANGE`` may choose instead.
+while it is ``auto``, the run's `WorkerSettings.exchange` (``$SHARDGRAD_EXCHANGE``) may
+choose instead.
 
 A compiled graph lives as long as its set of actors. When a worker dies, Ray's graph
 monitor tears the graph down and the pending ``ray.get`` raises at once (ActorDiedError,
@@ -21,7 +22,7 @@ or a channel error if the death came between steps); the exchange then probes ev
 actor and reports the dead ranks, and the pool replaces them and compiles a new graph.
 An error with every worker alive is the transport's: the pool falls back to tasks. Each
 worker of a compiled graph pins itself to a free core (``claim_cores``), because channel
-reads busy-wait; ``SHARDGRAD_PIN_WORKERS=0`` turns that off.
+reads busy-wait; `WorkerSettings.pin_workers` (``SHARDGRAD_PIN_WORKERS=0``) turns that off.
 """
 
 from __future__ import annotations
@@ -36,19 +37,15 @@ import time
 import traceback
 
 import numpy as np
+import psutil
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+from workers.config import WorkerSettings
+
 log = logging.getLogger(__name__)
 
-EXCHANGES = ("auto", "compiled", "tasks")
-ENV = "SHARDGRAD_EXCHANGE"
-PIN_ENV = "SHARDGRAD_PIN_WORKERS"  # "0": leave the compiled graph's workers unpinned
 PROBE_TIMEOUT_S = 60.0  # how long a live actor may take to answer after a failed step
-# A compiled step with every worker alive that answers within neither this nor 50 times the
-# slowest step so far is stuck in the transport: the job falls back to tasks, never hangs.
-STEP_TIMEOUT_ENV = "SHARDGRAD_STEP_TIMEOUT_S"
-STEP_TIMEOUT_S = 300.0
 _compile_lock = threading.Lock()  # the service compiles graphs from several job threads
 CORE_LOCK = os.path.join(tempfile.gettempdir(), "shardgrad-cores.lock")  # one per node
 
@@ -65,12 +62,9 @@ class ExchangeBroken(RuntimeError):
     """The transport failed while every worker is alive; the pool falls back to tasks."""
 
 
-def resolve(setting: str | None = None) -> str:
-    """'compiled' or 'tasks': the spec's setting, else $SHARDGRAD_EXCHANGE, else auto."""
-    choice = setting if setting and setting != "auto" else os.environ.get(ENV) or "auto"
-    if choice not in EXCHANGES:
-        log.warning("%s=%r is not one of %s; using auto", ENV, choice, ", ".join(EXCHANGES))
-        choice = "auto"
+def resolve(setting: str | None, settings: WorkerSettings) -> str:
+    """'compiled' or 'tasks': the spec's setting, else `settings.exchange`, else auto."""
+    choice = setting if setting and setting != "auto" else settings.exchange
     if choice == "auto":
         from ray.util.client import ray as client
 
@@ -99,18 +93,6 @@ def unflatten(flat: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarra
 # ---------------------------------------------------------------- the exchanges
 
 
-def prepare_worker() -> None:
-    """Called in each worker actor. Our channels carry NumPy arrays only, but when torch is
-    installed Ray's compiled-graph loop imports it on a worker's first step just to pick a
-    device (seconds, and hundreds of MB, per worker). Tell it there is no torch."""
-    try:
-        from ray.experimental.channel.common import ChannelContext
-
-        ChannelContext.get_current()._torch_available = False
-    except Exception:  # a private detail of Ray: without it we are only slower to start
-        log.debug("could not skip Ray's torch probe", exc_info=True)
-
-
 def claim_cores(k: int) -> list[int]:
     """Pin this process to `k` cores that no other pinned process on this node holds.
 
@@ -136,30 +118,23 @@ def _pin_free_cores(k: int) -> list[int]:
     with open(CORE_LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two workers starting at once must not pick alike
         taken = set()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                if not _read(f"/proc/{entry}/cmdline"):
-                    continue  # a kernel thread: those are per-core by design
-                mask = os.sched_getaffinity(int(entry))
-            except OSError:  # gone, or not ours to see
-                continue
+        # Not ours to see, or gone since it was listed: None, and skipped.
+        for proc in psutil.process_iter(["cmdline", "cpu_affinity"], ad_value=None):
+            cmdline, affinity = proc.info["cmdline"], proc.info["cpu_affinity"]
+            if proc.pid == os.getpid() or not cmdline or affinity is None:
+                continue  # no command line: a kernel thread, per-core by design
+            mask = set(affinity)
             if not allowed <= mask:  # pinned (to some of our cores, or to others)
                 taken |= mask & allowed
         free = sorted(allowed - taken)
         if len(free) < k:
             return []
         cores = set(free[:k])
-        for tid in os.listdir("/proc/self/task"):  # every thread; new ones inherit
+        # Every thread (an affinity is per thread; new ones inherit it).
+        for thread in psutil.Process().threads():
             with contextlib.suppress(OSError):
-                os.sched_setaffinity(int(tid), cores)
+                os.sched_setaffinity(thread.id, cores)
     return sorted(cores)
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def dead_ranks(actors: list, timeout: float = PROBE_TIMEOUT_S) -> list[int]:
@@ -201,14 +176,16 @@ class TaskExchange:
 class CompiledExchange:
     name = "compiled"
 
-    def __init__(self, actors: list, payload_bytes: int):
+    def __init__(self, actors: list, payload_bytes: int, settings: WorkerSettings):
         from ray.dag import DAGContext, InputNode, MultiOutputNode
 
         self.actors, self.graph = actors, None
         self.slowest = 0.0  # seconds, of the steps so far
-        self.timeout_floor = float(os.environ.get(STEP_TIMEOUT_ENV, STEP_TIMEOUT_S))
+        # A step with every worker alive that answers within neither this nor 50 times the
+        # slowest step so far is stuck in the transport: the job falls back to tasks.
+        self.timeout_floor = settings.step_timeout_s
         try:
-            if os.environ.get(PIN_ENV, "1") != "0":
+            if settings.pin_workers:
                 ray.get([a.pin.remote() for a in actors])
             with InputNode() as inp:  # execute(flat, piece_0, piece_1, ...)
                 dag = MultiOutputNode(
@@ -271,8 +248,8 @@ def _forget_frames(err: BaseException | None) -> None:
         err = err.__cause__ or err.__context__
 
 
-def open_exchange(kind: str, actors: list, payload_bytes: int):
+def open_exchange(kind: str, actors: list, payload_bytes: int, settings: WorkerSettings):
     """The exchange `kind` over `actors` (WorkersDied / ExchangeBroken if it cannot open)."""
     if kind == "compiled":
-        return CompiledExchange(actors, payload_bytes)
+        return CompiledExchange(actors, payload_bytes, settings)
     return TaskExchange(actors)

@@ -22,17 +22,18 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from workers.config import WorkerSettings
 from workers.exchange import (
     ExchangeBroken,
     WorkersDied,
     claim_cores,
     flatten,
     open_exchange,
-    prepare_worker,
     resolve,
     unflatten,
 )
 from workers.model import grad_sum, set_parameters
+from workers.ray_private import skip_torch_probe
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class GradWorker:
 
         self._limits = threadpool_limits(limits=blas_threads)
         self.blas_threads, self.cores = blas_threads, None
-        prepare_worker()
+        skip_torch_probe()
         self.X, self.y = data
         self.loss = model_cfg["loss"]
         self.model = nn.MLP(
@@ -100,7 +101,10 @@ class WorkerPool:
         on_failure: Callable[[int, str, list[str]], None] | None = None,
         placement_timeout_s: float = 60.0,
         exchange: str | None = None,
+        settings: WorkerSettings | None = None,
     ):
+        """`exchange`: the spec's choice ("auto" leaves it to `settings.exchange`)."""
+        self.settings = settings or WorkerSettings()
         self.n, self.cpus = n, cpus_per_worker
         self.model_cfg, self.data_ref = model_cfg, data_ref
         self.max_failures, self.failures = max_failures, failures
@@ -120,7 +124,7 @@ class WorkerPool:
         sizes, itemsize = model_cfg["sizes"], np.dtype(model_cfg["dtype"]).itemsize
         # The largest message: the flat parameters plus the batch's indices, with room to spare.
         self.payload_bytes = sum((a + 1) * b for a, b in pairwise(sizes)) * itemsize + 2**20
-        self.kind, self.exchange = resolve(exchange), None
+        self.kind, self.exchange = resolve(exchange, self.settings), None
         self.fallback_reason: str | None = None
         self.actors: list = []
         try:
@@ -163,7 +167,9 @@ class WorkerPool:
         """Open the exchange over the current actors; replace dead ones or fall back on the way."""
         while self.exchange is None:
             try:
-                self.exchange = open_exchange(self.kind, self.actors, self.payload_bytes)
+                self.exchange = open_exchange(
+                    self.kind, self.actors, self.payload_bytes, self.settings
+                )
             except (WorkersDied, ExchangeBroken) as err:
                 self._recover(err)
 

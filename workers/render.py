@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
+from workers.events import Event, RunSummary
 from workers.health import new_warnings
 
 
@@ -71,7 +72,7 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.close()
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event: Event) -> None:
         """A Trainer event (its `callback`); health warnings are written once each, even
         without a bar."""
         kind = event["type"]
@@ -107,16 +108,29 @@ class ProgressBar:
 # -- the training summary (`shardgrad train`) -------------------------------------------------
 
 
-def print_summary(summary: dict) -> None:
+def print_summary(summary: RunSummary) -> None:
+    """The summary for people: one aligned line per key, '-' for what is unknown."""
     if summary["status"] != "succeeded":
         print(f"failed: {summary.get('error')}")
     for key, value in summary.items():
-        if key not in ("status", "error", "health"):
-            print(f"{key:>18}: {value}")
-    health = summary.get("health")
-    if health is not None:
-        warned = ", ".join(f"{w['kind']} {w['layer']}" for w in health["warnings"]) or "none"
-        print(f"{'health':>18}: {health['checked_steps']} checks; warnings: {warned}")
+        if key not in ("status", "error"):
+            print(f"{key:>18}: {summary_value(key, value)}")
+
+
+def summary_value(key: str, value) -> str:
+    """One value of a run summary as text: no Python reprs."""
+    if value is None or value == []:
+        return "-"
+    if key == "health":
+        warned = ", ".join(f"{w['kind']} {w['layer']}" for w in value["warnings"]) or "none"
+        return f"{value['checked_steps']} checks; warnings: {warned}"
+    if key == "worker_nodes":  # Ray's node ids are 56 hex digits; 8 tell them apart
+        return ", ".join(node[:8] for node in value)
+    if key == "elapsed_s":
+        return f"{value:.1f} s"
+    if isinstance(value, float):
+        return number(value, ".4g")
+    return str(value)
 
 
 # -- the service's jobs -------------------------------------------------------------------------

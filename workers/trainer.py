@@ -1,19 +1,22 @@
-"""The coordinator: one per running job. It owns the parameters and the step loop.
+"""The coordinator: one per running job. It holds the parameters and runs the step loop.
 
-Each step reads like the single-process loop it is equivalent to: take the
-global batch, ask the workers for gradient sums of their pieces, add them in
-rank order, divide by the batch size, step the optimizer, checkpoint now and
-then. See ARCHITECTURE.md for why this makes the result independent of the
-number of workers. Every `health_every` steps the coordinator also measures training
-health (workers/health.py) from what it already holds.
+Each step reads like the single-process loop it is equivalent to: take the global batch,
+get the workers' gradient sums of their pieces added in rank order, average, check, step
+the optimizer, report, checkpoint now and then, evaluate at the end of each epoch. See
+docs/architecture.md for why this makes the result independent of the number of workers.
+Every `health_every` steps the coordinator also measures training health
+(workers/health.py) from what it already holds.
+
+A run has three parts: prepare (resume point, data, model, workers), the step loop, and
+finish (final evaluation, summary, last checkpoint). How one step's averaged gradients
+are obtained and applied is a single object, the step strategy (`GatherStep`); the loop
+only asks it for the step's loss and gradient norm.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +24,25 @@ import ray
 
 from workers import checkpoint as ckpt
 from workers.cluster import ensure_ray
+from workers.config import WorkerSettings
 from workers.data import PreparedData
+from workers.events import (
+    Callback,
+    CheckpointEvent,
+    RunSummary,
+    StartedEvent,
+    Status,
+    StepEvent,
+    WorkerFailureEvent,
+    run_summary,
+)
 from workers.health import HealthMonitor
 from workers.model import build_model, build_optimizer, evaluate
 from workers.pool import ClusterTooSmall, WorkerFailure, WorkerPool
 from workers.sampler import Schedule, split_batch
 from workers.spec import TrainingSpec
 
-log = logging.getLogger(__name__)
-
-Callback = Callable[[dict], None]
+__all__ = ["Diverged", "SpecMismatch", "Trainer", "TrainingError", "run_summary", "train"]
 
 
 class TrainingError(RuntimeError):
@@ -45,6 +57,47 @@ class SpecMismatch(TrainingError):
     pass
 
 
+# ---------------------------------------------------------------- the step strategy
+
+
+class GatherStep:
+    """One step with the parameters in the coordinator: the pool's workers return the
+    gradient sums of their rank-order pieces of the global batch, the pool adds them in
+    rank order, and this averages them, checks them and steps the optimizer.
+
+    The seam for another step strategy: `step(number, idx)` takes the 0-based step and the
+    global batch's rows, and returns (mean loss, gradient norm). It leaves the coordinator's
+    model stepped and each parameter's `.grad` the step's averaged gradient, or raises
+    Diverged with the weights unchanged (a last health check then reads those gradients).
+    """
+
+    def __init__(self, pool: WorkerPool, model, opt):
+        self.pool, self.params, self.opt = pool, model.parameters(), opt
+
+    def __call__(self, step: int, idx: np.ndarray) -> tuple[float, float]:
+        pieces = split_batch(idx, self.pool.n)
+        grads, n, loss_sum = self.pool.grads([p.data for p in self.params], pieces)
+        return average_and_step(self.params, self.opt, grads, n, loss_sum, step)
+
+
+def average_and_step(params, opt, grads, n: int, loss_sum: float, step: int):
+    """Divide the batch's gradient sums by its size, check them, step the optimizer."""
+    loss = loss_sum / n
+    sq = 0.0
+    for p, g in zip(params, grads, strict=True):
+        g /= n
+        p.grad = g
+        sq += float(np.vdot(g, g))
+    grad_norm = float(np.sqrt(sq))
+    if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+        raise Diverged(f"diverged at step {step + 1} (loss={loss:g})")
+    opt.step()
+    return loss, grad_norm
+
+
+# ---------------------------------------------------------------- the coordinator
+
+
 class Trainer:
     def __init__(
         self,
@@ -55,45 +108,224 @@ class Trainer:
         callback: Callback | None = None,
         stop_event: threading.Event | None = None,
         abandon_event: threading.Event | None = None,
-        ray_address: str | None = None,
+        settings: WorkerSettings | None = None,
     ):
         """`stop_event`: stop after the current step with a checkpoint ("cancelled").
         `abandon_event` (set with stop_event): stop without writing anything more, because
         the job may no longer be ours (the service lost its lease; another process may be
-        resuming it from the same directory)."""
+        resuming it from the same directory). `settings`: the cluster to attach to and the
+        exchange's knobs (default: from the environment)."""
         self.spec = spec
         self.out = Path(out_dir)
         self.n_workers = workers or spec.workers
-        self.callback = callback or (lambda event: None)
+        self.callback: Callback = callback or (lambda event: None)
         self.stop_event = stop_event or threading.Event()
         self.abandon_event = abandon_event or threading.Event()
-        self.ray_address = ray_address
+        self.settings = settings or WorkerSettings()
+        # The run's state, each part set once as it becomes known; what a failure did not
+        # let the run get to stays None, and the summary says so.
+        self.start = time.perf_counter()
+        self.step = 0
+        self.resumed_from: int | None = None
+        self.schedule: Schedule | None = None
+        self.pool: WorkerPool | None = None
+        self.health: HealthMonitor | None = None
+        self.history: list[dict] = []  # per epoch: step, epoch, train and val metrics
+        self.data: PreparedData | None = None
+        self.model = self.opt = None
+        self.descend: GatherStep | None = None  # the step strategy, once the workers run
 
-    # -- the run ---------------------------------------------------------------
-
-    def run(self) -> dict:
+    def run(self) -> RunSummary:
         """Train to the end (or until stopped); failures come back as status 'failed'."""
         self.start = time.perf_counter()
-        self.step, self.pool, self.health = 0, None, None
-        self.schedule, self.resumed_from = None, None  # known once the spec is checked
         try:
-            return self._run()
+            latest = self._resume_point()
+            if latest is not None and latest.state.get("finished"):
+                return latest.state["summary"]
+            self._prepare(latest)
+            self._start_workers(latest.state.get("worker_failures", 0) if latest else 0)
+            try:
+                stopped = self._train()
+            finally:
+                self.pool.shutdown()
+            return stopped or self._finish()
         except (TrainingError, WorkerFailure, ClusterTooSmall) as err:
             return self.failed(str(err))
 
-    def failed(self, error: str) -> dict:
+    # -- prepare ---------------------------------------------------------------
+
+    def _resume_point(self) -> ckpt.Checkpoint | None:
+        """The newest good checkpoint under the run directory; SpecMismatch if another
+        spec's."""
+        latest = ckpt.load_latest(self.out)
+        if latest is not None and latest.state.get("spec_hash") != self.spec.spec_hash():
+            raise SpecMismatch(
+                f"{self.out} holds checkpoints of a different spec "
+                f"(hash {latest.state.get('spec_hash', '?')[:12]}, this spec "
+                f"{self.spec.spec_hash()[:12]}); refusing to mix runs. Use another --out."
+            )
+        return latest
+
+    def _prepare(self, latest: ckpt.Checkpoint | None) -> None:
+        """Data, schedule, model, optimizer and health record: fresh, or as `latest` left them."""
+        spec = self.spec
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.data = PreparedData(spec, self.settings)
+        self.schedule = Schedule(len(self.data.X), spec.batch_size, spec.epochs, spec.seed)
+        self.model = build_model(spec)
+        self.opt = build_optimizer(spec, self.model.parameters())
+        state = latest.state if latest is not None else {}
+        if latest is not None:
+            self.model.load_state_dict(latest.model_state)
+            self.opt.load_state_dict(latest.optimizer_state)
+            self.step = self.resumed_from = latest.step
+            self.history = state.get("metrics", [])
+        self.health = HealthMonitor(self.model, spec.health_every, state.get("health"))
+
+    def _start_workers(self, failures: int) -> None:
+        """The workers (on the cluster in `settings`, or an embedded Ray) and the step
+        strategy that uses them. `failures`: worker failures the run had before a resume."""
+        spec = self.spec
+        ensure_ray(self.settings)
+        self.pool = WorkerPool(
+            self.n_workers,
+            spec.cpus_per_worker,
+            {
+                "sizes": spec.model.sizes,
+                "activation": spec.model.activation,
+                "dtype": spec.dtype,
+                "loss": spec.loss,
+            },
+            ray.put((self.data.X, self.data.y)),
+            max_failures=spec.max_failures,
+            failures=failures,
+            on_failure=self._worker_failed,
+            exchange=spec.exchange,
+            settings=self.settings,
+        )
+        self.descend = GatherStep(self.pool, self.model, self.opt)
+
+    def _worker_failed(self, rank: int, reason: str, nodes: list[str]) -> None:
+        self.callback(
+            WorkerFailureEvent(type="worker_failure", rank=rank, reason=reason, worker_nodes=nodes)
+        )
+
+    # -- the steps -------------------------------------------------------------
+
+    def _train(self) -> RunSummary | None:
+        """Step to the end of the schedule (None), or until stopped (the summary)."""
+        schedule, health, X = self.schedule, self.health, self.data.X
+        self._started()
+        while self.step < schedule.total_steps:
+            if self.stop_event.is_set():
+                return self._stopped()
+            began = time.perf_counter()
+            idx = schedule.batch(self.step)  # the global batch
+            before = health.before_step(X[idx]) if health.due(self.step + 1) else None
+            loss, grad_norm = self._descend(idx, before)  # averaged, checked, stepped
+            self.step += 1
+            if before is not None:
+                self.callback(health.check(self.step, before))
+            point = self._step_event(len(idx), loss, grad_norm, time.perf_counter() - began)
+            if self.step % schedule.steps_per_epoch == 0:
+                self._validate(point)
+            self.callback(point)
+            if self.step % self.spec.checkpoint_every == 0 and self.step < schedule.total_steps:
+                self.save()
+        return None
+
+    def _descend(self, idx: np.ndarray, before) -> tuple[float, float]:
+        """The step strategy's step; if it diverges, a last health check says where."""
+        try:
+            return self.descend(self.step, idx)
+        except Diverged:
+            # Not stepped: the weights are still those the gradients were taken at.
+            before = before or self.health.before_step(self.data.X[idx])
+            self.callback(self.health.check(self.step + 1, before))
+            raise
+
+    def _started(self) -> None:
+        self.callback(
+            StartedEvent(
+                type="started",
+                total_steps=self.schedule.total_steps,
+                step=self.step,
+                resumed_from_step=self.resumed_from,
+                worker_nodes=list(self.pool.node_ids),
+                exchange=self.pool.exchange.name,
+            )
+        )
+
+    def _step_event(self, rows: int, loss: float, grad_norm: float, seconds: float) -> StepEvent:
+        return StepEvent(
+            type="step",
+            step=self.step,
+            total_steps=self.schedule.total_steps,
+            epoch=self.schedule.epoch_of(self.step - 1),
+            train_loss=loss,
+            grad_norm=grad_norm,
+            samples_per_s=rows / seconds if seconds > 0 else None,
+        )
+
+    def _validate(self, point: StepEvent) -> None:
+        """At an epoch's end: the validation metrics, on the step's event and in the history."""
+        data = self.data
+        val = evaluate(self.model, self.spec.loss, data.X_val, data.y_val, data.classify)
+        point.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+        self.history.append(
+            {k: point[k] for k in ("step", "epoch", "train_loss")}
+            | {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+        )
+
+    def save(self, **extra) -> Path | None:
+        """Checkpoint the current step, with `extra` in its state; nothing (None) once the
+        run is abandoned, since the directory may no longer be ours to write."""
+        if self.abandon_event.is_set():
+            return None
+        model_state = self.model.state_dict()
+        # A finite gradient can still overflow the weights (float32, a huge lr). Checked
+        # here rather than every step: no per-step cost, and never a non-finite checkpoint.
+        if not all(np.isfinite(a).all() for a in model_state.values()):
+            raise Diverged(f"diverged at step {self.step} (parameters not finite)")
+        state = {
+            "step": self.step,
+            "epoch": self.step // self.schedule.steps_per_epoch,
+            "spec_hash": self.spec.spec_hash(),
+            "metrics": self.history,
+            "worker_failures": self.pool.failures,
+            "health": self.health.state(),
+            **extra,
+        }
+        path = ckpt.save_checkpoint(
+            self.out,
+            self.step,
+            model_state,
+            self.opt.state_dict(),
+            state,
+            keep=self.spec.keep_checkpoints,
+        )
+        self.callback(CheckpointEvent(type="checkpoint", step=self.step, path=str(path)))
+        return path
+
+    # -- finish ----------------------------------------------------------------
+
+    def _stopped(self) -> RunSummary:
+        """Stopped before the end: a checkpoint to resume from, unless abandoned."""
+        if self.save() is not None:
+            return self._evaluated("cancelled", f"stopped at step {self.step}; checkpoint written")
+        return self._evaluated("cancelled", f"abandoned at step {self.step}; nothing written")
+
+    def _finish(self) -> RunSummary:
+        """The end of the schedule: the summary, also kept in the last checkpoint (so that
+        rerunning a finished run answers with it at once)."""
+        summary = self._evaluated("succeeded")
+        self.save(finished=True, summary=summary)
+        return summary
+
+    def failed(self, error: str) -> RunSummary:
         """The summary of a run that stopped with `error`. Nothing is evaluated (the weights
         may not be finite); `checkpoint` is the newest good one to resume from, if any."""
-        return self._report(
-            "failed",
-            self.step,
-            self.schedule,
-            self.pool,
-            self.start,
-            self.resumed_from,
-            checkpoint=self._newest_checkpoint(),
-            error=error,
-        )
+        return self._summary("failed", checkpoint=self._newest_checkpoint(), error=error)
 
     def _newest_checkpoint(self) -> str | None:
         """The newest verified checkpoint of this spec under the run directory, or None."""
@@ -107,245 +339,37 @@ class Trainer:
         # After a SpecMismatch the directory holds another spec's checkpoints: not ours.
         return str(good[-1].path) if state.get("spec_hash") == self.spec.spec_hash() else None
 
-    def _report(self, status, step, schedule, pool, start, resumed_from, **results) -> dict:
-        """`run_summary` from what the trainer knows; `schedule` and `pool` may be None."""
-        return run_summary(
+    def _evaluated(self, status: Status, error: str | None = None) -> RunSummary:
+        """The summary with the model's final losses and accuracy."""
+        data, loss = self.data, self.spec.loss
+        train = evaluate(self.model, loss, data.X, data.y, data.classify)
+        val = evaluate(self.model, loss, data.X_val, data.y_val, data.classify)
+        return self._summary(
             status,
-            step,
-            epochs=step // schedule.steps_per_epoch if schedule is not None else 0,
-            worker_nodes=list(pool.node_ids) if pool is not None else [],
-            exchange=pool.kind if pool is not None else None,
-            elapsed_s=round(time.perf_counter() - start, 3),
-            worker_failures=pool.failures if pool is not None else 0,
-            resumed_from_step=resumed_from,
-            health=self.health.summary() if self.health is not None else None,
-            **results,
-        )
-
-    def _run(self) -> dict:
-        start = self.start
-        spec = self.spec
-        latest = ckpt.load_latest(self.out)
-        if latest is not None:
-            if latest.state.get("spec_hash") != spec.spec_hash():
-                raise SpecMismatch(
-                    f"{self.out} holds checkpoints of a different spec "
-                    f"(hash {latest.state.get('spec_hash', '?')[:12]}, this spec "
-                    f"{spec.spec_hash()[:12]}); refusing to mix runs. Use another --out."
-                )
-            if latest.state.get("finished"):
-                return latest.state["summary"]
-        self.out.mkdir(parents=True, exist_ok=True)
-
-        data = PreparedData(spec)
-        schedule = Schedule(len(data.X), spec.batch_size, spec.epochs, spec.seed)
-        model = build_model(spec)
-        params = model.parameters()
-        opt = build_optimizer(spec, params)
-        step, failures, history = 0, 0, []
-        if latest is not None:
-            model.load_state_dict(latest.model_state)
-            opt.load_state_dict(latest.optimizer_state)
-            step = self.step = latest.step
-            failures = latest.state.get("worker_failures", 0)
-            history = latest.state.get("metrics", [])
-        resumed_from = step if latest is not None else None
-        self.schedule, self.resumed_from = schedule, resumed_from  # for failed()
-        health = self.health = HealthMonitor(
-            model, spec.health_every, latest.state.get("health") if latest else None
-        )
-
-        ensure_ray(self.ray_address)
-        data_ref = ray.put((data.X, data.y))
-        pool = WorkerPool(
-            self.n_workers,
-            spec.cpus_per_worker,
-            {
-                "sizes": spec.model.sizes,
-                "activation": spec.model.activation,
-                "dtype": spec.dtype,
-                "loss": spec.loss,
-            },
-            data_ref,
-            max_failures=spec.max_failures,
-            failures=failures,
-            on_failure=lambda rank, reason, nodes: self.callback(
-                {"type": "worker_failure", "rank": rank, "reason": reason, "worker_nodes": nodes}
-            ),
-            exchange=spec.exchange,
-        )
-        self.pool = pool
-
-        def save(at_step: int, **extra) -> Path | None:
-            if self.abandon_event.is_set():  # no longer ours to write
-                return None
-            model_state = model.state_dict()
-            # A finite gradient can still overflow the weights (float32, a huge lr). Checked
-            # here rather than every step: no per-step cost, and never a non-finite checkpoint.
-            if not all(np.isfinite(a).all() for a in model_state.values()):
-                raise Diverged(f"diverged at step {at_step} (parameters not finite)")
-            state = {
-                "step": at_step,
-                "epoch": at_step // schedule.steps_per_epoch,
-                "spec_hash": spec.spec_hash(),
-                "metrics": history,
-                "worker_failures": pool.failures,
-                "health": health.state(),
-                **extra,
-            }
-            path = ckpt.save_checkpoint(
-                self.out,
-                at_step,
-                model_state,
-                opt.state_dict(),
-                state,
-                keep=spec.keep_checkpoints,
-            )
-            self.callback({"type": "checkpoint", "step": at_step, "path": str(path)})
-            return path
-
-        self.callback(
-            {
-                "type": "started",
-                "total_steps": schedule.total_steps,
-                "step": step,
-                "resumed_from_step": resumed_from,
-                "worker_nodes": list(pool.node_ids),
-                "exchange": pool.exchange.name,
-            }
-        )
-        try:
-            while step < schedule.total_steps:
-                if self.stop_event.is_set():
-                    written = save(step) is not None
-                    return self._summary(
-                        "cancelled",
-                        step,
-                        schedule,
-                        model,
-                        data,
-                        pool,
-                        start,
-                        resumed_from,
-                        error=f"stopped at step {step}; checkpoint written"
-                        if written
-                        else f"abandoned at step {step}; nothing written",
-                    )
-                t0 = time.perf_counter()
-                idx = schedule.batch(step)
-                sums = pool.grads([p.data for p in params], split_batch(idx, self.n_workers))
-                before = health.before_step(data.X[idx]) if health.due(step + 1) else None
-                try:
-                    loss, grad_norm = self._apply(*sums, params, opt, step)
-                except Diverged:
-                    # Not stepped: the weights are still those the gradients were taken at.
-                    self.callback(health.check(step + 1, before or health.before_step(data.X[idx])))
-                    raise
-                step = self.step = step + 1
-                if before is not None:
-                    self.callback(health.check(step, before))
-                dt = time.perf_counter() - t0
-                epoch_done = step % schedule.steps_per_epoch == 0
-                point = {
-                    "type": "step",
-                    "step": step,
-                    "total_steps": schedule.total_steps,
-                    "epoch": schedule.epoch_of(step - 1),
-                    "train_loss": loss,
-                    "grad_norm": grad_norm,
-                    "samples_per_s": len(idx) / dt if dt > 0 else None,
-                }
-                if epoch_done:
-                    val = evaluate(model, spec.loss, data.X_val, data.y_val, data.classify)
-                    point.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-                    history.append(
-                        {k: point[k] for k in ("step", "epoch", "train_loss")}
-                        | {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
-                    )
-                self.callback(point)
-                if step % spec.checkpoint_every == 0 and step < schedule.total_steps:
-                    save(step)
-        finally:
-            pool.shutdown()
-            del data_ref
-
-        summary = self._summary("succeeded", step, schedule, model, data, pool, start, resumed_from)
-        save(step, finished=True, summary=summary)
-        return summary
-
-    def _apply(self, grads, n, loss_sum, params, opt, step: int) -> tuple[float, float]:
-        """Average the batch's gradient sums (added in rank order), check, step the optimizer."""
-        loss = loss_sum / n
-        sq = 0.0
-        for p, g in zip(params, grads, strict=True):
-            g /= n
-            p.grad = g
-            sq += float(np.vdot(g, g))
-        grad_norm = float(np.sqrt(sq))
-        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-            raise Diverged(f"diverged at step {step + 1} (loss={loss:g})")
-        opt.step()
-        return loss, grad_norm
-
-    def _summary(self, status, step, schedule, model, data, pool, start, resumed_from, error=None):
-        train = evaluate(model, self.spec.loss, data.X, data.y, data.classify)
-        val = evaluate(model, self.spec.loss, data.X_val, data.y_val, data.classify)
-        return self._report(
-            status,
-            step,
-            schedule,
-            pool,
-            start,
-            resumed_from,
             final_loss=train["loss"],
             val_loss=val["loss"],
             val_accuracy=val["accuracy"],
-            checkpoint=str(ckpt.checkpoint_dir(self.out, f"step-{step}")),
+            checkpoint=str(ckpt.checkpoint_dir(self.out, f"step-{self.step}")),
             error=error,
         )
 
-
-def run_summary(
-    status: str,
-    steps: int,
-    *,
-    epochs: int = 0,
-    final_loss: float | None = None,
-    val_loss: float | None = None,
-    val_accuracy: float | None = None,
-    checkpoint: str | None = None,
-    worker_nodes: list[str] | None = None,
-    exchange: str | None = None,
-    elapsed_s: float = 0.0,
-    worker_failures: int = 0,
-    resumed_from_step: int | None = None,
-    health: dict | None = None,
-    error: str | None = None,
-) -> dict:
-    """A run's summary, as `train` returns it and `shardgrad train --json` prints it, with
-    every key of that contract; what a run never got to is None, 0 or []. `health` and
-    `error` are only present when given."""
-    summary = {
-        "status": status,
-        "steps": steps,
-        "epochs": epochs,
-        "final_loss": final_loss,
-        "val_loss": val_loss,
-        "val_accuracy": val_accuracy,
-        "checkpoint": checkpoint,
-        "worker_nodes": list(worker_nodes or []),
-        "exchange": exchange,
-        "elapsed_s": elapsed_s,
-        "worker_failures": worker_failures,
-        "resumed_from_step": resumed_from_step,
-    }
-    if health is not None:
-        summary["health"] = health
-    if error is not None:
-        summary["error"] = error
-    return summary
+    def _summary(self, status: Status, **results) -> RunSummary:
+        """`run_summary` from what the run got to (no schedule or pool if it failed early)."""
+        schedule, pool, health = self.schedule, self.pool, self.health
+        return run_summary(
+            status,
+            self.step,
+            epochs=self.step // schedule.steps_per_epoch if schedule is not None else 0,
+            worker_nodes=list(pool.node_ids) if pool is not None else [],
+            exchange=pool.kind if pool is not None else None,
+            elapsed_s=round(time.perf_counter() - self.start, 3),
+            worker_failures=pool.failures if pool is not None else 0,
+            resumed_from_step=self.resumed_from,
+            health=health.summary() if health is not None else None,
+            **results,
+        )
 
 
-def train(spec: TrainingSpec, out_dir: str | Path, **kwargs) -> dict:
+def train(spec: TrainingSpec, out_dir: str | Path, **kwargs) -> RunSummary:
     """Run a spec to the end and return its summary (status 'failed' with 'error' on failure)."""
     return Trainer(spec, out_dir, **kwargs).run()

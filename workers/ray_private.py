@@ -1,0 +1,80 @@
+"""Every use of a private Ray API, in one place.
+
+Ray changes its private modules between releases without notice. Each function here says
+why shardgrad needs it and what happens without it; each degrades to the behaviour Ray
+has without it (never an error), so a Ray upgrade that breaks one costs speed or polish,
+not a run. Nothing else in workers/ or service/ touches a private Ray name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
+
+
+def skip_torch_probe() -> None:
+    """Tell Ray's compiled-graph loop in this worker that torch is not there.
+
+    Why: our channels carry NumPy arrays only, but when torch is installed Ray's channel
+    context imports it on a worker's first compiled step just to pick a device (seconds,
+    and hundreds of MB, per worker). There is no public switch; the context caches the
+    answer in `ChannelContext._torch_available`.
+    Without it: every worker of a compiled graph imports torch, and starts that much slower.
+    """
+    try:
+        from ray.experimental.channel.common import ChannelContext
+
+        ChannelContext.get_current()._torch_available = False
+    except Exception:  # noqa: BLE001 - renamed or moved in another Ray: only slower
+        log.debug("could not skip Ray's torch probe", exc_info=True)
+
+
+def dashboard_url() -> str | None:
+    """The URL of the connected cluster's Ray dashboard, or None.
+
+    Why: `ray.init()` returns it only to the process that called it, and only as that
+    call's result; the service asks later (GET /cluster) and may have attached to a
+    cluster it did not start. Ray keeps it in `ray._private.worker.get_dashboard_url`.
+    Without it: GET /cluster and the dashboard show no link to Ray's dashboard.
+    """
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        return get_dashboard_url()
+    except Exception:  # noqa: BLE001 - a missing dashboard must not break /cluster
+        log.debug("no Ray dashboard URL", exc_info=True)
+        return None
+
+
+# The logger of Ray's token-auth set-up (ray/_private/authentication), and the start of
+# the notice it logs whenever `ray.init()` starts a local cluster with token auth on.
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+TOKEN_AUTH_ON = "Token authentication is enabled for this Ray cluster"
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(TOKEN_AUTH_ON)
+
+
+@contextlib.contextmanager
+def quiet_token_auth_notice() -> Iterator[None]:
+    """Around the `ray.init()` of an embedded Ray: drop Ray's "token authentication is
+    enabled ... set RAY_AUTH_MODE=disabled to opt out" notice.
+
+    Why: an embedded Ray lives and dies with the shardgrad process, on a token nobody else
+    uses; the notice asks a user of `shardgrad train` to decide about a cluster they never
+    started. It comes from a private module's logger, so its name is kept here. Every
+    other message of that logger (the warning that auth is *disabled*, errors) still shows.
+    Without it: each local run starts with that one warning line on stderr.
+    """
+    logger = logging.getLogger(TOKEN_AUTH_LOGGER)
+    notice = _DropTokenAuthNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
