@@ -258,7 +258,10 @@ def test_a_job_taken_back_from_a_stalled_owner_is_abandoned_without_a_write(tmp_
     d = make_dispatcher(tmp_path, store, train, heartbeat_s=0.05, max_concurrent_jobs=1)
     d.start()
     try:
-        wait_for(lambda: store.get(job_id).status == "running")
+        wait_for(lambda: store.get(job_id).status == "running" and job_id in d.runs)
+        # d1 claims nothing more: once it abandons the job, its free slot must not race "b"
+        # to the queued job (d1 taking it again would be correct, but not this test's case).
+        d.settings.paused = True
         # As if d1's lease had lapsed: a cutoff an hour ahead, whatever d1 beats meanwhile.
         assert store.reclaim_orphans(-3600) == [job_id]
         assert [j.id for j in store.claim("b", lambda job: True)] == [job_id]
