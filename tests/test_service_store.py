@@ -249,22 +249,44 @@ def test_a_replacement_workers_node_joins_the_jobs_worker_nodes(tmp_path, store_
     assert "worker 1 died: its node died; the step is recomputed" in notes
 
 
+class Gated:
+    """A store that waits while the test holds `lock`: the test acts between two of its
+    owner's store calls (each call is one transaction, so none is half done meanwhile)."""
+
+    def __init__(self, store: JobStore, lock: threading.Lock):
+        self._store, self._lock = store, lock
+
+    def __getattr__(self, name):
+        attr = getattr(self._store, name)
+        if not callable(attr):
+            return attr
+
+        def gated(*args, **kwargs):
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return gated
+
+
 def test_a_job_taken_back_from_a_stalled_owner_is_abandoned_without_a_write(tmp_path, store_url):
     """The owner missed its lease (say it stalled), another process took the job: the
     owner's next heartbeat finds it gone and its Trainer stops without writing."""
-    store = JobStore(store_url)
+    store, stalled = JobStore(store_url), threading.Lock()
     job_id = new_job(store).id
     train = fake_train(steps=100_000, pause=0.01)
-    d = make_dispatcher(tmp_path, store, train, heartbeat_s=0.05, max_concurrent_jobs=1)
+    d = make_dispatcher(
+        tmp_path, Gated(store, stalled), train, heartbeat_s=0.05, max_concurrent_jobs=1
+    )
     d.start()
     try:
-        wait_for(lambda: store.get(job_id).status == "running" and job_id in d.runs)
-        # d1 claims nothing more: once it abandons the job, its free slot must not race "b"
-        # to the queued job (d1 taking it again would be correct, but not this test's case).
-        d.settings.paused = True
-        # As if d1's lease had lapsed: a cutoff an hour ahead, whatever d1 beats meanwhile.
-        assert store.reclaim_orphans(-3600) == [job_id]
-        assert [j.id for j in store.claim("b", lambda job: True)] == [job_id]
+        wait_for(lambda: store.get(job_id).step > 0)
+        # d1 stalls: no transaction of its own is open while "b" takes the job (on PostgreSQL
+        # a claim skips a row that a heartbeat or a metric point has locked), and d1 cannot
+        # take the job back before "b" does.
+        with stalled:
+            # As if d1's lease had lapsed: a cutoff an hour ahead, whatever d1 beat last.
+            assert store.reclaim_orphans(-3600) == [job_id]
+            assert [j.id for j in store.claim("b", lambda job: True)] == [job_id]
         wait_for(lambda: train.abandoned and not d.runs)
     finally:
         d.shutdown()
