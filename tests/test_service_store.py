@@ -6,7 +6,6 @@ the `pg_url` fixture in conftest.py)."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from sqlalchemy import inspect, text
@@ -14,6 +13,7 @@ from sqlalchemy import inspect, text
 from service.config import Settings
 from service.dispatcher import Dispatcher
 from service.store import JobStore
+from tests.helpers import FakeClock, wait_for
 from tests.test_service_fakes import FakeCluster, fake_train, spec
 
 
@@ -138,33 +138,45 @@ def test_reclaim_orphans_after_a_crash(store_url):
     assert store.get(running).attempts == 2
 
 
-def wait_for(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError("timed out")
-
-
 def make_dispatcher(tmp_path, store, train, cpus=2.0, **settings):
     cfg = Settings(data_dir=tmp_path, instance_id="d1", poll_interval_s=0.05, **settings)
     return Dispatcher(store, cfg, FakeCluster(cpus), train=train)
 
 
+def calls_of(fn, calls: list):
+    """`fn`, recording each call once it returned or raised (in `calls`)."""
+
+    def recorded(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            calls.append(args)
+
+    return recorded
+
+
 def test_gang_scheduling_concurrency_and_completion(tmp_path, store_url):
     store = JobStore(store_url)
-    big = new_job(store, cpus=2.0).id
+    big = new_job(store, cpus=2.0, name="big").id
     small = [new_job(store, cpus=1.0).id for _ in range(3)]
-    d = make_dispatcher(tmp_path, store, fake_train(steps=10), max_concurrent_jobs=2)
+    release, fake = threading.Event(), fake_train(steps=10)
+
+    def train(spec, out_dir, **kwargs):  # the big job holds its CPUs until the test is done
+        if spec.name == "big":
+            assert release.wait(20)
+        return fake(spec, out_dir, **kwargs)
+
+    d = make_dispatcher(tmp_path, store, train, max_concurrent_jobs=2)
     d.start()
     try:
-        wait_for(lambda: store.get(big).status == "running")
+        wait_for(lambda: big in d.runs)
         assert all(store.get(i).status == "queued" for i in small)  # no CPU left
         reason = d.pending_reason(store.get(small[0]), 1)
         assert reason == "waiting for 1 CPUs, 0 free"
+        release.set()
         wait_for(lambda: all(store.get(i).status == "succeeded" for i in [big, *small]))
     finally:
+        release.set()
         d.shutdown()
     job = store.get(small[0])
     assert job.attempts == 1 and job.step == 10 and job.total_steps == 10
@@ -212,15 +224,21 @@ def test_cancel_stops_a_running_job(tmp_path, store_url):
 
 
 @pytest.mark.parametrize("paused", [True, False])
-def test_paused_or_zero_slots_start_nothing(tmp_path, store_url, paused):
+def test_paused_or_zero_slots_start_nothing(tmp_path, store_url, paused, monkeypatch):
     store = JobStore(store_url)
     job_id = new_job(store).id
     extra = {"paused": True} if paused else {"max_concurrent_jobs": 0}
     d = make_dispatcher(tmp_path, store, fake_train(), **extra)
+    dispatched = []
+    monkeypatch.setattr(d, "_dispatch", calls_of(d._dispatch, dispatched))
     d.start()
-    time.sleep(0.3)
-    d.shutdown()
-    assert store.get(job_id).status == "queued"
+    try:
+        wait_for(lambda: len(dispatched) >= 2)  # the loop had its chances to start the job
+        assert not d.runs
+    finally:
+        d.shutdown()  # (it would requeue a job it had started: check the job's attempts)
+    job = store.get(job_id)
+    assert (job.status, job.attempts) == ("queued", 0)
     assert d.pending_reason(store.get(job_id), 1) == "the dispatcher is paused"
 
 
@@ -301,23 +319,33 @@ def test_an_owner_cut_off_from_the_store_abandons_its_jobs_within_half_a_lease(
 ):
     """No heartbeat reaches the store: before anyone may take the jobs (a lease), their
     Trainers stop; back in touch, the owner requeues them and they resume."""
+    clock = FakeClock()
+    monkeypatch.setattr("service.dispatcher.time", clock)
     store = JobStore(store_url)
     job_id = new_job(store).id
     train = fake_train(steps=300, pause=0.01)
-    d = make_dispatcher(tmp_path, store, train, heartbeat_s=0.05, lease_s=1.0)
+    lease_s = 60.0  # on d1's clock; the store's (real time) never lapses it meanwhile
+    d = make_dispatcher(tmp_path, store, train, heartbeat_s=0.05, lease_s=lease_s)
     d.start()
     try:
         wait_for(lambda: store.get(job_id).step > 0)
-        renew = store.heartbeat
+        renew, claim = store.heartbeat, store.claim
 
-        def unreachable(owner, job_ids):
+        def unreachable(*args):
             raise OSError("the database is unreachable")
 
-        monkeypatch.setattr(store, "heartbeat", unreachable)
-        cut_at = time.monotonic()
-        wait_for(lambda: train.abandoned, timeout=5)
-        assert time.monotonic() - cut_at < 1.0  # within the lease: nobody else ran it yet
-        monkeypatch.setattr(store, "heartbeat", renew)
+        failed, renewed = [], []
+        monkeypatch.setattr(store, "heartbeat", calls_of(unreachable, failed))
+        monkeypatch.setattr(store, "claim", unreachable)  # d1 cannot take it again meanwhile
+        wait_for(lambda: len(failed) >= 2)  # a heartbeat failed and its check has run
+        assert not train.abandoned  # a hiccup shorter than half a lease stops nothing
+        clock.now += lease_s / 2 + 0.01  # past half a lease, still inside the lease
+        wait_for(lambda: train.abandoned and not d.runs)
+        assert store.get(job_id).status == "queued"  # requeued by d1 itself
+        monkeypatch.setattr(store, "heartbeat", calls_of(renew, renewed))
+        wait_for(lambda: len(renewed) >= 2)  # a whole lease-loop turn after one got through
+        monkeypatch.setattr(store, "claim", claim)
+        d.wake()
         wait_for(lambda: store.get(job_id).status == "succeeded")
     finally:
         d.shutdown()
