@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -10,7 +11,7 @@ import pytest
 
 from service.client import sse_events
 from tests.test_service_fakes import make_client, spec
-from workers.checkpoint import save_checkpoint
+from workers.checkpoint import checkpoint_dir, save_checkpoint
 from workers.model import build_model
 from workers.spec import TrainingSpec
 
@@ -288,7 +289,9 @@ def test_checkpoints_download_and_predict(env, tmp_path):
     assert [c["name"] for c in listed] == ["step-5", "step-10"]
     assert set(listed[0]) == {"name", "step", "created_at", "size_bytes", "sha256"}
     r = client.get(f"{url}/checkpoints/step-10/model.safetensors")
-    assert r.status_code == 200 and r.content[:8]
+    file = checkpoint_dir(tmp_path / "jobs" / job_id, "step-10") / "model.safetensors"
+    assert r.status_code == 200 and r.content == file.read_bytes()
+    assert hashlib.sha256(r.content).hexdigest() == listed[1]["sha256"]
     for bad in ("step-11", "..", "step-1%2F..", "latest"):
         assert client.get(f"{url}/checkpoints/{bad}/model.safetensors").status_code == 404
 
