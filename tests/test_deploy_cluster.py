@@ -224,15 +224,18 @@ SPREAD_DRIVER = """
     print(json.dumps({"alive": alive, "actor_nodes": ray.get([a.node.remote() for a in actors])}))
 """
 
-WRONG_TOKEN_DRIVER = """
+TOKEN_DRIVER = """
     import os
     from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
     try:
-        GcsClient(address=os.environ["RAY_ADDRESS"]).get_all_node_info(timeout=5)
-    except Exception as err:
-        print("REJECTED", type(err).__name__, err)
+        nodes = GcsClient(address=os.environ["RAY_ADDRESS"]).get_all_node_info(timeout=5)
+    except AuthenticationError as err:
+        print("REJECTED", err)
+    except Exception as err:  # anything else (a timeout, no cluster) proves nothing
+        print("FAILED", type(err).__name__, err)
     else:
-        print("ACCEPTED")
+        print("ACCEPTED", len(nodes))
 """
 
 
@@ -264,15 +267,14 @@ def test_local_cluster_lifecycle(local_cluster: LocalCluster):
     assert set(report["actor_nodes"]) <= node_ids
     assert len(set(report["actor_nodes"])) >= 2
 
-    # Token auth is on: a wrong token is rejected.
-    proc = c.run_driver(
-        WRONG_TOKEN_DRIVER,
-        timeout=60,
-        RAY_AUTH_TOKEN="0" * 64,
-        RAY_AUTH_TOKEN_PATH="",
-        RAY_py_gcs_connect_timeout_s="5",
-    )
-    assert "REJECTED" in proc.stdout and "ACCEPTED" not in proc.stdout, proc.stdout + proc.stderr
+    # Token auth is on: the cluster's token connects, a wrong one fails authentication.
+    fast = {"RAY_py_gcs_connect_timeout_s": "5"}
+    proc = c.run_driver(TOKEN_DRIVER, timeout=60, **fast)
+    assert proc.stdout.split() == ["ACCEPTED", "3"], proc.stdout + proc.stderr
+    wrong = {"RAY_AUTH_TOKEN": "0" * 64, "RAY_AUTH_TOKEN_PATH": ""}
+    proc = c.run_driver(TOKEN_DRIVER, timeout=60, **wrong, **fast)
+    assert proc.stdout.startswith("REJECTED "), proc.stdout + proc.stderr
+    assert "Authentication token is missing or incorrect" in proc.stdout
 
     # Killing one worker node's raylet makes that node dead; the others live on.
     killed = c.stop_node(2)
