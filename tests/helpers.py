@@ -4,10 +4,56 @@ Test modules import from here (or use conftest's fixtures), never from each othe
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import time
+from pathlib import Path
 
 import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+# -- specs -----------------------------------------------------------------------------------
+
+
+def example_spec(example: str, /, **overrides) -> dict:
+    """examples/<example>.json as a dict, with top-level fields replaced by `overrides`."""
+    spec = json.loads((EXAMPLES / f"{example}.json").read_text())
+    spec.update(copy.deepcopy(overrides))
+    return spec
+
+
+def small_moons(**overrides) -> dict:
+    """examples/moons.json made small for tests: 200 samples (160 for training), a
+    [2, 8, 2] tanh MLP, 3 epochs, 2 workers of half a CPU, a checkpoint every 5 steps."""
+    small = {
+        "model": {"type": "mlp", "sizes": [2, 8, 2], "activation": "tanh"},
+        "data": {"type": "builtin", "name": "moons", "n_samples": 200, "noise": 0.1},
+        "epochs": 3,
+        "cpus_per_worker": 0.5,
+        "checkpoint_every": 5,
+    }
+    return example_spec("moons", **{**small, **overrides})
+
+
+def make_spec(**overrides):
+    """The distributed tests' TrainingSpec: the small moons run named "t", global batch 30
+    (160 training rows: 6 steps per epoch, the last one 10 rows)."""
+    from workers.spec import TrainingSpec
+
+    return TrainingSpec.model_validate(small_moons(**{"name": "t", "batch_size": 30, **overrides}))
+
+
+def final_params(out) -> dict:
+    """The model parameters of a run's newest checkpoint."""
+    from workers import checkpoint
+
+    return checkpoint.load_latest(out).model_state
+
+
+# -- optional dependencies ---------------------------------------------------------------------
 
 
 def under_ci() -> bool:

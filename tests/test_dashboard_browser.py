@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import require
+from tests.fakes import make_client, spec
+from tests.helpers import require
 from tests.test_service_e2e import Server, free_port, wait_job
-from tests.test_service_fakes import make_client, spec
 
 pytestmark = pytest.mark.slow
 

@@ -11,6 +11,7 @@ import pytest
 
 from core.graph import _norm as norm  # of an exported output or gradient, as the DOT colours
 from tests import test_dashboard_browser as dashboard
+from tests.fakes import spec
 from tests.test_dashboard_browser import (
     LONG,
     NARROW,
@@ -22,7 +23,6 @@ from tests.test_dashboard_browser import (
     screenshot,
 )
 from tests.test_service_e2e import wait_job
-from tests.test_service_fakes import spec
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,7 @@ from workers import checkpoint as ckpt
 from workers import exchange as ex
 from workers.trainer import Trainer
 
-from .helpers import require, unavailable
-from .test_distributed import final_params, make_spec
+from .helpers import final_params, make_spec, require, unavailable
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -289,7 +288,7 @@ def test_a_worker_death_leaves_a_clean_exit(tmp_path, ray_session):
     script = textwrap.dedent(
         f"""
         import os, signal, ray
-        from tests.test_distributed import make_spec
+        from tests.helpers import make_spec
         from workers.trainer import Trainer
 
         ray.init(address={ray_session.get_runtime_context().gcs_address!r}, log_to_driver=False)

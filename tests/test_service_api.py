@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.client import sse_events
-from tests.test_service_fakes import make_client, spec
+from tests.fakes import locs, make_client, spec, submit
 from workers.checkpoint import checkpoint_dir, save_checkpoint
 from workers.model import build_model
 from workers.spec import TrainingSpec
@@ -20,17 +20,6 @@ from workers.spec import TrainingSpec
 def env(tmp_path, monkeypatch):
     monkeypatch.setenv("SHARDGRAD_DATASETS_DIR", str(tmp_path / "datasets"))
     return make_client(tmp_path)
-
-
-def submit(client, **overrides):
-    r = client.post("/api/v1/jobs", json=spec(**overrides))
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
-def locs(r):
-    assert r.status_code == 422, r.text
-    return [tuple(e["loc"]) for e in r.json()["detail"]]
 
 
 def run(store, job_id, steps=3, owner="fake"):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load
 
-from tests.test_service_fakes import spec
+from tests.fakes import spec
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

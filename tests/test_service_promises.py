@@ -15,15 +15,9 @@ from sqlalchemy.exc import OperationalError
 from service.cluster import Capacity
 from service.config import Settings
 from service.dispatcher import Dispatcher
+from tests.fakes import FakeCluster, fake_train, make_client, spec, submit
 from tests.helpers import FakeClock, wait_for
-from tests.test_service_fakes import FakeCluster, fake_train, make_client, spec
 from workers.checkpoint import list_checkpoints
-
-
-def submit(client, **overrides) -> str:
-    r = client.post("/api/v1/jobs", json=spec(**overrides))
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
 
 
 def get(client, job_id) -> dict:
@@ -36,7 +30,7 @@ def get(client, job_id) -> dict:
 @pytest.mark.parametrize("end", ["succeeded", "failed", "cancelled"])
 def test_cancel_of_a_finished_job_is_409_and_changes_nothing(tmp_path, end):
     client, store, dispatcher = make_client(tmp_path)
-    job_id = submit(client)
+    job_id = submit(client)["id"]
     store.claim("fake", lambda job: True)
     assert store.finish(job_id, "fake", end, None if end == "succeeded" else "stopped")
     before = get(client, job_id)
@@ -47,7 +41,7 @@ def test_cancel_of_a_finished_job_is_409_and_changes_nothing(tmp_path, end):
 
 def test_resume_of_a_succeeded_job_is_409_and_changes_nothing(tmp_path):
     client, store, dispatcher = make_client(tmp_path)
-    job_id = submit(client)
+    job_id = submit(client)["id"]
     store.claim("fake", lambda job: True)
     assert store.finish(job_id, "fake", "succeeded", None, step=3, total_steps=3)
     before, woken = get(client, job_id), dispatcher.woken
@@ -84,7 +78,7 @@ def test_a_failed_job_resumes_from_its_newest_checkpoint(tmp_path):
     """POST /resume on a failed job queues it again; the dispatcher reruns it from where
     its newest checkpoint left it, and it succeeds."""
     client, store, _ = make_client(tmp_path, store_url=f"sqlite:///{tmp_path / 'jobs.db'}")
-    job_id = submit(client)
+    job_id = submit(client)["id"]
     train = failing_once(steps=10, fail_at=4)
     cfg = Settings(data_dir=tmp_path, instance_id="d1", poll_interval_s=0.05)
     d = Dispatcher(store, cfg, FakeCluster(), train=train)
@@ -138,7 +132,7 @@ def test_eta_is_the_steps_left_at_the_recent_step_rate(tmp_path, monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr("service.dispatcher.time", clock)
     client, store, _ = make_client(tmp_path, store_url=f"sqlite:///{tmp_path / 'jobs.db'}")
-    job_id = submit(client)
+    job_id = submit(client)["id"]
     seen = []
 
     def train(spec, out_dir, *, callback, stop_event, ray_address, abandon_event=None):
@@ -187,7 +181,7 @@ def reason(client, job_id) -> str:
 
 def test_each_reason_a_queued_job_gives_for_waiting(tmp_path):
     client, store, dispatcher = make_client(tmp_path, max_concurrent_jobs=2)
-    first, second, third = (submit(client) for _ in range(3))
+    first, second, third = (submit(client)["id"] for _ in range(3))
     assert reason(client, first) == "about to start"
     assert reason(client, second) == "waiting behind 1 queued job(s)"
     assert reason(client, third) == "waiting behind 2 queued job(s)"
@@ -202,7 +196,7 @@ def test_each_reason_a_queued_job_gives_for_waiting(tmp_path):
 
 def test_a_job_larger_than_the_cluster_waits_for_it_to_scale_up(tmp_path):
     client, _, _ = make_client(tmp_path, autoscaling=True)
-    job_id = submit(client, workers=12)  # 6 CPUs on a 4-CPU cluster
+    job_id = submit(client, workers=12)["id"]  # 6 CPUs on a 4-CPU cluster
     assert reason(client, job_id) == (
         "waiting for the cluster to scale up: needs 6 CPUs, the cluster has 4"
     )
@@ -211,5 +205,5 @@ def test_a_job_larger_than_the_cluster_waits_for_it_to_scale_up(tmp_path):
 @pytest.mark.parametrize("settings", [{"paused": True}, {"max_concurrent_jobs": 0}])
 def test_a_paused_dispatcher_says_so(tmp_path, settings):
     client, _, _ = make_client(tmp_path, **settings)
-    job_id = submit(client)
+    job_id = submit(client)["id"]
     assert reason(client, job_id) == "the dispatcher is paused"

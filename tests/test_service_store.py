@@ -10,11 +10,15 @@ import threading
 import pytest
 from sqlalchemy import inspect, text
 
-from service.config import Settings
-from service.dispatcher import Dispatcher
 from service.store import JobStore
+from tests.fakes import (
+    assert_each_claimed_once,
+    claim_one_by_one,
+    fake_train,
+    make_dispatcher,
+    new_job,
+)
 from tests.helpers import FakeClock, wait_for
-from tests.test_service_fakes import FakeCluster, fake_train, spec
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -22,31 +26,6 @@ def store_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'jobs.db'}"
     return request.getfixturevalue("pg_url")
-
-
-def new_job(store, cpus=1.0, priority=0, **overrides):
-    s = spec(**overrides)
-    return store.create(s, name=s["name"], priority=priority, cpus=cpus)
-
-
-def claim_one_by_one(store: JobStore, owner: str) -> list[str]:
-    """A dispatcher that takes one job per claim (many short transactions that interleave
-    with the others') until the queue is empty."""
-    claimed = []
-    while store.counts().get("queued"):
-        budget = iter([True])
-        claimed += [job.id for job in store.claim(owner, lambda _, b=budget: next(b, None))]
-    return claimed
-
-
-def assert_each_claimed_once(store: JobStore, ids, claims: dict[str, list[str]]) -> None:
-    """Every job was claimed by exactly one owner, once: by the store's and the owners' count."""
-    assert sorted(i for got in claims.values() for i in got) == sorted(ids)
-    for owner, got in claims.items():
-        for job_id in got:
-            job, events = store.get(job_id), store.events(job_id)
-            assert job.owner == owner and job.attempts == 1
-            assert [e.message for e in events if e.status == "running"] == [f"started on {owner}"]
 
 
 def test_concurrent_claims_never_run_a_job_twice(store_url):
@@ -136,11 +115,6 @@ def test_reclaim_orphans_after_a_crash(store_url):
     assert store.get(cancelling).status == "cancelled"
     store.claim("new", lambda job: True)
     assert store.get(running).attempts == 2
-
-
-def make_dispatcher(tmp_path, store, train, cpus=2.0, **settings):
-    cfg = Settings(data_dir=tmp_path, instance_id="d1", poll_interval_s=0.05, **settings)
-    return Dispatcher(store, cfg, FakeCluster(cpus), train=train)
 
 
 def calls_of(fn, calls: list):

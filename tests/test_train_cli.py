@@ -16,7 +16,7 @@ from workers.cli import main as cli_main
 from workers.cli import run_dir_name
 from workers.trainer import Trainer
 
-from .test_distributed import make_spec
+from .helpers import make_spec
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
