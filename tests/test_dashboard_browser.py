@@ -14,8 +14,7 @@ import httpx
 import pytest
 
 from tests.fakes import make_client, spec
-from tests.helpers import require
-from tests.test_service_e2e import Server, free_port, wait_job
+from tests.helpers import Server, free_port, require, wait_job
 
 pytestmark = pytest.mark.slow
 

@@ -12,6 +12,7 @@ import pytest
 from core.graph import _norm as norm  # of an exported output or gradient, as the DOT colours
 from tests import test_dashboard_browser as dashboard
 from tests.fakes import spec
+from tests.helpers import wait_job
 from tests.test_dashboard_browser import (
     LONG,
     NARROW,
@@ -22,7 +23,6 @@ from tests.test_dashboard_browser import (
     open_page,
     screenshot,
 )
-from tests.test_service_e2e import wait_job
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,7 @@ from tests.fakes import (
     new_job,
     spec,
 )
-from tests.helpers import wait_for
-from tests.test_service_e2e import Server
+from tests.helpers import Server, wait_for
 
 RESUME = "stopped; will resume from the newest checkpoint"
 
