@@ -10,10 +10,8 @@ from pathlib import Path
 import pytest
 
 from core.graph import _norm as norm  # of an exported output or gradient, as the DOT colours
-from tests import test_dashboard_browser as dashboard
-from tests.fakes import spec
-from tests.helpers import wait_job
-from tests.test_dashboard_browser import (
+from tests import dashboard
+from tests.dashboard import (
     LONG,
     NARROW,
     WIDE,
@@ -23,6 +21,8 @@ from tests.test_dashboard_browser import (
     open_page,
     screenshot,
 )
+from tests.fakes import spec
+from tests.helpers import wait_job
 
 pytestmark = pytest.mark.slow
 
