@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import require, unavailable
+
 # Keep Ray's own chatter and memory use small in tests.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
@@ -24,23 +26,6 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
-
-
-def require(module: str):
-    """importorskip, except under CI=true, where a missing dependency is a failure."""
-    if os.environ.get("CI") == "true":
-        return __import__(module)
-    return pytest.importorskip(module)
-
-
-# -- PostgreSQL for the store's tests --------------------------------------------------------
-
-
-def _unavailable(reason: str):
-    """Skip, except under CI=true, where a missing dependency is a failure (as `require`)."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
 
 
 def _postgres_bindir() -> Path | None:
@@ -69,7 +54,7 @@ def pg_server():
         return
     bindir = _postgres_bindir()
     if bindir is None:
-        _unavailable(
+        unavailable(
             "PostgreSQL not found (no initdb): apt-get install postgresql, "
             "or set SHARDGRAD_TEST_DATABASE_URL"
         )

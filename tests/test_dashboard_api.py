@@ -10,7 +10,7 @@ import re
 import pytest
 
 from service.api.routes import dashboard
-from tests.test_service_fakes import make_client
+from tests.fakes import make_client
 
 TOKEN = "t0ken"
 JS = sorted((dashboard.STATIC / "js").glob("*.js"))

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from core.graph import _norm as norm  # of an exported output or gradient, as the DOT colours
-from tests import test_dashboard_browser as dashboard
-from tests.test_dashboard_browser import (
+from tests import dashboard
+from tests.dashboard import (
     LONG,
     NARROW,
     WIDE,
@@ -21,8 +21,8 @@ from tests.test_dashboard_browser import (
     open_page,
     screenshot,
 )
-from tests.test_service_e2e import wait_job
-from tests.test_service_fakes import spec
+from tests.fakes import spec
+from tests.helpers import wait_job
 
 pytestmark = pytest.mark.slow
 

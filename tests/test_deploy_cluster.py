@@ -1,6 +1,6 @@
 """deploy/local-cluster.sh: a real multi-node Ray cluster on this host.
 
-`local_cluster` (fixture) / `local_cluster_up` (context manager) start a real
+`local_cluster` (fixture) / `local_cluster_up` (context manager), in tests/cluster.py, start a real
 cluster with `deploy/local-cluster.sh up N` in a unique state dir, yield a
 `LocalCluster` handle (address, driver env, node status, node kill) and always
 run `down` afterwards. Job-level tests (tests/test_deploy_jobs.py: a training
@@ -11,195 +11,28 @@ the pytest process may already hold an in-process Ray of its own.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import textwrap
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "deploy" / "local-cluster.sh"
-RAY_BIN = Path(os.environ.get("RAY_BIN") or Path(sys.executable).with_name("ray"))
+from tests import cluster
+from tests.cluster import (
+    SCRIPT,
+    LocalCluster,
+    marked_processes,
+    run_script,
+    still_running,
+)
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
 
-
-# The GCS declares a silent node dead after 5 missed health checks: 5 s instead of 15 s.
-FAST_NODE_FAILURE = {"RAY_health_check_period_ms": "1000"}
-
-
-def _script_env(state_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
-        env.pop(key, None)
-    env["SHARDGRAD_CLUSTER_DIR"] = str(state_dir)
-    env["RAY_BIN"] = str(RAY_BIN)
-    env.update(extra or {})
-    return env
-
-
-def run_script(
-    state_dir: Path, *args: str, timeout: float = 150, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    """deploy/local-cluster.sh with this state dir; `env` reaches every node of an `up`."""
-    return subprocess.run(
-        [str(SCRIPT), *args],
-        env=_script_env(state_dir, env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
-
-
-def _still_running(pid: int, start_time: float) -> bool:
-    """The process `up` recorded (pid and create time, give or take the boot time's
-    second) is alive."""
-    with contextlib.suppress(psutil.Error):
-        proc = psutil.Process(pid)
-        if proc.status() != psutil.STATUS_ZOMBIE:
-            return abs(proc.create_time() - start_time) < 1.0
-    return False
-
-
-def marked_processes(cluster_id: str) -> list[int]:
-    """Live processes that inherited this cluster's marker from `ray start`."""
-    found = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            marked = proc.environ().get("SHARDGRAD_LOCAL_CLUSTER") == cluster_id
-            if marked and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc.pid)
-    return found
-
-
-@dataclass
-class LocalCluster:
-    state_dir: Path
-    address: str
-    token_path: str
-    up_output: str
-
-    def script(self, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
-        return run_script(self.state_dir, *args, timeout=timeout)
-
-    def state(self) -> dict:
-        return json.loads((self.state_dir / "state.json").read_text())
-
-    def status(self) -> dict:
-        proc = self.script("status", "--json", timeout=60)
-        assert proc.returncode in (0, 1), proc.stderr
-        return json.loads(proc.stdout)
-
-    def driver_env(self, **extra: str) -> dict[str, str]:
-        """What a driver (shardgrad train/serve, ray.init) needs to attach."""
-        env = dict(os.environ)
-        env.pop("RAY_AUTH_TOKEN", None)
-        env.update(
-            RAY_ADDRESS=self.address,
-            RAY_AUTH_MODE="token",
-            RAY_AUTH_TOKEN_PATH=self.token_path,
-        )
-        env.update(extra)
-        return env
-
-    def run(self, argv: list[str], timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
-        """A driver process attached to this cluster, e.g. `shardgrad train ...`."""
-        return subprocess.run(
-            argv,
-            env=self.driver_env(**env),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=REPO,
-        )
-
-    def run_driver(
-        self, code: str, timeout: float = 120, **env: str
-    ) -> subprocess.CompletedProcess:
-        """Python code as a driver attached to this cluster."""
-        return self.run([sys.executable, "-c", textwrap.dedent(code)], timeout, **env)
-
-    def start_driver(self, code: str, *args: str, log: Path, **env: str) -> subprocess.Popen:
-        """`run_driver` in the background (stdout and stderr to `log`): kill a node meanwhile."""
-        with open(log, "wb") as out:
-            return subprocess.Popen(
-                [sys.executable, "-c", textwrap.dedent(code), *args],
-                env=self.driver_env(**env),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-            )
-
-    def raylet_pid(self, index: int) -> int:
-        return self.state()["nodes"][index]["raylet_pid"]
-
-    def node_id(self, index: int) -> str:
-        return self.state()["nodes"][index]["node_id"]
-
-    def stop_node(self, index: int, sig: int = signal.SIGKILL) -> int:
-        """Kill one node's raylet (its workers and agents follow). Returns the pid."""
-        pid = self.raylet_pid(index)
-        os.kill(pid, sig)
-        return pid
-
-    def wait_for_states(self, expected: dict[int, str], timeout: float = 60) -> dict:
-        """Poll `status --json` until every node index has its expected GCS state."""
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.status()
-            states = {n["index"]: n["state"] for n in status["nodes"]}
-            if all(states.get(i) == s for i, s in expected.items()):
-                return status
-            if time.monotonic() > deadline:
-                raise AssertionError(f"node states {states}, wanted {expected}")
-            time.sleep(1)
-
-
-@contextlib.contextmanager
-def local_cluster_up(
-    state_dir: Path, nodes: int = 3, *args: str, env: dict[str, str] | None = None
-) -> Iterator[LocalCluster]:
-    """`up N [args]` in `state_dir`; `down` afterwards, whatever happens.
-
-    `env` (default FAST_NODE_FAILURE) is passed to every Ray process of the cluster."""
-    if not RAY_BIN.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{RAY_BIN} missing")
-        pytest.skip(f"{RAY_BIN} missing")
-    try:
-        proc = run_script(
-            state_dir, "up", str(nodes), *args, env=FAST_NODE_FAILURE if env is None else env
-        )
-        assert proc.returncode == 0, f"up failed:\n{proc.stdout}\n{proc.stderr}"
-        values = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
-        yield LocalCluster(
-            state_dir=state_dir,
-            address=values["RAY_ADDRESS"],
-            token_path=values["RAY_AUTH_TOKEN_PATH"],
-            up_output=proc.stdout + proc.stderr,
-        )
-    finally:
-        down = run_script(state_dir, "down", timeout=120)
-        assert down.returncode == 0, f"down failed:\n{down.stdout}\n{down.stderr}"
-
-
-@pytest.fixture
-def local_cluster(tmp_path) -> Iterator[LocalCluster]:
-    """A fresh 3-node cluster (head + 2 workers) for one test."""
-    with local_cluster_up(tmp_path / "cluster", 3) as cluster:
-        yield cluster
-
+local_cluster = cluster.local_cluster  # the fixture (tests/cluster.py), for this module
 
 SPREAD_DRIVER = """
     import json, ray
@@ -225,15 +58,18 @@ SPREAD_DRIVER = """
     print(json.dumps({"alive": alive, "actor_nodes": ray.get([a.node.remote() for a in actors])}))
 """
 
-WRONG_TOKEN_DRIVER = """
+TOKEN_DRIVER = """
     import os
     from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
     try:
-        GcsClient(address=os.environ["RAY_ADDRESS"]).get_all_node_info(timeout=5)
-    except Exception as err:
-        print("REJECTED", type(err).__name__, err)
+        nodes = GcsClient(address=os.environ["RAY_ADDRESS"]).get_all_node_info(timeout=5)
+    except AuthenticationError as err:
+        print("REJECTED", err)
+    except Exception as err:  # anything else (a timeout, no cluster) proves nothing
+        print("FAILED", type(err).__name__, err)
     else:
-        print("ACCEPTED")
+        print("ACCEPTED", len(nodes))
 """
 
 
@@ -265,15 +101,14 @@ def test_local_cluster_lifecycle(local_cluster: LocalCluster):
     assert set(report["actor_nodes"]) <= node_ids
     assert len(set(report["actor_nodes"])) >= 2
 
-    # Token auth is on: a wrong token is rejected.
-    proc = c.run_driver(
-        WRONG_TOKEN_DRIVER,
-        timeout=60,
-        RAY_AUTH_TOKEN="0" * 64,
-        RAY_AUTH_TOKEN_PATH="",
-        RAY_py_gcs_connect_timeout_s="5",
-    )
-    assert "REJECTED" in proc.stdout and "ACCEPTED" not in proc.stdout, proc.stdout + proc.stderr
+    # Token auth is on: the cluster's token connects, a wrong one fails authentication.
+    fast = {"RAY_py_gcs_connect_timeout_s": "5"}
+    proc = c.run_driver(TOKEN_DRIVER, timeout=60, **fast)
+    assert proc.stdout.split() == ["ACCEPTED", "3"], proc.stdout + proc.stderr
+    wrong = {"RAY_AUTH_TOKEN": "0" * 64, "RAY_AUTH_TOKEN_PATH": ""}
+    proc = c.run_driver(TOKEN_DRIVER, timeout=60, **wrong, **fast)
+    assert proc.stdout.startswith("REJECTED "), proc.stdout + proc.stderr
+    assert "Authentication token is missing or incorrect" in proc.stdout
 
     # Killing one worker node's raylet makes that node dead; the others live on.
     killed = c.stop_node(2)
@@ -287,7 +122,7 @@ def test_local_cluster_lifecycle(local_cluster: LocalCluster):
     assert killed in recorded and len(recorded) >= 9  # gcs, raylets, agents, monitors...
     down = c.script("down")
     assert down.returncode == 0, down.stderr
-    still = [pid for pid, start in recorded.items() if _still_running(pid, start)]
+    still = [pid for pid, start in recorded.items() if still_running(pid, start)]
     assert still == [], f"processes left running: {still}"
     assert marked_processes(cluster_id) == []
     assert not Path(state["temp_dir"]).exists()

@@ -33,9 +33,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load
 
-from tests.test_deploy_cluster import LocalCluster, local_cluster_up, marked_processes
-from tests.test_distributed import final_params, make_spec
-from tests.test_service_e2e import Server, wait_job
+from tests.cluster import LocalCluster, local_cluster_up, marked_processes
+from tests.helpers import Server, final_params, make_spec, wait_job
 from workers import checkpoint as ckpt
 from workers.trainer import Trainer
 

@@ -8,6 +8,7 @@ import pytest
 
 import core.functional as F
 from core import Tensor
+from tests.helpers import final_params, make_spec
 from workers import checkpoint as ckpt
 from workers.data import PreparedData
 from workers.model import LOSSES, build_model, build_optimizer
@@ -36,29 +37,6 @@ def run(trainer: Trainer, exchange: str) -> dict:
     summary = trainer.run()
     assert (trainer.pool.kind, trainer.pool.fallback_reason) == (exchange, None)
     return summary
-
-
-def make_spec(**overrides) -> TrainingSpec:
-    spec = {
-        "name": "t",
-        "model": {"type": "mlp", "sizes": [2, 8, 2], "activation": "tanh"},
-        "data": {"type": "builtin", "name": "moons", "n_samples": 200, "noise": 0.1},
-        "loss": "cross_entropy",
-        "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9},
-        "epochs": 3,
-        "batch_size": 30,  # 160 training rows: 6 steps per epoch, the last one 10 rows
-        "workers": 2,
-        "cpus_per_worker": 0.5,
-        "seed": 0,
-        "dtype": "float64",
-        "checkpoint_every": 5,
-    }
-    spec.update(overrides)
-    return TrainingSpec.model_validate(spec)
-
-
-def final_params(out) -> dict[str, np.ndarray]:
-    return ckpt.load_latest(out).model_state
 
 
 def reference_loop(spec: TrainingSpec) -> dict[str, np.ndarray]:

@@ -5,7 +5,7 @@ import pytest
 
 import workers.explain as explain_module
 from core import Tensor, nn
-from tests.conftest import require
+from tests.helpers import require
 from workers.explain import explain, predict
 
 

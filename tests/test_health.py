@@ -18,8 +18,8 @@ from service.api.deps import get_dispatcher
 from service.client import sse_events
 from service.config import Settings
 from service.dispatcher import Dispatcher
-from tests.test_distributed import make_spec
-from tests.test_service_fakes import FakeCluster, make_client, spec
+from tests.fakes import FakeCluster, make_client, spec
+from tests.helpers import make_spec
 from workers import checkpoint as ckpt
 from workers.cli import main as cli_main
 from workers.health import HealthMonitor, active_units, health_warnings, layer_stats, new_warnings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -10,8 +11,8 @@ import pytest
 from httpx_sse import connect_sse
 
 from service.client import sse_events
-from tests.test_service_fakes import make_client, spec
-from workers.checkpoint import save_checkpoint
+from tests.fakes import locs, make_client, spec, submit
+from workers.checkpoint import checkpoint_dir, save_checkpoint
 from workers.model import build_model
 from workers.spec import TrainingSpec
 
@@ -20,17 +21,6 @@ from workers.spec import TrainingSpec
 def env(tmp_path, monkeypatch):
     monkeypatch.setenv("SHARDGRAD_DATASETS_DIR", str(tmp_path / "datasets"))
     return make_client(tmp_path)
-
-
-def submit(client, **overrides):
-    r = client.post("/api/v1/jobs", json=spec(**overrides))
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
-def locs(r):
-    assert r.status_code == 422, r.text
-    return [tuple(e["loc"]) for e in r.json()["detail"]]
 
 
 def run(store, job_id, steps=3, owner="fake"):
@@ -290,7 +280,9 @@ def test_checkpoints_download_and_predict(env, tmp_path):
     assert [c["name"] for c in listed] == ["step-5", "step-10"]
     assert set(listed[0]) == {"name", "step", "created_at", "size_bytes", "sha256"}
     r = client.get(f"{url}/checkpoints/step-10/model.safetensors")
-    assert r.status_code == 200 and r.content[:8]
+    file = checkpoint_dir(tmp_path / "jobs" / job_id, "step-10") / "model.safetensors"
+    assert r.status_code == 200 and r.content == file.read_bytes()
+    assert hashlib.sha256(r.content).hexdigest() == listed[1]["sha256"]
     for bad in ("step-11", "..", "step-1%2F..", "latest"):
         assert client.get(f"{url}/checkpoints/{bad}/model.safetensors").status_code == 404
 

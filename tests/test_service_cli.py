@@ -17,7 +17,7 @@ from service.config import Settings
 from service.dispatcher import Dispatcher
 from service.main import create_app
 from service.store import JobStore
-from tests.test_service_fakes import FakeCluster, fake_train, spec
+from tests.fakes import FakeCluster, fake_train, spec
 from workers.checkpoint import save_checkpoint
 from workers.model import build_model
 from workers.spec import TrainingSpec

@@ -6,79 +6,18 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from safetensors.numpy import load
 
-from tests.test_service_fakes import spec
+from tests.fakes import spec
+from tests.helpers import REPO, Server, wait_job
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, data_dir: Path, port: int | None = None, **env):
-        self.data_dir, self.port = data_dir, port or free_port()
-        self.env = {**os.environ, "SHARDGRAD_RAY_NUM_CPUS": "2", **env}
-        self.env.pop("RAY_ADDRESS", None)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Server:
-        log = open(self.data_dir.parent / f"server-{self.port}.log", "ab")  # noqa: SIM115
-        cmd = [sys.executable, "-m", "service", "serve", "--port", str(self.port)]
-        cmd += ["--data-dir", str(self.data_dir)]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=log)
-        return self
-
-    def wait_ready(self, timeout=90.0) -> Server:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}"
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("server did not become healthy")
-
-    def client(self, token: str | None = None) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url + "/api/v1", headers=headers, timeout=30)
-
-    def stop(self, sig=signal.SIGTERM, timeout=60.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-
-def wait_job(client, job_id, until, timeout=120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/jobs/{job_id}").json()
-        if until(job):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} never got there: {job['status']} {job['progress']}")
 
 
 TOKEN = "e2e-token"

@@ -10,8 +10,7 @@ import pytest
 
 from core import Tensor
 from service.api.routes.interpret import MAX_PATH_VALUES
-from tests.test_service_api import locs, submit
-from tests.test_service_fakes import make_client, spec
+from tests.fakes import locs, make_client, spec, submit
 from workers.checkpoint import save_checkpoint
 from workers.data import PreparedData
 from workers.model import LOSSES, build_model, build_optimizer, grad_sum

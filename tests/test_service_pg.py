@@ -12,15 +12,15 @@ from sqlalchemy import text, update
 
 from service.store import JobStore
 from service.tables import JobRow
-from tests.test_service_e2e import Server
-from tests.test_service_fakes import fake_train, spec
-from tests.test_service_store import (
+from tests.fakes import (
     assert_each_claimed_once,
     claim_one_by_one,
+    fake_train,
     make_dispatcher,
     new_job,
-    wait_for,
+    spec,
 )
+from tests.helpers import Server, wait_for
 
 RESUME = "stopped; will resume from the newest checkpoint"
 

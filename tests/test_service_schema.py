@@ -6,8 +6,8 @@ import tempfile
 
 from hypothesis import HealthCheck, settings
 
-from tests.conftest import require
-from tests.test_service_fakes import make_client
+from tests.fakes import make_client
+from tests.helpers import require
 
 schemathesis = require("schemathesis")  # under CI=true a missing schemathesis fails
 from schemathesis.checks import not_a_server_error  # noqa: E402

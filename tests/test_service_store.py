@@ -6,14 +6,19 @@ the `pg_url` fixture in conftest.py)."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
-from service.config import Settings
 from service.dispatcher import Dispatcher, Run
 from service.store import JobStore
-from tests.test_service_fakes import FakeCluster, fake_train, spec
+from tests.fakes import (
+    assert_each_claimed_once,
+    claim_one_by_one,
+    fake_train,
+    make_dispatcher,
+    new_job,
+)
+from tests.helpers import FakeClock, wait_for
 from workers.events import EVENT_TYPES, CheckpointEvent, StartedEvent
 
 
@@ -22,31 +27,6 @@ def store_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'jobs.db'}"
     return request.getfixturevalue("pg_url")
-
-
-def new_job(store, cpus=1.0, priority=0, **overrides):
-    s = spec(**overrides)
-    return store.create(s, name=s["name"], priority=priority, cpus=cpus)
-
-
-def claim_one_by_one(store: JobStore, owner: str) -> list[str]:
-    """A dispatcher that takes one job per claim (many short transactions that interleave
-    with the others') until the queue is empty."""
-    claimed = []
-    while store.counts().get("queued"):
-        budget = iter([True])
-        claimed += [job.id for job in store.claim(owner, lambda _, b=budget: next(b, None))]
-    return claimed
-
-
-def assert_each_claimed_once(store: JobStore, ids, claims: dict[str, list[str]]) -> None:
-    """Every job was claimed by exactly one owner, once: by the store's and the owners' count."""
-    assert sorted(i for got in claims.values() for i in got) == sorted(ids)
-    for owner, got in claims.items():
-        for job_id in got:
-            job, events = store.get(job_id), store.events(job_id)
-            assert job.owner == owner and job.attempts == 1
-            assert [e.message for e in events if e.status == "running"] == [f"started on {owner}"]
 
 
 def test_concurrent_claims_never_run_a_job_twice(store_url):
@@ -92,18 +72,16 @@ def test_reclaim_orphans_after_a_crash(store_url):
     assert store.get(running).attempts == 2
 
 
-def wait_for(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError("timed out")
+def calls_of(fn, calls: list):
+    """`fn`, recording each call once it returned or raised (in `calls`)."""
 
+    def recorded(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            calls.append(args)
 
-def make_dispatcher(tmp_path, store, train, cpus=2.0, **settings):
-    cfg = Settings(data_dir=tmp_path, instance_id="d1", poll_interval_s=0.05, **settings)
-    return Dispatcher(store, cfg, FakeCluster(cpus), train=train)
+    return recorded
 
 
 def run_to_success(tmp_path, store, train, job_id) -> None:
@@ -118,17 +96,26 @@ def run_to_success(tmp_path, store, train, job_id) -> None:
 
 def test_gang_scheduling_concurrency_and_completion(tmp_path, store_url):
     store = JobStore(store_url)
-    big = new_job(store, cpus=2.0).id
+    big = new_job(store, cpus=2.0, name="big").id
     small = [new_job(store, cpus=1.0).id for _ in range(3)]
-    d = make_dispatcher(tmp_path, store, fake_train(steps=10), max_concurrent_jobs=2)
+    release, fake = threading.Event(), fake_train(steps=10)
+
+    def train(spec, out_dir, **kwargs):  # the big job holds its CPUs until the test is done
+        if spec.name == "big":
+            assert release.wait(20)
+        return fake(spec, out_dir, **kwargs)
+
+    d = make_dispatcher(tmp_path, store, train, max_concurrent_jobs=2)
     d.start()
     try:
-        wait_for(lambda: store.get(big).status == "running")
+        wait_for(lambda: big in d.runs)
         assert all(store.get(i).status == "queued" for i in small)  # no CPU left
         reason = d.pending_reason(store.get(small[0]), 1)
         assert reason == "waiting for 1 CPUs, 0 free"
+        release.set()
         wait_for(lambda: all(store.get(i).status == "succeeded" for i in [big, *small]))
     finally:
+        release.set()
         d.shutdown()
     job = store.get(small[0])
     assert job.attempts == 1 and job.step == 10 and job.total_steps == 10
@@ -171,15 +158,21 @@ def test_cancel_stops_a_running_job(tmp_path, store_url):
 
 
 @pytest.mark.parametrize("paused", [True, False])
-def test_paused_or_zero_slots_start_nothing(tmp_path, store_url, paused):
+def test_paused_or_zero_slots_start_nothing(tmp_path, store_url, paused, monkeypatch):
     store = JobStore(store_url)
     job_id = new_job(store).id
     extra = {"paused": True} if paused else {"max_concurrent_jobs": 0}
     d = make_dispatcher(tmp_path, store, fake_train(), **extra)
+    dispatched = []
+    monkeypatch.setattr(d, "_dispatch", calls_of(d._dispatch, dispatched))
     d.start()
-    time.sleep(0.3)
-    d.shutdown()
-    assert store.get(job_id).status == "queued"
+    try:
+        wait_for(lambda: len(dispatched) >= 2)  # the loop had its chances to start the job
+        assert not d.runs
+    finally:
+        d.shutdown()  # (it would requeue a job it had started: check the job's attempts)
+    job = store.get(job_id)
+    assert (job.status, job.attempts) == ("queued", 0)
     assert d.pending_reason(store.get(job_id), 1) == "the dispatcher is paused"
 
 
@@ -238,19 +231,44 @@ def test_an_abandoned_job_says_which_checkpoint_it_resumes_from(tmp_path, store_
     ]
 
 
+class Gated:
+    """A store that waits while the test holds `lock`: the test acts between two of its
+    owner's store calls (each call is one transaction, so none is half done meanwhile)."""
+
+    def __init__(self, store: JobStore, lock: threading.Lock):
+        self._store, self._lock = store, lock
+
+    def __getattr__(self, name):
+        attr = getattr(self._store, name)
+        if not callable(attr):
+            return attr
+
+        def gated(*args, **kwargs):
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return gated
+
+
 def test_a_job_taken_back_from_a_stalled_owner_is_abandoned_without_a_write(tmp_path, store_url):
     """The owner missed its lease (say it stalled), another process took the job: the
     owner's next heartbeat finds it gone and its Trainer stops without writing."""
-    store = JobStore(store_url)
+    store, stalled = JobStore(store_url), threading.Lock()
     job_id = new_job(store).id
     train = fake_train(steps=100_000, pause=0.01)
-    d = make_dispatcher(tmp_path, store, train, heartbeat_s=0.05, max_concurrent_jobs=1)
+    d = make_dispatcher(
+        tmp_path, Gated(store, stalled), train, heartbeat_s=0.05, max_concurrent_jobs=1
+    )
     d.start()
     try:
-        wait_for(lambda: store.get(job_id).status == "running")
-        # As if d1's lease had lapsed: a cutoff an hour ahead, whatever d1 beats meanwhile.
-        assert store.reclaim_orphans(-3600) == [job_id]
-        assert [j.id for j in store.claim("b", lambda job: True)] == [job_id]
+        wait_for(lambda: store.get(job_id).step > 0)
+        # d1 stalls: no transaction of its own is open while "b" takes the job (on PostgreSQL
+        # a claim skips a row that a heartbeat or a metric point has locked), and d1 cannot
+        # take the job back before "b" does.
+        with stalled:
+            # As if d1's lease had lapsed: a cutoff an hour ahead, whatever d1 beat last.
+            assert store.reclaim_orphans(-3600) == [job_id]
+            assert [j.id for j in store.claim("b", lambda job: True)] == [job_id]
         wait_for(lambda: train.abandoned and not d.runs)
     finally:
         d.shutdown()
@@ -265,23 +283,33 @@ def test_an_owner_cut_off_from_the_store_abandons_its_jobs_within_half_a_lease(
 ):
     """No heartbeat reaches the store: before anyone may take the jobs (a lease), their
     Trainers stop; back in touch, the owner requeues them and they resume."""
+    clock = FakeClock()
+    monkeypatch.setattr("service.dispatcher.time", clock)
     store = JobStore(store_url)
     job_id = new_job(store).id
     train = fake_train(steps=300, pause=0.01)
-    d = make_dispatcher(tmp_path, store, train, heartbeat_s=0.05, lease_s=1.0)
+    lease_s = 60.0  # on d1's clock; the store's (real time) never lapses it meanwhile
+    d = make_dispatcher(tmp_path, store, train, heartbeat_s=0.05, lease_s=lease_s)
     d.start()
     try:
         wait_for(lambda: store.get(job_id).step > 0)
-        renew = store.heartbeat
+        renew, claim = store.heartbeat, store.claim
 
-        def unreachable(owner, job_ids):
+        def unreachable(*args):
             raise OSError("the database is unreachable")
 
-        monkeypatch.setattr(store, "heartbeat", unreachable)
-        cut_at = time.monotonic()
-        wait_for(lambda: train.abandoned, timeout=5)
-        assert time.monotonic() - cut_at < 1.0  # within the lease: nobody else ran it yet
-        monkeypatch.setattr(store, "heartbeat", renew)
+        failed, renewed = [], []
+        monkeypatch.setattr(store, "heartbeat", calls_of(unreachable, failed))
+        monkeypatch.setattr(store, "claim", unreachable)  # d1 cannot take it again meanwhile
+        wait_for(lambda: len(failed) >= 2)  # a heartbeat failed and its check has run
+        assert not train.abandoned  # a hiccup shorter than half a lease stops nothing
+        clock.now += lease_s / 2 + 0.01  # past half a lease, still inside the lease
+        wait_for(lambda: train.abandoned and not d.runs)
+        assert store.get(job_id).status == "queued"  # requeued by d1 itself
+        monkeypatch.setattr(store, "heartbeat", calls_of(renew, renewed))
+        wait_for(lambda: len(renewed) >= 2)  # a whole lease-loop turn after one got through
+        monkeypatch.setattr(store, "claim", claim)
+        d.wake()
         wait_for(lambda: store.get(job_id).status == "succeeded")
     finally:
         d.shutdown()

@@ -3,7 +3,7 @@
 import numpy as np
 
 from core import Tensor, nn, no_grad
-from tests.conftest import require
+from tests.helpers import require
 from workers import checkpoint as ckpt
 
 

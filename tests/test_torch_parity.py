@@ -8,7 +8,7 @@ import pytest
 import core.functional as F
 from core import Tensor, nn, optim, stack
 from core import concatenate as cat
-from tests.conftest import require
+from tests.helpers import require
 
 torch = require("torch")
 TF = torch.nn.functional

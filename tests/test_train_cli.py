@@ -18,7 +18,7 @@ from workers.events import run_summary
 from workers.render import print_summary
 from workers.trainer import Trainer
 
-from .test_distributed import make_spec
+from .helpers import make_spec
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -1,39 +1,25 @@
 """Shared stand-ins for the service tests (no tests here): an in-memory store, a dispatcher
-without Ray. Named test_service_* only to stay in the service tests' namespace."""
+without Ray, a fake Trainer."""
 
 from __future__ import annotations
 
 import collections
-import copy
 
 from fastapi.testclient import TestClient
 
 from service.api.deps import get_dispatcher, get_store
 from service.cluster import Capacity
 from service.config import Settings
-from service.dispatcher import pending_reason
+from service.dispatcher import Dispatcher, pending_reason
 from service.main import create_app
 from service.store import JobStore
+from tests.helpers import small_moons
 from workers.events import StartedEvent, StepEvent
-
-SPEC = {
-    "name": "moons",
-    "model": {"type": "mlp", "sizes": [2, 8, 2], "activation": "tanh"},
-    "data": {"type": "builtin", "name": "moons", "n_samples": 200, "noise": 0.1},
-    "loss": "cross_entropy",
-    "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9},
-    "epochs": 3,
-    "batch_size": 20,
-    "workers": 2,
-    "cpus_per_worker": 0.5,
-    "checkpoint_every": 5,
-}
 
 
 def spec(**overrides) -> dict:
-    s = copy.deepcopy(SPEC)
-    s.update(overrides)
-    return s
+    """The service tests' job: the small moons run (see tests.helpers.small_moons)."""
+    return small_moons(**{"batch_size": 20, **overrides})
 
 
 class FakeCluster:
@@ -151,3 +137,47 @@ def make_client(
     app.dependency_overrides[get_store] = lambda: store
     app.dependency_overrides[get_dispatcher] = lambda: dispatcher
     return TestClient(app), store, dispatcher
+
+
+# -- helpers of the service tests ---------------------------------------------------------
+
+
+def submit(client, **overrides):
+    r = client.post("/api/v1/jobs", json=spec(**overrides))
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def locs(r):
+    assert r.status_code == 422, r.text
+    return [tuple(e["loc"]) for e in r.json()["detail"]]
+
+
+def new_job(store, cpus=1.0, priority=0, **overrides):
+    s = spec(**overrides)
+    return store.create(s, name=s["name"], priority=priority, cpus=cpus)
+
+
+def claim_one_by_one(store: JobStore, owner: str) -> list[str]:
+    """A dispatcher that takes one job per claim (many short transactions that interleave
+    with the others') until the queue is empty."""
+    claimed = []
+    while store.counts().get("queued"):
+        budget = iter([True])
+        claimed += [job.id for job in store.claim(owner, lambda _, b=budget: next(b, None))]
+    return claimed
+
+
+def assert_each_claimed_once(store: JobStore, ids, claims: dict[str, list[str]]) -> None:
+    """Every job was claimed by exactly one owner, once: by the store's and the owners' count."""
+    assert sorted(i for got in claims.values() for i in got) == sorted(ids)
+    for owner, got in claims.items():
+        for job_id in got:
+            job, events = store.get(job_id), store.events(job_id)
+            assert job.owner == owner and job.attempts == 1
+            assert [e.message for e in events if e.status == "running"] == [f"started on {owner}"]
+
+
+def make_dispatcher(tmp_path, store, train, cpus=2.0, **settings):
+    cfg = Settings(data_dir=tmp_path, instance_id="d1", poll_interval_s=0.05, **settings)
+    return Dispatcher(store, cfg, FakeCluster(cpus), train=train)

@@ -1,0 +1,169 @@
+"""What the test modules share: optional dependencies, and the specs of examples/*.json.
+
+Test modules import from here (or use conftest's fixtures), never from each other."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+
+# -- specs -----------------------------------------------------------------------------------
+
+
+def example_spec(example: str, /, **overrides) -> dict:
+    """examples/<example>.json as a dict, with top-level fields replaced by `overrides`."""
+    spec = json.loads((EXAMPLES / f"{example}.json").read_text())
+    spec.update(copy.deepcopy(overrides))
+    return spec
+
+
+def small_moons(**overrides) -> dict:
+    """examples/moons.json made small for tests: 200 samples (160 for training), a
+    [2, 8, 2] tanh MLP, 3 epochs, 2 workers of half a CPU, a checkpoint every 5 steps."""
+    small = {
+        "model": {"type": "mlp", "sizes": [2, 8, 2], "activation": "tanh"},
+        "data": {"type": "builtin", "name": "moons", "n_samples": 200, "noise": 0.1},
+        "epochs": 3,
+        "cpus_per_worker": 0.5,
+        "checkpoint_every": 5,
+    }
+    return example_spec("moons", **{**small, **overrides})
+
+
+def make_spec(**overrides):
+    """The distributed tests' TrainingSpec: the small moons run named "t", global batch 30
+    (160 training rows: 6 steps per epoch, the last one 10 rows)."""
+    from workers.spec import TrainingSpec
+
+    return TrainingSpec.model_validate(small_moons(**{"name": "t", "batch_size": 30, **overrides}))
+
+
+def final_params(out) -> dict:
+    """The model parameters of a run's newest checkpoint."""
+    from workers import checkpoint
+
+    return checkpoint.load_latest(out).model_state
+
+
+# -- optional dependencies ---------------------------------------------------------------------
+
+
+def under_ci() -> bool:
+    return os.environ.get("CI") == "true"
+
+
+def require(module: str):
+    """importorskip, except under CI=true, where a missing dependency is a failure."""
+    if under_ci():
+        return __import__(module)
+    return pytest.importorskip(module)
+
+
+def unavailable(reason: str):
+    """Skip, except under CI=true, where a missing dependency is a failure (as `require`)."""
+    if under_ci():
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+# -- time ----------------------------------------------------------------------------------
+
+
+def wait_for(predicate, timeout: float = 60.0) -> None:
+    """Poll until `predicate()` holds. `timeout` bounds a stuck test; it is not a deadline
+    that the behaviour under test must meet (a loaded machine may be slow)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+class FakeClock:
+    """A stand-in for a module's `time`: monotonic() reads a clock the test moves by hand
+    (`clock.now += s`); everything else (sleep) is the real one. Patch it in with
+    monkeypatch.setattr("service.dispatcher.time", FakeClock())."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+# -- `shardgrad serve` processes ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, data_dir: Path, port: int | None = None, **env):
+        self.data_dir, self.port = data_dir, port or free_port()
+        self.env = {**os.environ, "SHARDGRAD_RAY_NUM_CPUS": "2", **env}
+        self.env.pop("RAY_ADDRESS", None)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Server:
+        log = open(self.data_dir.parent / f"server-{self.port}.log", "ab")  # noqa: SIM115
+        cmd = [sys.executable, "-m", "service", "serve", "--port", str(self.port)]
+        cmd += ["--data-dir", str(self.data_dir)]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=log)
+        return self
+
+    def wait_ready(self, timeout=90.0) -> Server:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}"
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("server did not become healthy")
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url + "/api/v1", headers=headers, timeout=30)
+
+    def stop(self, sig=signal.SIGTERM, timeout=60.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def wait_job(client, job_id, until, timeout=120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/jobs/{job_id}").json()
+        if until(job):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never got there: {job['status']} {job['progress']}")
