@@ -261,15 +261,17 @@ class JobStore:
             return set(s.scalars(select(JobRow.id).where(*held)))
 
     def progress(self, job_id: str, owner: str, values: dict, point: dict | None = None) -> None:
-        """Persist a Trainer event: progress columns of the job, and its metric point."""
+        """Persist a Trainer event: progress columns of the job, and its metric point. Only
+        while `owner` holds the job: a run that lost its lease writes over nothing of the
+        run that took the job over, neither its progress nor its metric points."""
         with self._tx() as s:
-            if point is not None:
-                _upsert_point(s, {"job_id": job_id, **point})
-            s.execute(
+            held = s.execute(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.owner == owner, JobRow.status.in_(ACTIVE))
                 .values(**values, **_touch(utcnow()))
-            )
+            ).rowcount
+            if held and point is not None:
+                _upsert_point(s, {"job_id": job_id, **point})
 
     def note(self, job_id: str, message: str) -> None:
         """A timeline entry that is not a transition (a resume point, a worker failure)."""

@@ -72,6 +72,21 @@ def test_reclaim_orphans_after_a_crash(store_url):
     assert store.get(running).attempts == 2
 
 
+def test_only_the_owner_writes_progress_and_metric_points(store_url):
+    """A run that lost its job (lease lapsed, taken over) writes nothing over the new run."""
+    store = JobStore(store_url)
+    job_id = new_job(store).id
+    store.claim("old", lambda job: True)
+    store.progress(job_id, "old", {"step": 1}, {"step": 1, "train_loss": 0.5})
+    assert store.reclaim_orphans(60, owner="old") == [job_id]
+    store.claim("new", lambda job: True)
+    store.progress(job_id, "new", {"step": 1}, {"step": 1, "train_loss": 0.25})
+    store.progress(job_id, "old", {"step": 2}, {"step": 2, "train_loss": 9.0})
+    store.progress(job_id, "old", {"step": 1}, {"step": 1, "train_loss": 9.0})
+    assert store.get(job_id).step == 1
+    assert [(p.step, p.train_loss) for p in store.points(job_id)] == [(1, 0.25)]
+
+
 def calls_of(fn, calls: list):
     """`fn`, recording each call once it returned or raised (in `calls`)."""
 
