@@ -38,6 +38,9 @@ from pathlib import Path
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from workers.ray_private import gcs_nodes  # noqa: E402 - the repo's own module, by path
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STATE_DIR = REPO_ROOT / ".ray-local-cluster"
 DEFAULT_GCS_PORT = 6380
@@ -319,9 +322,6 @@ def gcs_reachable(address: str, timeout: float = 1.0) -> bool:
         return False
 
 
-_gcs_clients: dict[str, object] = {}
-
-
 def query_nodes(address: str, timeout: float = 5.0) -> list[dict] | None:
     """Every node the GCS knows (alive and dead), or None if the GCS is unreachable.
 
@@ -329,26 +329,10 @@ def query_nodes(address: str, timeout: float = 5.0) -> list[dict] | None:
     if not gcs_reachable(address):
         return None
     try:
-        client = _gcs_clients.get(address)
-        if client is None:
-            from ray._raylet import GcsClient
-
-            client = _gcs_clients[address] = GcsClient(address=address)
-        infos = client.get_all_node_info(timeout=timeout)
+        return gcs_nodes(address, timeout)
     except Exception as err:  # report, never crash `status`
         log(f"warning: GCS query failed: {err}")
-        _gcs_clients.pop(address, None)
         return None
-    from ray.core.generated.gcs_pb2 import GcsNodeInfo
-
-    return [
-        {
-            "node_id": node_id.hex(),
-            "alive": info.state == GcsNodeInfo.ALIVE,
-            "node_manager_port": info.node_manager_port,
-        }
-        for node_id, info in infos.items()
-    ]
 
 
 def use_cluster_auth(token_path: Path | str) -> None:

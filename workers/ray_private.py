@@ -9,6 +9,7 @@ not a run. Nothing else in workers/ or service/ touches a private Ray name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 
@@ -78,3 +79,37 @@ def quiet_token_auth_notice() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(notice)
+
+
+@functools.cache
+def _gcs_client(address: str):
+    from ray._raylet import GcsClient
+
+    return GcsClient(address=address)
+
+
+def gcs_nodes(address: str, timeout: float = 5.0) -> list[dict]:
+    """Every node the GCS at `address` knows, alive or dead: node_id, alive and
+    node_manager_port. For deploy/local_cluster.py, which is not a Ray driver.
+
+    Why: `ray.nodes()` and the state API need a driver (ray.init) or the dashboard; the
+    cluster script asks a GCS that may be half down, many times, and must not become a
+    driver of the cluster it is tearing down. `ray._raylet.GcsClient` asks the GCS directly.
+    Without it: `local-cluster.sh status` and `down` cannot tell live nodes from dead ones.
+    Raises what the client raises (the caller reports it); a failed client is not kept.
+    """
+    try:
+        infos = _gcs_client(address).get_all_node_info(timeout=timeout)
+    except Exception:
+        _gcs_client.cache_clear()
+        raise
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+    return [
+        {
+            "node_id": node_id.hex(),
+            "alive": info.state == GcsNodeInfo.ALIVE,
+            "node_manager_port": info.node_manager_port,
+        }
+        for node_id, info in infos.items()
+    ]
