@@ -135,7 +135,7 @@ def test_eta_is_the_steps_left_at_the_recent_step_rate(tmp_path, monkeypatch):
     job_id = submit(client)["id"]
     seen = []
 
-    def train(spec, out_dir, *, callback, stop_event, ray_address, abandon_event=None):
+    def train(spec, out_dir, *, callback, stop_event, settings, abandon_event=None):
         callback({"type": "started", "total_steps": 10, "step": 0, "worker_nodes": ["n1"]})
         for step, seconds in [(1, 0.0), (2, 0.5), (3, 0.5), (4, 0.25)]:
             clock.now += seconds
