@@ -75,7 +75,7 @@ def test_defaults():
         | {"model": {"type": "mlp", "sizes": [2, 2]}}
     )
     assert s.model.activation == "relu"
-    assert (s.workers, s.cpus_per_worker, s.seed, s.dtype) == (1, 1.0, 0, "float64")
+    assert (s.workers, s.cpus_per_worker, s.seed, s.dtype) == ("auto", 1.0, 0, "float64")
     assert (s.validation_fraction, s.keep_checkpoints, s.max_failures, s.priority) == (
         0.2,
         3,
@@ -233,7 +233,9 @@ def test_bad_discriminator(field):
         ({"optimizer": {"type": "sgd", "lr": float("inf")}}, "lr"),
         ({"epochs": 0}, "epochs"),
         ({"batch_size": 0}, "batch_size"),
-        ({"workers": 0}, "workers"),
+        ({"workers": -1}, "workers"),
+        ({"workers": "many"}, "workers"),
+        ({"workers": 1.5}, "workers"),
         ({"cpus_per_worker": 0}, "cpus_per_worker"),
         ({"seed": -1}, "seed"),
         ({"dtype": "float16"}, "dtype"),
@@ -478,3 +480,28 @@ def test_a_spec_stored_before_bias_init_builds_its_model():
 
 def test_every_loss_has_its_function():
     assert set(get_args(Loss)) == set(LOSSES)
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3, "auto"])
+def test_workers_is_a_count_from_0_or_auto(workers):
+    assert spec(workers=workers).workers == workers
+    assert spec(workers=str(workers)).workers == workers  # as `--workers` passes it
+
+
+def test_batch_size_against_workers_is_checked_for_counts_only():
+    assert spec(workers="auto", batch_size=1).batch_size == 1
+    assert spec(workers=0, batch_size=1).workers == 0
+    assert only_error(workers=3, batch_size=2)["msg"] == "batch_size (2) must be >= workers (3)"
+    assert only_error(workers=-1)["msg"] == 'workers must be a whole number >= 0 or "auto", not -1'
+
+
+def test_workers_stays_out_of_the_spec_hash():
+    hashes = {spec(workers=w).spec_hash() for w in (0, 1, 2, "auto")}
+    assert len(hashes) == 1
+
+
+def test_reserved_cpus_are_one_workers_share_for_in_process_and_auto():
+    assert spec(workers=3, cpus_per_worker=0.5).reserved_cpus() == 1.5
+    assert spec(workers=0, cpus_per_worker=0.5).reserved_cpus() == 0.5
+    assert spec(workers="auto", cpus_per_worker=2).reserved_cpus() == 2
+    assert spec(workers="auto", cpus_per_worker=2).reserved_cpus(3) == 6

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from workers import checkpoint as ckpt
+from workers import trainer as trainer_module
 from workers.cli import main as cli_main
 from workers.cli import run_dir_name
 from workers.events import run_summary
@@ -146,6 +147,8 @@ CONTRACT_KEYS = {
     "checkpoint",
     "worker_nodes",
     "exchange",
+    "workers",
+    "workers_reason",
     "elapsed_s",
     "worker_failures",
     "resumed_from_step",
@@ -261,15 +264,15 @@ def broken_json_file(tmp_path):
             "Invalid JSON",
         ),
         (
-            lambda tmp: [write_spec(tmp / "spec.json", make_spec()), "--workers", "0"],
-            "invalid --workers 0:\n  workers: Input should be greater than or equal to 1",
+            lambda tmp: [write_spec(tmp / "spec.json", make_spec()), "--workers", "-1"],
+            'invalid --workers -1:\n  workers must be a whole number >= 0 or "auto", not "-1"',
         ),
         (
             lambda tmp: [write_spec(tmp / "spec.json", make_spec()), "--workers", "two"],
-            "invalid --workers two:\n  workers: Input should be a valid integer",
+            'invalid --workers two:\n  workers must be a whole number >= 0 or "auto", not "two"',
         ),
     ],
-    ids=["invalid-spec", "missing-file", "invalid-json", "workers-0", "workers-not-int"],
+    ids=["invalid-spec", "missing-file", "invalid-json", "workers-negative", "workers-not-int"],
 )
 def test_usage_errors_end_with_a_json_summary(tmp_path, make_args, message):
     proc = cli("train", *make_args(tmp_path), "--json", env={**os.environ, "RAY_ADDRESS": ""})
@@ -297,6 +300,29 @@ def test_an_unexpected_exception_ends_with_a_json_summary(tmp_path, monkeypatch,
     assert_failed_summary(summary)
     assert summary["error"] == "unexpected RuntimeError: boom (traceback on stderr)"
     assert "Traceback (most recent call last)" in err and "second line" in err
+
+
+def refuse_ray(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("this run must not use Ray")
+
+    monkeypatch.setattr(trainer_module, "ensure_ray", refuse)
+    monkeypatch.setattr(trainer_module, "WorkerPool", refuse)
+
+
+@pytest.mark.parametrize("workers", ["0", "auto"])
+def test_an_in_process_train_never_starts_ray(tmp_path, monkeypatch, capsys, workers):
+    refuse_ray(monkeypatch)
+    # auto, with a gradient far cheaper than any exchange (the measurement stubbed)
+    monkeypatch.setattr(trainer_module, "measure_gradient", lambda spec, data: 1e-6)
+    spec_file = write_spec(tmp_path / "spec.json", make_spec(epochs=1))
+    args = ["train", str(spec_file), "--out", str(tmp_path / "run"), "--workers", workers]
+    assert cli_main([*args, "--json"]) == 0
+    summary = last_json_line(capsys.readouterr().out)
+    assert set(summary) >= CONTRACT_KEYS and summary["status"] == "succeeded"
+    assert (summary["workers"], summary["exchange"], summary["worker_nodes"]) == (0, None, [])
+    reason = "set by the spec" if workers == "0" else "chose in-process: gradient compute 0.001 ms"
+    assert summary["workers_reason"].startswith(reason)
 
 
 def test_the_human_summary_has_no_python_reprs(capsys):

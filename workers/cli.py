@@ -38,7 +38,9 @@ def add_train_commands(sub) -> None:
     train = sub.add_parser("train", help="train a spec on Ray (resumes from --out if possible)")
     train.add_argument("spec", type=Path, help="training spec (JSON)")
     # Not type=int: the spec validates it, so a bad value fails like a bad spec (with --json too).
-    train.add_argument("--workers", metavar="N", help="override the spec's worker count")
+    train.add_argument(
+        "--workers", metavar="N|auto", help="override the spec's worker count (0: in-process)"
+    )
     train.add_argument(
         "--out", type=Path, help="run directory (default ./runs/<name>, made safe as a dir name)"
     )

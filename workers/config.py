@@ -37,6 +37,18 @@ class WorkerSettings(BaseSettings):
         description="a compiled step with every worker alive that answers within neither this "
         "nor 50x the slowest step so far falls back to tasks ($SHARDGRAD_STEP_TIMEOUT_S)",
     )
+    # What `workers: "auto"` expects an exchange to cost per step (workers/choose.py): a
+    # constant per exchange kind, plus the bytes that cross (the parameters out, every
+    # worker's gradient sum back) over a bandwidth. Measured on 2 cores (issue 13).
+    auto_compiled_step_s: float = Field(
+        1e-3, ge=0, description="a compiled step's fixed cost ($SHARDGRAD_AUTO_COMPILED_STEP_S)"
+    )
+    auto_tasks_step_s: float = Field(
+        3e-3, ge=0, description="a tasks step's fixed cost ($SHARDGRAD_AUTO_TASKS_STEP_S)"
+    )
+    auto_bytes_per_s: float = Field(
+        2e9, gt=0, description="the exchange's bandwidth ($SHARDGRAD_AUTO_BYTES_PER_S)"
+    )
     ray_address: str | None = Field(
         None, validation_alias="RAY_ADDRESS", description="the cluster to attach to"
     )

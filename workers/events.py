@@ -5,7 +5,7 @@ The Trainer (workers/trainer.py) emits these events; the service's dispatcher, t
 are TypedDicts: at run time plain JSON-ready dicts (a callback may log or forward them as
 they are), and one definition of their keys for every side.
 
-* ``started``: once per run, after the workers are placed.
+* ``started``: once per run, after the workers are placed (and the worker count chosen).
 * ``step``: after every optimizer step; at the end of an epoch with the validation metrics.
 * ``checkpoint``: after a checkpoint is written (never for an abandoned run).
 * ``health``: after each training-health check (workers/health.py).
@@ -31,7 +31,9 @@ class StartedEvent(TypedDict):
     step: int  # the first step this run computes: 0, or where it resumed
     resumed_from_step: int | None
     worker_nodes: list[str]
-    exchange: str  # "compiled" or "tasks"
+    exchange: str | None  # "compiled" or "tasks"; None in-process (workers: 0)
+    workers: int  # the worker count of this run: the spec's, or the one auto chose
+    workers_reason: str  # why: "set by the spec", or what auto measured and predicted
 
 
 class StepEvent(TypedDict):
@@ -103,6 +105,8 @@ class RunSummary(TypedDict):
     checkpoint: str | None
     worker_nodes: list[str]
     exchange: str | None
+    workers: int | None  # None if the run failed before its worker count was known
+    workers_reason: str | None
     elapsed_s: float
     worker_failures: int
     resumed_from_step: int | None
@@ -121,6 +125,8 @@ def run_summary(
     checkpoint: str | None = None,
     worker_nodes: list[str] | None = None,
     exchange: str | None = None,
+    workers: int | None = None,
+    workers_reason: str | None = None,
     elapsed_s: float = 0.0,
     worker_failures: int = 0,
     resumed_from_step: int | None = None,
@@ -138,6 +144,8 @@ def run_summary(
         checkpoint=checkpoint,
         worker_nodes=list(worker_nodes or []),
         exchange=exchange,
+        workers=workers,
+        workers_reason=workers_reason,
         elapsed_s=elapsed_s,
         worker_failures=worker_failures,
         resumed_from_step=resumed_from_step,

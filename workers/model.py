@@ -6,6 +6,9 @@ single-process reference loop, so all three compute exactly the same thing.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -67,6 +70,30 @@ def grad_sum(model: nn.Module, loss: str, X: np.ndarray, y: np.ndarray):
     out = LOSSES[loss](model(Tensor(X)), y, reduction="sum")
     out.backward()
     return [p.grad for p in params], float(out.data)
+
+
+def param_bytes(sizes: list[int], dtype: str) -> int:
+    """The bytes of an MLP's parameters: weights and biases of each Linear layer."""
+    count = sum((a + 1) * b for a, b in zip(sizes, sizes[1:], strict=False))
+    return count * np.dtype(dtype).itemsize
+
+
+def blas_threads(cpus_per_worker: float) -> int:
+    """The BLAS threads of a gradient computation: one per whole CPU of a worker's share.
+    A worker and an in-process run use the same number, so their matmuls are the same."""
+    return max(1, math.floor(cpus_per_worker))
+
+
+@functools.cache
+def _blas():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()  # finds the BLAS libraries once per process
+
+
+def blas_limit(threads: int) -> contextlib.AbstractContextManager:
+    """Compute under `threads` BLAS threads (restored afterwards)."""
+    return _blas().limit(limits=threads)
 
 
 def evaluate(model: nn.Module, loss: str, X: np.ndarray, y: np.ndarray, classify: bool) -> dict:

@@ -10,11 +10,9 @@ exchange's business (exchange.py); the pool reopens it over the new actors.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
-from itertools import pairwise
 
 import numpy as np
 import ray
@@ -32,7 +30,7 @@ from workers.exchange import (
     resolve,
     unflatten,
 )
-from workers.model import grad_sum, set_parameters
+from workers.model import blas_threads, grad_sum, param_bytes, set_parameters
 from workers.ray_private import skip_torch_probe
 
 log = logging.getLogger(__name__)
@@ -121,9 +119,8 @@ class WorkerPool:
                 f"could not place {n} workers x {cpus_per_worker} CPU within "
                 f"{placement_timeout_s:.0f}s (cluster has {total:g} CPUs)"
             ) from None
-        sizes, itemsize = model_cfg["sizes"], np.dtype(model_cfg["dtype"]).itemsize
         # The largest message: the flat parameters plus the batch's indices, with room to spare.
-        self.payload_bytes = sum((a + 1) * b for a, b in pairwise(sizes)) * itemsize + 2**20
+        self.payload_bytes = param_bytes(model_cfg["sizes"], model_cfg["dtype"]) + 2**20
         self.kind, self.exchange = resolve(exchange, self.settings), None
         self.fallback_reason: str | None = None
         self.actors: list = []
@@ -143,7 +140,7 @@ class WorkerPool:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=rank
                 ),
-            ).remote(self.model_cfg, self.data_ref, max(1, math.floor(self.cpus)))
+            ).remote(self.model_cfg, self.data_ref, blas_threads(self.cpus))
             try:
                 info = ray.get(actor.info.remote(), timeout=max(0, deadline - time.monotonic()))
                 break

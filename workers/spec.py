@@ -242,7 +242,12 @@ class TrainingSpec(_Strict):
     optimizer: OptimizerSpec
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1, description="The global batch, split across workers.")
-    workers: int = Field(1, ge=1)
+    workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="Ray worker actors; 0 trains in the coordinator's own process; auto lets "
+        "the job choose (0 included) whatever is fastest on the cluster it gets. Never "
+        "changes the result beyond 1e-9.",
+    )
     cpus_per_worker: float = Field(1.0, gt=0)
     seed: int = Field(0, ge=0, le=INT64_MAX)
     dtype: Dtype = "float64"
@@ -259,10 +264,20 @@ class TrainingSpec(_Strict):
         "may choose instead). Never changes the result.",
     )
 
+    @field_validator("workers", mode="wrap")
+    @classmethod
+    def _one_workers_error(cls, value, handler):
+        """One error for a bad count, not one per member of the union."""
+        try:
+            return handler(value)
+        except ValidationError:
+            msg = f'workers must be a whole number >= 0 or "auto", not {json.dumps(value)}'
+            raise PydanticCustomError(SPEC_ERROR, msg) from None
+
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> TrainingSpec:
         errors = []
-        if self.batch_size < self.workers:
+        if self.workers != "auto" and self.batch_size < self.workers:
             msg = f"batch_size ({self.batch_size}) must be >= workers ({self.workers})"
             errors.append(_error(("batch_size",), msg, self.batch_size))
         describe = (info.context or {}).get(DESCRIBE_DATA)
@@ -270,6 +285,13 @@ class TrainingSpec(_Strict):
             errors += data_errors(self, describe)[1]
         raise_errors(type(self).__name__, errors)
         return self
+
+    def reserved_cpus(self, workers: int | None = None) -> float:
+        """The CPUs a run with `workers` workers (default: the spec's) holds: each worker's
+        share, and one worker's for an in-process run (its coordinator computes) or for an
+        auto run before it has chosen."""
+        n = self.workers if workers is None else workers
+        return max(1, n if n != "auto" else 1) * self.cpus_per_worker
 
     def spec_hash(self) -> str:
         """sha256 of the fields that change the mathematics (see MATH_FIELDS)."""

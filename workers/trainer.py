@@ -9,21 +9,24 @@ Every `health_every` steps the coordinator also measures training health
 
 A run has three parts: prepare (resume point, data, model, workers), the step loop, and
 finish (final evaluation, summary, last checkpoint). How one step's averaged gradients
-are obtained and applied is a single object, the step strategy (`GatherStep`); the loop
-only asks it for the step's loss and gradient norm.
+are obtained and applied is a single object, the step strategy (`GatherStep` over Ray
+workers, or `LocalStep` for `workers: 0`); the loop only asks it for the step's loss and
+gradient norm. `workers: "auto"` chooses between them when the run starts (choose.py).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import ray
 
 from workers import checkpoint as ckpt
-from workers.cluster import ensure_ray
+from workers.choose import WorkerChoice, choose_workers, measure_gradient
+from workers.cluster import ensure_ray, free_cpus
 from workers.config import WorkerSettings
 from workers.data import PreparedData
 from workers.events import (
@@ -37,7 +40,7 @@ from workers.events import (
     run_summary,
 )
 from workers.health import HealthMonitor
-from workers.model import build_model, build_optimizer, evaluate
+from workers.model import blas_limit, blas_threads, build_model, build_optimizer, evaluate, grad_sum
 from workers.pool import ClusterTooSmall, WorkerFailure, WorkerPool
 from workers.sampler import Schedule, split_batch
 from workers.spec import TrainingSpec
@@ -79,6 +82,44 @@ class GatherStep:
         grads, n, loss_sum = self.pool.grads([p.data for p in self.params], pieces)
         return average_and_step(self.params, self.opt, grads, n, loss_sum, step)
 
+    # What the run reports about where its steps ran.
+    @property
+    def node_ids(self) -> list[str]:
+        return list(self.pool.node_ids)
+
+    @property
+    def exchange(self) -> str:
+        return self.pool.kind
+
+    @property
+    def failures(self) -> int:
+        return self.pool.failures
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+class LocalStep:
+    """`workers: 0`: the step in the coordinator's own process, no Ray. The gradient sum of
+    the whole global batch as one piece, by the function a worker uses (`grad_sum`), under
+    a worker's BLAS threads, then the same averaging and step: bit-identical to 1 worker."""
+
+    node_ids: list[str] = []
+    exchange = None
+
+    def __init__(self, model, opt, loss: str, data: PreparedData, threads: int, failures: int):
+        self.model, self.params, self.opt = model, model.parameters(), opt
+        self.loss, self.X, self.y, self.threads = loss, data.X, data.y, threads
+        self.failures = failures  # from before a resume; no worker can fail here
+
+    def __call__(self, step: int, idx: np.ndarray) -> tuple[float, float]:
+        with blas_limit(self.threads):
+            grads, loss_sum = grad_sum(self.model, self.loss, self.X[idx], self.y[idx])
+        return average_and_step(self.params, self.opt, grads, len(idx), loss_sum, step)
+
+    def close(self) -> None:
+        pass
+
 
 def average_and_step(params, opt, grads, n: int, loss_sum: float, step: int):
     """Divide the batch's gradient sums by its size, check them, step the optimizer."""
@@ -104,20 +145,28 @@ class Trainer:
         spec: TrainingSpec,
         out_dir: str | Path,
         *,
-        workers: int | None = None,
+        workers: int | str | None = None,
         callback: Callback | None = None,
         stop_event: threading.Event | None = None,
         abandon_event: threading.Event | None = None,
         settings: WorkerSettings | None = None,
+        max_cpus: float | None = None,
+        measure: Callable[[TrainingSpec, PreparedData], float] | None = None,
     ):
-        """`stop_event`: stop after the current step with a checkpoint ("cancelled").
+        """`workers`: instead of the spec's (a count, or "auto").
+        `stop_event`: stop after the current step with a checkpoint ("cancelled").
         `abandon_event` (set with stop_event): stop without writing anything more, because
         the job may no longer be ours (the service lost its lease; another process may be
         resuming it from the same directory). `settings`: the cluster to attach to and the
-        exchange's knobs (default: from the environment)."""
+        exchange's knobs (default: from the environment). `max_cpus`: the CPUs an auto run
+        may use (default: the cluster's free CPUs). `measure`: seconds of the in-process
+        gradient compute of one global batch, for auto (default: measured)."""
         self.spec = spec
         self.out = Path(out_dir)
-        self.n_workers = workers or spec.workers
+        self.n_workers: int | str = spec.workers if workers is None else workers
+        self.workers_reason: str | None = None  # why this count, once it is known
+        self.max_cpus = max_cpus
+        self.measure = measure or measure_gradient
         self.callback: Callback = callback or (lambda event: None)
         self.stop_event = stop_event or threading.Event()
         self.abandon_event = abandon_event or threading.Event()
@@ -133,7 +182,7 @@ class Trainer:
         self.history: list[dict] = []  # per epoch: step, epoch, train and val metrics
         self.data: PreparedData | None = None
         self.model = self.opt = None
-        self.descend: GatherStep | None = None  # the step strategy, once the workers run
+        self.descend: GatherStep | LocalStep | None = None  # the step strategy, once chosen
 
     def run(self) -> RunSummary:
         """Train to the end (or until stopped); failures come back as status 'failed'."""
@@ -143,11 +192,11 @@ class Trainer:
             if latest is not None and latest.state.get("finished"):
                 return latest.state["summary"]
             self._prepare(latest)
-            self._start_workers(latest.state.get("worker_failures", 0) if latest else 0)
+            self._start_workers(latest.state if latest else {})
             try:
                 stopped = self._train()
             finally:
-                self.pool.shutdown()
+                self.descend.close()
             return stopped or self._finish()
         except (TrainingError, WorkerFailure, ClusterTooSmall) as err:
             return self.failed(str(err))
@@ -182,10 +231,16 @@ class Trainer:
             self.history = state.get("metrics", [])
         self.health = HealthMonitor(self.model, spec.health_every, state.get("health"))
 
-    def _start_workers(self, failures: int) -> None:
-        """The workers (on the cluster in `settings`, or an embedded Ray) and the step
-        strategy that uses them. `failures`: worker failures the run had before a resume."""
-        spec = self.spec
+    def _start_workers(self, state: dict) -> None:
+        """The step strategy: in-process, or the workers (on the cluster in `settings`, or
+        an embedded Ray) and their exchange. `state`: the checkpoint's, when resuming."""
+        spec, failures = self.spec, state.get("worker_failures", 0)
+        choice = self._worker_count(state)
+        self.n_workers, self.workers_reason = choice.workers, choice.reason
+        if self.n_workers == 0:
+            threads = blas_threads(spec.cpus_per_worker)
+            self.descend = LocalStep(self.model, self.opt, spec.loss, self.data, threads, failures)
+            return
         ensure_ray(self.settings)
         self.pool = WorkerPool(
             self.n_workers,
@@ -204,6 +259,31 @@ class Trainer:
             settings=self.settings,
         )
         self.descend = GatherStep(self.pool, self.model, self.opt)
+
+    def _worker_count(self, state: dict) -> WorkerChoice:
+        """The count the spec (or the caller) states, else the one auto chooses. A resumed
+        auto run keeps the count it chose before, while it fits, so that it resumes
+        bit-identical."""
+        if self.n_workers != "auto":
+            return WorkerChoice(self.n_workers, "set by the spec")
+        before = state.get("workers")
+        if before == 0 or (
+            before is not None and self.spec.reserved_cpus(before) <= self._free_cpus() + 1e-9
+        ):
+            return WorkerChoice(before, f"kept from the checkpoint at step {state['step']}")
+        return choose_workers(
+            self.spec,
+            self.settings,
+            measure=lambda: self.measure(self.spec, self.data),
+            free_cpus=self._free_cpus,
+        )
+
+    def _free_cpus(self) -> float:
+        """The CPUs an auto run may use: the caller's cap, else the cluster's free CPUs."""
+        if self.max_cpus is not None:
+            return self.max_cpus
+        ensure_ray(self.settings)
+        return free_cpus()[1]
 
     def _worker_failed(self, rank: int, reason: str, nodes: list[str]) -> None:
         self.callback(
@@ -251,8 +331,10 @@ class Trainer:
                 total_steps=self.schedule.total_steps,
                 step=self.step,
                 resumed_from_step=self.resumed_from,
-                worker_nodes=list(self.pool.node_ids),
-                exchange=self.pool.exchange.name,
+                worker_nodes=self.descend.node_ids,
+                exchange=self.descend.exchange,
+                workers=self.n_workers,
+                workers_reason=self.workers_reason,
             )
         )
 
@@ -292,7 +374,8 @@ class Trainer:
             "epoch": self.step // self.schedule.steps_per_epoch,
             "spec_hash": self.spec.spec_hash(),
             "metrics": self.history,
-            "worker_failures": self.pool.failures,
+            "worker_failures": self.descend.failures,
+            "workers": self.n_workers,  # an auto run resumes with the count it chose
             "health": self.health.state(),
             **extra,
         }
@@ -354,16 +437,19 @@ class Trainer:
         )
 
     def _summary(self, status: Status, **results) -> RunSummary:
-        """`run_summary` from what the run got to (no schedule or pool if it failed early)."""
-        schedule, pool, health = self.schedule, self.pool, self.health
+        """`run_summary` from what the run got to (no schedule or step strategy if it failed
+        early)."""
+        schedule, descend, health = self.schedule, self.descend, self.health
         return run_summary(
             status,
             self.step,
             epochs=self.step // schedule.steps_per_epoch if schedule is not None else 0,
-            worker_nodes=list(pool.node_ids) if pool is not None else [],
-            exchange=pool.kind if pool is not None else None,
+            worker_nodes=descend.node_ids if descend is not None else [],
+            exchange=descend.exchange if descend is not None else None,
+            workers=self.n_workers if isinstance(self.n_workers, int) else None,
+            workers_reason=self.workers_reason,
             elapsed_s=round(time.perf_counter() - self.start, 3),
-            worker_failures=pool.failures if pool is not None else 0,
+            worker_failures=descend.failures if descend is not None else 0,
             resumed_from_step=self.resumed_from,
             health=health.summary() if health is not None else None,
             **results,
