@@ -2,6 +2,10 @@
 each job's Trainer (the coordinator) in its own thread. Trainer events become progress,
 metric points and timeline entries in the store as they arrive.
 
+A job with `workers: "auto"` is claimed when one worker fits. Until its Trainer has chosen
+its worker count, it holds the CPUs that were free when it started (the Trainer's cap);
+its `started` event then brings the reservation down to what the chosen count uses.
+
 Free CPUs = min(Ray's available CPUs, Ray's total - what our running jobs reserved): Ray's
 own figure lags until a new job's placement group exists, ours ignores other Ray users.
 The queue is strict (priority, then FIFO): a job that does not fit yet holds back the
@@ -34,6 +38,7 @@ from workers.events import (
     WorkerFailureEvent,
 )
 from workers.health import new_warnings
+from workers.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
 EPS = 1e-9
@@ -45,8 +50,8 @@ class Run:
 
     job_id: str
     name: str
-    workers: int
-    cpus: float
+    workers: int | None  # None while an auto run has not chosen
+    cpus: float  # reserved: the claim's, all that was free for an auto run until it chose
     stop: threading.Event = field(default_factory=threading.Event)
     # Set with stop when this process may no longer own the job: the Trainer ends without
     # writing anything more, since another process may be resuming it.
@@ -58,6 +63,7 @@ class Run:
     rate: float | None = None  # steps per second, smoothed
     last_step_at: float | None = None
     checkpoint_step: int | None = None  # the newest checkpoint the Trainer reported
+    spec: TrainingSpec | None = None  # once validated, as the run starts
 
 
 def pending_reason(
@@ -254,28 +260,35 @@ class Dispatcher:
             budget["slots"] -= 1
             return True
 
-        for job in self.store.claim(self.owner, decide):
-            self._start(job)
+        claimed = self.store.claim(self.owner, decide)
+        spare = budget["free"]  # what is left once every claimed job has its claim
+        for job in claimed:
+            spare = self._start(job, spare)
 
-    def _start(self, job: JobRow) -> None:
-        spec = job.spec
-        run = Run(job.id, job.name, spec.get("workers", 1), job.cpus)
+    def _start(self, job: JobRow, spare: float = 0.0) -> float:
+        """Run the claimed `job`. An auto job also holds the `spare` CPUs until it has
+        chosen its worker count; returns the spare CPUs left for the next."""
+        workers = job.spec.get("workers")
+        run = Run(job.id, job.name, workers if isinstance(workers, int) else None, job.cpus)
+        if workers == "auto":
+            run.cpus, spare = job.cpus + spare, 0.0
         run.thread = threading.Thread(target=self._run, args=(run, job), name=f"job-{job.id}")
         with self._lock:
             self.runs[job.id] = run
         run.thread.start()
+        return spare
 
     # -- one job ------------------------------------------------------------------------------
 
     def _run(self, run: Run, job: JobRow) -> None:
         try:
-            from workers.spec import TrainingSpec
-
             train = self._train
             if train is None:
                 from workers.trainer import train
-            spec = TrainingSpec.model_validate(job.spec)
+            spec = run.spec = TrainingSpec.model_validate(job.spec)
             out_dir = self.settings.jobs_dir / job.id
+            # An auto run may use what it holds: its claim and the CPUs spare at its start.
+            cap = {"max_cpus": run.cpus} if spec.workers == "auto" else {}
             summary = train(
                 spec,
                 out_dir,
@@ -283,6 +296,7 @@ class Dispatcher:
                 stop_event=run.stop,
                 abandon_event=run.abandon,
                 settings=self.settings.worker_settings(),
+                **cap,
             )
         except Exception as err:  # anything the Trainer did not turn into a summary
             log.exception("job %s crashed", job.id)
@@ -332,6 +346,12 @@ class Dispatcher:
         run.worker_nodes = list(event.get("worker_nodes") or [])
         values = {"total_steps": event["total_steps"], "step": event["step"]}
         values["worker_nodes"] = run.worker_nodes
+        if event.get("workers") is not None:
+            values |= {"workers": event["workers"], "workers_reason": event.get("workers_reason")}
+            if run.workers is None and run.spec is not None:  # auto chose: hold what it uses
+                run.cpus = run.spec.reserved_cpus(event["workers"])
+                self._wake.set()
+            run.workers = event["workers"]
         self.store.progress(run.job_id, self.owner, values)
         run.checkpoint_step = event.get("resumed_from_step")
         if run.checkpoint_step is not None:

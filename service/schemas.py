@@ -86,6 +86,13 @@ class Job(BaseModel):
     queue_position: int | None = Field(description="1 = next to run; only while queued")
     pending_reason: str | None = Field(description="why a queued job is not running yet")
     worker_nodes: list[str]
+    workers: int | None = Field(
+        description="the worker count (0: in-process): the spec's, or the one auto chose "
+        "once the run started; null until then"
+    )
+    workers_reason: str | None = Field(
+        description="why that count: what auto measured and predicted; null until started"
+    )
     health: JobHealth | None = Field(None, description="the latest training-health check")
     events: list[JobEvent] | None = Field(
         None, description="status timeline, oldest first; only in GET /jobs/{id}"
@@ -118,9 +125,16 @@ class Job(BaseModel):
             queue_position=position,
             pending_reason=reason,
             worker_nodes=row.worker_nodes or [],
+            workers=row.workers if row.workers is not None else _count(row.spec.get("workers")),
+            workers_reason=row.workers_reason,
             health=row.health,
             events=None if events is None else [JobEvent.of(e) for e in events],
         )
+
+
+def _count(workers) -> int | None:
+    """The spec's worker count, if it states one ("auto" chooses when the run starts)."""
+    return workers if isinstance(workers, int) else None
 
 
 class JobPage(BaseModel):
@@ -240,7 +254,7 @@ class Node(BaseModel):
 class RunningJob(BaseModel):
     job_id: str
     name: str
-    workers: int
+    workers: int | None = Field(description="null while an auto run is still choosing")
     cpus: float
     worker_nodes: list[str]
 

@@ -35,7 +35,10 @@ class JobRow(Base):
     status: Mapped[str] = mapped_column(String(16))
     priority: Mapped[int] = mapped_column(BigInteger, default=0)
     spec: Mapped[dict] = mapped_column(JSON)
-    cpus: Mapped[float] = mapped_column(Float)  # workers x cpus_per_worker: the gang's size
+    # The CPUs a claim reserves: workers x cpus_per_worker, one worker's for auto or 0.
+    cpus: Mapped[float] = mapped_column(Float)
+    workers: Mapped[int | None] = mapped_column(Integer)  # the run's count, once started
+    workers_reason: Mapped[str | None] = mapped_column(Text)  # why that count
 
     created_at: Mapped[datetime] = mapped_column(DateTime)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -445,3 +445,18 @@ def test_all_jobs_event_stream_needs_the_token(tmp_path):
     client, _, _ = make_client(tmp_path, api_token="s3cret")
     assert client.get("/api/v1/events").status_code == 401
     assert client.get("/api/v1/events", params={"token": "nope"}).status_code == 401
+
+
+def test_an_auto_or_in_process_job_reserves_one_workers_cpus(env):
+    """It fits if one worker fits; `workers` shows its count once known (null for auto)."""
+    client, store, _ = env  # a 4-CPU cluster
+    for workers, shown in (("auto", None), (0, 0), (3, 3)):
+        job = submit(client, workers=workers, cpus_per_worker=1.0)
+        assert store.get(job["id"]).cpus == (3.0 if workers == 3 else 1.0)
+        assert (job["workers"], job["workers_reason"]) == (shown, None)
+    r = client.post("/api/v1/jobs", json=spec(workers="auto", cpus_per_worker=8))
+    assert locs(r) == [("body", "cpus_per_worker")]
+    msg = 'workers "auto" needs one worker\'s cpus_per_worker = 8 CPUs, but the whole cluster has 4'
+    assert r.json()["detail"][0]["msg"] == msg
+    r = client.post("/api/v1/jobs", json=spec(workers=5, cpus_per_worker=1, batch_size=40))
+    assert locs(r) == [("body", "workers")]

@@ -331,3 +331,53 @@ def test_an_owner_cut_off_from_the_store_abandons_its_jobs_within_half_a_lease(
     job = store.get(job_id)
     assert job.attempts == 2 and job.step == 300
     assert any("d1 abandoned it at step" in (e.message or "") for e in store.events(job_id))
+
+
+def test_an_auto_job_holds_the_free_cpus_until_it_has_chosen(tmp_path, store_url):
+    """Claimed on one worker's CPUs; until its Trainer has chosen, it holds every CPU that
+    was free (the Trainer's cap); then only what the chosen count uses."""
+    store = JobStore(store_url)
+    auto = new_job(store, cpus=1.0, name="auto", workers="auto", cpus_per_worker=1.0).id
+    started, choose, release, seen = threading.Event(), threading.Event(), threading.Event(), {}
+    fake = fake_train(steps=3)
+
+    def train(spec, out_dir, *, callback, max_cpus=None, **kwargs):
+        if spec.name != "auto":
+            return fake(spec, out_dir, callback=callback, **kwargs)
+        seen["max_cpus"] = max_cpus
+        started.set()
+        assert choose.wait(20)
+        reason = "chose in-process: stubbed"
+        callback(
+            StartedEvent(
+                type="started",
+                total_steps=1,
+                step=0,
+                resumed_from_step=None,
+                worker_nodes=[],
+                exchange=None,
+                workers=0,
+                workers_reason=reason,
+            )
+        )
+        assert release.wait(20)
+        return {"status": "succeeded", "steps": 1, "workers": 0, "workers_reason": reason}
+
+    d = make_dispatcher(tmp_path, store, train, cpus=3.0, max_concurrent_jobs=2)
+    d.start()
+    try:
+        assert started.wait(20)
+        assert seen["max_cpus"] == 3.0 and d.capacity().free == 0
+        assert d.running()[0]["workers"] is None and store.get(auto).workers is None
+        other = new_job(store, cpus=1.0).id
+        d.wake()
+        assert d.pending_reason(store.get(other), 1) == "waiting for 1 CPUs, 0 free"
+        choose.set()
+        wait_for(lambda: store.get(other).status == "succeeded")  # CPUs released by the choice
+        job = store.get(auto)
+        assert (job.workers, job.workers_reason) == (0, "chose in-process: stubbed")
+        assert d.runs[auto].cpus == 1.0 and d.running()[0]["workers"] == 0
+    finally:
+        choose.set()
+        release.set()
+        d.shutdown()

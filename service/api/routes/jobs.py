@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Response, status
@@ -64,15 +65,20 @@ def validate_spec(body: Any, settings: Settings) -> TrainingSpec:
 
 
 def _check_fits(spec: TrainingSpec, dispatcher: Dispatcher, settings: Settings) -> float:
-    """The CPUs the job's gang needs; 422 when the whole cluster has fewer (no autoscaler)."""
-    need = spec.workers * spec.cpus_per_worker
+    """The CPUs the job's claim reserves (see TrainingSpec.reserved_cpus); 422 when the
+    whole cluster has fewer (no autoscaler). An auto or in-process job fits if one worker
+    does."""
+    need = spec.reserved_cpus()
     total = dispatcher.capacity().total
     if need > total + EPS and not settings.autoscaling:
-        msg = (
-            f"workers x cpus_per_worker = {spec.workers} x {spec.cpus_per_worker:g} = "
-            f"{need:g} CPUs, but the whole cluster has {total:g}"
-        )
-        raise field_error(("body", "workers"), msg, spec.workers)
+        if isinstance(spec.workers, int) and spec.workers > 0:
+            field, value = "workers", spec.workers
+            what = f"workers x cpus_per_worker = {spec.workers} x {spec.cpus_per_worker:g} = "
+        else:  # auto or in-process: one worker's share
+            field, value = "cpus_per_worker", spec.cpus_per_worker
+            what = f"workers {json.dumps(spec.workers)} needs one worker's cpus_per_worker = "
+        msg = f"{what}{need:g} CPUs, but the whole cluster has {total:g}"
+        raise field_error(("body", field), msg, value)
     return need
 
 

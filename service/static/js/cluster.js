@@ -2,7 +2,7 @@
 // the cluster has no stream). clusterStrip is the one-line summary on the jobs list.
 
 import { api } from "./api.js";
-import { alert, badge, empty, errorText, h, shortId, table, tile } from "./ui.js";
+import { alert, badge, empty, errorText, h, shortId, table, tile, workerCount } from "./ui.js";
 
 const cpus = (x) => Number(x.toFixed(2)).toString();
 
@@ -94,7 +94,7 @@ function runningTable(c) {
         " ",
         h("span.mono.muted", {}, j.job_id),
       ),
-      h("td.num", {}, String(j.workers)),
+      h("td.num", {}, j.workers === null ? "choosing" : workerCount(j.workers)),
       h("td.num", {}, cpus(j.cpus)),
       h("td", {}, nodes.join(", ") || "–"),
     );

@@ -92,6 +92,7 @@ function summaryTiles(job, names) {
   const m = job.metrics || {};
   const p = job.progress;
   const [workers, nodes] = workersText(job, names);
+  const reason = job.workers_reason; // why this count: what auto measured, or the spec's
   const since = job.started_at ? `started ${when(job.started_at)}` : "";
   const rate = m.samples_per_s ? Math.round(m.samples_per_s).toLocaleString() : "–";
   return [
@@ -101,7 +102,10 @@ function summaryTiles(job, names) {
     classifies(job) && tile("Validation accuracy", pct(m.val_accuracy)),
     tile("Samples / s", rate),
     tile(job.status === "queued" ? "Waiting" : "Duration", duration(elapsed(job)), since, ".tick"),
-    tile("Workers", workers, nodes),
+    tile("Workers", workers, [
+      nodes,
+      reason && h("div.workers-reason", { id: "workers-reason" }, reason),
+    ]),
     tile("Attempts", String(job.attempts)),
   ];
 }

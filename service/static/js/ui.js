@@ -124,10 +124,14 @@ export function stepText(job, withEpoch = false) {
   return parts.join(" · ");
 }
 
-// "2 workers · 1 node", with the nodes' addresses when the cluster told us them.
+// How many workers a count is: "in-process" for 0, "auto" before an auto run has chosen.
+export const workerCount = (n) =>
+  n === 0 ? "in-process" : n === "auto" ? "auto" : `${n} worker${n === 1 ? "" : "s"}`;
+
+// "2 workers · 1 node", with the nodes' addresses when the cluster told us them. The count
+// is the run's (what auto chose, once started), else the spec's.
 export function workersText(job, nodeNames = new Map()) {
-  const n = job.spec?.workers ?? job.worker_nodes.length;
-  const text = `${n} worker${n === 1 ? "" : "s"}`;
+  const text = workerCount(job.workers ?? job.spec?.workers ?? job.worker_nodes.length);
   const nodes = [...new Set(job.worker_nodes)];
   if (!nodes.length) return [text, ""];
   const names = nodes.map((id) => nodeNames.get(id) || shortId(id));
