@@ -117,6 +117,24 @@ def test_ctrl_c_checkpoints_and_exits_130(tmp_path, ray_address, exchange_env):
     assert ckpt.load_latest(out).step == summary["steps"] > 0
 
 
+def test_ctrl_c_of_an_in_process_run_checkpoints_and_exits_130(tmp_path):
+    """workers: 0, with a Ray address that answers nothing: any start of Ray would fail."""
+    spec_file = write_spec(tmp_path / "spec.json", make_spec(epochs=2000, checkpoint_every=20))
+    out = tmp_path / "run"
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
+    proc = cli("train", spec_file, "--out", out, "--json", "--workers", "0", env=env)
+    deadline = time.time() + 120
+    while ckpt.load_latest(out) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["status"] == "failed" and "interrupted at step" in summary["error"]
+    assert (summary["workers"], summary["worker_nodes"], summary["exchange"]) == (0, [], None)
+    assert ckpt.load_latest(out).step == summary["steps"] > 0
+
+
 def test_invalid_spec_names_the_field(tmp_path):
     bad = json.loads(make_spec().model_dump_json())
     bad["model"]["sizes"][0] = 3
