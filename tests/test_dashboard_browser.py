@@ -120,6 +120,20 @@ def test_loss_chart_holds_every_metric_point(page, server, api, trained, shots):
     screenshot(page, shots, "dashboard-job")
 
 
+def test_the_job_page_shows_the_worker_count_auto_chose_and_why(page, server, api):
+    r = api.post("/jobs", json=spec(name="auto", epochs=1, workers="auto"))
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    page.goto(f"{server.url}/#/jobs/{job_id}")
+    expect(badge(page)).to_have_text("succeeded", timeout=120_000)
+    job = api.get(f"/jobs/{job_id}").json()
+    assert job["workers_reason"].startswith("chose ")
+    n = job["workers"]
+    count = "in-process" if n == 0 else f"{n} worker{'' if n == 1 else 's'}"
+    expect(page.locator("#workers-reason")).to_have_text(job["workers_reason"])
+    expect(page.locator(".tile", has_text="Workers").locator(".v")).to_have_text(count)
+
+
 def test_predict_box_returns_the_apis_outputs(page, server, api, trained):
     wait_job(api, trained, lambda j: j["status"] == "succeeded")
     page.goto(f"{server.url}/#/jobs/{trained}")

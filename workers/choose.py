@@ -74,20 +74,26 @@ def choose_workers(
     def step_s(n: int) -> float:
         return compute if n == 0 else compute / n + exchange_seconds(kind, n, size, settings)
 
-    cap, capped_by = spec.batch_size, f"batch_size {spec.batch_size}"
+    cap, limit = spec.batch_size, "no count of workers could beat it; the cluster was not asked"
     if _fastest(step_s, min(cap, 1024)) > 0:  # workers could pay: how many may we have?
         free = free_cpus()
         by_cpus = math.floor(free / spec.cpus_per_worker + 1e-9)
-        if by_cpus < cap:
-            cap, capped_by = by_cpus, f"{free:g} free CPUs"
+        why = f"batch_size {cap}" if cap <= by_cpus else f"{free:g} free CPUs"
+        cap = min(cap, by_cpus)
+        limit = f"at most {cap} workers ({why})"
     best = _fastest(step_s, cap)
     shown = sorted({0, 1, 2, best, cap} & set(range(cap + 1)))
-    predicted = ", ".join(f"{_label(n)} {step_s(n) * 1e3:.3g} ms" for n in shown)
+    predicted = ", ".join(f"{_label(n)} {_ms(step_s(n))}" for n in shown)
     reason = (
-        f"chose {_label(best)}: gradient compute {compute * 1e3:.3g} ms per step, {kind} "
-        f"exchange estimated; predicted step {predicted}; at most {cap} workers ({capped_by})"
+        f"chose {_label(best)}: gradient compute {_ms(compute)} per step, {kind} exchange "
+        f"estimated; predicted step {predicted}; {limit}"
     )
     return WorkerChoice(best, reason)
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.3g} ms" if ms < 1000 else f"{ms:.0f} ms"
 
 
 def _fastest(step_s: Callable[[int], float], cap: int) -> int:
