@@ -46,6 +46,7 @@ bench: $(RUN_STAMP)
 	$(PY) benchmarks/core_step.py
 	$(PY) benchmarks/sync_step.py
 	$(PY) benchmarks/vs_raytrain.py
+	$(PY) benchmarks/examples.py
 
 clean:
 	rm -rf $(VENV) var runs .pytest_cache
