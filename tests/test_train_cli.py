@@ -110,8 +110,8 @@ def test_ctrl_c_checkpoints_and_exits_130(tmp_path, ray_address, exchange_env):
     while ckpt.load_latest(out) is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, f"stdout: {stdout[-2000:]}\nstderr: {stderr[-4000:]}"
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["status"] == "failed" and "interrupted at step" in summary["error"]
     assert ckpt.load_latest(out).step == summary["steps"] > 0

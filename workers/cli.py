@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import signal
 import sys
@@ -131,7 +133,12 @@ def run_interruptibly(spec: TrainingSpec, out: Path, settings: WorkerSettings) -
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print("\nstopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
+        # Not print(): the signal may land while this thread is inside a write to stderr,
+        # and a buffered stream refuses the reentrant call (RuntimeError mid-training).
+        with contextlib.suppress(OSError):
+            os.write(
+                sys.stderr.fileno(), b"\nstopping after this step (Ctrl-C again to abort)...\n"
+            )
 
     previous = signal.signal(signal.SIGINT, interrupt)
     bar = ProgressBar()
