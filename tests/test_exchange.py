@@ -42,16 +42,20 @@ def reference(tmp_path_factory):
 
 @pytest.fixture
 def graphs(monkeypatch):
-    """Every compiled graph opened during the test."""
+    """Every compiled graph opened during the test (of either graph exchange)."""
     opened = []
-    init = ex.CompiledExchange.__init__
+    init = ex.Graph.__init__
 
     def record(self, *args, **kwargs):
         init(self, *args, **kwargs)
         opened.append(self.graph)
 
-    monkeypatch.setattr(ex.CompiledExchange, "__init__", record)
+    monkeypatch.setattr(ex.Graph, "__init__", record)
     return opened
+
+
+# The exchanges that run a compiled graph: the replicated step (the default) and the gather.
+GRAPH_KINDS = pytest.mark.parametrize("kind", ["replicated", "compiled"])
 
 
 # ---------------------------------------------------------------- choosing
@@ -59,13 +63,16 @@ def graphs(monkeypatch):
 
 def test_the_spec_chooses_and_the_environment_decides_auto(monkeypatch, caplog):
     monkeypatch.delenv(ENV, raising=False)
-    assert ex.resolve("auto", WorkerSettings()) == ex.resolve(None, WorkerSettings()) == "compiled"
+    assert ex.resolve("auto", WorkerSettings()) == "replicated"
+    assert ex.resolve(None, WorkerSettings()) == "replicated"
     monkeypatch.setenv(ENV, "tasks")
     settings = WorkerSettings()
     assert (ex.resolve("auto", settings), ex.resolve("compiled", settings)) == ("tasks", "compiled")
+    monkeypatch.setenv(ENV, "compiled")
+    assert ex.resolve("auto", WorkerSettings()) == "compiled"
     monkeypatch.setenv(ENV, "carrier-pigeon")
     with caplog.at_level(logging.WARNING, logger="workers.config"):
-        assert ex.resolve("auto", WorkerSettings()) == "compiled"
+        assert ex.resolve("auto", WorkerSettings()) == "replicated"
     assert "carrier-pigeon" in caplog.text
 
 
@@ -147,32 +154,36 @@ def test_workers_pin_themselves_to_distinct_free_cores():
 
 
 @pytest.mark.parametrize("workers", [2, 3])
-def test_both_exchanges_train_bit_identical_parameters(tmp_path, workers):
+def test_every_exchange_trains_bit_identical_parameters(tmp_path, workers):
     spec = dict(
         optimizer={"type": "adam", "lr": 0.01},
         dtype="float32",
         workers=workers,
         epochs=2,
     )
-    for kind in ("compiled", "tasks"):
+    for kind in ("replicated", "compiled", "tasks"):
         trainer = Trainer(make_spec(**spec, exchange=kind), tmp_path / kind)
         assert trainer.run()["status"] == "succeeded"
         assert trainer.pool.kind == kind
     assert same(final_params(tmp_path / "compiled"), final_params(tmp_path / "tasks"))
+    assert same(final_params(tmp_path / "replicated"), final_params(tmp_path / "tasks"))
 
 
 # ---------------------------------------------------------------- falling back
 
 
-def test_a_graph_that_cannot_compile_falls_back_to_tasks(tmp_path, monkeypatch, caplog, reference):
+@GRAPH_KINDS
+def test_a_graph_that_cannot_compile_falls_back_to_tasks(
+    tmp_path, monkeypatch, caplog, reference, kind
+):
     from ray.dag import DAGNode
 
     def refuse(self, **kwargs):
         raise RuntimeError("no compiled graphs on this cluster")
 
     monkeypatch.setattr(DAGNode, "experimental_compile", refuse)
-    trainer = Trainer(make_spec(epochs=2, exchange="compiled"), tmp_path)
-    with caplog.at_level(logging.WARNING, logger="workers.pool"):
+    trainer = Trainer(make_spec(epochs=2, exchange=kind), tmp_path)
+    with caplog.at_level(logging.WARNING, logger="workers"):
         summary = trainer.run()
     assert summary["status"] == "succeeded" and summary["worker_failures"] == 0
     assert trainer.pool.kind == "tasks"
@@ -185,7 +196,7 @@ def test_a_graph_that_cannot_compile_falls_back_to_tasks(tmp_path, monkeypatch, 
 def replace_fifth_step(monkeypatch, step) -> None:
     """The 5th execute of the compiled graphs calls `step()` instead and returns what it
     returns (or raises what it raises): a transport fault with every worker alive."""
-    init = ex.CompiledExchange.__init__
+    init = ex.Graph.__init__
     calls = {"n": 0}
 
     def patched(self, *args, **kwargs):
@@ -198,7 +209,7 @@ def replace_fifth_step(monkeypatch, step) -> None:
 
         self.graph.execute = execute_or_replace
 
-    monkeypatch.setattr(ex.CompiledExchange, "__init__", patched)
+    monkeypatch.setattr(ex.Graph, "__init__", patched)
 
 
 def assert_fell_back_to_tasks(trainer, summary, graphs, reference, reason: str) -> None:
@@ -210,8 +221,9 @@ def assert_fell_back_to_tasks(trainer, summary, graphs, reference, reason: str) 
     assert same(final_params(trainer.out), reference)
 
 
+@GRAPH_KINDS
 def test_a_broken_channel_mid_run_falls_back_and_recomputes_the_step(
-    tmp_path, monkeypatch, graphs, reference
+    tmp_path, monkeypatch, graphs, reference, kind
 ):
     """A transport failure with every worker alive: not a worker failure, and no lost step."""
 
@@ -219,7 +231,7 @@ def test_a_broken_channel_mid_run_falls_back_and_recomputes_the_step(
         raise RayChannelError("simulated: channel closed")
 
     replace_fifth_step(monkeypatch, broken)
-    trainer = Trainer(make_spec(epochs=2, exchange="compiled"), tmp_path)
+    trainer = Trainer(make_spec(epochs=2, exchange=kind), tmp_path)
     summary = trainer.run()
     assert_fell_back_to_tasks(trainer, summary, graphs, reference, "simulated: channel closed")
 
@@ -229,13 +241,14 @@ def _never_answers() -> None:
     time.sleep(3600)
 
 
-def test_a_stuck_step_falls_back_instead_of_hanging(tmp_path, monkeypatch, graphs, reference):
+@GRAPH_KINDS
+def test_a_stuck_step_falls_back_instead_of_hanging(tmp_path, monkeypatch, graphs, reference, kind):
     """Every worker alive, no answer: past the step timeout (or 50 times the slowest step)
     the graph is torn down and the step recomputed on tasks."""
     stuck = []
     replace_fifth_step(monkeypatch, lambda: stuck.append(_never_answers.remote()) or stuck[-1])
     settings = WorkerSettings(step_timeout_s=1.5)
-    trainer = Trainer(make_spec(epochs=2, exchange="compiled"), tmp_path, settings=settings)
+    trainer = Trainer(make_spec(epochs=2, exchange=kind), tmp_path, settings=settings)
     try:
         summary = trainer.run()
     finally:
@@ -250,7 +263,8 @@ def test_a_stuck_step_falls_back_instead_of_hanging(tmp_path, monkeypatch, graph
 # ---------------------------------------------------------------- worker death
 
 
-def test_a_worker_killed_during_a_step_is_detected_fast_and_replaced(tmp_path):
+@GRAPH_KINDS
+def test_a_worker_killed_during_a_step_is_detected_fast_and_replaced(tmp_path, kind):
     """Kill from another thread, so the kill lands while the workers compute a step."""
     spec = make_spec(
         model={"type": "mlp", "sizes": [2, 256, 256, 2], "activation": "tanh"},
@@ -258,7 +272,7 @@ def test_a_worker_killed_during_a_step_is_detected_fast_and_replaced(tmp_path):
         batch_size=1200,
         epochs=10,
         checkpoint_every=1000,
-        exchange="compiled",
+        exchange=kind,
     )
     expected = tmp_path / "uninterrupted"
     assert Trainer(spec, expected).run()["status"] == "succeeded"
@@ -280,9 +294,68 @@ def test_a_worker_killed_during_a_step_is_detected_fast_and_replaced(tmp_path):
     trainer = Trainer(spec, tmp_path / "killed", callback=on_event)
     summary = trainer.run()
     assert summary["status"] == "succeeded" and summary["worker_failures"] == 1
-    assert trainer.pool.kind == "compiled"  # recompiled over the replacement, not fallen back
+    assert trainer.pool.kind == kind  # recompiled over the replacement, not fallen back
     assert events["detected"] - events["killed"] < 10  # Ray reports the death; no timeout
     assert same(final_params(tmp_path / "killed"), final_params(expected))
+    if kind == "replicated":  # the replacement got the surviving replica's state
+        assert [source for source, _ in trainer.descend.restores] == [0]
+
+
+# ---------------------------------------------------------------- the replicas
+
+
+def test_the_replicas_are_bit_identical_at_every_checkpoint(tmp_path):
+    """Every checkpoint records each replica's parameter hash, checked equal by the
+    coordinator; here they are checked again, against the checkpoint's own parameters."""
+    import hashlib
+
+    spec = make_spec(epochs=3, workers=3, checkpoint_every=4, keep_checkpoints=10)
+    trainer = Trainer(spec, tmp_path)
+    assert trainer.run()["status"] == "succeeded" and trainer.pool.kind == "replicated"
+    kept = ckpt.list_checkpoints(tmp_path)
+    assert [c.step for c in kept] == [4, 8, 12, 16, 18]
+    for c in kept:
+        loaded = ckpt.load_checkpoint(c.path)
+        digest = hashlib.sha256()
+        for name, _ in trainer.model.named_parameters():
+            digest.update(np.ascontiguousarray(loaded.model_state[name]).tobytes())
+        assert loaded.state["replica_sha256"] == [digest.hexdigest()] * 3, c.step
+
+
+def test_replicas_that_disagree_fail_the_run(tmp_path, monkeypatch):
+    """The check can fail: a replica whose hash differs at a checkpoint fails the run."""
+    call = ex.ReplicatedGraph.__call__
+
+    def rank_1_differs(self, end, fetch, verify):
+        outs = call(self, end, fetch, verify)
+        if verify:
+            outs[1] = {**outs[1], "sha256": "0" * 64}
+        return outs
+
+    monkeypatch.setattr(ex.ReplicatedGraph, "__call__", rank_1_differs)
+    summary = Trainer(make_spec(epochs=2, checkpoint_every=4), tmp_path).run()
+    assert summary["status"] == "failed"
+    assert "the replicas differ at step 4" in summary["error"]
+    assert ckpt.list_checkpoints(tmp_path) == []
+
+
+def test_every_worker_dying_restores_from_the_coordinators_copy(tmp_path, reference):
+    """No replica survives: the replacements start from the coordinator's newest copy and
+    the steps since are recomputed, bit-identical."""
+
+    def kill_all(event):
+        if event["type"] == "step" and event["step"] == 8 and not killed:
+            pids = trainer.pool.worker_pids()
+            killed.extend(pids)
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+
+    killed: list[int] = []
+    trainer = Trainer(make_spec(epochs=2), tmp_path, callback=kill_all)
+    summary = trainer.run()
+    assert summary["status"] == "succeeded" and summary["worker_failures"] == 2
+    assert [source for source, _ in trainer.descend.restores] == [None]
+    assert same(final_params(tmp_path), reference)
 
 
 def test_a_worker_death_leaves_a_clean_exit(tmp_path, ray_session):
@@ -316,9 +389,10 @@ def test_a_worker_death_leaves_a_clean_exit(tmp_path, ray_session):
 # ---------------------------------------------------------------- teardown
 
 
+@GRAPH_KINDS
 @pytest.mark.parametrize("ending", ["succeeded", "cancelled", "diverged", "too many failures"])
-def test_the_graph_is_torn_down_however_the_run_ends(tmp_path, graphs, ending):
-    overrides = {"epochs": 1, "exchange": "compiled"}
+def test_the_graph_is_torn_down_however_the_run_ends(tmp_path, graphs, ending, kind):
+    overrides = {"epochs": 1, "exchange": kind}
     if ending == "diverged":
         overrides |= {
             "model": {"type": "mlp", "sizes": [1, 32, 1], "activation": "relu"},
@@ -330,8 +404,13 @@ def test_the_graph_is_torn_down_however_the_run_ends(tmp_path, graphs, ending):
     if ending == "too many failures":
         overrides["max_failures"] = 0
 
+    steps = []
+
     def on_event(event):
-        if event["type"] != "step" or event["step"] != 2:
+        if event["type"] != "step":
+            return
+        steps.append(event["step"])
+        if event["step"] != 2:
             return
         if ending == "cancelled":
             trainer.stop_event.set()
@@ -342,8 +421,8 @@ def test_the_graph_is_torn_down_however_the_run_ends(tmp_path, graphs, ending):
     summary = trainer.run()
     expected_status = {"succeeded": "succeeded", "cancelled": "cancelled"}.get(ending, "failed")
     assert summary["status"] == expected_status
-    if ending == "cancelled":
-        assert ckpt.load_latest(tmp_path).step == 2
+    if ending == "cancelled":  # at the step where the stop landed (the end of a block)
+        assert ckpt.load_latest(tmp_path).step == steps[-1] >= 2
     assert graphs and all(g.is_teardown for g in graphs)
     assert trainer.pool.exchange is None
     assert ray.util.placement_group_table(trainer.pool.pg)["state"] == "REMOVED"

@@ -24,7 +24,7 @@ from .helpers import make_spec
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
-@pytest.fixture(params=["compiled", "tasks"])
+@pytest.fixture(params=["replicated", "tasks"])
 def exchange_env(request):
     """The CLI's environment, choosing the step exchange (see workers/exchange.py)."""
     return {**os.environ, "SHARDGRAD_EXCHANGE": request.param}

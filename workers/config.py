@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger(__name__)
-ExchangeChoice = Literal["auto", "compiled", "tasks"]
+ExchangeChoice = Literal["auto", "replicated", "compiled", "tasks"]
 
 
 class WorkerSettings(BaseSettings):
@@ -27,6 +27,13 @@ class WorkerSettings(BaseSettings):
     datasets_dir: Path = Field(Path("var/datasets"), description="where uploads are stored")
     exchange: ExchangeChoice = Field(
         "auto", description="the step exchange while a spec says auto ($SHARDGRAD_EXCHANGE)"
+    )
+    replicated_stages: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="the most steps one execution of the replicated graph runs "
+        "($SHARDGRAD_REPLICATED_STAGES)",
     )
     pin_workers: bool = Field(
         True, description="pin compiled-graph workers to free cores ($SHARDGRAD_PIN_WORKERS)"
@@ -40,6 +47,11 @@ class WorkerSettings(BaseSettings):
     # What `workers: "auto"` expects an exchange to cost per step (workers/choose.py): a
     # constant per exchange kind, plus the bytes that cross (the parameters out, every
     # worker's gradient sum back) over a bandwidth. Measured on 2 cores (issue 13).
+    auto_replicated_step_s: float = Field(
+        2e-4,
+        ge=0,
+        description="a replicated step's fixed cost ($SHARDGRAD_AUTO_REPLICATED_STEP_S)",
+    )
     auto_compiled_step_s: float = Field(
         1e-3, ge=0, description="a compiled step's fixed cost ($SHARDGRAD_AUTO_COMPILED_STEP_S)"
     )

@@ -1,8 +1,12 @@
-"""How one step's parameters reach the workers, and their gradient sums come back.
+"""How a step's gradient sums travel between the workers and the coordinator.
 
-Both exchanges carry the same messages: the parameters as one flat vector to every
-worker, and back from worker *i*, in rank order, ``(flat gradient sum, sample count,
-loss sum)``. Only the transport differs, so both train bit-identical parameters.
+* ``replicated`` (workers/replicated.py): every worker holds a replica of the model and
+  optimizer; a compiled graph (`ReplicatedGraph`) carries each worker's gradient sum to
+  every worker, block after block of steps, and the coordinator only starts the blocks.
+
+The two gather exchanges carry the same messages: the parameters as one flat vector to
+every worker, and back from worker *i*, in rank order, ``(flat gradient sum, sample count,
+loss sum)``. Only the transport differs. All three train bit-identical parameters.
 
 * ``compiled``: a Ray Compiled Graph (``ray.dag``) over the pool's actors, compiled once
   per set of actors. A step writes its input once into a shared-memory channel that
@@ -10,7 +14,7 @@ loss sum)``. Only the transport differs, so both train bit-identical parameters.
 * ``tasks``: ``ray.put`` of the parameters, one actor task per worker, ``ray.get``.
   It works wherever Ray does, and it is the fallback.
 
-``auto`` (the default) means ``compiled`` unless the driver is a Ray Client (compiled
+``auto`` (the default) means ``replicated`` unless the driver is a Ray Client (compiled
 graphs need a real driver); if a graph cannot be compiled or run, the pool falls back to
 ``tasks`` with a logged reason and the job goes on. The spec's ``exchange`` field chooses;
 while it is ``auto``, the run's `WorkerSettings.exchange` (``$SHARDGRAD_EXCHANGE``) may
@@ -63,12 +67,13 @@ class ExchangeBroken(RuntimeError):
 
 
 def resolve(setting: str | None, settings: WorkerSettings) -> str:
-    """'compiled' or 'tasks': the spec's setting, else `settings.exchange`, else auto."""
+    """'replicated', 'compiled' or 'tasks': the spec's setting, else `settings.exchange`,
+    else auto (replicated, or tasks from a Ray Client)."""
     choice = setting if setting and setting != "auto" else settings.exchange
     if choice == "auto":
         from ray.util.client import ray as client
 
-        return "tasks" if client.is_connected() else "compiled"
+        return "tasks" if client.is_connected() else "replicated"
     return choice
 
 
@@ -88,6 +93,19 @@ def unflatten(flat: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarra
         out.append(flat[start : start + size].reshape(shape))
         start += size
     return out
+
+
+def add_in_rank_order(sums, shapes) -> tuple[list[np.ndarray], int, float]:
+    """(gradient sums as arrays of `shapes`, sample count, loss sum) of the workers'
+    `(flat sum, count, loss sum)` in rank order, added in rank order. Every exchange adds
+    with this, so all perform the same floating-point operations in the same order. The
+    flat sums may be views of channel buffers: the result is a copy of its own."""
+    total = sums[0][0].copy()
+    for g, _, _ in sums[1:]:
+        total += g
+    n = sum(count for _, count, _ in sums)
+    loss_sum = sum(loss for _, _, loss in sums)
+    return unflatten(total, shapes), n, loss_sum
 
 
 # ---------------------------------------------------------------- the exchanges
@@ -173,38 +191,41 @@ class TaskExchange:
         pass
 
 
-class CompiledExchange:
-    name = "compiled"
+class Graph:
+    """A compiled graph over the pool's actors: compiled once, run with a timeout, torn
+    down on any failure, which it blames on dead workers (WorkersDied) if there are any,
+    else on the transport (ExchangeBroken)."""
 
-    def __init__(self, actors: list, payload_bytes: int, settings: WorkerSettings):
-        from ray.dag import DAGContext, InputNode, MultiOutputNode
+    def __init__(self, actors: list, settings: WorkerSettings, buffer_bytes: int):
+        from ray.dag import DAGContext
 
         self.actors, self.graph = actors, None
-        self.slowest = 0.0  # seconds, of the steps so far
-        # A step with every worker alive that answers within neither this nor 50 times the
-        # slowest step so far is stuck in the transport: the job falls back to tasks.
+        self.slowest = 0.0  # seconds, of the executions so far
+        # An execution with every worker alive that answers within neither this nor 50 times
+        # the slowest so far is stuck in the transport: the job falls back to tasks.
         self.timeout_floor = settings.step_timeout_s
         try:
             if settings.pin_workers:
                 ray.get([a.pin.remote() for a in actors])
-            with InputNode() as inp:  # execute(flat, piece_0, piece_1, ...)
-                dag = MultiOutputNode(
-                    [a.grad.bind(inp[0], inp[rank + 1]) for rank, a in enumerate(actors)]
-                )
-            # A channel holds one message; sized for it, it is never resized on the fly.
-            buffer = max(DAGContext.get_current().buffer_size_bytes, payload_bytes)
+            dag = self._dag()
+            # A channel is sized for its largest regular message, so it is not resized on
+            # the fly (a larger one, such as a fetched state, grows it once).
+            buffer = max(DAGContext.get_current().buffer_size_bytes, buffer_bytes)
             with _compile_lock:
                 self.graph = dag.experimental_compile(_buffer_size_bytes=buffer)
         except Exception as err:
             self._diagnose(err, "could not compile")
 
-    def __call__(self, flat: np.ndarray, pieces: list[np.ndarray]) -> list[tuple]:
+    def _dag(self):
+        raise NotImplementedError
+
+    def _run(self, *args) -> list:
         # A dead actor makes Ray's graph monitor tear the graph down at once, and the get
-        # raises ActorDiedError; a slow step may take many times the slowest one so far.
+        # raises ActorDiedError; a slow execution may take many times the slowest so far.
         timeout = max(self.timeout_floor, 50 * self.slowest)
         began = time.monotonic()
         try:
-            results = ray.get(self.graph.execute(flat, *pieces), timeout=timeout)
+            results = ray.get(self.graph.execute(*args), timeout=timeout)
         except Exception as err:  # ActorDiedError, channel errors, anything of Ray's
             if isinstance(err, RayTaskError) and not isinstance(err.cause, RayError):
                 _forget_frames(err)  # its message keeps the worker's traceback
@@ -235,6 +256,52 @@ class CompiledExchange:
                 graph.teardown()
             except Exception:  # a failed teardown must not hide the reason we are here
                 log.exception("compiled graph teardown failed")
+
+
+class CompiledExchange(Graph):
+    """The gather step's graph: the parameters and each worker's piece in, every worker's
+    (gradient sum, count, loss sum) out."""
+
+    name = "compiled"
+
+    def __init__(self, actors: list, payload_bytes: int, settings: WorkerSettings):
+        super().__init__(actors, settings, payload_bytes)
+
+    def _dag(self):
+        from ray.dag import InputNode, MultiOutputNode
+
+        with InputNode() as inp:  # execute(flat, piece_0, piece_1, ...)
+            return MultiOutputNode(
+                [a.grad.bind(inp[0], inp[rank + 1]) for rank, a in enumerate(self.actors)]
+            )
+
+    def __call__(self, flat: np.ndarray, pieces: list[np.ndarray]) -> list[tuple]:
+        return self._run(flat, *pieces)
+
+
+class ReplicatedGraph(Graph):
+    """The replicated step's graph (workers/replicated.py), `stages` steps long: every
+    worker's gradient sum of a step goes to every worker, which applies the step and
+    computes its sum of the next. In: (end step, fetch, verify); out: each replica's report.
+    A block shorter than `stages` passes None through the stages it does not need."""
+
+    name = "replicated"
+
+    def __init__(self, actors: list, stages: int, settings: WorkerSettings, sum_bytes: int):
+        self.stages = stages
+        super().__init__(actors, settings, sum_bytes + 2**16)
+
+    def _dag(self):
+        from ray.dag import InputNode, MultiOutputNode
+
+        with InputNode() as inp:
+            sums = [a.replica_start.bind(inp) for a in self.actors]
+            for _ in range(self.stages - 1):
+                sums = [a.replica_step_once.bind(*sums) for a in self.actors]
+            return MultiOutputNode([a.replica_finish.bind(*sums) for a in self.actors])
+
+    def __call__(self, end: int, fetch: bool, verify: bool) -> list[dict]:
+        return self._run((end, fetch, verify))
 
 
 def _forget_frames(err: BaseException | None) -> None:

@@ -72,6 +72,34 @@ def grad_sum(model: nn.Module, loss: str, X: np.ndarray, y: np.ndarray):
     return [p.grad for p in params], float(out.data)
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message is what the user sees."""
+
+
+class Diverged(TrainingError):
+    pass
+
+
+def average_and_step(params, opt, grads, n: int, loss_sum: float, step: int):
+    """Divide the batch's gradient sums by its size, check them, step the optimizer.
+
+    Every step strategy ends its step here (the coordinator's, and each replica's), so
+    they all perform the same floating-point operations in the same order. Returns
+    (mean loss, gradient norm) and leaves each parameter's `.grad` the averaged gradient;
+    raises Diverged with the weights unchanged."""
+    loss = loss_sum / n
+    sq = 0.0
+    for p, g in zip(params, grads, strict=True):
+        g /= n
+        p.grad = g
+        sq += float(np.vdot(g, g))
+    grad_norm = float(np.sqrt(sq))
+    if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+        raise Diverged(f"diverged at step {step + 1} (loss={loss:g})")
+    opt.step()
+    return loss, grad_norm
+
+
 def param_bytes(sizes: list[int], dtype: str) -> int:
     """The bytes of an MLP's parameters: weights and biases of each Linear layer."""
     count = sum((a + 1) * b for a, b in zip(sizes, sizes[1:], strict=False))

@@ -1,10 +1,12 @@
 """Ray worker actors that compute gradient sums, and the pool that keeps them alive.
 
-The pool owns no training state: parameters live in the coordinator. When a
-worker dies mid-step, the pool replaces it in the same placement-group bundle
-and the coordinator's step is simply asked again, so no progress is lost. How
-parameters and gradients travel (a compiled graph or plain tasks) is the
-exchange's business (exchange.py); the pool reopens it over the new actors.
+The pool owns no training state. On the gather exchanges (`compiled`, `tasks`) the
+parameters live in the coordinator: when a worker dies mid-step, the pool replaces it in
+the same placement-group bundle and the coordinator's step is simply asked again. How
+parameters and gradients travel is the exchange's business (exchange.py); the pool
+reopens it over the new actors. On the `replicated` exchange each worker also holds a
+replica (workers/replicated.py), and the replicated step restores a replacement's state
+from a surviving replica.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from workers.config import WorkerSettings
 from workers.exchange import (
     ExchangeBroken,
     WorkersDied,
+    add_in_rank_order,
     claim_cores,
     flatten,
     open_exchange,
@@ -32,6 +35,7 @@ from workers.exchange import (
 )
 from workers.model import blas_threads, grad_sum, param_bytes, set_parameters
 from workers.ray_private import skip_torch_probe
+from workers.replica import Replica
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,45 @@ class GradWorker:
         grads, loss_sum = grad_sum(self.model, self.loss, self.X[idx], self.y[idx])
         return flatten(grads), len(idx), loss_sum
 
+    # The replicated exchange: this worker's replica (workers/replicated.py).
+
+    def replicate(self, spec, rank: int, workers: int, state: dict) -> None:
+        self.replica = Replica(spec, rank, workers, self.X, self.y, state)
+
+    def replica_at(self) -> int:
+        return self.replica.step
+
+    def replica_state(self) -> tuple[dict, list]:
+        """The replica's state, and the steps it did in its current block."""
+        return self.replica.state(), self.replica.results
+
+    def replica_start(self, command):
+        return self.replica.start(command)
+
+    def replica_step_once(self, *sums):
+        return self.replica.step_once(sums)
+
+    def replica_finish(self, *sums):
+        return self.replica.finish(sums)
+
+
+class OnPool:
+    """What a run reports about the workers of a step strategy that runs on a pool."""
+
+    pool: WorkerPool
+
+    @property
+    def node_ids(self) -> list[str]:
+        return list(self.pool.node_ids)
+
+    @property
+    def exchange(self) -> str:
+        return self.pool.kind
+
+    @property
+    def failures(self) -> int:
+        return self.pool.failures
+
 
 class WorkerPool:
     """`n` GradWorkers spread over the cluster's nodes, one placement-group bundle each."""
@@ -121,13 +164,15 @@ class WorkerPool:
             ) from None
         # The largest message: the flat parameters plus the batch's indices, with room to spare.
         self.payload_bytes = param_bytes(model_cfg["sizes"], model_cfg["dtype"]) + 2**20
+        # `replicated`: the replicated step runs its own graph; the pool only keeps actors.
         self.kind, self.exchange = resolve(exchange, self.settings), None
         self.fallback_reason: str | None = None
         self.actors: list = []
         try:
             for rank in range(n):
                 self.actors.append(self._spawn(rank))
-            self._connect()
+            if self.kind != "replicated":
+                self._connect()
         except BaseException:
             self.shutdown()
             raise
@@ -174,11 +219,16 @@ class WorkerPool:
         """Replace the dead workers, or give up on the compiled graph for this job."""
         if isinstance(err, WorkersDied):
             for rank, cause in err.causes.items():
-                self._replace(rank, cause)
+                self.replace(rank, cause)
         else:
-            self.fallback_reason = str(err)
             log.warning("%s; falling back to the tasks exchange", err)
-            self.kind = "tasks"
+            self.fall_back(str(err))
+
+    def fall_back(self, reason: str) -> None:
+        """Go on with the tasks exchange for the rest of the job, because of `reason`."""
+        self._close_exchange()
+        self.fallback_reason, self.kind = reason, "tasks"
+        self._connect()
 
     def grads(self, params: list[np.ndarray], pieces: list[np.ndarray]) -> tuple:
         """(grad_sums, count, loss_sum) over all pieces, the workers' sums added in rank order.
@@ -194,21 +244,17 @@ class WorkerPool:
                 self._recover(err)
                 self._connect()
                 continue
-            # Add in rank order (the results are views into the exchange's buffers, read
-            # here once and dropped): the same sums, in the same order, for any exchange.
-            total = results[0][0].copy()
-            for g, _, _ in results[1:]:
-                total += g
-            n = sum(count for _, count, _ in results)
-            loss_sum = sum(loss for _, _, loss in results)
-            return unflatten(total, shapes), n, loss_sum
+            # The results are views into the exchange's buffers, read here once and dropped.
+            return add_in_rank_order(results, shapes)
 
     def _close_exchange(self) -> None:
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.close()
 
-    def _replace(self, rank: int, cause: str) -> None:
+    def replace(self, rank: int, cause: str) -> None:
+        """Count a failure of worker `rank` (WorkerFailure past max_failures) and start a
+        new worker in its bundle."""
         self.failures += 1
         reason = f"worker {rank} died: {cause}"
         log.warning("%s (failure %d of at most %d)", reason, self.failures, self.max_failures)

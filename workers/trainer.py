@@ -40,20 +40,23 @@ from workers.events import (
     run_summary,
 )
 from workers.health import HealthMonitor
-from workers.model import blas_limit, blas_threads, build_model, build_optimizer, evaluate, grad_sum
-from workers.pool import ClusterTooSmall, WorkerFailure, WorkerPool
+from workers.model import (
+    Diverged,
+    TrainingError,
+    average_and_step,
+    blas_limit,
+    blas_threads,
+    build_model,
+    build_optimizer,
+    evaluate,
+    grad_sum,
+)
+from workers.pool import ClusterTooSmall, OnPool, WorkerFailure, WorkerPool
+from workers.replicated import ReplicatedStep
 from workers.sampler import Schedule, split_batch
 from workers.spec import TrainingSpec
 
 __all__ = ["Diverged", "SpecMismatch", "Trainer", "TrainingError", "run_summary", "train"]
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on; the message is what the user sees."""
-
-
-class Diverged(TrainingError):
-    pass
 
 
 class SpecMismatch(TrainingError):
@@ -63,43 +66,54 @@ class SpecMismatch(TrainingError):
 # ---------------------------------------------------------------- the step strategy
 
 
-class GatherStep:
-    """One step with the parameters in the coordinator: the pool's workers return the
-    gradient sums of their rank-order pieces of the global batch, the pool adds them in
-    rank order, and this averages them, checks them and steps the optimizer.
+class _CoordinatorStep:
+    """A step strategy whose parameters live in the coordinator: one step at a time.
 
-    The seam for another step strategy: `step(number, idx)` takes the 0-based step and the
-    global batch's rows, and returns (mean loss, gradient norm). It leaves the coordinator's
-    model stepped and each parameter's `.grad` the step's averaged gradient, or raises
-    Diverged with the weights unchanged (a last health check then reads those gradients).
+    The interface every strategy has (ReplicatedStep too): `advance(end, fetch, verify)`
+    runs the steps from the strategy's step up to `end` and returns each one's (rows,
+    mean loss, gradient norm); it leaves each parameter's `.grad` the last step's averaged
+    gradient, or raises Diverged with the weights unchanged (a last health check then reads
+    those gradients). `block` is the most steps one call should run; `sync()` makes the
+    coordinator's model and optimizer current.
     """
 
-    def __init__(self, pool: WorkerPool, model, opt):
-        self.pool, self.params, self.opt = pool, model.parameters(), opt
+    block = 1
 
-    def __call__(self, step: int, idx: np.ndarray) -> tuple[float, float]:
-        pieces = split_batch(idx, self.pool.n)
-        grads, n, loss_sum = self.pool.grads([p.data for p in self.params], pieces)
-        return average_and_step(self.params, self.opt, grads, n, loss_sum, step)
+    def __init__(self, model, opt, schedule: Schedule, step: int):
+        self.params, self.opt, self.schedule, self.step = model.parameters(), opt, schedule, step
 
-    # What the run reports about where its steps ran.
-    @property
-    def node_ids(self) -> list[str]:
-        return list(self.pool.node_ids)
+    def advance(self, end: int, fetch: bool = True, verify: bool = False) -> list[tuple]:
+        done = []
+        while self.step < end:
+            n, grads, loss_sum = self._grad_sum(self.schedule.batch(self.step))
+            loss, norm = average_and_step(self.params, self.opt, grads, n, loss_sum, self.step)
+            done.append((n, loss, norm))
+            self.step += 1
+        return done
 
-    @property
-    def exchange(self) -> str:
-        return self.pool.kind
+    def sync(self) -> None:
+        pass  # always current
 
-    @property
-    def failures(self) -> int:
-        return self.pool.failures
+
+class GatherStep(OnPool, _CoordinatorStep):
+    """The pool's workers return the gradient sums of their rank-order pieces of the global
+    batch, the pool adds them in rank order, and the coordinator averages, checks and steps."""
+
+    def __init__(self, pool: WorkerPool, model, opt, schedule: Schedule, step: int):
+        super().__init__(model, opt, schedule, step)
+        self.pool = pool
+
+    def _grad_sum(self, idx: np.ndarray):
+        grads, n, loss_sum = self.pool.grads(
+            [p.data for p in self.params], split_batch(idx, self.pool.n)
+        )
+        return n, grads, loss_sum
 
     def close(self) -> None:
         self.pool.shutdown()
 
 
-class LocalStep:
+class LocalStep(_CoordinatorStep):
     """`workers: 0`: the step in the coordinator's own process, no Ray. The gradient sum of
     the whole global batch as one piece, by the function a worker uses (`grad_sum`), under
     a worker's BLAS threads, then the same averaging and step: bit-identical to 1 worker."""
@@ -107,33 +121,18 @@ class LocalStep:
     node_ids: list[str] = []
     exchange = None
 
-    def __init__(self, model, opt, loss: str, data: PreparedData, threads: int, failures: int):
-        self.model, self.params, self.opt = model, model.parameters(), opt
-        self.loss, self.X, self.y, self.threads = loss, data.X, data.y, threads
+    def __init__(self, model, opt, schedule, step, loss, data: PreparedData, threads, failures):
+        super().__init__(model, opt, schedule, step)
+        self.model, self.loss, self.X, self.y, self.threads = model, loss, data.X, data.y, threads
         self.failures = failures  # from before a resume; no worker can fail here
 
-    def __call__(self, step: int, idx: np.ndarray) -> tuple[float, float]:
+    def _grad_sum(self, idx: np.ndarray):
         with blas_limit(self.threads):
             grads, loss_sum = grad_sum(self.model, self.loss, self.X[idx], self.y[idx])
-        return average_and_step(self.params, self.opt, grads, len(idx), loss_sum, step)
+        return len(idx), grads, loss_sum
 
     def close(self) -> None:
         pass
-
-
-def average_and_step(params, opt, grads, n: int, loss_sum: float, step: int):
-    """Divide the batch's gradient sums by its size, check them, step the optimizer."""
-    loss = loss_sum / n
-    sq = 0.0
-    for p, g in zip(params, grads, strict=True):
-        g /= n
-        p.grad = g
-        sq += float(np.vdot(g, g))
-    grad_norm = float(np.sqrt(sq))
-    if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-        raise Diverged(f"diverged at step {step + 1} (loss={loss:g})")
-    opt.step()
-    return loss, grad_norm
 
 
 # ---------------------------------------------------------------- the coordinator
@@ -182,7 +181,8 @@ class Trainer:
         self.history: list[dict] = []  # per epoch: step, epoch, train and val metrics
         self.data: PreparedData | None = None
         self.model = self.opt = None
-        self.descend: GatherStep | LocalStep | None = None  # the step strategy, once chosen
+        # The step strategy, once chosen.
+        self.descend: ReplicatedStep | GatherStep | LocalStep | None = None
 
     def run(self) -> RunSummary:
         """Train to the end (or until stopped); failures come back as status 'failed'."""
@@ -237,9 +237,12 @@ class Trainer:
         spec, failures = self.spec, state.get("worker_failures", 0)
         choice = self._worker_count(state)
         self.n_workers, self.workers_reason = choice.workers, choice.reason
+        model, opt, schedule, step = self.model, self.opt, self.schedule, self.step
         if self.n_workers == 0:
             threads = blas_threads(spec.cpus_per_worker)
-            self.descend = LocalStep(self.model, self.opt, spec.loss, self.data, threads, failures)
+            self.descend = LocalStep(
+                model, opt, schedule, step, spec.loss, self.data, threads, failures
+            )
             return
         ensure_ray(self.settings)
         self.pool = WorkerPool(
@@ -258,7 +261,17 @@ class Trainer:
             exchange=spec.exchange,
             settings=self.settings,
         )
-        self.descend = GatherStep(self.pool, self.model, self.opt)
+        pool = self.pool
+        if pool.kind != "replicated":
+            self.descend = GatherStep(pool, model, opt, schedule, step)
+            return
+        try:
+            self.descend = ReplicatedStep(
+                pool, model, opt, spec, step, lambda at: GatherStep(pool, model, opt, schedule, at)
+            )
+        except BaseException:
+            pool.shutdown()
+            raise
 
     def _worker_count(self, state: dict) -> WorkerChoice:
         """The count the spec (or the caller) states, else the one auto chooses. A resumed
@@ -300,29 +313,49 @@ class Trainer:
             if self.stop_event.is_set():
                 return self._stopped()
             began = time.perf_counter()
-            idx = schedule.batch(self.step)  # the global batch
-            before = health.before_step(X[idx]) if health.due(self.step + 1) else None
-            loss, grad_norm = self._descend(idx, before)  # averaged, checked, stepped
-            self.step += 1
-            if before is not None:
-                self.callback(health.check(self.step, before))
-            point = self._step_event(len(idx), loss, grad_norm, time.perf_counter() - began)
-            if self.step % schedule.steps_per_epoch == 0:
-                self._validate(point)
-            self.callback(point)
-            if self.step % self.spec.checkpoint_every == 0 and self.step < schedule.total_steps:
-                self.save()
+            due = health.due(self.step + 1)
+            before = health.before_step(X[schedule.batch(self.step)]) if due else None
+            done = self._descend(before)  # averaged, checked, stepped: one step or a block
+            seconds = (time.perf_counter() - began) / len(done)
+            for rows, loss, grad_norm in done:
+                self.step += 1
+                if before is not None:
+                    self.callback(health.check(self.step, before))
+                point = self._step_event(rows, loss, grad_norm, seconds)
+                if self.step % schedule.steps_per_epoch == 0:
+                    self._validate(point)
+                self.callback(point)
+                if self._checkpoint_due(self.step) and self.step < schedule.total_steps:
+                    self.save()
         return None
 
-    def _descend(self, idx: np.ndarray, before) -> tuple[float, float]:
-        """The step strategy's step; if it diverges, a last health check says where."""
+    def _descend(self, before) -> list[tuple]:
+        """The step strategy's steps, up to where the coordinator next needs the model: a
+        health step alone; otherwise a block that ends at an evaluation, checkpoint, the
+        step before a health step, the end, or the strategy's block length. If a step
+        diverges, a last health check says where."""
+        health, total = self.health, self.schedule.total_steps
+        end = self.step + 1
+        needs = False
+        if before is None:
+            for end in range(self.step + 1, min(total, self.step + self.descend.block) + 1):
+                needs = self._needs_model(end) or health.due(end + 1)
+                if needs:
+                    break
         try:
-            return self.descend(self.step, idx)
+            return self.descend.advance(end, needs or before is not None, self._checkpoint_due(end))
         except Diverged:
             # Not stepped: the weights are still those the gradients were taken at.
-            before = before or self.health.before_step(self.data.X[idx])
-            self.callback(self.health.check(self.step + 1, before))
+            before = before or health.before_step(self.data.X[self.schedule.batch(self.step)])
+            self.callback(health.check(self.step + 1, before))
             raise
+
+    def _checkpoint_due(self, step: int) -> bool:
+        return step % self.spec.checkpoint_every == 0 or step == self.schedule.total_steps
+
+    def _needs_model(self, step: int) -> bool:
+        """Whether the coordinator reads the model after `step`: evaluation, checkpoint, end."""
+        return self._checkpoint_due(step) or step % self.schedule.steps_per_epoch == 0
 
     def _started(self) -> None:
         self.callback(
@@ -364,6 +397,7 @@ class Trainer:
         run is abandoned, since the directory may no longer be ours to write."""
         if self.abandon_event.is_set():
             return None
+        self.descend.sync()
         model_state = self.model.state_dict()
         # A finite gradient can still overflow the weights (float32, a huge lr). Checked
         # here rather than every step: no per-step cost, and never a non-finite checkpoint.
@@ -377,6 +411,7 @@ class Trainer:
             "worker_failures": self.descend.failures,
             "workers": self.n_workers,  # an auto run resumes with the count it chose
             "health": self.health.state(),
+            **self._replicas(),
             **extra,
         }
         path = ckpt.save_checkpoint(
@@ -389,6 +424,11 @@ class Trainer:
         )
         self.callback(CheckpointEvent(type="checkpoint", step=self.step, path=str(path)))
         return path
+
+    def _replicas(self) -> dict:
+        """For a replicated run: every replica's parameter hash at this step, as checked."""
+        hashes = getattr(self.descend, "replica_hashes", None)
+        return {"replica_sha256": list(hashes)} if hashes else {}
 
     # -- finish ----------------------------------------------------------------
 
@@ -424,6 +464,7 @@ class Trainer:
 
     def _evaluated(self, status: Status, error: str | None = None) -> RunSummary:
         """The summary with the model's final losses and accuracy."""
+        self.descend.sync()
         data, loss = self.data, self.spec.loss
         train = evaluate(self.model, loss, data.X, data.y, data.classify)
         val = evaluate(self.model, loss, data.X_val, data.y_val, data.classify)

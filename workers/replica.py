@@ -1,0 +1,107 @@
+"""A worker's replica for the replicated step (workers/replicated.py): its copy of the
+model and optimizer, and its part of each step.
+
+Per step it computes the gradient sum of its rank-order piece of the global batch, takes
+every worker's sum of that step (its own included), adds them in rank order and steps with
+`average_and_step`: the coordinator's own arithmetic, so every replica performs the same
+floating-point operations in the same order as every other and as the gather step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from workers.exchange import add_in_rank_order, flatten, unflatten
+from workers.model import Diverged, average_and_step, build_model, build_optimizer, grad_sum
+from workers.sampler import Schedule, split_batch
+
+
+def params_digest(params) -> str:
+    """sha256 of the parameters' bytes, in order: equal for bit-identical replicas."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(np.ascontiguousarray(p.data).tobytes())
+    return h.hexdigest()
+
+
+class Replica:
+    """One worker's copy of the model and optimizer, and its part of each step."""
+
+    def __init__(self, spec, rank: int, workers: int, X: np.ndarray, y: np.ndarray, state):
+        self.model = build_model(spec)
+        self.params = self.model.parameters()
+        self.opt = build_optimizer(spec, self.params)
+        self.shapes = [p.shape for p in self.params]
+        self.loss, self.X, self.y = spec.loss, X, y
+        self.rank, self.workers = rank, workers
+        self.schedule = Schedule(len(X), spec.batch_size, spec.epochs, spec.seed)
+        self.end, self.fetch, self.verify = 0, False, False
+        self.results: list[tuple[int, float, float]] = []  # this block's (rows, loss, norm)
+        self.diverged: str | None = None
+        self.load(state)
+
+    def load(self, state: dict) -> None:
+        """Take another replica's (or the coordinator's) state: parameters, optimizer, step."""
+        for p, a in zip(self.params, unflatten(state["params"], self.shapes), strict=True):
+            p.data = np.array(a)  # a private copy: the optimizer updates it in place
+            p.grad = None
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.results, self.diverged = [], None
+
+    def state(self) -> dict:
+        """Everything another replica needs to continue from here, and the last gradient."""
+        grads = [p.grad for p in self.params]
+        return {
+            "step": self.step,
+            "params": flatten([p.data for p in self.params]),
+            "optimizer": self.opt.state_dict(),
+            "grads": None if any(g is None for g in grads) else flatten(grads),
+        }
+
+    # The three stages of a block (exchange.ReplicatedGraph): start, step, ..., finish.
+
+    def start(self, command: tuple[int, bool, bool]):
+        """A new block up to step `end`; this replica's first gradient sum."""
+        self.end, self.fetch, self.verify = command
+        self.results = []
+        return self._grad()
+
+    def step_once(self, sums: tuple):
+        """Apply the step whose sums these are, then the next step's own sum."""
+        self._apply(sums)
+        return self._grad()
+
+    def finish(self, sums: tuple) -> dict:
+        """Apply the last step; what the coordinator asked for."""
+        self._apply(sums)
+        out: dict = {"step": self.step, "diverged": self.diverged, "results": None}
+        if self.rank == 0:
+            out["results"] = self.results
+            if self.fetch or self.diverged:
+                out["state"] = self.state()
+        if self.verify:
+            out["sha256"] = params_digest(self.params)
+        return out
+
+    def _grad(self):
+        """(flat gradient sum, rows, loss sum) of this replica's piece, or None when done."""
+        if self.step >= self.end or self.diverged is not None:
+            return None
+        idx = split_batch(self.schedule.batch(self.step), self.workers)[self.rank]
+        grads, loss_sum = grad_sum(self.model, self.loss, self.X[idx], self.y[idx])
+        return flatten(grads), len(idx), loss_sum
+
+    def _apply(self, sums: tuple) -> None:
+        if sums[0] is None:
+            return
+        grads, n, loss_sum = add_in_rank_order(sums, self.shapes)  # as the gather step adds
+        try:
+            loss, norm = average_and_step(self.params, self.opt, grads, n, loss_sum, self.step)
+        except Diverged as err:
+            self.diverged = str(err)
+            return
+        self.results.append((n, loss, norm))
+        self.step += 1
