@@ -64,11 +64,12 @@ PATH = "/api/v1/jobs"
 TARGET_MS = 50.0
 
 
-def start_server(data_dir: str) -> tuple[subprocess.Popen, str]:
+def start_server(data_dir: str, paused: bool = True) -> tuple[subprocess.Popen, str]:
+    """`shardgrad serve` on a free port (paused: jobs are queued, none runs)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "SHARDGRAD_PAUSED": "true"}
+    env = {**os.environ, "SHARDGRAD_PAUSED": "true" if paused else "false"}
     cmd = [sys.executable, "-m", "service", "serve", "--port", str(port), "--data-dir", data_dir]
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(

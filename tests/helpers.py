@@ -38,6 +38,7 @@ def small_moons(**overrides) -> dict:
         "model": {"type": "mlp", "sizes": [2, 8, 2], "activation": "tanh"},
         "data": {"type": "builtin", "name": "moons", "n_samples": 200, "noise": 0.1},
         "epochs": 3,
+        "workers": 2,
         "cpus_per_worker": 0.5,
         "checkpoint_every": 5,
     }

@@ -120,7 +120,7 @@ def test_workers_0_diverges_with_the_same_message_and_no_nan_checkpoint(tmp_path
 # ---------------------------------------------------------------- auto, measurement stubbed
 
 
-def choose(spec, compute_s, free=8.0, **settings):
+def choose(spec, compute_s, free=8.0, exchange="replicated", **settings):
     asked = []
 
     def free_cpus():
@@ -128,7 +128,7 @@ def choose(spec, compute_s, free=8.0, **settings):
         return free
 
     choice = choose_workers(
-        spec, WorkerSettings(exchange="compiled", **settings), lambda: compute_s, free_cpus
+        spec, WorkerSettings(exchange=exchange, **settings), lambda: compute_s, free_cpus
     )
     return choice, asked
 
@@ -159,8 +159,13 @@ def test_auto_is_capped_by_free_cpus_and_by_batch_size():
 def test_auto_weighs_the_exchange_kind_and_bandwidth():
     spec = make_spec(workers="auto", cpus_per_worker=1)
     # 3 ms of compute: 1 worker costs more than it saves, 2 save 0.5 ms with a 1 ms exchange
+    assert choose(spec, compute_s=3e-3, free=2, exchange="compiled")[0].workers == 2
+    slow = {"exchange": "compiled", "auto_compiled_step_s": 2e-3}
+    assert choose(spec, compute_s=3e-3, free=2, **slow)[0].workers == 0
+    # the replicated step's fixed cost is its own setting
     assert choose(spec, compute_s=3e-3, free=2)[0].workers == 2
-    assert choose(spec, compute_s=3e-3, free=2, auto_compiled_step_s=2e-3)[0].workers == 0
+    assert choose(spec, compute_s=3e-3, free=2, auto_replicated_step_s=2e-3)[0].workers == 0
+    assert "replicated exchange estimated" in choose(spec, compute_s=3e-3, free=2)[0].reason
 
 
 @pytest.mark.usefixtures("ray_session")

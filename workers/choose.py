@@ -53,8 +53,11 @@ def measure_gradient(
 
 
 def exchange_seconds(kind: str, n: int, param_bytes: int, settings: WorkerSettings) -> float:
-    """The predicted exchange cost of one step with `n` workers: the parameters go out once,
-    `n` gradient sums come back."""
+    """The predicted exchange cost of one step with `n` workers. Gather: the parameters go
+    out once, `n` gradient sums come back. Replicated: each worker reads the other `n - 1`
+    sums (the workers read in parallel) and steps its own optimizer."""
+    if kind == "replicated":
+        return settings.auto_replicated_step_s + (n - 1) * param_bytes / settings.auto_bytes_per_s
     fixed = settings.auto_compiled_step_s if kind == "compiled" else settings.auto_tasks_step_s
     return fixed + (n + 1) * param_bytes / settings.auto_bytes_per_s
 

@@ -56,13 +56,15 @@ def set_parameters(model: nn.Module, arrays: list[np.ndarray]) -> None:
         p.data = a
 
 
-def grad_sum(model: nn.Module, loss: str, X: np.ndarray, y: np.ndarray):
+def grad_sum(model: nn.Module, loss: str, X: np.ndarray, y: np.ndarray, params=None):
     """Sum (not mean) of per-sample gradients and losses over the rows of X.
 
     Returns ``(grads, loss_sum)``; sums from several pieces add up to the sum
-    over their union, which is what makes the data-parallel step exact.
+    over their union, which is what makes the data-parallel step exact. `params`: the
+    model's `parameters()`, from a caller that keeps them (walking the modules every step
+    costs as much as a tiny model's step).
     """
-    params = model.parameters()
+    params = model.parameters() if params is None else params
     if len(X) == 0:
         return [np.zeros_like(p.data) for p in params], 0.0
     for p in params:

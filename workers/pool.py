@@ -69,8 +69,9 @@ class GradWorker:
         )
         # The model's parameters are views of one vector that each step overwrites: a copy
         # of the step's input, so no view of a channel or object-store buffer outlives it.
-        self.flat = flatten([p.data for p in self.model.parameters()])
-        set_parameters(self.model, unflatten(self.flat, [p.shape for p in self.model.parameters()]))
+        self.params = self.model.parameters()
+        self.flat = flatten([p.data for p in self.params])
+        set_parameters(self.model, unflatten(self.flat, [p.shape for p in self.params]))
 
     def pin(self) -> list[int]:
         """A core of its own for each BLAS thread, if the node has them free (exchange.py)."""
@@ -84,7 +85,7 @@ class GradWorker:
     def grad(self, flat_params: np.ndarray, idx: np.ndarray):
         """(flat gradient sum, sample count, loss sum) over the rows `idx`."""
         self.flat[:] = flat_params
-        grads, loss_sum = grad_sum(self.model, self.loss, self.X[idx], self.y[idx])
+        grads, loss_sum = grad_sum(self.model, self.loss, self.X[idx], self.y[idx], self.params)
         return flatten(grads), len(idx), loss_sum
 
     # The replicated exchange: this worker's replica (workers/replicated.py).
@@ -168,24 +169,33 @@ class WorkerPool:
         self.kind, self.exchange = resolve(exchange, self.settings), None
         self.fallback_reason: str | None = None
         self.actors: list = []
+        starting = []
         try:
+            starting = [self._create(rank) for rank in range(n)]  # they start in parallel
             for rank in range(n):
-                self.actors.append(self._spawn(rank))
+                self.actors.append(self._spawn(rank, starting[rank]))
             if self.kind != "replicated":
                 self._connect()
         except BaseException:
+            for actor in starting[len(self.actors) :]:
+                ray.kill(actor, no_restart=True)
             self.shutdown()
             raise
 
-    def _spawn(self, rank: int):
+    def _create(self, rank: int):
+        """A new GradWorker in bundle `rank`, starting (not waited for)."""
+        return GradWorker.options(
+            num_cpus=self.cpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.pg, placement_group_bundle_index=rank
+            ),
+        ).remote(self.model_cfg, self.data_ref, blas_threads(self.cpus))
+
+    def _spawn(self, rank: int, actor=None):
+        """A started worker for bundle `rank`: `actor` (created by `_create`), or a new one."""
         deadline = time.monotonic() + self.placement_timeout_s
         while True:
-            actor = GradWorker.options(
-                num_cpus=self.cpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.pg, placement_group_bundle_index=rank
-                ),
-            ).remote(self.model_cfg, self.data_ref, blas_threads(self.cpus))
+            actor = actor or self._create(rank)
             try:
                 info = ray.get(actor.info.remote(), timeout=max(0, deadline - time.monotonic()))
                 break
@@ -195,6 +205,7 @@ class WorkerPool:
                 if time.monotonic() > deadline:
                     raise WorkerFailure(f"could not start worker {rank}: {err}") from None
                 log.warning("new worker %d died before it started; starting another", rank)
+                actor = None
                 time.sleep(1.0)
             except GetTimeoutError:
                 ray.kill(actor, no_restart=True)

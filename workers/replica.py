@@ -91,7 +91,7 @@ class Replica:
         if self.step >= self.end or self.diverged is not None:
             return None
         idx = split_batch(self.schedule.batch(self.step), self.workers)[self.rank]
-        grads, loss_sum = grad_sum(self.model, self.loss, self.X[idx], self.y[idx])
+        grads, loss_sum = grad_sum(self.model, self.loss, self.X[idx], self.y[idx], self.params)
         return flatten(grads), len(idx), loss_sum
 
     def _apply(self, sums: tuple) -> None:

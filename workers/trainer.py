@@ -128,7 +128,7 @@ class LocalStep(_CoordinatorStep):
 
     def _grad_sum(self, idx: np.ndarray):
         with blas_limit(self.threads):
-            grads, loss_sum = grad_sum(self.model, self.loss, self.X[idx], self.y[idx])
+            grads, loss_sum = grad_sum(self.model, self.loss, self.X[idx], self.y[idx], self.params)
         return len(idx), grads, loss_sum
 
     def close(self) -> None:
@@ -355,7 +355,8 @@ class Trainer:
 
     def _needs_model(self, step: int) -> bool:
         """Whether the coordinator reads the model after `step`: evaluation, checkpoint, end."""
-        return self._checkpoint_due(step) or step % self.schedule.steps_per_epoch == 0
+        evaluates = step % self.schedule.steps_per_epoch == 0 and len(self.data.X_val) > 0
+        return evaluates or self._checkpoint_due(step)
 
     def _started(self) -> None:
         self.callback(
