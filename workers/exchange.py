@@ -282,7 +282,8 @@ class CompiledExchange(Graph):
 class ReplicatedGraph(Graph):
     """The replicated step's graph (workers/replicated.py), `stages` steps long: every
     worker's gradient sum of a step goes to every worker, which applies the step and
-    computes its sum of the next. In: (end step, fetch, verify); out: each replica's report.
+    computes its sum of the next. In: a block's command (workers/replica.py, `start`); out:
+    each replica's report.
     A block shorter than `stages` passes None through the stages it does not need."""
 
     name = "replicated"
@@ -300,8 +301,8 @@ class ReplicatedGraph(Graph):
                 sums = [a.replica_step_once.bind(*sums) for a in self.actors]
             return MultiOutputNode([a.replica_finish.bind(*sums) for a in self.actors])
 
-    def __call__(self, end: int, fetch: bool, verify: bool) -> list[dict]:
-        return self._run((end, fetch, verify))
+    def __call__(self, command: tuple) -> list[dict]:
+        return self._run(command)
 
 
 def _forget_frames(err: BaseException | None) -> None:

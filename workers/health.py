@@ -83,6 +83,21 @@ def layer_stats(model: MLP, grads, prev_weights, active_masks=None) -> list[dict
     return stats
 
 
+def snapshot(model: MLP, X: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """What a check needs from before the optimizer step: copies of the weights (the
+    optimizer updates them in place) and, for relu nets, the units active on the step's
+    global batch `X` (exact, and no round trip to the workers)."""
+    prev = [p.data.copy() for p in model.parameters()]
+    return prev, active_units(model, X) if model.activation == "relu" else None
+
+
+def step_stats(model: MLP, before) -> list[dict]:
+    """`layer_stats` of the step just taken: the model holds the weights after it and each
+    parameter's `.grad` its averaged gradient; `before` is its `snapshot`."""
+    prev, masks = before
+    return layer_stats(model, [p.grad for p in model.parameters()], prev, masks)
+
+
 def health_warnings(stats: list[dict], initial_grad_norms=None) -> list[dict]:
     """Warnings {"kind", "layer", "message"}, kind "exploding", "vanishing" or "dead".
 
@@ -160,19 +175,25 @@ class HealthMonitor:
         """Whether 1-based `step` is checked."""
         return self.initial is None or step % self.every == 0
 
+    def due_steps(self, first: int, end: int) -> list[int]:
+        """The 1-based steps checked among the steps after `first` up to `end` (the first
+        check is due at once, then every `every` steps)."""
+        due = [s for s in range(first + 1, end + 1) if s % self.every == 0]
+        if self.initial is None and first < end and (not due or due[0] != first + 1):
+            due.insert(0, first + 1)
+        return due
+
     def before_step(self, X: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-        """What a check needs from before the optimizer step: copies of the weights (the
-        optimizer updates them in place) and, for relu nets, the units active on the step's
-        global batch `X` (exact, and no round trip to the workers)."""
-        prev = [p.data.copy() for p in self.model.parameters()]
-        return prev, active_units(self.model, X) if self.model.activation == "relu" else None
+        return snapshot(self.model, X)
 
     def check(self, step: int, before) -> dict:
         """The "health" event of `step`: the model holds the weights after the step and
         each parameter's `.grad` the step's averaged gradient."""
-        prev, masks = before
-        grads = [p.grad for p in self.model.parameters()]
-        stats = layer_stats(self.model, grads, prev, masks)
+        return self.record(step, step_stats(self.model, before))
+
+    def record(self, step: int, stats: list[dict]) -> dict:
+        """The "health" event of `step` from its `layer_stats` (computed where the step ran:
+        in the coordinator, or on a replica)."""
         if self.initial is None:
             self.initial = [s["grad_norm"] for s in stats]
         seen = {(w["kind"], w["layer"]): w for w in self.warnings}

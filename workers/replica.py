@@ -14,6 +14,7 @@ import hashlib
 import numpy as np
 
 from workers.exchange import add_in_rank_order, flatten, unflatten
+from workers.health import snapshot, step_stats
 from workers.model import Diverged, average_and_step, build_model, build_optimizer, grad_sum
 from workers.sampler import Schedule, split_batch
 
@@ -37,8 +38,10 @@ class Replica:
         self.loss, self.X, self.y = spec.loss, X, y
         self.rank, self.workers = rank, workers
         self.schedule = Schedule(len(X), spec.batch_size, spec.epochs, spec.seed)
-        self.end, self.fetch, self.verify = 0, False, False
-        self.results: list[tuple[int, float, float]] = []  # this block's (rows, loss, norm)
+        self.end, self.fetch, self.verify, self.checked = 0, False, False, ()
+        self.before = None  # rank 0, at a checked step: the health snapshot from before it
+        # This block's steps: (rows, loss, gradient norm, health statistics or None).
+        self.results: list[tuple] = []
         self.diverged: str | None = None
         self.load(state)
 
@@ -63,9 +66,10 @@ class Replica:
 
     # The three stages of a block (exchange.ReplicatedGraph): start, step, ..., finish.
 
-    def start(self, command: tuple[int, bool, bool]):
-        """A new block up to step `end`; this replica's first gradient sum."""
-        self.end, self.fetch, self.verify = command
+    def start(self, command: tuple):
+        """A new block up to step `end` (fetch, verify, the 1-based steps whose health is
+        checked); this replica's first gradient sum."""
+        self.end, self.fetch, self.verify, self.checked = command
         self.results = []
         return self._grad()
 
@@ -90,7 +94,10 @@ class Replica:
         """(flat gradient sum, rows, loss sum) of this replica's piece, or None when done."""
         if self.step >= self.end or self.diverged is not None:
             return None
-        idx = split_batch(self.schedule.batch(self.step), self.workers)[self.rank]
+        batch = self.schedule.batch(self.step)
+        if self.rank == 0 and self.step + 1 in self.checked:
+            self.before = snapshot(self.model, self.X[batch])  # the weights before the step
+        idx = split_batch(batch, self.workers)[self.rank]
         grads, loss_sum = grad_sum(self.model, self.loss, self.X[idx], self.y[idx], self.params)
         return flatten(grads), len(idx), loss_sum
 
@@ -103,5 +110,7 @@ class Replica:
         except Diverged as err:
             self.diverged = str(err)
             return
-        self.results.append((n, loss, norm))
+        stats = step_stats(self.model, self.before) if self.before is not None else None
+        self.before = None
+        self.results.append((n, loss, norm, stats))
         self.step += 1

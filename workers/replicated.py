@@ -55,7 +55,9 @@ class ReplicatedStep(OnPool):
     step diverged; the next call raises Diverged with the coordinator's model at that step.
     """
 
-    def __init__(self, pool, model, opt, spec, step: int, gather_step):
+    def __init__(self, pool, model, opt, spec, step: int, gather_step, span: int):
+        """`gather_step(step)`: the strategy to fall back to; `span`: the most steps between
+        two reads of the model, the length of a graph that has no stage to spare."""
         self.pool, self.model, self.opt, self.spec = pool, model, opt, spec
         self.params = model.parameters()
         self.shapes = [p.shape for p in self.params]
@@ -71,7 +73,7 @@ class ReplicatedStep(OnPool):
         self._make_gather = gather_step
         self.sum_bytes = sum(int(np.prod(s)) for s in self.shapes) * np.dtype(spec.dtype).itemsize
         fit = GRAPH_BYTES // (pool.n * max(self.sum_bytes, 1))
-        self.stages = int(np.clip(fit, 1, pool.settings.replicated_stages))
+        self.stages = int(np.clip(min(fit, span), 1, pool.settings.replicated_stages))
         while True:  # every worker gets the coordinator's state; a dead one is replaced
             try:
                 self._seed(range(pool.n), self._own_state())
@@ -91,11 +93,11 @@ class ReplicatedStep(OnPool):
         return max(1, min(self.stages, fits))
 
     # -- the steps
-    def advance(self, end: int, fetch: bool, verify: bool = False) -> list[tuple]:
+    def advance(self, end: int, fetch: bool, verify: bool = False, checked=()) -> list[tuple]:
         if self.diverged is not None:
             raise Diverged(self.diverged)
         if self.gather is not None:
-            return self.gather.advance(end, fetch, verify)
+            return self.gather.advance(end, fetch, verify, checked)
         first, results = self.step, []
         while (
             self.step < end
@@ -104,13 +106,14 @@ class ReplicatedStep(OnPool):
         ):
             began = time.perf_counter()
             try:
-                outs = self.graph(end, fetch, verify)
+                outs = self.graph((end, fetch, verify, tuple(checked)))
             except WorkersDied as err:
                 results += self._recover(err.causes)
                 continue
             except ExchangeBroken as err:
                 results += self._fall_back(err)
-                return self._kept(first, results) + self.gather.advance(end, fetch, verify)
+                more = self.gather.advance(end, fetch, verify, checked)
+                return self._kept(first, results) + more
             done = self._take(outs, verify)
             results += done
             if done:

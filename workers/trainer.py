@@ -39,7 +39,7 @@ from workers.events import (
     WorkerFailureEvent,
     run_summary,
 )
-from workers.health import HealthMonitor
+from workers.health import HealthMonitor, snapshot, step_stats
 from workers.model import (
     Diverged,
     TrainingError,
@@ -69,25 +69,30 @@ class SpecMismatch(TrainingError):
 class _CoordinatorStep:
     """A step strategy whose parameters live in the coordinator: one step at a time.
 
-    The interface every strategy has (ReplicatedStep too): `advance(end, fetch, verify)`
-    runs the steps from the strategy's step up to `end` and returns each one's (rows,
-    mean loss, gradient norm); it leaves each parameter's `.grad` the last step's averaged
-    gradient, or raises Diverged with the weights unchanged (a last health check then reads
-    those gradients). `block` is the most steps one call should run; `sync()` makes the
-    coordinator's model and optimizer current.
+    The interface every strategy has (ReplicatedStep too): `advance(end, fetch, verify,
+    checked)` runs the steps from the strategy's step up to `end` and returns each one's
+    (rows, mean loss, gradient norm, health statistics or None); the 1-based steps in
+    `checked` get their `health.layer_stats`. On a diverging step it raises Diverged with the
+    weights unchanged and each parameter's `.grad` that step's averaged gradient (a last
+    health check reads them). `block` is the most steps one call should run; with `fetch`,
+    or after `sync()`, the coordinator's model and optimizer are current.
     """
 
     block = 1
 
-    def __init__(self, model, opt, schedule: Schedule, step: int):
-        self.params, self.opt, self.schedule, self.step = model.parameters(), opt, schedule, step
+    def __init__(self, model, opt, schedule: Schedule, step: int, X: np.ndarray):
+        self.model, self.params, self.opt = model, model.parameters(), opt
+        self.schedule, self.step, self.X = schedule, step, X
 
-    def advance(self, end: int, fetch: bool = True, verify: bool = False) -> list[tuple]:
+    def advance(self, end: int, fetch=True, verify=False, checked=()) -> list[tuple]:
         done = []
         while self.step < end:
-            n, grads, loss_sum = self._grad_sum(self.schedule.batch(self.step))
+            idx = self.schedule.batch(self.step)
+            before = snapshot(self.model, self.X[idx]) if self.step + 1 in checked else None
+            n, grads, loss_sum = self._grad_sum(idx)
             loss, norm = average_and_step(self.params, self.opt, grads, n, loss_sum, self.step)
-            done.append((n, loss, norm))
+            stats = step_stats(self.model, before) if before is not None else None
+            done.append((n, loss, norm, stats))
             self.step += 1
         return done
 
@@ -99,8 +104,8 @@ class GatherStep(OnPool, _CoordinatorStep):
     """The pool's workers return the gradient sums of their rank-order pieces of the global
     batch, the pool adds them in rank order, and the coordinator averages, checks and steps."""
 
-    def __init__(self, pool: WorkerPool, model, opt, schedule: Schedule, step: int):
-        super().__init__(model, opt, schedule, step)
+    def __init__(self, pool: WorkerPool, model, opt, schedule: Schedule, step: int, X):
+        super().__init__(model, opt, schedule, step, X)
         self.pool = pool
 
     def _grad_sum(self, idx: np.ndarray):
@@ -122,8 +127,8 @@ class LocalStep(_CoordinatorStep):
     exchange = None
 
     def __init__(self, model, opt, schedule, step, loss, data: PreparedData, threads, failures):
-        super().__init__(model, opt, schedule, step)
-        self.model, self.loss, self.X, self.y, self.threads = model, loss, data.X, data.y, threads
+        super().__init__(model, opt, schedule, step, data.X)
+        self.loss, self.y, self.threads = loss, data.y, threads
         self.failures = failures  # from before a resume; no worker can fail here
 
     def _grad_sum(self, idx: np.ndarray):
@@ -261,13 +266,19 @@ class Trainer:
             exchange=spec.exchange,
             settings=self.settings,
         )
-        pool = self.pool
+        pool, X = self.pool, self.data.X
         if pool.kind != "replicated":
-            self.descend = GatherStep(pool, model, opt, schedule, step)
+            self.descend = GatherStep(pool, model, opt, schedule, step, X)
             return
         try:
             self.descend = ReplicatedStep(
-                pool, model, opt, spec, step, lambda at: GatherStep(pool, model, opt, schedule, at)
+                pool,
+                model,
+                opt,
+                spec,
+                step,
+                gather_step=lambda at: GatherStep(pool, model, opt, schedule, at, X),
+                span=self._span(),
             )
         except BaseException:
             pool.shutdown()
@@ -307,20 +318,18 @@ class Trainer:
 
     def _train(self) -> RunSummary | None:
         """Step to the end of the schedule (None), or until stopped (the summary)."""
-        schedule, health, X = self.schedule, self.health, self.data.X
+        schedule, health = self.schedule, self.health
         self._started()
         while self.step < schedule.total_steps:
             if self.stop_event.is_set():
                 return self._stopped()
             began = time.perf_counter()
-            due = health.due(self.step + 1)
-            before = health.before_step(X[schedule.batch(self.step)]) if due else None
-            done = self._descend(before)  # averaged, checked, stepped: one step or a block
+            done = self._descend()  # averaged, checked, stepped: one step or a block
             seconds = (time.perf_counter() - began) / len(done)
-            for rows, loss, grad_norm in done:
+            for rows, loss, grad_norm, stats in done:
                 self.step += 1
-                if before is not None:
-                    self.callback(health.check(self.step, before))
+                if stats is not None:
+                    self.callback(health.record(self.step, stats))
                 point = self._step_event(rows, loss, grad_norm, seconds)
                 if self.step % schedule.steps_per_epoch == 0:
                     self._validate(point)
@@ -329,26 +338,27 @@ class Trainer:
                     self.save()
         return None
 
-    def _descend(self, before) -> list[tuple]:
-        """The step strategy's steps, up to where the coordinator next needs the model: a
-        health step alone; otherwise a block that ends at an evaluation, checkpoint, the
-        step before a health step, the end, or the strategy's block length. If a step
+    def _descend(self) -> list[tuple]:
+        """The step strategy's steps, up to where the coordinator next reads the model (an
+        evaluation, a checkpoint, the end) or the strategy's block length. If a step
         diverges, a last health check says where."""
-        health, total = self.health, self.schedule.total_steps
-        end = self.step + 1
-        needs = False
-        if before is None:
-            for end in range(self.step + 1, min(total, self.step + self.descend.block) + 1):
-                needs = self._needs_model(end) or health.due(end + 1)
-                if needs:
-                    break
+        last = min(self.schedule.total_steps, self.step + self.descend.block)
+        end = next(s for s in range(self.step + 1, last + 1) if self._needs_model(s) or s == last)
+        checked = self.health.due_steps(self.step, end)
         try:
-            return self.descend.advance(end, needs or before is not None, self._checkpoint_due(end))
+            return self.descend.advance(
+                end, self._needs_model(end), self._checkpoint_due(end), checked
+            )
         except Diverged:
             # Not stepped: the weights are still those the gradients were taken at.
-            before = before or health.before_step(self.data.X[self.schedule.batch(self.step)])
-            self.callback(health.check(self.step + 1, before))
+            X = self.data.X[self.schedule.batch(self.step)]
+            self.callback(self.health.check(self.step + 1, self.health.before_step(X)))
             raise
+
+    def _span(self) -> int:
+        """The most steps between two reads of the model (a block's natural length)."""
+        spe, every = self.schedule.steps_per_epoch, self.spec.checkpoint_every
+        return min(spe, every) if len(self.data.X_val) > 0 else every
 
     def _checkpoint_due(self, step: int) -> bool:
         return step % self.spec.checkpoint_every == 0 or step == self.schedule.total_steps
