@@ -1,11 +1,11 @@
 """Convolution, pooling and dropout on NCHW arrays, as torch.nn.functional computes them.
 
-A convolution is im2col plus one BLAS matmul: `_windows` views every kernel-sized patch
-of the (padded) input without copying, one reshape lays the patches out as the rows of a
-matrix, and the matmul with the flattened weight gives all outputs at once. The
-backward is two matmuls (weight and input gradients) and `_col2im`, the adjoint of
-`_windows`, which adds the patches' gradients back in one vectorised add per kernel
-offset (kh * kw of them), never per pixel or sample.
+A convolution is im2col plus one BLAS matmul: a sliding-window view shows every
+kernel-sized patch of the (padded) input without copying, one reshape lays the patches
+out as the rows of a matrix, and the matmul with the flattened weight gives all outputs
+at once. The backward is two matmuls (weight and input gradients) and col2im, which adds
+the patches' gradients back with one vectorised add per kernel offset (kh * kw of them,
+see `_offsets`), never a loop over pixels or samples. Pools loop over the same offsets.
 
 Dropout's mask is a hash of (seed, epoch, sample index, layer, element), not a draw from
 a stateful generator, so a sample gets the same mask whichever worker holds it and a
@@ -33,19 +33,43 @@ def out_size(n: int, k: int, s: int, p: int = 0) -> int:
     return (n + 2 * p - k) // s + 1
 
 
-def _windows(x: np.ndarray, k, s) -> np.ndarray:
-    """(N, C, OH, OW, kh, kw) view of every window of x (N, C, H, W); no copy."""
-    return sliding_window_view(x, k, axis=(2, 3))[:, :, :: s[0], :: s[1]]
-
-
-def _col2im(g: np.ndarray, shape, k, s) -> np.ndarray:
-    """Adjoint of `_windows`: g (N, C, OH, OW, kh, kw) added into a zero array of `shape`."""
-    out = np.zeros(shape, g.dtype)
-    oh, ow = g.shape[2:4]
+def _offsets(k, s, oh: int, ow: int):
+    """(i, j, index) per kernel offset, row-major: x[index] is the (N, C, OH, OW) array of
+    every window's element (i, j). Pools and col2im loop over these kh * kw offsets."""
     for i in range(k[0]):
         for j in range(k[1]):
-            out[:, :, i : i + s[0] * oh : s[0], j : j + s[1] * ow : s[1]] += g[..., i, j]
-    return out
+            yield (
+                i,
+                j,
+                (
+                    slice(None),
+                    slice(None),
+                    slice(i, i + s[0] * oh, s[0]),
+                    slice(j, j + s[1] * ow, s[1]),
+                ),
+            )
+
+
+def _channels_last(shape, dtype) -> np.ndarray:
+    """Zeros of NCHW `shape` laid out NHWC in memory, the layout the conv matmul produces."""
+    n, c, h, w = shape
+    return np.zeros((n, h, w, c), dtype).transpose(0, 3, 1, 2)
+
+
+def _im2col(xp: np.ndarray, k, s, oh: int, ow: int) -> np.ndarray:
+    """(N*OH*OW, kh*kw*C): a row per output pixel, its patch in (i, j, channel) order.
+
+    From NHWC memory. Many channels: one gather from the sliding-window view, in runs of
+    C. Few: one strided copy per kernel offset instead (a run of one is slow to gather).
+    """
+    n, c = xp.shape[:2]
+    if c >= 8:
+        win = sliding_window_view(xp, k, axis=(2, 3))[:, :, :: s[0], :: s[1]]
+        return win.transpose(0, 2, 3, 4, 5, 1).reshape(n * oh * ow, -1)
+    cols = np.empty((n, oh, ow, *k, c), xp.dtype)
+    for i, j, index in _offsets(k, s, oh, ow):
+        cols[:, :, :, i, j] = xp[index].transpose(0, 2, 3, 1)
+    return cols.reshape(n * oh * ow, -1)
 
 
 def _check_input(x: np.ndarray, op: str) -> None:
@@ -63,7 +87,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, activation: str | None = N
     """activation(conv2d(x, weight) + bias) as one node ("conv2d" or e.g. "conv2d+relu").
 
     x (N, C, H, W), weight (O, C, kh, kw), bias (O,): torch.nn.functional.conv2d, plus an
-    optional fused activation as in `functional.linear`.
+    optional fused activation as in `functional.linear`. Inside, the channels are last in
+    memory (NHWC): each patch row is then kh * kw contiguous runs of C, and the matmul's
+    (N*OH*OW, O) result is already the output, returned as an NCHW view without a copy.
     """
     x, weight = as_tensor(x), as_tensor(weight)
     bias = None if bias is None else as_tensor(bias)
@@ -74,12 +100,14 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, activation: str | None = N
     if xd.shape[1] != c:
         raise ValueError(f"conv2d: weight expects {c} input channels, got {xd.shape[1]}")
     _check_fits(xd, (kh, kw), p, "conv2d")
-    xp = np.pad(xd, ((0, 0), (0, 0), (p[0], p[0]), (p[1], p[1]))) if p != (0, 0) else xd
-    win = _windows(xp, (kh, kw), s)
-    n, _, oh, ow = win.shape[:4]
-    cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * kh * kw)
-    w2 = w.reshape(o, -1)
-    y2 = cols @ w2.T  # (N*OH*OW, O): each row one output pixel, each column one channel
+    n, _, h, wd = xd.shape
+    xp = _channels_last((n, c, h + 2 * p[0], wd + 2 * p[1]), xd.dtype)
+    inner = (slice(None), slice(None), slice(p[0], p[0] + h), slice(p[1], p[1] + wd))
+    xp[inner] = xd
+    oh, ow = out_size(h, kh, s[0], p[0]), out_size(wd, kw, s[1], p[1])
+    cols = _im2col(xp, (kh, kw), s, oh, ow)
+    w2 = w.transpose(0, 2, 3, 1).reshape(o, -1)  # (O, kh*kw*C), matching the columns
+    y2 = cols @ w2.T  # (N*OH*OW, O): a row per output pixel, a column per channel
     b = None if bias is None else bias.data
     act = None if activation is None else ACTIVATIONS[activation]
     if act is not None:
@@ -96,41 +124,57 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, activation: str | None = N
             if act is not None:
                 g2 = g2 * act.slope(y2)
             if weight.requires_grad:
-                weight._accumulate((g2.T @ cols).reshape(w.shape))
+                gw = (g2.T @ cols).reshape(o, kh, kw, c).transpose(0, 3, 1, 2)
+                weight._accumulate(gw)
             if bias is not None and bias.requires_grad:
-                bias._accumulate(g2.sum(axis=0))
-            if x.requires_grad:
-                gcols = (g2 @ w2).reshape(n, oh, ow, c, kh, kw).transpose(0, 3, 1, 2, 4, 5)
-                gx = _col2im(gcols, xp.shape, (kh, kw), s)
-                x._accumulate(gx[:, :, p[0] : p[0] + xd.shape[2], p[1] : p[1] + xd.shape[3]])
+                bias._accumulate(np.ones(len(g2), g2.dtype) @ g2)  # BLAS: faster than sum
+            if x.requires_grad:  # col2im, one matmul per kernel offset: patch (i, j)'s
+                # gradient, (N*OH*OW, C), is added at once where that offset reads.
+                w3 = w2.reshape(o, kh * kw, c)
+                gx = _channels_last(xp.shape, g2.dtype)
+                for i, j, index in _offsets((kh, kw), s, oh, ow):
+                    part = (g2 @ w3[:, i * kw + j]).reshape(n, oh, ow, c)
+                    gx[index] += part.transpose(0, 3, 1, 2)
+                x._accumulate(gx[inner])
 
         out._backward = _backward
     return out
 
 
-def _pool_windows(x: Tensor, kernel_size, stride, op: str):
+def _pool_setup(x: Tensor, kernel_size, stride, op: str):
     k = pair(kernel_size, "kernel_size")
     s = k if stride is None else pair(stride, "stride")
     _check_input(x.data, op)
     _check_fits(x.data, k, (0, 0), op)
-    return _windows(x.data, k, s), k, s
+    h, w = x.data.shape[2:]
+    return k, s, list(_offsets(k, s, out_size(h, k[0], s[0]), out_size(w, k[1], s[1])))
 
 
 def max_pool2d(x, kernel_size, stride=None) -> Tensor:
     """Maximum of each window (stride defaults to kernel_size, no padding), as torch.
-    Of tied maxima, the first in the window gets the gradient, as in torch."""
+    Of tied maxima, the first in the window (row-major) gets the gradient, as in torch."""
     x = as_tensor(x)
-    win, k, s = _pool_windows(x, kernel_size, stride, "max_pool2d")
-    flat = win.reshape(*win.shape[:4], -1)
-    arg = flat.argmax(axis=-1)
-    y = np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
+    k, s, offsets = _pool_setup(x, kernel_size, stride, "max_pool2d")
+    xd, overlap = x.data, s[0] < k[0] or s[1] < k[1]
+    y = xd[offsets[0][2]].copy()
+    for *_, index in offsets[1:]:
+        np.maximum(y, xd[index], out=y)
     out = _node(y, (x,), "max_pool2d")
     if out.requires_grad:
 
         def _backward(g):
-            onehot = np.zeros(flat.shape, g.dtype)
-            np.put_along_axis(onehot, arg[..., None], g[..., None], axis=-1)
-            x._accumulate(_col2im(onehot.reshape(win.shape), x.shape, k, s))
+            gx = np.zeros_like(xd, dtype=g.dtype)
+            hit, free = np.empty(y.shape, bool), np.ones(y.shape, bool)
+            for k, (*_, index) in enumerate(offsets):
+                np.equal(xd[index], y, out=hit)
+                hit &= free  # only the first maximum of a window, as torch
+                if k < len(offsets) - 1:
+                    free ^= hit
+                if overlap:
+                    gx[index] += g * hit
+                else:  # the windows tile the input: write in place, no temporary
+                    np.multiply(g, hit, out=gx[index])
+            x._accumulate(gx)
 
         out._backward = _backward
     return out
@@ -139,14 +183,20 @@ def max_pool2d(x, kernel_size, stride=None) -> Tensor:
 def avg_pool2d(x, kernel_size, stride=None) -> Tensor:
     """Mean of each window (stride defaults to kernel_size, no padding), as torch."""
     x = as_tensor(x)
-    win, k, s = _pool_windows(x, kernel_size, stride, "avg_pool2d")
-    y = win.mean(axis=(-2, -1))
+    k, s, offsets = _pool_setup(x, kernel_size, stride, "avg_pool2d")
+    xd, area = x.data, k[0] * k[1]
+    y = xd[offsets[0][2]].copy()
+    for *_, index in offsets[1:]:
+        y += xd[index]
+    y /= area
     out = _node(y, (x,), "avg_pool2d")
     if out.requires_grad:
 
         def _backward(g):
-            share = np.broadcast_to((g / (k[0] * k[1]))[..., None, None], win.shape)
-            x._accumulate(_col2im(share, x.shape, k, s))
+            gx, share = np.zeros_like(xd, dtype=g.dtype), g / area
+            for *_, index in offsets:
+                gx[index] += share
+            x._accumulate(gx)
 
         out._backward = _backward
     return out
