@@ -286,8 +286,11 @@ class Sequential(Module):
     as in torch.nn.Sequential. A Linear or Conv2d followed by an activation runs as one
     fused node ("conv2d+relu"), with the same result as the two apart."""
 
-    def __init__(self, *modules: Module):
+    def __init__(self, *modules: Module, input_shape=None):
+        """`input_shape`, e.g. (1, 28, 28): rows of flat features are reshaped to it first
+        (flat data feeds a CNN); None takes the input as it comes, as torch does."""
         self.modules = list(modules)
+        self.input_shape = None if input_shape is None else tuple(input_shape)
         for i, m in enumerate(self.modules):
             if isinstance(m, Dropout) and m.layer is None:
                 m.layer = i
@@ -304,6 +307,9 @@ class Sequential(Module):
     def layer_outputs(self, x):
         """Yield (index, output) after each module; a fused pair yields once, with the
         activation's index. The one forward pass, for callers that inspect layers."""
+        x = as_tensor(x)
+        if self.input_shape is not None and x.shape[1:] != self.input_shape:
+            x = x.reshape(len(x.data), *self.input_shape)
         i, ms = 0, self.modules
         while i < len(ms):
             m, nxt = ms[i], ms[i + 1] if i + 1 < len(ms) else None

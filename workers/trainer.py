@@ -40,7 +40,15 @@ from workers.events import (
     run_summary,
 )
 from workers.health import HealthMonitor
-from workers.model import blas_limit, blas_threads, build_model, build_optimizer, evaluate, grad_sum
+from workers.model import (
+    blas_limit,
+    blas_threads,
+    build_model,
+    build_optimizer,
+    evaluate,
+    grad_sum,
+    worker_config,
+)
 from workers.pool import ClusterTooSmall, WorkerFailure, WorkerPool
 from workers.sampler import Schedule, split_batch
 from workers.spec import TrainingSpec
@@ -74,11 +82,12 @@ class GatherStep:
     Diverged with the weights unchanged (a last health check then reads those gradients).
     """
 
-    def __init__(self, pool: WorkerPool, model, opt):
+    def __init__(self, pool: WorkerPool, model, opt, epoch_of: Callable[[int], int]):
         self.pool, self.params, self.opt = pool, model.parameters(), opt
+        self.epoch_of = epoch_of  # a step's epoch, which keys the dropout masks
 
     def __call__(self, step: int, idx: np.ndarray) -> tuple[float, float]:
-        pieces = split_batch(idx, self.pool.n)
+        pieces = [(self.epoch_of(step), piece) for piece in split_batch(idx, self.pool.n)]
         grads, n, loss_sum = self.pool.grads([p.data for p in self.params], pieces)
         return average_and_step(self.params, self.opt, grads, n, loss_sum, step)
 
@@ -107,14 +116,18 @@ class LocalStep:
     node_ids: list[str] = []
     exchange = None
 
-    def __init__(self, model, opt, loss: str, data: PreparedData, threads: int, failures: int):
+    def __init__(
+        self, model, opt, loss: str, data: PreparedData, threads: int, failures: int, epoch_of
+    ):
         self.model, self.params, self.opt = model, model.parameters(), opt
         self.loss, self.X, self.y, self.threads = loss, data.X, data.y, threads
         self.failures = failures  # from before a resume; no worker can fail here
+        self.epoch_of = epoch_of  # a step's epoch, which keys the dropout masks
 
     def __call__(self, step: int, idx: np.ndarray) -> tuple[float, float]:
         with blas_limit(self.threads):
-            grads, loss_sum = grad_sum(self.model, self.loss, self.X[idx], self.y[idx])
+            X, y, epoch = self.X[idx], self.y[idx], self.epoch_of(step)
+            grads, loss_sum = grad_sum(self.model, self.loss, X, y, idx, epoch)
         return average_and_step(self.params, self.opt, grads, len(idx), loss_sum, step)
 
     def close(self) -> None:
@@ -235,22 +248,20 @@ class Trainer:
         """The step strategy: in-process, or the workers (on the cluster in `settings`, or
         an embedded Ray) and their exchange. `state`: the checkpoint's, when resuming."""
         spec, failures = self.spec, state.get("worker_failures", 0)
+        epoch_of = self.schedule.epoch_of
         choice = self._worker_count(state)
         self.n_workers, self.workers_reason = choice.workers, choice.reason
         if self.n_workers == 0:
             threads = blas_threads(spec.cpus_per_worker)
-            self.descend = LocalStep(self.model, self.opt, spec.loss, self.data, threads, failures)
+            self.descend = LocalStep(
+                self.model, self.opt, spec.loss, self.data, threads, failures, epoch_of
+            )
             return
         ensure_ray(self.settings)
         self.pool = WorkerPool(
             self.n_workers,
             spec.cpus_per_worker,
-            {
-                "sizes": spec.model.sizes,
-                "activation": spec.model.activation,
-                "dtype": spec.dtype,
-                "loss": spec.loss,
-            },
+            worker_config(spec),
             ray.put((self.data.X, self.data.y)),
             max_failures=spec.max_failures,
             failures=failures,
@@ -258,7 +269,7 @@ class Trainer:
             exchange=spec.exchange,
             settings=self.settings,
         )
-        self.descend = GatherStep(self.pool, self.model, self.opt)
+        self.descend = GatherStep(self.pool, self.model, self.opt, epoch_of)
 
     def _worker_count(self, state: dict) -> WorkerChoice:
         """The count the spec (or the caller) states, else the one auto chooses. A resumed
