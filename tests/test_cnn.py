@@ -12,6 +12,7 @@ from core import Tensor
 from tests.helpers import EXAMPLES, SMALL_CNN, final_params, require, small_cnn
 from workers.data import check_data
 from workers.datasets import describe, load_dataset, save_uploaded
+from workers.explain import explain, predict
 from workers.model import build_model, param_bytes
 from workers.spec import BuiltinData, TrainingSpec, load_spec
 from workers.trainer import Trainer
@@ -311,3 +312,16 @@ def test_the_checkpoint_loads_into_torch_sequential(tmp_path):
     ours.load_state_dict(final_params(tmp_path))
     theirs = net(torch.from_numpy(X).reshape(7, 1, 28, 28)).detach().numpy()
     np.testing.assert_allclose(ours(X).data, theirs, rtol=0, atol=1e-9)
+
+
+def test_predict_and_explain_take_flat_rows_of_a_cnn():
+    s = TrainingSpec.model_validate(spec())
+    model = build_model(s)
+    X = load_dataset(s.data, s.seed).X[:3]
+    np.testing.assert_array_equal(predict(model, X), model(X).data)
+    result = explain(model, X, method="integrated_gradients", target=1)
+    change = predict(model, X)[:, 1] - predict(model, np.zeros_like(X))[:, 1]
+    assert np.array(result["attributions"]).shape == (3, 784)
+    assert np.all(np.abs(result["completeness_gap"]) <= 0.01 * np.abs(change))
+    with pytest.raises(ValueError, match="has width 64 but the model takes 784"):
+        explain(model, np.ones((1, 64)))
