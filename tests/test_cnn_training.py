@@ -14,7 +14,7 @@ import pytest
 
 import core.functional as F
 from core import Tensor, nn, no_grad
-from tests.helpers import final_params, small_cnn
+from tests.helpers import example_spec, final_params, small_cnn
 from workers import checkpoint as ckpt
 from workers.data import PreparedData
 from workers.health import active_units, layer_stats
@@ -149,3 +149,15 @@ def test_dead_relu_fraction_is_per_channel():
     params = [p.data.copy() for p in model.parameters()]
     stats = layer_stats(model, params, params, masks)
     assert [s["dead_fraction"] for s in stats] == [0.5, None, None]
+
+
+# ---------------------------------------------------------------- the examples
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "accuracy"), [("shapes-cnn", 0.95), ("digits-cnn", 0.97)])
+def test_the_cnn_examples_reach_their_accuracy(tmp_path, name, accuracy):
+    spec = TrainingSpec.model_validate(example_spec(name))
+    assert spec.workers == 0  # in-process: seconds, no cluster
+    summary = Trainer(spec, tmp_path).run()
+    assert summary["status"] == "succeeded" and summary["val_accuracy"] >= accuracy

@@ -106,7 +106,8 @@ class BuiltinData(_Strict):
     """A generated dataset, or scikit-learn's bundled digits / iris.
 
     `n_samples` and `noise` do not apply to digits (1797 samples) and iris (150).
-    `n_classes` applies to spirals and blobs, `n_features` to blobs.
+    `n_classes` applies to spirals and blobs, `n_features` to blobs. `n_samples` defaults
+    to 1000, and to 5000 for the shapes images.
     """
 
     type: Literal["builtin"]
