@@ -156,7 +156,7 @@ def max_pool2d(x, kernel_size, stride=None) -> Tensor:
     x = as_tensor(x)
     k, s, offsets = _pool_setup(x, kernel_size, stride, "max_pool2d")
     xd, overlap = x.data, s[0] < k[0] or s[1] < k[1]
-    y = xd[offsets[0][2]].copy()
+    y = xd[offsets[0][2]].copy(order="K")  # keeps the input's memory layout (NHWC after a conv)
     for *_, index in offsets[1:]:
         np.maximum(y, xd[index], out=y)
     out = _node(y, (x,), "max_pool2d")
@@ -185,7 +185,7 @@ def avg_pool2d(x, kernel_size, stride=None) -> Tensor:
     x = as_tensor(x)
     k, s, offsets = _pool_setup(x, kernel_size, stride, "avg_pool2d")
     xd, area = x.data, k[0] * k[1]
-    y = xd[offsets[0][2]].copy()
+    y = xd[offsets[0][2]].copy(order="K")
     for *_, index in offsets[1:]:
         y += xd[index]
     y /= area
