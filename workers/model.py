@@ -9,16 +9,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
+from pydantic import TypeAdapter
 
 import core.functional as F
 from core import Tensor, nn, no_grad, optim
 from core.tensor import ACTIVATIONS
-
-if TYPE_CHECKING:
-    from workers.spec import ModelSpec, TrainingSpec
+from workers.spec import ModelSpec, TrainingSpec
 
 LOSSES = {
     "mse": F.mse_loss,
@@ -97,12 +95,11 @@ def config_model(config: dict) -> nn.MLP | nn.Sequential:
     return model_from(_model_spec(config), config["dtype"], config["seed"])
 
 
+_MODEL_SPEC = TypeAdapter(ModelSpec)
+
+
 def _model_spec(config: dict) -> ModelSpec:
-    from pydantic import TypeAdapter
-
-    from workers.spec import ModelSpec
-
-    return TypeAdapter(ModelSpec).validate_python(config["model"])
+    return _MODEL_SPEC.validate_python(config["model"])
 
 
 def build_optimizer(spec: TrainingSpec, params) -> optim.SGD | optim.Adam:
