@@ -5,6 +5,9 @@
 Workloads:
   a: MLP 784-256-256-10, batch 256, float32, cross-entropy, default threads for both.
   b: MLP 2-16-16-1, batch 100, float64, MSE, PyTorch at 1 thread (per-op overhead).
+  c: CNN conv 1->16 3x3 pad 1, relu, pool 2, conv 16->32 3x3 pad 1, relu, pool 2, flatten,
+     linear -> 10; input 1x28x28, batch 128, float32, cross-entropy, both at 1 thread
+     (a worker's BLAS threads: one per CPU of its share).
 
 Both engines start from the same weights and data. Timed blocks alternate between the
 engines, each after a 0.3 s pause so the other's thread pool stops spinning; the
@@ -14,11 +17,13 @@ reported number is the ratio of the median step times, ours / PyTorch (<= 1 is t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 import core.functional as F
 from core import nn, optim
@@ -28,7 +33,39 @@ WORKLOADS = {
         sizes=[784, 256, 256, 10], batch=256, dtype=np.float32, loss="ce", threads=None, steps=25
     ),
     "b": dict(sizes=[2, 16, 16, 1], batch=100, dtype=np.float64, loss="mse", threads=1, steps=200),
+    # sizes: the input shape, then the output width
+    "c": dict(sizes=[(1, 28, 28), 10], batch=128, dtype=np.float32, loss="ce", threads=1, steps=15),
 }
+
+
+def cnn(dtype) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, seed=0, dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1, seed=1, dtype=dtype),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 10, dtype=dtype, rng=2),
+    )
+
+
+def torch_cnn(ours: nn.Sequential) -> torch.nn.Sequential:
+    """The same CNN in PyTorch; the parameter names are the same."""
+    T = torch.nn
+    model = T.Sequential(
+        T.Conv2d(1, 16, 3, padding=1),
+        T.ReLU(),
+        T.MaxPool2d(2),
+        T.Conv2d(16, 32, 3, padding=1),
+        T.ReLU(),
+        T.MaxPool2d(2),
+        T.Flatten(),
+        T.Linear(32 * 7 * 7, 10),
+    )
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in ours.state_dict().items()})
+    return model
 
 
 def torch_model(ours: nn.MLP) -> torch.nn.Sequential:
@@ -50,7 +87,8 @@ def torch_model(ours: nn.MLP) -> torch.nn.Sequential:
 
 def make_steps(sizes, batch, dtype, loss, lr=0.01):
     rng = np.random.default_rng(0)
-    X = rng.standard_normal((batch, sizes[0])).astype(dtype)
+    image = isinstance(sizes[0], tuple)
+    X = rng.standard_normal((batch, *np.atleast_1d(sizes[0]))).astype(dtype)
     if loss == "ce":
         y = rng.integers(0, sizes[-1], batch)
         ours_loss, torch_loss = F.cross_entropy, torch.nn.functional.cross_entropy
@@ -58,7 +96,7 @@ def make_steps(sizes, batch, dtype, loss, lr=0.01):
         y = rng.standard_normal((batch, sizes[-1])).astype(dtype)
         ours_loss, torch_loss = F.mse_loss, torch.nn.functional.mse_loss
 
-    model = nn.MLP(sizes, "relu", dtype=dtype, seed=0)
+    model = cnn(dtype) if image else nn.MLP(sizes, "relu", dtype=dtype, seed=0)
     opt = optim.SGD(model.parameters(), lr=lr)
 
     def ours():
@@ -68,7 +106,7 @@ def make_steps(sizes, batch, dtype, loss, lr=0.01):
         opt.step()
         return out.data
 
-    tmodel = torch_model(model)
+    tmodel = torch_cnn(model) if image else torch_model(model)
     topt = torch.optim.SGD(tmodel.parameters(), lr=lr)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
 
@@ -101,18 +139,21 @@ def run(name: str, rounds: int) -> tuple[float, float, list[float]]:
     threads, steps = spec.pop("threads"), spec.pop("steps")
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads)
+    # The CNN runs as a worker does: our BLAS at 1 thread too (b measures per-op overhead).
+    ours_limit = threadpool_limits(1) if name == "c" else contextlib.nullcontext()
     try:
-        ours, theirs = make_steps(**spec)
-        for _ in range(5):
-            ours(), theirs()
-        t_ours, t_torch, ratios = [], [], []
-        for r in range(rounds):  # alternate which engine goes first
-            blocks = {}
-            for step in (ours, theirs) if r % 2 == 0 else (theirs, ours):
-                blocks[step] = timed_block(step, steps)
-            t_ours += blocks[ours]
-            t_torch += blocks[theirs]
-            ratios.append(statistics.median(blocks[ours]) / statistics.median(blocks[theirs]))
+        with ours_limit:
+            ours, theirs = make_steps(**spec)
+            for _ in range(5):
+                ours(), theirs()
+            t_ours, t_torch, ratios = [], [], []
+            for r in range(rounds):  # alternate which engine goes first
+                blocks = {}
+                for step in (ours, theirs) if r % 2 == 0 else (theirs, ours):
+                    blocks[step] = timed_block(step, steps)
+                t_ours += blocks[ours]
+                t_torch += blocks[theirs]
+                ratios.append(statistics.median(blocks[ours]) / statistics.median(blocks[theirs]))
     finally:
         torch.set_num_threads(default_threads)
     return statistics.median(t_ours), statistics.median(t_torch), ratios
@@ -121,17 +162,15 @@ def run(name: str, rounds: int) -> tuple[float, float, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
-    parser.add_argument("--workloads", default="ab", help="which workloads to run, e.g. 'a'")
+    parser.add_argument("--workloads", default="abc", help="which workloads to run, e.g. 'a'")
     args = parser.parse_args()
     rounds = 6 if args.quick else 24  # many short alternating blocks even out a noisy machine
     results = {name: run(name, rounds) for name in args.workloads}
     print(f"{'workload':<46} {'ours ms':>8} {'torch ms':>8} {'ratio':>6}  per-round ratio p25-p75")
     for name, (ours, theirs, ratios) in results.items():
         spec = WORKLOADS[name]
-        label = (
-            f"{name}: MLP {'-'.join(map(str, spec['sizes']))} b{spec['batch']} "
-            f"{np.dtype(spec['dtype']).name} {spec['loss']}"
-        )
+        net = "CNN 1x28x28-16-32-10" if name == "c" else "MLP " + "-".join(map(str, spec["sizes"]))
+        label = f"{name}: {net} b{spec['batch']} {np.dtype(spec['dtype']).name} {spec['loss']}"
         q1, _, q3 = statistics.quantiles(ratios, n=4)
         times = f"{ours * 1e3:>8.3f} {theirs * 1e3:>8.3f} {ours / theirs:>6.2f}"
         print(f"{label:<46} {times}  {q1:.2f}-{q3:.2f}")

@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 
+from core.conv import avg_pool2d, conv2d, dropout, max_pool2d
 from core.tensor import (
     ACTIVATIONS,
     Tensor,
@@ -29,12 +30,16 @@ from core.tensor import (
 )
 
 __all__ = [
+    "avg_pool2d",
     "binary_cross_entropy_with_logits",
     "concatenate",
+    "conv2d",
     "cross_entropy",
+    "dropout",
     "linear",
     "log_softmax",
     "logsumexp",
+    "max_pool2d",
     "mse_loss",
     "relu",
     "sigmoid",

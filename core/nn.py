@@ -19,22 +19,68 @@ Why the initialisation matters (He for relu, Glorot for tanh and sigmoid, zero b
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from itertools import pairwise
 
 import numpy as np
 
 from core import functional as F
+from core.conv import pair
 from core.tensor import ACTIVATIONS, Tensor, as_tensor
 
-__all__ = ["MLP", "Linear", "Module", "ReLU", "Sequential", "Sigmoid", "Tanh"]
+__all__ = [
+    "MLP",
+    "AvgPool2d",
+    "Conv2d",
+    "Dropout",
+    "Flatten",
+    "Linear",
+    "MaxPool2d",
+    "Module",
+    "ReLU",
+    "Sequential",
+    "Sigmoid",
+    "Tanh",
+    "sample_context",
+]
+
+_samples = threading.local()  # the rows being computed: see `sample_context`
+
+
+@contextlib.contextmanager
+def sample_context(epoch: int, rows):
+    """Tell the random layers (Dropout) which samples the batch's rows are: `rows[i]` is
+    the dataset index of row i, drawn in `epoch`. Each row's mask is then a function of
+    (seed, epoch, rows[i], layer) only, so the result does not depend on how a batch is
+    split across workers. Outside a context, a Dropout in training mode numbers its calls
+    and the rows 0..N-1 (still reproducible, as torch.manual_seed would make it)."""
+    saved = getattr(_samples, "value", None)
+    _samples.value = (int(epoch), np.asarray(rows, np.int64))
+    try:
+        yield
+    finally:
+        _samples.value = saved
 
 
 class Module:
     """Base class. Parameters are the Tensor attributes, then those of sub-modules (also
     inside lists), in assignment order; names are dotted paths as in PyTorch."""
 
+    training = True  # train() / eval() set it on the module and every sub-module
+
     def forward(self, *args, **kwargs):
         raise NotImplementedError
+
+    def train(self, mode: bool = True) -> Module:
+        self.training = bool(mode)
+        for _, child in self._children():
+            if isinstance(child, Module):
+                child.train(mode)
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
@@ -103,6 +149,18 @@ class Module:
             p.data[...] = arrays[k]
 
 
+def init_weight(rng, shape, fan_in: int, fan_out: int, init: str, dtype) -> Tensor:
+    """He (normal, std sqrt(2 / fan_in)) or Glorot (uniform, limit sqrt(6 / (in + out)))."""
+    if init == "he":
+        w = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+    elif init == "glorot":
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        w = rng.uniform(-limit, limit, shape)
+    else:
+        raise ValueError(f"init must be 'he' or 'glorot', got {init!r}")
+    return Tensor(w.astype(dtype), requires_grad=True)
+
+
 class Linear(Module):
     """y = x @ weight.T + bias with weight (out_features, in_features), as torch.nn.Linear.
 
@@ -122,18 +180,86 @@ class Linear(Module):
     ):
         rng = np.random.default_rng(rng)
         shape = (out_features, in_features)
-        if init == "he":
-            w = rng.standard_normal(shape) * np.sqrt(2.0 / in_features)
-        elif init == "glorot":
-            limit = np.sqrt(6.0 / (in_features + out_features))
-            w = rng.uniform(-limit, limit, shape)
-        else:
-            raise ValueError(f"init must be 'he' or 'glorot', got {init!r}")
-        self.weight = Tensor(w.astype(dtype), requires_grad=True)
+        self.weight = init_weight(rng, shape, in_features, out_features, init, dtype)
         self.bias = Tensor(np.zeros(out_features, dtype), requires_grad=True) if bias else None
 
+    def forward(self, x, activation: str | None = None) -> Tensor:
+        return F.linear(x, self.weight, self.bias, activation)
+
+
+class Conv2d(Module):
+    """2-D convolution over NCHW input, as torch.nn.Conv2d: weight (out, in, kh, kw), bias
+    (out,). Initialised as Linear, with fan_in = in * kh * kw (He) and a zero bias."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        bias: bool = True,
+        seed: int | None = None,
+        *,
+        dtype=np.float64,
+        rng: np.random.Generator | None = None,
+        init: str = "he",
+    ):
+        if seed is not None and rng is not None:
+            raise ValueError("pass either seed or rng, not both")
+        rng = np.random.default_rng(seed if rng is None else rng)
+        kh, kw = pair(kernel_size, "kernel_size")
+        self.stride, self.padding = pair(stride, "stride"), pair(padding, "padding")
+        shape = (out_channels, in_channels, kh, kw)
+        fan_in, fan_out = in_channels * kh * kw, out_channels * kh * kw
+        self.weight = init_weight(rng, shape, fan_in, fan_out, init, dtype)
+        self.bias = Tensor(np.zeros(out_channels, dtype), requires_grad=True) if bias else None
+
+    def forward(self, x, activation: str | None = None) -> Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, activation)
+
+
+class MaxPool2d(Module):
+    def __init__(self, kernel_size, stride=None):
+        self.kernel_size, self.stride = kernel_size, stride
+
     def forward(self, x) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.max_pool2d(x, self.kernel_size, self.stride)
+
+
+class AvgPool2d(MaxPool2d):
+    def forward(self, x) -> Tensor:
+        return F.avg_pool2d(x, self.kernel_size, self.stride)
+
+
+class Flatten(Module):
+    """(N, ...) -> (N, everything else), as torch.nn.Flatten()."""
+
+    def forward(self, x) -> Tensor:
+        x = as_tensor(x)
+        return x.reshape(len(x.data), -1)
+
+
+class Dropout(Module):
+    """Zeroes elements with probability p in training mode (scaling the rest by 1/(1-p));
+    the identity in eval mode. The mask of a sample is a pure function of (seed, epoch,
+    sample index, layer): see `sample_context`. `layer` defaults to the module's index in
+    its Sequential."""
+
+    def __init__(self, p: float = 0.5, seed: int = 0, layer: int | None = None):
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p, self.seed, self.layer, self.calls = float(p), int(seed), layer, 0
+
+    def forward(self, x) -> Tensor:
+        x = as_tensor(x)
+        if not self.training or self.p == 0:
+            return x
+        context = getattr(_samples, "value", None)
+        if context is None:  # no trainer: number the calls instead of the epochs
+            context, self.calls = (self.calls, np.arange(len(x.data))), self.calls + 1
+        epoch, rows = context
+        return F.dropout(x, self.p, (self.seed, epoch, self.layer or 0), rows)
 
 
 class _Activation(Module):
@@ -156,18 +282,43 @@ class Sigmoid(_Activation):
 
 
 class Sequential(Module):
-    """Modules applied in order; parameter names start with the module index ("0.weight")."""
+    """Modules applied in order; parameter names start with the module index ("0.weight"),
+    as in torch.nn.Sequential. A Linear or Conv2d followed by an activation runs as one
+    fused node ("conv2d+relu"), with the same result as the two apart."""
 
-    def __init__(self, *modules: Module):
+    def __init__(self, *modules: Module, input_shape=None):
+        """`input_shape`, e.g. (1, 28, 28): rows of flat features are reshaped to it first
+        (flat data feeds a CNN); None takes the input as it comes, as torch does."""
         self.modules = list(modules)
+        self.input_shape = None if input_shape is None else tuple(input_shape)
+        for i, m in enumerate(self.modules):
+            if isinstance(m, Dropout) and m.layer is None:
+                m.layer = i
 
     def _children(self):
         return ((str(i), m) for i, m in enumerate(self.modules))
 
     def forward(self, x) -> Tensor:
-        for m in self.modules:
-            x = m(x)
-        return x
+        out = as_tensor(x)
+        for _, out in self.layer_outputs(x):  # noqa: B007 (the last output is the result)
+            pass
+        return out
+
+    def layer_outputs(self, x):
+        """Yield (index, output) after each module; a fused pair yields once, with the
+        activation's index. The one forward pass, for callers that inspect layers."""
+        x = as_tensor(x)
+        if self.input_shape is not None and x.shape[1:] != self.input_shape:
+            x = x.reshape(len(x.data), *self.input_shape)
+        i, ms = 0, self.modules
+        while i < len(ms):
+            m, nxt = ms[i], ms[i + 1] if i + 1 < len(ms) else None
+            if isinstance(m, Linear | Conv2d) and isinstance(nxt, _Activation):
+                x, i = m(x, activation=nxt.name), i + 1
+            else:
+                x = m(x)
+            yield i, x
+            i += 1
 
     def __getitem__(self, i: int) -> Module:
         return self.modules[i]

@@ -45,6 +45,42 @@ def small_moons(**overrides) -> dict:
     return example_spec("moons", **{**small, **overrides})
 
 
+# A small CNN over every layer type: 1x28x28 -> conv s2 -> 4x13x13 -> max pool -> 4x6x6 ->
+# conv pad 1 -> 6x6x6 -> avg pool -> 6x3x3 -> flatten 54 -> dropout -> linear 4.
+SMALL_CNN = {
+    "type": "sequential",
+    "input_shape": [1, 28, 28],
+    "layers": [
+        {"type": "conv2d", "out_channels": 4, "kernel_size": 3, "stride": 2},
+        {"type": "relu"},
+        {"type": "max_pool2d", "kernel_size": 2},
+        {"type": "conv2d", "out_channels": 6, "kernel_size": [3, 3], "padding": 1},
+        {"type": "tanh"},
+        {"type": "avg_pool2d", "kernel_size": 2},
+        {"type": "flatten"},
+        {"type": "dropout", "p": 0.3},
+        {"type": "linear", "out_features": 4},
+    ],
+}
+
+
+def small_cnn(**overrides) -> dict:
+    """examples/shapes-cnn.json made small for tests: SMALL_CNN (dropout on) in float64 on
+    160 shapes (128 for training), batch 30, 2 epochs, a checkpoint every 5 steps."""
+    small = {
+        "model": copy.deepcopy(SMALL_CNN),
+        "data": {"type": "builtin", "name": "shapes", "n_samples": 160, "noise": 0.1},
+        "dtype": "float64",
+        "optimizer": {"type": "sgd", "lr": 0.05, "momentum": 0.9},
+        "epochs": 2,
+        "batch_size": 30,
+        "cpus_per_worker": 0.5,
+        "checkpoint_every": 5,
+        "health_every": 3,
+    }
+    return example_spec("shapes-cnn", **{**small, **overrides})
+
+
 def make_spec(**overrides):
     """The distributed tests' TrainingSpec: the small moons run named "t", global batch 30
     (160 training rows: 6 steps per epoch, the last one 10 rows)."""

@@ -56,6 +56,9 @@ def graphs(monkeypatch):
 
 # The exchanges that run a compiled graph: the replicated step (the default) and the gather.
 GRAPH_KINDS = pytest.mark.parametrize("kind", ["replicated", "compiled"])
+# An execution in the middle of a 12-step run: the gather runs a step per execution, the
+# replicated step a block of steps (up to a checkpoint or an epoch's end).
+MID_RUN = {"compiled": 5, "replicated": 3}
 
 
 # ---------------------------------------------------------------- choosing
@@ -193,8 +196,8 @@ def test_a_graph_that_cannot_compile_falls_back_to_tasks(
     assert same(final_params(tmp_path), reference)
 
 
-def replace_fifth_step(monkeypatch, step) -> None:
-    """The 5th execute of the compiled graphs calls `step()` instead and returns what it
+def replace_an_execution(monkeypatch, step, nth: int) -> None:
+    """The `nth` execute of the compiled graphs calls `step()` instead and returns what it
     returns (or raises what it raises): a transport fault with every worker alive."""
     init = ex.Graph.__init__
     calls = {"n": 0}
@@ -205,7 +208,7 @@ def replace_fifth_step(monkeypatch, step) -> None:
 
         def execute_or_replace(*inputs):
             calls["n"] += 1
-            return step() if calls["n"] == 5 else execute(*inputs)
+            return step() if calls["n"] == nth else execute(*inputs)
 
         self.graph.execute = execute_or_replace
 
@@ -230,7 +233,7 @@ def test_a_broken_channel_mid_run_falls_back_and_recomputes_the_step(
     def broken():
         raise RayChannelError("simulated: channel closed")
 
-    replace_fifth_step(monkeypatch, broken)
+    replace_an_execution(monkeypatch, broken, MID_RUN[kind])
     trainer = Trainer(make_spec(epochs=2, exchange=kind), tmp_path)
     summary = trainer.run()
     assert_fell_back_to_tasks(trainer, summary, graphs, reference, "simulated: channel closed")
@@ -246,7 +249,8 @@ def test_a_stuck_step_falls_back_instead_of_hanging(tmp_path, monkeypatch, graph
     """Every worker alive, no answer: past the step timeout (or 50 times the slowest step)
     the graph is torn down and the step recomputed on tasks."""
     stuck = []
-    replace_fifth_step(monkeypatch, lambda: stuck.append(_never_answers.remote()) or stuck[-1])
+    never = lambda: stuck.append(_never_answers.remote()) or stuck[-1]  # noqa: E731
+    replace_an_execution(monkeypatch, never, MID_RUN[kind])
     settings = WorkerSettings(step_timeout_s=1.5)
     trainer = Trainer(make_spec(epochs=2, exchange=kind), tmp_path, settings=settings)
     try:
@@ -254,7 +258,7 @@ def test_a_stuck_step_falls_back_instead_of_hanging(tmp_path, monkeypatch, graph
     finally:
         for ref in stuck:
             ray.cancel(ref, force=True)
-    assert stuck, "the 5th step was not replaced"
+    assert stuck, "no execution was replaced"
     assert_fell_back_to_tasks(
         trainer, summary, graphs, reference, r"step gave no answer in [\d.]+s"
     )

@@ -285,11 +285,13 @@ def test_a_relu_net_with_negative_biases_reports_dead_units(dead_run):
 
 def test_a_resumed_run_keeps_the_health_record(tmp_path, dead_run):
     spec, out, whole, _ = dead_run
-    first, _ = train(spec, tmp_path, stop_at=7)
-    assert first["status"] == "cancelled" and first["health"]["last_step"] == 1
+    first, _ = train(spec, tmp_path, stop_at=3)
+    landed = first["steps"]  # after the steps in flight: 3, or the end of its block
+    assert first["status"] == "cancelled" and 3 <= landed < spec.health_every
+    assert first["health"]["last_step"] == max(checked(landed, spec.health_every))
     second, events = train(spec, tmp_path)
-    assert second["resumed_from_step"] == 7
-    later = [s for s in checked(whole["steps"], spec.health_every) if s > 7]
+    assert second["resumed_from_step"] == landed
+    later = [s for s in checked(whole["steps"], spec.health_every) if s > landed]
     assert later and [e["step"] for e in events] == later  # no "first" check at the resume
     assert second["health"] == whole["health"]
 

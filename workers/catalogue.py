@@ -8,7 +8,7 @@ Pure: no file, no array, no import of our own. `workers.spec` validates against 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 Task = Literal["classification", "regression"]
@@ -25,6 +25,9 @@ class DatasetInfo:
     n_classes: int | None  # None for regression
     n_targets: int  # 1 for classification (one label per sample)
     n_samples: int
+    # One sample's image shape (channels, height, width), for image data; X stays flat,
+    # n_features = C * H * W, and a model whose input_shape says so sees images.
+    shape: tuple[int, int, int] | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class Builtin:
     n_classes: int | None = None
     n_samples: int | None = None  # fixed size of a bundled dataset; None: from the spec
     options: tuple[str, ...] = ()  # which of n_classes / n_features the spec may set
+    shape: tuple[int, int, int] | None = None  # image data: (channels, height, width)
+    default_n_samples: int = 1000  # when the spec does not say
 
 
 # Each has its generator in workers.datasets. digits and iris are scikit-learn's bundled copies.
@@ -46,6 +51,12 @@ BUILTINS: dict[str, Builtin] = {
         "classification", n_features=2, n_classes=3, options=("n_classes", "n_features")
     ),
     "sine": Builtin("regression", n_features=1),
-    "digits": Builtin("classification", n_features=64, n_classes=10, n_samples=1797),
+    "digits": Builtin(
+        "classification", n_features=64, n_classes=10, n_samples=1797, shape=(1, 8, 8)
+    ),
+    # Grayscale 28x28 images of a circle, square, triangle or cross (classes 0..3).
+    "shapes": Builtin(
+        "classification", n_features=784, n_classes=4, shape=(1, 28, 28), default_n_samples=5000
+    ),
     "iris": Builtin("classification", n_features=4, n_classes=3, n_samples=150),
 }

@@ -72,7 +72,7 @@ def choose_workers(
     compute of one global batch; `free_cpus()`: the CPUs this job may use."""
     compute = measure()
     kind = resolve(spec.exchange, settings)
-    size = param_bytes(spec.model.sizes, spec.dtype)
+    size = param_bytes(spec.model, spec.dtype)
 
     def step_s(n: int) -> float:
         return compute if n == 0 else compute / n + exchange_seconds(kind, n, size, settings)

@@ -1,7 +1,9 @@
 """Datasets: builtin generators, files and uploads, all as NumPy arrays.
 
 Every dataset is `X` (float64, C-contiguous, samples x features) and `y`: int64 class
-indices `(n,)` for classification, float64 `(n, n_targets)` for regression.
+indices `(n,)` for classification, float64 `(n, n_targets)` for regression. Images are
+flat rows too (C*H*W values each); `info.shape` records (C, H, W), and a model whose
+`input_shape` says so reshapes them (so workers gather rows as for any other data).
 
 Randomness comes from `np.random.default_rng([seed, TAG])`, never from global state, so a
 dataset and its train/validation split are functions of the spec's seed alone.
@@ -129,6 +131,35 @@ def make_sine(info, noise, rng):
     return X, np.sin(X) + noise * rng.standard_normal(X.shape)
 
 
+@_builtin("shapes")
+def make_shapes(info, noise, rng):
+    """Outlines of a circle (0), square (1) or triangle (2), or a filled cross (3), each at
+    a random position, size and stroke, anti-aliased, plus Gaussian noise; flat rows."""
+    n, (_, h, w) = info.n_samples, info.shape
+    y = _balanced_labels(n, 4, rng)
+    r = rng.uniform(5.0, 10.0, n)  # size: radius, half-side, inradius or arm length
+    stroke = rng.uniform(1.5, 3.0, n)
+    cy, cx = (rng.uniform(r + 2, side - r - 2) for side in (h, w))
+    dy = np.arange(h)[None, :, None] - cy[:, None, None]
+    dx = np.arange(w)[None, None, :] - cx[:, None, None]
+    r, half = r[:, None, None], stroke[:, None, None] / 2
+    ax, ay = np.abs(dx), np.abs(dy)
+    # Each shape as a distance to its stroke (<= 0 inside); a pixel's value is its coverage.
+    angles = np.deg2rad([90.0, 210.0, 330.0])  # the triangle's outward edge normals
+    edge = np.max([np.cos(a) * dx - np.sin(a) * dy for a in angles], axis=0)
+    distance = np.select(
+        [y[:, None, None] == k for k in range(3)],
+        [
+            np.abs(np.hypot(dx, dy) - r) - half,
+            np.abs(np.maximum(ax, ay) - r) - half,
+            np.abs(edge - r / 2) - half,
+        ],
+        np.minimum(np.maximum(ax - half, ay - r), np.maximum(ay - half, ax - r)),
+    )
+    X = np.clip(0.5 - distance, 0.0, 1.0).reshape(n, h * w)
+    return X + noise * rng.standard_normal(X.shape), y
+
+
 # scikit-learn's bundled copies: no download. n_samples and noise do not apply.
 @_builtin("digits")
 def make_digits(info, noise, rng):
@@ -227,8 +258,11 @@ def read_arrays(raw: bytes, filename: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_arrays(X: np.ndarray, y: np.ndarray) -> None:
-    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
-        raise ValueError(f"X must be 2-D (samples x features) and non-empty; got shape {X.shape}")
+    if X.ndim not in (2, 4) or X.size == 0:
+        raise ValueError(
+            "X must be 2-D (samples x features) or 4-D images (samples x channels x height x "
+            f"width) and non-empty; got shape {X.shape}"
+        )
     if y.ndim not in (1, 2) or y.shape[-1:] == (0,):
         raise ValueError(f"y must be 1-D or 2-D and non-empty; got shape {y.shape}")
     if len(X) != len(y):
@@ -247,16 +281,19 @@ def from_arrays(name: str, X: np.ndarray, y: np.ndarray) -> Dataset:
     its labels are mapped to 0..k-1 in sorted order. Anything else is regression.
     """
     _check_arrays(X, y)
-    X = np.ascontiguousarray(X, dtype=np.float64)
+    shape = tuple(X.shape[1:]) if X.ndim == 4 else None  # images are kept as flat rows
+    X = np.ascontiguousarray(X, dtype=np.float64).reshape(len(X), -1)
     column = y.reshape(-1).astype(np.float64) if y.ndim == 1 or y.shape[1] == 1 else None
     if column is not None and np.array_equal(column, np.round(column)):
         labels = np.unique(column)
         if 2 <= len(labels) <= MAX_CLASSES:
-            info = DatasetInfo(name, X.shape[1], "classification", len(labels), 1, len(X))
+            info = DatasetInfo(
+                name, X.shape[1], "classification", len(labels), 1, len(X), shape=shape
+            )
             classes = np.searchsorted(labels, column).astype(np.int64)
             return Dataset(X, classes, info, tuple(labels.astype(np.float64).tolist()))
     targets = np.ascontiguousarray(y.reshape(len(y), -1), dtype=np.float64)
-    info = DatasetInfo(name, X.shape[1], "regression", None, targets.shape[1], len(X))
+    info = DatasetInfo(name, X.shape[1], "regression", None, targets.shape[1], len(X), shape=shape)
     return Dataset(X, targets, info)
 
 

@@ -21,13 +21,14 @@ so the gradient of the sum of their target outputs is every row's own gradient.
 from __future__ import annotations
 
 import copy
+import math
 import numbers
 from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 
 from core import Tensor, no_grad
-from core.nn import MLP
+from core.nn import MLP, Sequential
 
 __all__ = ["METHODS", "ExplainError", "Method", "explain", "predict"]
 
@@ -106,13 +107,15 @@ def explain(
 # --- gradients ---------------------------------------------------------------------------------
 
 
-def _frozen(model: MLP) -> MLP:
+def _frozen(model: MLP | Sequential) -> MLP | Sequential:
     """A shallow copy whose parameters are constants sharing the model's arrays."""
     clone = copy.copy(model)
-    clone.layers = [copy.copy(layer) for layer in model.layers]
-    for layer in clone.layers:
-        layer.weight = layer.weight.detach()
-        layer.bias = None if layer.bias is None else layer.bias.detach()
+    attr = "layers" if isinstance(model, MLP) else "modules"
+    setattr(clone, attr, [copy.copy(layer) for layer in getattr(model, attr)])
+    for layer in getattr(clone, attr):
+        for name in ("weight", "bias"):
+            if getattr(layer, name, None) is not None:
+                setattr(layer, name, getattr(layer, name).detach())
     return clone
 
 
@@ -243,8 +246,13 @@ def _worst(pool: _Intervals, tolerance: np.ndarray, limit: int) -> np.ndarray:
 # --- arguments ---------------------------------------------------------------------------------
 
 
-def _dtype(model: MLP) -> np.dtype:
-    return model.layers[0].weight.dtype
+def _dtype(model: MLP | Sequential) -> np.dtype:
+    return model.parameters()[0].dtype
+
+
+def _width(model: MLP | Sequential) -> int:
+    """The features of one input row (a sequential model reshapes them to its input_shape)."""
+    return model.sizes[0] if isinstance(model, MLP) else math.prod(model.input_shape)
 
 
 def _matrix(value, name: str, width: int, dtype) -> np.ndarray:
@@ -275,7 +283,7 @@ def _require_finite(a: np.ndarray, name: str) -> None:
 
 
 def _rows(model: MLP, inputs, name: str) -> np.ndarray:
-    X = _matrix(inputs, name, model.sizes[0], _dtype(model))
+    X = _matrix(inputs, name, _width(model), _dtype(model))
     if len(X) == 0:
         raise ExplainError((name,), "has no rows")
     _require_finite(X, name)
@@ -284,7 +292,7 @@ def _rows(model: MLP, inputs, name: str) -> np.ndarray:
 
 def _baseline(model: MLP, baseline, n: int) -> np.ndarray:
     """One row per input: zeros, one row repeated, or the rows given."""
-    width, dtype = model.sizes[0], _dtype(model)
+    width, dtype = _width(model), _dtype(model)
     if baseline is None:
         return np.zeros((n, width), dtype)
     try:

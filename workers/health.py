@@ -1,8 +1,9 @@
 """Training health: per-layer statistics of a step and the warnings they raise.
 
-Every `health_every` steps the trainer measures, for each Linear layer `layers.<i>`, the
-gradient norm, the weight norm, the update-to-weight ratio and, for relu nets, the
-fraction of dead units (zero on the whole global batch of the step). Three warnings:
+Every `health_every` steps the trainer measures, for each parametrised layer (`layers.<i>`
+of an MLP, `<i>` of a sequential model: Linear or Conv2d), the gradient norm, the weight
+norm, the update-to-weight ratio and, for layers followed by relu, the fraction of dead
+units, or of dead channels for a conv (zero on the whole global batch of the step). Three warnings:
 
 * exploding: a layer's gradient norm above EXPLODING_FACTOR times its initial value (the
   first check's), or not finite; a non-finite gradient also ends the run ("diverged").
@@ -24,7 +25,8 @@ from typing import Literal, get_args
 import numpy as np
 
 from core import Tensor, no_grad
-from core.nn import MLP
+from core.nn import MLP, Conv2d, Linear, ReLU, Sequential
+from workers.model import in_mode
 
 EXPLODING_FACTOR = 1e3  # gradient norm above this many times its initial value
 VANISHING_RATIO = 1e-6  # first layer's gradient norm below this times the last layer's
@@ -33,16 +35,33 @@ WarningKind = Literal["exploding", "vanishing", "dead"]
 KINDS = get_args(WarningKind)
 
 
-def active_units(model: MLP, X) -> list[np.ndarray]:
-    """Per hidden layer, a bool vector: the unit's output was > 0 for at least one row.
+def active_units(model: MLP | Sequential, X) -> list[np.ndarray | None]:
+    """Per parametrised layer followed by relu, a bool vector: the unit (or, for a conv,
+    the channel) was > 0 for at least one row (and position); None for the others.
 
-    The model's own forward pass (`MLP.layer_outputs`) under no_grad, stopped before the
-    output layer.
+    The model's own forward pass (`layer_outputs`) under no_grad, in eval mode.
     """
-    x = Tensor(np.asarray(X, dtype=model.layers[0].weight.dtype))
+    x = Tensor(np.asarray(X, dtype=model.parameters()[0].dtype))
     with no_grad():
-        hidden = itertools.islice(model.layer_outputs(x), len(model.layers) - 1)
-        return [(h.data > 0).any(axis=0) for h in hidden]
+        if isinstance(model, MLP):
+            hidden = itertools.islice(model.layer_outputs(x), len(model.layers) - 1)
+            return [(h.data > 0).any(axis=0) for h in hidden]
+        masks: list[np.ndarray | None] = []
+        done = 0  # modules covered by the outputs so far (a fused pair yields once)
+        with in_mode(model, training=False):
+            for i, out in model.layer_outputs(x):
+                covered, done = model.modules[done : i + 1], i + 1
+                masks += [None for m in covered if isinstance(m, Linear | Conv2d)]
+                if isinstance(covered[-1], ReLU) and masks:
+                    h = out.data
+                    masks[-1] = (h > 0).any(axis=(0, 2, 3) if h.ndim == 4 else 0)
+        return masks
+
+
+def _has_relu(model) -> bool:
+    if isinstance(model, MLP):
+        return model.activation == "relu"
+    return any(isinstance(m, ReLU) for m in model.modules)
 
 
 def layer_stats(model: MLP, grads, prev_weights, active_masks=None) -> list[dict]:
@@ -68,9 +87,11 @@ def layer_stats(model: MLP, grads, prev_weights, active_masks=None) -> list[dict
     for i, (layer, ks) in enumerate(layers.items()):
         weight_norm = _norm(params[k].data for k in ks)
         update_norm = _norm(params[k].data - np.asarray(prev_weights[k]) for k in ks)
-        dead = None
-        if model.activation == "relu" and active_masks is not None and i < len(active_masks):
-            dead = float(1.0 - np.mean(active_masks[i]))
+        dead, mask = None, None
+        if _has_relu(model) and active_masks is not None and i < len(active_masks):
+            mask = active_masks[i]
+        if mask is not None:
+            dead = float(1.0 - np.mean(mask))
         stats.append(
             {
                 "layer": layer,
@@ -88,7 +109,7 @@ def snapshot(model: MLP, X: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarr
     optimizer updates them in place) and, for relu nets, the units active on the step's
     global batch `X` (exact, and no round trip to the workers)."""
     prev = [p.data.copy() for p in model.parameters()]
-    return prev, active_units(model, X) if model.activation == "relu" else None
+    return prev, active_units(model, X) if _has_relu(model) else None
 
 
 def step_stats(model: MLP, before) -> list[dict]:
@@ -163,7 +184,7 @@ class HealthMonitor:
     latest message.
     """
 
-    def __init__(self, model: MLP, every: int, state: dict | None = None):
+    def __init__(self, model: MLP | Sequential, every: int, state: dict | None = None):
         self.model, self.every = model, every
         state = state or {}
         self.initial: list[float] | None = state.get("initial_grad_norms")

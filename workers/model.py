@@ -9,15 +9,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
+from pydantic import TypeAdapter
 
 import core.functional as F
 from core import Tensor, nn, no_grad, optim
-
-if TYPE_CHECKING:
-    from workers.spec import TrainingSpec
+from core.tensor import ACTIVATIONS
+from workers.spec import ModelSpec, TrainingSpec
 
 LOSSES = {
     "mse": F.mse_loss,
@@ -26,15 +25,81 @@ LOSSES = {
 }
 
 
-def build_model(spec: TrainingSpec) -> nn.MLP:
-    m = spec.model
-    return nn.MLP(
-        m.sizes,
-        activation=m.activation,
-        dtype=np.dtype(spec.dtype),
-        seed=spec.seed,
-        bias_init=m.bias_init,
-    )
+def build_model(spec: TrainingSpec) -> nn.MLP | nn.Sequential:
+    """The spec's model with its initial weights, in eval mode (`grad_sum` trains it for
+    its one pass, so predictions and evaluations never see dropout)."""
+    return model_from(spec.model, spec.dtype, spec.seed)
+
+
+def model_from(model: ModelSpec, dtype: str, seed: int) -> nn.MLP | nn.Sequential:
+    if model.type == "mlp":
+        built = nn.MLP(
+            model.sizes,
+            activation=model.activation,
+            dtype=np.dtype(dtype),
+            seed=seed,
+            bias_init=model.bias_init,
+        )
+        return built.eval()
+    rng, shapes = np.random.default_rng(seed), model.shapes()
+    modules = [
+        _module(model.layers, i, shape, np.dtype(dtype), rng, seed)
+        for i, shape in enumerate(shapes[:-1])
+    ]
+    return nn.Sequential(*modules, input_shape=model.input_shape).eval()
+
+
+def _module(layers, i: int, shape, dtype, rng, seed: int) -> nn.Module:
+    """Layer i of a sequential spec, given its input shape; weights drawn from `rng` in
+    layer order. He init, or Glorot when the next activation is tanh or sigmoid (as MLP)."""
+    layer = layers[i]
+    if layer.type in ("linear", "conv2d"):
+        act = next((la.type for la in layers[i + 1 :] if la.type in ACTIVATIONS), "relu")
+        init = "he" if act == "relu" else "glorot"
+        if layer.type == "linear":
+            return nn.Linear(
+                shape[0], layer.out_features, layer.bias, dtype=dtype, rng=rng, init=init
+            )
+        return nn.Conv2d(
+            shape[0],
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.bias,
+            dtype=dtype,
+            rng=rng,
+            init=init,
+        )
+    if layer.type in ("max_pool2d", "avg_pool2d"):
+        pool = nn.MaxPool2d if layer.type == "max_pool2d" else nn.AvgPool2d
+        return pool(layer.kernel_size, layer.stride)
+    if layer.type == "dropout":
+        return nn.Dropout(layer.p, seed=seed, layer=i)
+    if layer.type == "flatten":
+        return nn.Flatten()
+    return MODULES[layer.type]()
+
+
+MODULES = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+
+
+def worker_config(spec: TrainingSpec) -> dict:
+    """What a worker needs to rebuild the model and its loss: plain data, cheap to ship."""
+    model = spec.model.model_dump(mode="json")
+    return {"model": model, "dtype": spec.dtype, "loss": spec.loss, "seed": spec.seed}
+
+
+def config_model(config: dict) -> nn.MLP | nn.Sequential:
+    """The model of a `worker_config` (its weights are the worker's to overwrite)."""
+    return model_from(_model_spec(config), config["dtype"], config["seed"])
+
+
+_MODEL_SPEC = TypeAdapter(ModelSpec)
+
+
+def _model_spec(config: dict) -> ModelSpec:
+    return _MODEL_SPEC.validate_python(config["model"])
 
 
 def build_optimizer(spec: TrainingSpec, params) -> optim.SGD | optim.Adam:
@@ -56,20 +121,26 @@ def set_parameters(model: nn.Module, arrays: list[np.ndarray]) -> None:
         p.data = a
 
 
-def grad_sum(model: nn.Module, loss: str, X: np.ndarray, y: np.ndarray, params=None):
+def grad_sum(
+    model: nn.Module, loss: str, X: np.ndarray, y: np.ndarray, rows=None, epoch=0, params=None
+):
     """Sum (not mean) of per-sample gradients and losses over the rows of X.
 
     Returns ``(grads, loss_sum)``; sums from several pieces add up to the sum
-    over their union, which is what makes the data-parallel step exact. `params`: the
-    model's `parameters()`, from a caller that keeps them (walking the modules every step
-    costs as much as a tiny model's step).
+    over their union, which is what makes the data-parallel step exact. `rows` are the
+    dataset indices of X's rows and `epoch` the epoch they were drawn in: dropout masks
+    are a function of them (see `core.nn.sample_context`), never of the split. `params`:
+    the model's `parameters()`, from a caller that keeps them (walking the modules every
+    step costs as much as a tiny model's step).
     """
     params = model.parameters() if params is None else params
     if len(X) == 0:
         return [np.zeros_like(p.data) for p in params], 0.0
     for p in params:
         p.grad = None
-    out = LOSSES[loss](model(Tensor(X)), y, reduction="sum")
+    rows = np.arange(len(X)) if rows is None else rows
+    with in_mode(model, training=True), nn.sample_context(epoch, rows):
+        out = LOSSES[loss](model(Tensor(X)), y, reduction="sum")
     out.backward()
     return [p.grad for p in params], float(out.data)
 
@@ -102,10 +173,22 @@ def average_and_step(params, opt, grads, n: int, loss_sum: float, step: int):
     return loss, grad_norm
 
 
-def param_bytes(sizes: list[int], dtype: str) -> int:
-    """The bytes of an MLP's parameters: weights and biases of each Linear layer."""
-    count = sum((a + 1) * b for a, b in zip(sizes, sizes[1:], strict=False))
-    return count * np.dtype(dtype).itemsize
+@contextlib.contextmanager
+def in_mode(model: nn.Module, training: bool):
+    """The model in training mode (dropout on) or eval mode for the block, then as it was."""
+    was = model.training
+    model.train(training)
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
+def param_bytes(model: ModelSpec | dict, dtype: str) -> int:
+    """The bytes of a model's parameters; `model` is a model spec or a `worker_config`."""
+    if isinstance(model, dict):
+        model = _model_spec(model)
+    return model.n_params * np.dtype(dtype).itemsize
 
 
 def blas_threads(cpus_per_worker: float) -> int:
@@ -140,7 +223,7 @@ def evaluate(model: nn.Module, loss: str, X: np.ndarray, y: np.ndarray, classify
     """Mean loss over X, and accuracy when the task is classification; no graph is built."""
     if len(X) == 0:
         return {"loss": None, "accuracy": None}
-    with no_grad():
+    with no_grad(), in_mode(model, training=False):
         out = model(Tensor(X))
         value = float(LOSSES[loss](out, y, reduction="mean").data)
     result = {"loss": value, "accuracy": None}

@@ -33,7 +33,7 @@ from workers.exchange import (
     resolve,
     unflatten,
 )
-from workers.model import blas_threads, grad_sum, param_bytes, set_parameters
+from workers.model import blas_threads, config_model, grad_sum, param_bytes, set_parameters
 from workers.ray_private import skip_torch_probe
 from workers.replica import Replica
 
@@ -55,18 +55,12 @@ class GradWorker:
     def __init__(self, model_cfg: dict, data: tuple, blas_threads: int):
         from threadpoolctl import threadpool_limits
 
-        from core import nn
-
         self._limits = threadpool_limits(limits=blas_threads)
         self.blas_threads, self.cores = blas_threads, None
         skip_torch_probe()
         self.X, self.y = data
         self.loss = model_cfg["loss"]
-        self.model = nn.MLP(
-            model_cfg["sizes"],
-            activation=model_cfg["activation"],
-            dtype=np.dtype(model_cfg["dtype"]),
-        )
+        self.model = config_model(model_cfg)
         # The model's parameters are views of one vector that each step overwrites: a copy
         # of the step's input, so no view of a channel or object-store buffer outlives it.
         self.params = self.model.parameters()
@@ -82,10 +76,13 @@ class GradWorker:
     def info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
-    def grad(self, flat_params: np.ndarray, idx: np.ndarray):
-        """(flat gradient sum, sample count, loss sum) over the rows `idx`."""
+    def grad(self, flat_params: np.ndarray, piece: tuple[int, np.ndarray]):
+        """(flat gradient sum, sample count, loss sum) over the rows `idx` of the piece
+        `(epoch, idx)` (the epoch keys dropout masks)."""
+        epoch, idx = piece
         self.flat[:] = flat_params
-        grads, loss_sum = grad_sum(self.model, self.loss, self.X[idx], self.y[idx], self.params)
+        X, y = self.X[idx], self.y[idx]
+        grads, loss_sum = grad_sum(self.model, self.loss, X, y, idx, epoch, self.params)
         return flatten(grads), len(idx), loss_sum
 
     # The replicated exchange: this worker's replica (workers/replicated.py).
@@ -164,7 +161,7 @@ class WorkerPool:
                 f"{placement_timeout_s:.0f}s (cluster has {total:g} CPUs)"
             ) from None
         # The largest message: the flat parameters plus the batch's indices, with room to spare.
-        self.payload_bytes = param_bytes(model_cfg["sizes"], model_cfg["dtype"]) + 2**20
+        self.payload_bytes = param_bytes(model_cfg, model_cfg["dtype"]) + 2**20
         # `replicated`: the replicated step runs its own graph; the pool only keeps actors.
         self.kind, self.exchange = resolve(exchange, self.settings), None
         self.fallback_reason: str | None = None

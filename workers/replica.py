@@ -98,7 +98,8 @@ class Replica:
         if self.rank == 0 and self.step + 1 in self.checked:
             self.before = snapshot(self.model, self.X[batch])  # the weights before the step
         idx = split_batch(batch, self.workers)[self.rank]
-        grads, loss_sum = grad_sum(self.model, self.loss, self.X[idx], self.y[idx], self.params)
+        X, y, epoch = self.X[idx], self.y[idx], self.schedule.epoch_of(self.step)
+        grads, loss_sum = grad_sum(self.model, self.loss, X, y, idx, epoch, self.params)
         return flatten(grads), len(idx), loss_sum
 
     def _apply(self, sums: tuple) -> None:

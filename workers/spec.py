@@ -15,14 +15,13 @@ ValidationError lists the spec's own problems and its data's together.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -33,9 +32,11 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from workers.catalogue import BUILTINS, DATASET_ID, MAX_CLASSES, DatasetInfo
 from workers.config import ExchangeChoice
+from workers.layers import SequentialSpec
+from workers.validation import SPEC_ERROR, raise_errors
+from workers.validation import Strict as _Strict
+from workers.validation import spec_error as _error
 
-# Error type of our own checks. Their messages already start with the field path.
-SPEC_ERROR = "invalid_spec"
 # Validation context: `TrainingSpec.model_validate(obj, context={ALLOW_FILES: False})` refuses
 # `data.type: "file"` without touching the filesystem (a service that does not serve
 # its own paths). Without a context, as on the command line, files are allowed.
@@ -72,21 +73,6 @@ Loss = Literal["mse", "cross_entropy", "bce"]
 Dtype = Literal["float32", "float64"]
 
 
-def _error(loc: tuple[str | int, ...], message: str, value: Any) -> InitErrorDetails:
-    return InitErrorDetails(type=PydanticCustomError(SPEC_ERROR, message), loc=loc, input=value)
-
-
-def raise_errors(title: str, errors: list[InitErrorDetails]) -> None:
-    # A ValidationError raised inside a validator keeps each error's loc (relative to the
-    # model being validated), unlike a ValueError, which always lands at the model itself.
-    if errors:
-        raise ValidationError.from_exception_data(title, errors)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
 # ---------------------------------------------------------------- model
 
 
@@ -104,9 +90,13 @@ class MLPSpec(_Strict):
         "dead ReLUs with a large negative value.",
     )
 
+    # The widths and size every model spec gives (SequentialSpec has them too).
+    in_width = property(lambda self: self.sizes[0])
+    out_width = property(lambda self: self.sizes[-1])
+    n_params = property(lambda self: sum((a + 1) * b for a, b in itertools.pairwise(self.sizes)))
 
-# A union of one for now; add new model types with `|`.
-ModelSpec = Annotated[MLPSpec, Field(discriminator="type")]
+
+ModelSpec = Annotated[MLPSpec | SequentialSpec, Field(discriminator="type")]
 
 
 # ---------------------------------------------------------------- data
@@ -116,7 +106,8 @@ class BuiltinData(_Strict):
     """A generated dataset, or scikit-learn's bundled digits / iris.
 
     `n_samples` and `noise` do not apply to digits (1797 samples) and iris (150).
-    `n_classes` applies to spirals and blobs, `n_features` to blobs.
+    `n_classes` applies to spirals and blobs, `n_features` to blobs. `n_samples` defaults
+    to 1000, and to 5000 for the shapes images.
     """
 
     type: Literal["builtin"]
@@ -146,6 +137,8 @@ class BuiltinData(_Strict):
         ]
         raise_errors(type(self).__name__, errors)
         # Fill in the registry's defaults, so that omitting them hashes like stating them.
+        if "n_samples" not in self.model_fields_set:
+            self.n_samples = builtin.default_n_samples
         info = self.describe()
         for option in builtin.options:
             setattr(self, option, getattr(info, option))
@@ -169,6 +162,7 @@ class BuiltinData(_Strict):
             n_classes=n_classes,
             n_targets=1,
             n_samples=b.n_samples or self.n_samples,
+            shape=b.shape,
         )
 
 
@@ -298,7 +292,7 @@ class TrainingSpec(_Strict):
         math = self.model_dump(mode="json", include=MATH_FIELDS)
         # bias_init came later: at its default it is left out, so that checkpoints written
         # before it existed keep their hash and still resume.
-        if math["model"]["bias_init"] == 0:
+        if math["model"].get("bias_init") == 0:
             del math["model"]["bias_init"]
         canonical = json.dumps(math, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
@@ -335,14 +329,15 @@ def _count(n: int, noun: str) -> str:
 
 def _model_errors(spec: TrainingSpec, info: DatasetInfo) -> list[InitErrorDetails]:
     """The model's input width must match the data, its output width the loss."""
-    sizes, name, loss = spec.model.sizes, info.name, spec.loss
-    loc = ("model", spec.model.type, "sizes")
-    errors = []
-    if sizes[0] != info.n_features:
-        features = _count(info.n_features, "feature")
-        msg = f"model.sizes[0] is {sizes[0]} but dataset {name!r} has {features}"
-        errors.append(_error((*loc, 0), msg, sizes[0]))
-
+    model, name, loss = spec.model, info.name, spec.loss
+    errors = _input_errors(model, info)
+    width = model.out_width
+    if model.type == "mlp":
+        loc, gives = ("model", "mlp", "sizes", len(model.sizes) - 1), f"model.sizes[-1] is {width}"
+    else:
+        last = len(model.layers) - 1
+        loc = ("model", "sequential", "layers", last)
+        gives = f"model.layers[{last}] gives {_count(width, 'output')}"
     binary = info.task == "classification" and info.n_classes == 2
     fits = {
         "cross_entropy": ("classification data", info.task == "classification"),
@@ -364,11 +359,31 @@ def _model_errors(spec: TrainingSpec, info: DatasetInfo) -> list[InitErrorDetail
         outputs, why = 1, "the logit of class 1" if loss == "bce" else "targets 0/1"
     else:
         outputs, why = info.n_targets, "one per target"
-    if sizes[-1] != outputs:
+    if width != outputs:
         wanted = _count(outputs, "output")
-        msg = f"model.sizes[-1] is {sizes[-1]} but {loss} on {name!r} needs {wanted} ({why})"
-        errors.append(_error((*loc, len(sizes) - 1), msg, sizes[-1]))
+        msg = f"{gives} but {loss} on {name!r} needs {wanted} ({why})"
+        errors.append(_error(loc, msg, width))
     return errors
+
+
+def _input_errors(model: ModelSpec, info: DatasetInfo) -> list[InitErrorDetails]:
+    """The model's input against the data: its width, and for images their shape."""
+    features, name = _count(info.n_features, "feature"), info.name
+    if model.type == "mlp":
+        if model.sizes[0] == info.n_features:
+            return []
+        msg = f"model.sizes[0] is {model.sizes[0]} but dataset {name!r} has {features}"
+        return [_error(("model", "mlp", "sizes", 0), msg, model.sizes[0])]
+    shape, loc = list(model.input_shape), ("model", "sequential", "input_shape")
+    if model.in_width != info.n_features:
+        msg = f"model.input_shape is {shape} ({model.in_width} values) but dataset {name!r} has "
+        msg += f"{features}" + (f" ({'x'.join(map(str, info.shape))} images)" if info.shape else "")
+        return [_error(loc, msg, shape)]
+    if info.shape is not None and len(shape) == 3 and tuple(shape) != tuple(info.shape):
+        images = "x".join(map(str, info.shape))
+        msg = f"model.input_shape is {shape} but dataset {name!r} holds {images} images"
+        return [_error(loc, msg, shape)]
+    return []
 
 
 # ---------------------------------------------------------------- loading

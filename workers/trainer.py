@@ -50,6 +50,7 @@ from workers.model import (
     build_optimizer,
     evaluate,
     grad_sum,
+    worker_config,
 )
 from workers.pool import ClusterTooSmall, OnPool, WorkerFailure, WorkerPool
 from workers.replicated import ReplicatedStep
@@ -89,7 +90,7 @@ class _CoordinatorStep:
         while self.step < end:
             idx = self.schedule.batch(self.step)
             before = snapshot(self.model, self.X[idx]) if self.step + 1 in checked else None
-            n, grads, loss_sum = self._grad_sum(idx)
+            n, grads, loss_sum = self._grad_sum(self.step, idx)
             loss, norm = average_and_step(self.params, self.opt, grads, n, loss_sum, self.step)
             stats = step_stats(self.model, before) if before is not None else None
             done.append((n, loss, norm, stats))
@@ -108,10 +109,10 @@ class GatherStep(OnPool, _CoordinatorStep):
         super().__init__(model, opt, schedule, step, X)
         self.pool = pool
 
-    def _grad_sum(self, idx: np.ndarray):
-        grads, n, loss_sum = self.pool.grads(
-            [p.data for p in self.params], split_batch(idx, self.pool.n)
-        )
+    def _grad_sum(self, step: int, idx: np.ndarray):
+        epoch = self.schedule.epoch_of(step)  # keys the dropout masks
+        pieces = [(epoch, piece) for piece in split_batch(idx, self.pool.n)]
+        grads, n, loss_sum = self.pool.grads([p.data for p in self.params], pieces)
         return n, grads, loss_sum
 
     def close(self) -> None:
@@ -131,9 +132,10 @@ class LocalStep(_CoordinatorStep):
         self.loss, self.y, self.threads = loss, data.y, threads
         self.failures = failures  # from before a resume; no worker can fail here
 
-    def _grad_sum(self, idx: np.ndarray):
+    def _grad_sum(self, step: int, idx: np.ndarray):
         with blas_limit(self.threads):
-            grads, loss_sum = grad_sum(self.model, self.loss, self.X[idx], self.y[idx], self.params)
+            X, y, epoch = self.X[idx], self.y[idx], self.schedule.epoch_of(step)
+            grads, loss_sum = grad_sum(self.model, self.loss, X, y, idx, epoch, self.params)
         return len(idx), grads, loss_sum
 
     def close(self) -> None:
@@ -253,12 +255,7 @@ class Trainer:
         self.pool = WorkerPool(
             self.n_workers,
             spec.cpus_per_worker,
-            {
-                "sizes": spec.model.sizes,
-                "activation": spec.model.activation,
-                "dtype": spec.dtype,
-                "loss": spec.loss,
-            },
+            worker_config(spec),
             ray.put((self.data.X, self.data.y)),
             max_failures=spec.max_failures,
             failures=failures,

@@ -51,7 +51,7 @@ def predict(
     """Model outputs (logits or regression values) for each input row, from the newest
     checkpoint; works while the job is still running."""
     spec = model_spec(job.spec)
-    _check_rows(body.inputs, spec.model.sizes[0], spec.dtype)
+    _check_rows(body.inputs, spec.model.in_width, spec.dtype)
     outputs, name = predictor.predict(spec, settings.jobs_dir / job.id, body.inputs)
     return PredictResponse(outputs=outputs, checkpoint=name)
 

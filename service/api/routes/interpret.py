@@ -67,7 +67,7 @@ def explain(
     checkpoint: the gradient, (x - baseline) * gradient, or integrated gradients with its
     completeness gap. Outputs are the full rows predict gives."""
     spec = model_spec(job.spec)
-    _check_cost(body, width=spec.model.sizes[0])
+    _check_cost(body, width=spec.model.in_width)
     options = body.model_dump(exclude={"inputs"})
     try:
         result, name = predictor.explain(spec, settings.jobs_dir / job.id, body.inputs, **options)
