@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service.api.deps import require_token, require_token_or_query
+from service.api.errors import bounded_detail
 from service.api.routes import (
     checkpoints,
     cluster,
@@ -40,21 +39,10 @@ API = "/api/v1"
 log = logging.getLogger(__name__)
 
 
-def _json_safe(value):
-    """NaN and infinities (which Python's json accepts) as strings, so a 422 can name them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's standard 422 shape, also when the rejected input is not valid JSON."""
-    detail = _json_safe(jsonable_encoder(exc.errors()))
-    return JSONResponse({"detail": detail}, status_code=422)
+    """FastAPI's standard 422 shape, bounded: the first errors, each input echoed briefly
+    (see service/api/errors.py), also when the rejected input is not valid JSON."""
+    return JSONResponse({"detail": bounded_detail(list(exc.errors()))}, status_code=422)
 
 
 async def job_not_found(request: Request, exc: JobNotFound) -> JSONResponse:
