@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from workers.config import WorkerSettings
+from workers.spec import MAX_DATASET_VALUES
 
 MB = 1024 * 1024
 GB = 1024 * MB
@@ -54,7 +55,9 @@ class Settings(BaseSettings):
     max_total_steps: int = Field(10_000_000, ge=1, description="epochs x steps per epoch")
     max_keep_checkpoints: int = Field(100, ge=1)
     max_dataset_values: int = Field(
-        20_000_000, ge=1, description="values (samples x columns) of a dataset, decompressed"
+        MAX_DATASET_VALUES,
+        ge=1,
+        description="values (samples x columns) of a dataset, decompressed",
     )
     max_predict_flops: int = Field(
         10**10, ge=1, description="multiply-adds of one predict request (rows x model)"

@@ -5,8 +5,11 @@ predict and explain costs; the event loop under the worst body."""
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -138,3 +141,90 @@ def test_a_builtin_dataset_is_held_to_the_values_limit(tmp_path):
     client = make_client(tmp_path, max_dataset_values=1000)[0]
     r = client.post(JOBS, json=spec(data={"type": "builtin", "name": "moons", "n_samples": 400}))
     assert "SHARDGRAD_MAX_DATASET_VALUES" in message(r, ("body", "data", "builtin", "n_samples"))
+
+
+# -- abuse-input: dataset uploads ---------------------------------------------------------
+
+DATASETS = "/api/v1/datasets"
+
+
+def upload(client, name: str, raw: bytes):
+    return client.post(DATASETS, files={"file": (name, raw, "application/octet-stream")})
+
+
+def npz(**members: bytes) -> bytes:
+    """A zip archive of raw .npy members, deflated, as np.savez_compressed writes them."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(f"{name}.npy", data)
+    return out.getvalue()
+
+
+def npy(shape: tuple, data: bytes = b"", dtype: str = "<f8") -> bytes:
+    """A .npy member whose header claims `shape`, followed by `data` (true or not)."""
+    out = io.BytesIO()
+    header = {"descr": dtype, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(out, header)
+    return out.getvalue() + data
+
+
+def real_npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array)
+    return out.getvalue()
+
+
+def test_a_csv_with_a_lone_carriage_return_is_422(client):
+    r = upload(client, "d.csv", b"a,b,y\n1,2\r3,0\n4,5,1\n")  # \r ends a row, as in Excel
+    assert "data row 1 has 2 columns" in message(r, ("body", "file"))
+    r = upload(client, "d.csv", b'a,b,y\n1,"2\r3",0\n4,5,1\n')
+    assert "column 'b'" in message(r, ("body", "file"))
+
+
+def test_a_csv_the_csv_module_cannot_read_is_422(client):
+    r = upload(client, "d.csv", b"a,b,y\n1,2,0\n1," + b"9" * 200_000 + b",0\n")
+    assert "line 3 of the .csv file: field larger than" in message(r, ("body", "file"))
+
+
+def test_a_csv_that_is_not_utf8_is_422(client):
+    assert "UTF-8" in message(upload(client, "d.csv", b"a,b,y\n1,\xff,0\n"), ("body", "file"))
+
+
+def test_an_npz_whose_header_claims_14_tib_is_422_before_allocating(client):
+    raw = npz(X=npy((10**12, 2)), y=npy((10**12,)))
+    assert len(raw) < 600
+    msg = message(upload(client, "bomb.npz", raw), ("body", "file"))
+    assert "2,000,000,000,000 values" in msg and "SHARDGRAD_MAX_DATASET_VALUES" in msg
+
+
+def test_an_npz_that_deflates_1000_to_1_is_refused_by_its_header(tmp_path):
+    client = make_client(tmp_path, max_dataset_values=100_000)[0]
+    X = real_npy(np.zeros((1_000_000, 2)))  # 16 MB of zeros, deflated to ~16 kB
+    raw = npz(X=X, y=real_npy(np.zeros(1_000_000)))
+    assert len(raw) * 500 < len(X)
+    msg = message(upload(client, "bomb.npz", raw), ("body", "file"))
+    assert "2,000,000 values" in msg and "SHARDGRAD_MAX_DATASET_VALUES" in msg
+
+
+@pytest.mark.parametrize(
+    "member, words",
+    [
+        (npy((1000, 2), b"\0" * 160), "does not match its header"),  # claims more than it holds
+        (npy((2, 2), b"\0" * 4000), "does not match its header"),  # holds more than it claims
+        (npy((4, 2), b"\0" * 64, dtype="|O"), "real numbers"),
+        (npy((4, 2), b"\0" * 64, dtype="<U2"), "real numbers"),
+        (b"\x93NUMPY\x09\x00" + b"\0" * 64, "X is not a readable .npy array"),
+        (npy((2, 2), b"\0" * 32).replace(b"'shape'", b"'shapf'"), "X is not a readable .npy"),
+    ],
+)
+def test_an_npz_with_a_lying_or_bad_header_is_422(client, member, words):
+    raw = npz(X=member, y=real_npy(np.arange(4) % 2))
+    assert words in message(upload(client, "lies.npz", raw), ("body", "file"))
+
+
+def test_a_csv_over_the_values_limit_is_422(tmp_path):
+    client = make_client(tmp_path, max_dataset_values=1000)[0]
+    raw = b"a,b,y\n" + b"0.5,0.25,1\n" * 400
+    msg = message(upload(client, "big.csv", raw), ("body", "file"))
+    assert "more than 1,000 values" in msg and "SHARDGRAD_MAX_DATASET_VALUES" in msg

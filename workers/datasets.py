@@ -18,6 +18,8 @@ import gzip
 import hashlib
 import importlib.util
 import io
+import itertools
+import math
 import os
 import tempfile
 import zipfile
@@ -26,10 +28,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from numpy.lib import format as npy
 
 from workers.catalogue import DATASET_ID, MAX_CLASSES, DatasetInfo
 from workers.config import WorkerSettings
-from workers.spec import DataSpec
+from workers.spec import MAX_DATASET_VALUES, DataSpec
 
 _DATA_TAG = 0xDA7A  # the generator stream of builtin datasets
 _SPLIT_TAG = 0x5B17  # the train/validation permutation
@@ -169,45 +172,113 @@ def load_iris() -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- files and uploads
 
 
-def _read_npz(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+class TooManyValues(ValueError):
+    """A dataset over the limit of values (the service names its setting)."""
+
+
+def _read_npz(raw: bytes, max_values: int) -> tuple[np.ndarray, np.ndarray]:
+    """X and y of an np.savez archive, reading each member's .npy header first: a member
+    that claims more than `max_values` values (with the other), or is not of real numbers,
+    is refused before anything is allocated, and no member is decompressed past the bytes
+    its header claims (a deflate bomb or a lying header costs nothing)."""
     if not raw.startswith(b"PK\x03\x04"):  # np.load would try to unpickle anything else
         raise ValueError("not a .npz file (expected a zip archive of .npy arrays, np.savez)")
     try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-            if "X" not in npz.files or "y" not in npz.files:
-                found = ", ".join(npz.files) or "nothing"
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            members = {name.removesuffix(".npy"): name for name in archive.namelist()}
+            if "X" not in members or "y" not in members:
+                found = ", ".join(members) or "nothing"
                 raise ValueError(f"a .npz dataset needs arrays 'X' and 'y'; found {found}")
-            return npz["X"], npz["y"]
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+            X = _read_member(archive, members["X"], "X", max_values)
+            y = _read_member(archive, members["y"], "y", max_values - X.size)
+            return X, y
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:
         raise ValueError(f"not a readable .npz file ({e})") from None
 
 
-def _read_csv(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+def _read_member(archive: zipfile.ZipFile, member: str, name: str, budget: int) -> np.ndarray:
+    with archive.open(member) as f:
+        try:
+            shape, fortran, dtype = _npy_header(f)
+        except ValueError as e:
+            raise ValueError(f"{name} is not a readable .npy array ({e})") from None
+        if dtype.hasobject or dtype.kind not in "biuf":
+            raise ValueError(f"{name} must hold real numbers; got dtype {dtype}")
+        count = math.prod(shape)
+        if count > budget:
+            raise TooManyValues(
+                f"{name} has shape {shape}: {count:,} values, more than the "
+                f"{max(budget, 0):,} left of the limit of a dataset"
+            )
+        data = f.read(count * dtype.itemsize)  # never more than the header claims
+        more = f.read(1)
+    if len(data) != count * dtype.itemsize or more:
+        held = f"{len(data):,}" if not more else "more"
+        raise ValueError(
+            f"{name} does not match its header, which claims shape {shape} "
+            f"({count * dtype.itemsize:,} bytes); the archive holds {held}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """The shape, order and dtype an .npy header claims; nothing else is read."""
+    header = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
+    read_header = header.get(npy.read_magic(f))
+    if read_header is None:
+        raise ValueError("unsupported .npy format version")
+    return read_header(f)
+
+
+CSV_CHUNK_ROWS = 10_000  # rows parsed as text before they become an array
+
+
+def _read_csv(raw: bytes, max_values: int) -> tuple[np.ndarray, np.ndarray]:
+    """A header row, then numbers; parsed CSV_CHUNK_ROWS rows at a time, so the text of
+    the cells (far larger than their values) never sits in memory all at once."""
+    # Decoded as it is read: no copy of the whole text.
+    reader = csv.reader(io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", newline=""))
+    rows = (row for row in reader if any(cell.strip() for cell in row))
     try:
-        text = raw.decode("utf-8-sig")
+        header = [h.strip() for h in next(rows, [])]
+        if not header:
+            raise ValueError("the .csv file is empty; expected a header row and data rows")
+        if len(header) < 2:
+            raise ValueError("a .csv dataset needs at least 2 columns (features and a target)")
+        chunks = list(_csv_chunks(rows, header, max_values))
     except UnicodeDecodeError:
         raise ValueError("a .csv dataset must be UTF-8 text") from None
-    rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
-    if not rows:
-        raise ValueError("the .csv file is empty; expected a header row and data rows")
-    header, rows = [h.strip() for h in rows[0]], rows[1:]
-    if len(header) < 2:
-        raise ValueError("a .csv dataset needs at least 2 columns (features and a target)")
-    if not rows:
+    except csv.Error as e:
+        raise ValueError(f"line {reader.line_num} of the .csv file: {e}") from None
+    if not chunks:
         raise ValueError("the .csv file has a header but no data rows")
-    for i, row in enumerate(rows, start=1):
-        if len(row) != len(header):
-            raise ValueError(f"data row {i} has {len(row)} columns; the header has {len(header)}")
-    try:
-        values = np.array(rows, dtype=np.float64)
-    except ValueError:
-        raise ValueError(_first_non_number(header, rows)) from None
+    values = np.concatenate(chunks)
     target = header.index("y") if "y" in header else len(header) - 1
     return np.delete(values, target, axis=1), values[:, target]
 
 
-def _first_non_number(header: list[str], rows: list[list[str]]) -> str:
-    for i, row in enumerate(rows, start=1):
+def _csv_chunks(rows, header: list[str], max_values: int):
+    done = 0
+    for chunk in iter(lambda: list(itertools.islice(rows, CSV_CHUNK_ROWS)), []):
+        for i, row in enumerate(chunk, start=done + 1):
+            if len(row) != len(header):
+                raise ValueError(
+                    f"data row {i} has {len(row)} columns; the header has {len(header)}"
+                )
+        done += len(chunk)
+        if done * len(header) > max_values:
+            raise TooManyValues(
+                f"the .csv file holds more than {max_values:,} values (rows x columns), "
+                "the limit of a dataset"
+            )
+        try:
+            yield np.array(chunk, dtype=np.float64)
+        except ValueError:
+            raise ValueError(_first_non_number(header, chunk, done - len(chunk))) from None
+
+
+def _first_non_number(header: list[str], rows: list[list[str]], before: int = 0) -> str:
+    for i, row in enumerate(rows, start=before + 1):
         for name, cell in zip(header, row, strict=True):
             try:
                 float(cell)
@@ -216,13 +287,16 @@ def _first_non_number(header: list[str], rows: list[list[str]]) -> str:
     return "the .csv file holds values that are not numbers"
 
 
-def read_arrays(raw: bytes, filename: str) -> tuple[np.ndarray, np.ndarray]:
-    """Parse `.npz` (arrays X, y) or `.csv` (header; target column `y`, else the last)."""
+def read_arrays(
+    raw: bytes, filename: str, max_values: int = MAX_DATASET_VALUES
+) -> tuple[np.ndarray, np.ndarray]:
+    """Parse `.npz` (arrays X, y) or `.csv` (header; target column `y`, else the last),
+    refusing (ValueError) more than `max_values` values in all, before allocating them."""
     suffix = Path(filename).suffix.lower()
     if suffix == ".npz":
-        return _read_npz(raw)
+        return _read_npz(raw, max_values)
     if suffix == ".csv":
-        return _read_csv(raw)
+        return _read_csv(raw, max_values)
     raise ValueError(f"{filename!r}: unsupported file type; use .npz (arrays X, y) or .csv")
 
 
@@ -284,14 +358,16 @@ def _content_id(X: np.ndarray, y: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def save_uploaded(raw: bytes, filename: str, root: Path | None = None) -> UploadedDataset:
+def save_uploaded(
+    raw: bytes, filename: str, root: Path | None = None, max_values: int = MAX_DATASET_VALUES
+) -> UploadedDataset:
     """Validate an uploaded .csv/.npz and store it as <root>/<id>.npz (id = content hash).
 
-    Raises ValueError with a readable message when the file is not a usable dataset.
-    Uploading the same arrays twice returns the same id.
+    Raises ValueError with a readable message when the file is not a usable dataset or
+    holds more than `max_values` values. Uploading the same arrays twice returns the same id.
     """
     filename = Path(filename).name
-    X, y = read_arrays(raw, filename)
+    X, y = read_arrays(raw, filename, max_values)
     from_arrays(filename, X, y)  # validates: raises ValueError on unusable arrays
     X = np.ascontiguousarray(X, dtype=np.float64)
     dataset_id, root = _content_id(X, y), dataset_root(root)

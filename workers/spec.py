@@ -53,6 +53,7 @@ INT64_MAX = 2**63 - 1  # every integer of a spec fits in 64 bits (the store, Num
 PRIORITY_RANGE = (-1000, 1000)
 MAX_LAYERS = 1000  # model.sizes entries; admission limits bound the model's size further
 CPU_STEP = 0.0001  # Ray's smallest resource share
+MAX_DATASET_VALUES = 20_000_000  # the default limit; the service's is a setting
 
 # The fields that change the mathematics of a run. Two specs that agree on these train
 # the same parameters, however they are scheduled; checkpoints record their hash.
@@ -177,8 +178,8 @@ class BuiltinData(_Strict):
         info = self.describe()
         for option in builtin.options:
             setattr(self, option, getattr(info, option))
-        if self.n_samples * info.n_features > 20_000_000:
-            msg = "data.n_samples x n_features must stay <= 20,000,000 values"
+        if self.n_samples * info.n_features > MAX_DATASET_VALUES:
+            msg = f"data.n_samples x n_features must stay <= {MAX_DATASET_VALUES:,} values"
             raise_errors(type(self).__name__, [_error(("n_samples",), msg, self.n_samples)])
         return self
 

@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from service.api.deps import TOO_LARGE, SettingsDep
 from service.api.errors import field_error
 from service.schemas import DatasetOut
-from workers.datasets import list_uploaded, save_uploaded
+from workers.datasets import TooManyValues, list_uploaded, save_uploaded
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -24,7 +24,10 @@ async def upload(
     raw = await file.read()
     name, root = file.filename or "upload", settings.uploads_dir
     try:
-        saved = await run_in_threadpool(save_uploaded, raw, name, root)
+        saved = await run_in_threadpool(save_uploaded, raw, name, root, settings.max_dataset_values)
+    except TooManyValues as err:
+        msg = f"{err} (server setting SHARDGRAD_MAX_DATASET_VALUES)"
+        raise field_error(("body", "file"), msg, None) from None
     except ValueError as err:
         raise field_error(("body", "file"), str(err), None) from None
     return DatasetOut.model_validate(saved)
