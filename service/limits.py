@@ -20,7 +20,7 @@ import psutil
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.errors import field_errors
+from service.api.errors import field_error, field_errors
 from service.config import Settings
 from workers.catalogue import DatasetInfo
 from workers.explain import REFINE_ROUNDS, SPLIT
@@ -182,3 +182,22 @@ async def _reject(send: Send, limit: int) -> None:
     headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
     await send({"type": "http.response.start", "status": 413, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def check_request_cost(
+    spec: TrainingSpec,
+    settings: Settings,
+    rows: list,
+    method: str | None = None,
+    steps: int = 0,
+) -> None:
+    """A 422 when a predict (method None) or explain request on this model would cost more
+    multiply-adds than the server allows, at worst; it names the rows or the steps."""
+    flops = request_flops(spec, len(rows), method, steps)
+    setting = "max_predict_flops" if method is None else "max_explain_flops"
+    what = f"the request's multiply-adds ({len(rows):,} rows on this model"
+    what += f", {steps:,} steps)" if method == "integrated_gradients" else ")"
+    if msg := over(setting, settings, what, flops):
+        if method == "integrated_gradients":
+            raise field_error(("body", "steps"), f"steps: {msg}", steps)
+        raise field_error(("body", "inputs"), f"inputs: {msg}", rows)

@@ -103,7 +103,7 @@ def create_app(settings: Settings | None = None, *, start: bool = True) -> FastA
     app.add_exception_handler(Conflict, conflict)
     app.add_exception_handler(NoCheckpoint, no_checkpoint)
     app.state.settings = settings
-    app.state.predictor = Predictor()
+    app.state.predictor = Predictor(settings.predict_cache_bytes)
     app.add_middleware(BodyLimit, upload_path=f"{API}/datasets")
 
     routers = (jobs.router, checkpoints.router, interpret.router, datasets.router, cluster.router)

@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from service.predict import Predictor
 from tests.fakes import locs, make_client, spec
+from workers.checkpoint import save_checkpoint
+from workers.model import build_model
+from workers.spec import TrainingSpec
 
 JOBS = "/api/v1/jobs"
 
@@ -228,3 +232,66 @@ def test_a_csv_over_the_values_limit_is_422(tmp_path):
     raw = b"a,b,y\n" + b"0.5,0.25,1\n" * 400
     msg = message(upload(client, "big.csv", raw), ("body", "file"))
     assert "more than 1,000 values" in msg and "SHARDGRAD_MAX_DATASET_VALUES" in msg
+
+
+# -- abuse-input: predict and explain cost, the predict cache ------------------------------
+
+
+def with_checkpoint(client, tmp_path, **overrides) -> str:
+    """A submitted job with one checkpoint of its initial model; its URL."""
+    r = client.post(JOBS, json=spec(**overrides))
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    model = build_model(TrainingSpec.model_validate(spec(**overrides)))
+    save_checkpoint(tmp_path / "jobs" / job_id, 1, model.state_dict(), {"state": {}}, {"step": 1})
+    return f"{JOBS}/{job_id}"
+
+
+WIDE = {"type": "mlp", "sizes": [2, 512, 512, 2]}  # 264,192 multiply-adds a row
+
+
+def test_predict_cost_is_counted_in_model_flops(tmp_path):
+    client = make_client(tmp_path, max_predict_flops=10**6)[0]
+    url = with_checkpoint(client, tmp_path, model=WIDE)
+    assert client.post(f"{url}/predict", json={"inputs": [[0.1, 0.2]] * 3}).status_code == 200
+    r = client.post(f"{url}/predict", json={"inputs": [[0.1, 0.2]] * 4})
+    msg = message(r, ("body", "inputs"))
+    assert "1,056,768" in msg and "SHARDGRAD_MAX_PREDICT_FLOPS" in msg
+
+
+def test_explain_cost_is_counted_in_model_flops(tmp_path):
+    client = make_client(tmp_path, max_explain_flops=10**7)[0]
+    url = with_checkpoint(client, tmp_path, model=WIDE)
+    row = {"inputs": [[0.1, 0.2]]}
+    assert client.post(f"{url}/explain", json=row).status_code == 200
+    r = client.post(f"{url}/explain", json=row | {"method": "integrated_gradients", "steps": 8})
+    assert "SHARDGRAD_MAX_EXPLAIN_FLOPS" in message(r, ("body", "steps"))
+    r = client.post(f"{url}/explain", json={"inputs": [[0.1, 0.2]] * 20})
+    assert "SHARDGRAD_MAX_EXPLAIN_FLOPS" in message(r, ("body", "inputs"))
+
+
+def test_hours_of_integrated_gradients_on_a_wide_model_are_refused(client):
+    """The review's case: the old cap counted input width only, and 1000 rows x 1024 steps
+    of a [1, 4096, 4096, 1] model passed it. Refused before any model is loaded."""
+    model = {"type": "mlp", "sizes": [1, 4096, 4096, 1]}
+    data = {"type": "builtin", "name": "sine", "n_samples": 200}
+    r = client.post(JOBS, json=spec(model=model, data=data, loss="mse"))
+    assert r.status_code == 201, r.text
+    body = {"inputs": [[0.5]] * 1000, "method": "integrated_gradients", "steps": 1024}
+    r = client.post(f"{JOBS}/{r.json()['id']}/explain", json=body)
+    assert "SHARDGRAD_MAX_EXPLAIN_FLOPS" in message(r, ("body", "steps"))
+
+
+def test_the_predict_cache_is_bounded_in_bytes(tmp_path):
+    s = TrainingSpec.model_validate(spec(model=WIDE))
+    model = build_model(s)
+    one = sum(p.data.nbytes for p in model.parameters())
+    predictor = Predictor(cache_bytes=one + one // 2)
+    for job in ("a", "b", "c"):
+        save_checkpoint(tmp_path / job, 1, model.state_dict(), {"state": {}}, {"step": 1})
+        predictor.predict(s, tmp_path / job, [[0.1, 0.2]])
+        assert predictor.cached_bytes() == one  # the newest only: two would not fit
+    predictor.cache_bytes = one // 2
+    save_checkpoint(tmp_path / "d", 1, model.state_dict(), {"state": {}}, {"step": 1})
+    predictor.predict(s, tmp_path / "d", [[0.1, 0.2]])
+    assert predictor.cached_bytes() == 0  # larger than the whole cache: not kept

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from core.graph import to_dot
 from service.api.deps import CONFLICT, NOT_FOUND, JobDep, PredictorDep, SettingsDep
 from service.api.errors import field_error
+from service.limits import check_request_cost
 from service.predict import model_spec
 from service.schemas import ExplainRequest, ExplainResponse
 from workers.data import check_data
@@ -68,6 +69,7 @@ def explain(
     completeness gap. Outputs are the full rows predict gives."""
     spec = model_spec(job.spec)
     _check_cost(body, width=spec.model.sizes[0])
+    check_request_cost(spec, settings, body.inputs, body.method, body.steps)
     options = body.model_dump(exclude={"inputs"})
     try:
         result, name = predictor.explain(spec, settings.jobs_dir / job.id, body.inputs, **options)
