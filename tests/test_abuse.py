@@ -5,14 +5,19 @@ predict and explain costs; the event loop under the worst body."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from service.offload import OFFLOAD_BYTES, BodyValidator
 from service.predict import Predictor
 from tests.fakes import locs, make_client, spec
 from workers.checkpoint import save_checkpoint
@@ -295,3 +300,71 @@ def test_the_predict_cache_is_bounded_in_bytes(tmp_path):
     save_checkpoint(tmp_path / "d", 1, model.state_dict(), {"state": {}}, {"step": 1})
     predictor.predict(s, tmp_path / "d", [[0.1, 0.2]])
     assert predictor.cached_bytes() == 0  # larger than the whole cache: not kept
+
+
+# -- abuse-input: large bodies are validated off the event loop ----------------------------
+
+
+def test_a_large_body_is_validated_elsewhere_and_answers_as_a_small_one(tmp_path):
+    client = make_client(tmp_path)[0]
+    url = with_checkpoint(client, tmp_path)
+    rows = np.random.default_rng(0).uniform(-1, 1, (4000, 2)).tolist()
+    assert len(json.dumps({"inputs": rows})) > OFFLOAD_BYTES
+    large = client.post(f"{url}/predict", json={"inputs": rows})
+    small = client.post(f"{url}/predict", json={"inputs": rows[:10]})
+    assert large.status_code == small.status_code == 200
+    assert large.json()["outputs"][:10] == small.json()["outputs"]
+
+
+def test_a_large_body_with_every_value_wrong_answers_20_errors_and_the_count(tmp_path):
+    client = make_client(tmp_path)[0]
+    url = with_checkpoint(client, tmp_path)
+    r = client.post(f"{url}/predict", json={"inputs": [["x", "y"]] * 10_000})
+    detail = errors_of(r)
+    assert [tuple(e["loc"]) for e in detail[:2]] == [
+        ("body", "inputs", 0, 0),
+        ("body", "inputs", 0, 1),
+    ]
+    assert detail[-1]["type"] == "too_many_errors" and "19980 more errors" in detail[-1]["msg"]
+    assert len(r.content) < 5000
+
+
+class HeldExecutor(ThreadPoolExecutor):
+    """Runs each job only once the test releases it, and says when one has arrived."""
+
+    def __init__(self):
+        super().__init__(1)
+        self.arrived, self.release = threading.Event(), threading.Event()
+
+    def submit(self, fn, *args):
+        self.arrived.set()
+        return super().submit(lambda: self.release.wait(10) and fn(*args))
+
+
+def test_healthz_answers_while_a_large_body_is_validated(tmp_path):
+    """Ordering, not timing: while the worst body waits for its validator, the event loop
+    still answers /healthz; the body's 422 comes after. (benchmarks/hostile.py times it.)"""
+    app = make_client(tmp_path)[0].app
+    held = HeldExecutor()
+    app.state.body_validator = BodyValidator(held)
+    worst = b"[" + b"{}," * 349_000 + b"{}]"
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            headers = {"content-type": "application/json"}
+            big = asyncio.create_task(c.post(JOBS, content=worst, headers=headers))
+            while not (held.arrived.is_set() or big.done()):
+                await asyncio.sleep(0.01)
+            health = await c.get("/healthz")
+            pending = not big.done()
+            held.release.set()
+            return health, pending, await big
+
+    try:
+        health, pending, big = asyncio.run(main())
+    finally:
+        held.release.set()
+        held.shutdown()
+    assert health.status_code == 200 and pending
+    assert locs(big) == [("body",)]

@@ -52,6 +52,7 @@ FILES_DISABLED = (
 INT64_MAX = 2**63 - 1  # every integer of a spec fits in 64 bits (the store, NumPy, Ray)
 PRIORITY_RANGE = (-1000, 1000)
 MAX_LAYERS = 1000  # model.sizes entries; admission limits bound the model's size further
+MAX_WIDTH = 2**31 - 1  # of a layer; exact in JSON Schema, whose bounds are floats
 CPU_STEP = 0.0001  # Ray's smallest resource share
 MAX_DATASET_VALUES = 20_000_000  # the default limit; the service's is a setting
 
@@ -99,7 +100,7 @@ class MLPSpec(_Strict):
     """A multilayer perceptron: Linear layers of `sizes`, `activation` between them."""
 
     type: Literal["mlp"]
-    sizes: list[Annotated[int, Field(ge=1, le=INT64_MAX)]] = Field(
+    sizes: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(
         min_length=2,
         max_length=MAX_LAYERS,
         description="Layer widths, input first and output last.",

@@ -42,13 +42,28 @@ def body_errors(err: ValidationError) -> RequestValidationError:
     return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors])
 
 
-def bounded_detail(errors: list[dict]) -> list[dict]:
-    """The errors as a 422 shows them: the first MAX_ERRORS, each with its input echoed
-    briefly, then one error of type `too_many_errors` that counts the rest."""
-    shown = [_bounded(e) for e in errors[:MAX_ERRORS]]
-    rest = len(errors) - len(shown)
-    if rest > 0:
-        msg = f"{rest} more errors not shown (at most {MAX_ERRORS} are listed)"
+class BoundedErrors(RequestValidationError):
+    """Errors bounded already (by `bounded`, in another process), and how many more."""
+
+    def __init__(self, shown: list[dict], more: int):
+        super().__init__(shown)
+        self.more = more
+
+
+def bounded(errors: list[dict]) -> tuple[list[dict], int]:
+    """The first MAX_ERRORS errors, each with its input echoed briefly; how many more."""
+    return [_bounded(e) for e in errors[:MAX_ERRORS]], max(0, len(errors) - MAX_ERRORS)
+
+
+def bounded_detail(exc: RequestValidationError) -> list[dict]:
+    """A 422's errors as the client sees them: bounded, then one error of type
+    `too_many_errors` that counts the rest."""
+    if isinstance(exc, BoundedErrors):
+        shown, more = list(exc.errors()), exc.more
+    else:
+        shown, more = bounded(list(exc.errors()))
+    if more:
+        msg = f"{more} more errors not shown (at most {MAX_ERRORS} are listed)"
         shown.append({"loc": [], "msg": msg, "type": "too_many_errors", "input": None})
     return shown
 

@@ -8,11 +8,12 @@ from fastapi import APIRouter, HTTPException, Response, status
 from service.api.deps import CONFLICT, NOT_FOUND, JobDep, PredictorDep, SettingsDep
 from service.api.errors import field_errors
 from service.limits import check_request_cost
+from service.offload import OffloadedRoute
 from service.predict import model_spec
 from service.schemas import CheckpointOut, PredictRequest, PredictResponse
 from workers.checkpoint import MODEL_FILE, checkpoint_dir, list_checkpoints
 
-router = APIRouter(prefix="/jobs", tags=["checkpoints"])
+router = APIRouter(prefix="/jobs", tags=["checkpoints"], route_class=OffloadedRoute)
 
 
 @router.get("/{job_id}/checkpoints", responses=NOT_FOUND)

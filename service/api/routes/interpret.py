@@ -16,13 +16,14 @@ from core.graph import to_dot
 from service.api.deps import CONFLICT, NOT_FOUND, JobDep, PredictorDep, SettingsDep
 from service.api.errors import field_error
 from service.limits import check_request_cost
+from service.offload import OffloadedRoute
 from service.predict import model_spec
 from service.schemas import ExplainRequest, ExplainResponse
 from workers.data import check_data
 from workers.explain import ExplainError
 from workers.spec import format_validation_error
 
-router = APIRouter(prefix="/jobs", tags=["interpretability"])
+router = APIRouter(prefix="/jobs", tags=["interpretability"], route_class=OffloadedRoute)
 
 # Integrated gradients holds rows x steps path points of the input's width at once, and
 # refining may add many times as many: past this, a request takes seconds and GBs.

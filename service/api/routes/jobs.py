@@ -24,6 +24,7 @@ from service.api.errors import body_errors, field_error
 from service.config import Settings
 from service.dispatcher import EPS, Dispatcher
 from service.limits import check_admission
+from service.offload import OffloadedRoute
 from service.schemas import Job, JobPage, MetricPoint, Metrics, Status
 from service.store import JobStore
 from service.tables import CANCELLING, QUEUED, JobRow
@@ -31,7 +32,7 @@ from workers.data import with_data
 from workers.datasets import describe
 from workers.spec import INT64_MAX, TrainingSpec
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=OffloadedRoute)
 
 
 def present(
