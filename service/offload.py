@@ -1,4 +1,4 @@
-"""Large JSON bodies are parsed and validated in another process, never on the event loop.
+"""Large bodies are parsed and validated in another process, never on the event loop.
 
 Parsing a megabyte of JSON (`json.loads`) and validating it (pydantic) are C and Rust
 calls that hold the GIL for their whole length: 100 ms to seconds for a hostile body,
@@ -8,7 +8,8 @@ route's body model and sends back either the first errors (already bounded, see
 service/api/errors.py) or the value, its long lists of numbers packed as NumPy arrays so
 that unpickling them costs the loop nothing. Smaller bodies take FastAPI's usual path.
 
-Routers opt in with `APIRouter(route_class=OffloadedRoute)`.
+Routers opt in with `APIRouter(route_class=OffloadedRoute)`. Dataset uploads are parsed
+there too (`BodyValidator.run`): a bomb's memory, if any, is that process's.
 """
 
 from __future__ import annotations
@@ -34,39 +35,51 @@ PACK_ITEMS = 64  # lists of numbers at least this long travel as arrays
 
 
 class BodyValidator:
-    """The process that validates large bodies; started on first use (or by `start`)."""
+    """The process that parses and validates large bodies, started on first use (or by
+    `start`). Every app in a process shares it: one extra process per service."""
+
+    _shared: ProcessPoolExecutor | None = None
+    _lock = threading.Lock()
 
     def __init__(self, executor: Executor | None = None):
-        """`executor` replaces the process pool (tests)."""
-        self._pool = executor
-        self._lock = threading.Lock()
+        """`executor` replaces the shared process pool (tests)."""
+        self._given = executor
 
     def start(self) -> None:
         self._executor().submit(int)  # the process starts now, not at the first large body
 
     def _executor(self) -> Executor:
-        with self._lock:
-            if self._pool is None:
+        if self._given is not None:
+            return self._given
+        with BodyValidator._lock:
+            if BodyValidator._shared is None:
                 # spawn: the service runs Ray and SQLAlchemy threads, which fork would copy
                 spawn = multiprocessing.get_context("spawn")
-                self._pool = ProcessPoolExecutor(1, mp_context=spawn)
-            return self._pool
+                BodyValidator._shared = ProcessPoolExecutor(1, mp_context=spawn)
+            return BodyValidator._shared
+
+    def _forget(self, pool: Executor) -> Executor | None:
+        with BodyValidator._lock:
+            if BodyValidator._shared is pool:
+                BodyValidator._shared = None
+                return pool
+        return None
+
+    async def run(self, fn: Callable, *args):
+        """fn(*args) in the process (fn and args must pickle); its exceptions come back."""
+        pool = self._executor()
+        try:
+            return await asyncio.wrap_future(pool.submit(fn, *args))
+        except BrokenProcessPool:  # the child died (killed, out of memory): a new one next time
+            self._forget(pool)
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE, "the body validator restarted; retry"
+            ) from None
 
     async def validate(self, model: type[BaseModel], raw: bytes, as_json: bool, context: dict):
         """The body validated against `model` in the child process: the model (or, with
         `as_json`, its JSON-mode dump, for routes that validate it again themselves)."""
-        pool = self._executor()
-        try:
-            kind, value, more = await asyncio.wrap_future(
-                pool.submit(_validate, model, raw, as_json, context)
-            )
-        except BrokenProcessPool:  # the child died (killed, out of memory): a new one next time
-            with self._lock:
-                if self._pool is pool:
-                    self._pool = None
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE, "the body validator restarted; retry"
-            ) from None
+        kind, value, more = await self.run(_validate, model, raw, as_json, context)
         if kind == "errors":
             raise BoundedErrors(value, more)
         if as_json:
@@ -74,9 +87,9 @@ class BodyValidator:
         return model.model_construct(**{k: _unpack(v) for k, v in value.items()})
 
     def shutdown(self) -> None:
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
+        """Stops the shared process (a later body starts another)."""
+        pool = BodyValidator._shared
+        if self._given is None and pool is not None and self._forget(pool) is not None:
             pool.shutdown(cancel_futures=True)
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, UploadFile, status
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter, File, Request, UploadFile, status
 
 from service.api.deps import TOO_LARGE, SettingsDep
 from service.api.errors import field_error
@@ -19,12 +18,14 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 async def upload(
     file: Annotated[UploadFile, File(description=".csv with a header row, or .npz with X, y")],
     settings: SettingsDep,
+    request: Request,
 ) -> DatasetOut:
     """Store a dataset; the same content uploaded twice gets the same id."""
     raw = await file.read()
     name, root = file.filename or "upload", settings.uploads_dir
     try:
-        saved = await run_in_threadpool(save_uploaded, raw, name, root, settings.max_dataset_values)
+        validator = request.app.state.body_validator  # another process: see service/offload.py
+        saved = await validator.run(save_uploaded, raw, name, root, settings.max_dataset_values)
     except TooManyValues as err:
         msg = f"{err} (server setting SHARDGRAD_MAX_DATASET_VALUES)"
         raise field_error(("body", "file"), msg, None) from None
