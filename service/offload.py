@@ -46,7 +46,8 @@ class BodyValidator:
         self._given = executor
 
     def start(self) -> None:
-        self._executor().submit(int)  # the process starts now, not at the first large body
+        """Start the process and its imports now, not at the first large body."""
+        self._executor().submit(_warm)
 
     def _executor(self) -> Executor:
         if self._given is not None:
@@ -91,6 +92,11 @@ class BodyValidator:
         pool = BodyValidator._shared
         if self._given is None and pool is not None and self._forget(pool) is not None:
             pool.shutdown(cancel_futures=True)
+
+
+def _warm() -> None:
+    import service.schemas  # noqa: F401  the body models
+    import workers.datasets  # noqa: F401  uploads
 
 
 def _validate(model: type[BaseModel], raw: bytes, as_json: bool, context: dict):

@@ -387,6 +387,13 @@ def save_uploaded(
     return get_uploaded(dataset_id, root)
 
 
+def save_uploaded_file(
+    path: str, filename: str, root: Path | None = None, max_values: int = MAX_DATASET_VALUES
+) -> UploadedDataset:
+    """save_uploaded of the bytes of the file at `path` (a copy of the upload)."""
+    return save_uploaded(Path(path).read_bytes(), filename, root, max_values)
+
+
 def _load_uploaded(dataset_id: str, root: Path) -> tuple[Dataset, str]:
     path = _uploaded_path(dataset_id, root)
     if not path.is_file():
