@@ -34,8 +34,8 @@ GRADIENT_PASSES = 3
 
 
 def over(setting: str, settings: Settings, what: str, value: int) -> str | None:
-    """ "<what> is <value>, over the limit of <limit> (server setting SHARDGRAD_<SETTING>)"
-    when `value` exceeds the setting, else None."""
+    """The message when `value` exceeds the setting, else None: `<what> is <value>, over
+    the limit of <limit> (server setting SHARDGRAD_<SETTING>)`."""
     limit = getattr(settings, setting)
     if value <= limit:
         return None
@@ -78,7 +78,7 @@ def admission_errors(
     node = psutil.virtual_memory().total
     if node < memory <= settings.max_job_memory_bytes:
         msg = f"model: the job's memory ({MEMORY}) is {memory:,}, more than this node's {node:,}"
-        errors.append((*sizes[:1], msg, spec.model.sizes))
+        errors.append((sizes[0], msg, spec.model.sizes))
     return errors
 
 

@@ -11,6 +11,7 @@ import json
 import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -131,6 +132,12 @@ def test_the_memory_limit_counts_parameters_optimizer_state_and_data(tmp_path):
     big = spec(model={"type": "mlp", "sizes": [2, 512, 2]})  # 2,562 parameters
     r = client.post(JOBS, json=big)
     assert "SHARDGRAD_MAX_JOB_MEMORY_BYTES" in message(r, ("body", "model", "mlp", "sizes"))
+
+
+def test_a_job_that_needs_more_memory_than_the_node_has_is_refused(client, monkeypatch):
+    monkeypatch.setattr("service.limits.psutil.virtual_memory", lambda: SimpleNamespace(total=1000))
+    r = client.post(JOBS, json=spec())
+    assert "more than this node's 1,000" in message(r, ("body", "model", "mlp", "sizes"))
 
 
 @pytest.mark.parametrize("priority", [2**63 - 1, 1001, -1001])
