@@ -9,8 +9,10 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from workers.config import WorkerSettings
+from workers.spec import MAX_DATASET_VALUES
 
 MB = 1024 * 1024
+GB = 1024 * MB
 
 
 class Settings(BaseSettings):
@@ -39,6 +41,33 @@ class Settings(BaseSettings):
 
     max_json_bytes: int = Field(1 * MB, ge=1)
     max_upload_bytes: int = Field(100 * MB, ge=1)
+
+    # Admission limits (service/limits.py): a spec or request over one gets a 422 that
+    # names the field, the limit and the setting.
+    max_model_params: int = Field(20_000_000, ge=1, description="parameters of one model")
+    max_job_memory_bytes: int = Field(
+        4 * GB,
+        ge=1,
+        description="a job's memory in the coordinator: parameters, gradients, optimizer "
+        "state, its data and an evaluation chunk; also at most the node's memory",
+    )
+    max_workers: int = Field(64, ge=1, description="worker actors (processes) of one job")
+    max_total_steps: int = Field(10_000_000, ge=1, description="epochs x steps per epoch")
+    max_keep_checkpoints: int = Field(100, ge=1)
+    max_dataset_values: int = Field(
+        MAX_DATASET_VALUES,
+        ge=1,
+        description="values (samples x columns) of a dataset, decompressed",
+    )
+    max_predict_flops: int = Field(
+        10**10, ge=1, description="multiply-adds of one predict request (rows x model)"
+    )
+    max_explain_flops: int = Field(
+        10**11, ge=1, description="multiply-adds of one explain request, at worst"
+    )
+    predict_cache_bytes: int = Field(
+        512 * MB, ge=0, description="models kept in memory for predict, explain and graph"
+    )
 
     instance_id: str | None = Field(None, description="owner name of claimed jobs")
     poll_interval_s: float = Field(0.5, gt=0)

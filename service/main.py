@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service.api.deps import require_token, require_token_or_query
+from service.api.errors import bounded_detail
 from service.api.routes import (
     checkpoints,
     cluster,
@@ -33,6 +32,7 @@ from service.cluster import RayCluster
 from service.config import Settings
 from service.dispatcher import Dispatcher
 from service.limits import BodyLimit
+from service.offload import BodyValidator
 from service.predict import NoCheckpoint, Predictor
 from service.store import Conflict, JobNotFound, JobStore
 
@@ -40,21 +40,10 @@ API = "/api/v1"
 log = logging.getLogger(__name__)
 
 
-def _json_safe(value):
-    """NaN and infinities (which Python's json accepts) as strings, so a 422 can name them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's standard 422 shape, also when the rejected input is not valid JSON."""
-    detail = _json_safe(jsonable_encoder(exc.errors()))
-    return JSONResponse({"detail": detail}, status_code=422)
+    """FastAPI's standard 422 shape, bounded: the first errors, each input echoed briefly
+    (see service/api/errors.py), also when the rejected input is not valid JSON."""
+    return JSONResponse({"detail": bounded_detail(exc)}, status_code=422)
 
 
 async def job_not_found(request: Request, exc: JobNotFound) -> JSONResponse:
@@ -87,6 +76,7 @@ def create_app(settings: Settings | None = None, *, start: bool = True) -> FastA
         # On this thread, not a pool's: an embedded Ray's GCS and raylet are killed when the
         # thread that started them ends (PR_SET_PDEATHSIG), and the pool retires idle threads.
         dispatcher.start()
+        app.state.body_validator.start()  # its process starts in the background
         app.state.store, app.state.dispatcher = store, dispatcher
         # What startup made (Ray, FastAPI, SQLAlchemy: ~150k objects) lives as long as the
         # process: out of the collector's way, a full collection no longer stalls every
@@ -101,6 +91,7 @@ def create_app(settings: Settings | None = None, *, start: bool = True) -> FastA
         finally:
             log.info("stopping: checkpointing running jobs; they stay queued")
             await run_in_threadpool(dispatcher.shutdown)
+            app.state.body_validator.shutdown()
 
     app = FastAPI(
         title="shardgrad",
@@ -115,7 +106,8 @@ def create_app(settings: Settings | None = None, *, start: bool = True) -> FastA
     app.add_exception_handler(Conflict, conflict)
     app.add_exception_handler(NoCheckpoint, no_checkpoint)
     app.state.settings = settings
-    app.state.predictor = Predictor()
+    app.state.predictor = Predictor(settings.predict_cache_bytes)
+    app.state.body_validator = BodyValidator()
     app.add_middleware(BodyLimit, upload_path=f"{API}/datasets")
 
     routers = (jobs.router, checkpoints.router, interpret.router, datasets.router, cluster.router)

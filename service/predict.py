@@ -26,12 +26,25 @@ def model_spec(stored: dict) -> TrainingSpec:
 
 
 class Predictor:
-    """Builds a job's model once per checkpoint and keeps the last few in memory."""
+    """Builds a job's model once per checkpoint and keeps the most recently used ones in
+    memory, up to `cache_bytes` of parameters (a model larger than that is not kept)."""
 
-    def __init__(self, size: int = 8):
+    def __init__(self, cache_bytes: int = 512 * 2**20):
         self._models: OrderedDict[tuple, object] = OrderedDict()
-        self._size = size
+        self._bytes: dict[tuple, int] = {}
+        self.cache_bytes = cache_bytes
         self._lock = threading.Lock()
+
+    def cached_bytes(self) -> int:
+        return sum(self._bytes.values())
+
+    def _keep(self, key: tuple, model) -> None:
+        size = sum(p.data.nbytes for p in model.parameters())
+        with self._lock:
+            self._models[key], self._bytes[key] = model, size
+            while self._models and self.cached_bytes() > self.cache_bytes:
+                oldest, _ = self._models.popitem(last=False)
+                del self._bytes[oldest]
 
     def _model(self, spec: TrainingSpec, out_dir: Path):
         from workers.model import build_model
@@ -52,10 +65,7 @@ class Predictor:
                 continue
             model = build_model(spec)
             model.load_state_dict(state)
-            with self._lock:
-                self._models[key] = model
-                while len(self._models) > self._size:
-                    self._models.popitem(last=False)
+            self._keep(key, model)
             return model, newest.name
         raise NoCheckpoint("the checkpoints changed while loading; try again")
 

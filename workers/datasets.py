@@ -14,24 +14,29 @@ None means `WorkerSettings()`'s, from $SHARDGRAD_DATASETS_DIR.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import gzip
 import hashlib
 import importlib.util
 import io
+import itertools
+import math
 import os
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from numpy.lib import format as npy
 
 from workers.catalogue import DATASET_ID, MAX_CLASSES, DatasetInfo
 from workers.config import WorkerSettings
-from workers.spec import DataSpec
+from workers.spec import MAX_DATASET_VALUES, DataSpec
 
 _DATA_TAG = 0xDA7A  # the generator stream of builtin datasets
 _SPLIT_TAG = 0x5B17  # the train/validation permutation
@@ -200,45 +205,169 @@ def load_iris() -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- files and uploads
 
 
-def _read_npz(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+class TooManyValues(ValueError):
+    """A dataset over the limit of values (the service names its setting)."""
+
+
+def _read_npz(raw: bytes, max_values: int) -> tuple[np.ndarray, np.ndarray]:
+    """X and y of an np.savez archive, reading each member's .npy header first: a member
+    that claims more than `max_values` values (with the other), or is not of real numbers,
+    is refused before anything is allocated, and no member is decompressed past the bytes
+    its header claims (a deflate bomb or a lying header costs nothing)."""
     if not raw.startswith(b"PK\x03\x04"):  # np.load would try to unpickle anything else
         raise ValueError("not a .npz file (expected a zip archive of .npy arrays, np.savez)")
     try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-            if "X" not in npz.files or "y" not in npz.files:
-                found = ", ".join(npz.files) or "nothing"
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            members = {name.removesuffix(".npy"): name for name in archive.namelist()}
+            if "X" not in members or "y" not in members:
+                found = ", ".join(members) or "nothing"
                 raise ValueError(f"a .npz dataset needs arrays 'X' and 'y'; found {found}")
-            return npz["X"], npz["y"]
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+            X = _read_member(archive, members["X"], "X", max_values)
+            y = _read_member(archive, members["y"], "y", max_values - X.size)
+            return X, y
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:
         raise ValueError(f"not a readable .npz file ({e})") from None
 
 
-def _read_csv(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise ValueError("a .csv dataset must be UTF-8 text") from None
-    rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
-    if not rows:
-        raise ValueError("the .csv file is empty; expected a header row and data rows")
-    header, rows = [h.strip() for h in rows[0]], rows[1:]
-    if len(header) < 2:
-        raise ValueError("a .csv dataset needs at least 2 columns (features and a target)")
-    if not rows:
-        raise ValueError("the .csv file has a header but no data rows")
-    for i, row in enumerate(rows, start=1):
-        if len(row) != len(header):
-            raise ValueError(f"data row {i} has {len(row)} columns; the header has {len(header)}")
-    try:
-        values = np.array(rows, dtype=np.float64)
-    except ValueError:
-        raise ValueError(_first_non_number(header, rows)) from None
+def _read_member(archive: zipfile.ZipFile, member: str, name: str, budget: int) -> np.ndarray:
+    with archive.open(member) as f:
+        try:
+            shape, fortran, dtype = _npy_header(f)
+        except ValueError as e:
+            raise ValueError(f"{name} is not a readable .npy array ({e})") from None
+        if dtype.hasobject or dtype.kind not in "biuf":
+            raise ValueError(f"{name} must hold real numbers; got dtype {dtype}")
+        count = math.prod(shape)
+        if count > budget:
+            raise TooManyValues(
+                f"{name} has shape {shape}: {count:,} values, more than the "
+                f"{max(budget, 0):,} left of the limit of a dataset"
+            )
+        data = f.read(count * dtype.itemsize)  # never more than the header claims
+        more = f.read(1)
+    if len(data) != count * dtype.itemsize or more:
+        held = f"{len(data):,}" if not more else "more"
+        raise ValueError(
+            f"{name} does not match its header, which claims shape {shape} "
+            f"({count * dtype.itemsize:,} bytes); the archive holds {held}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """The shape, order and dtype an .npy header claims; nothing else is read."""
+    header = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
+    read_header = header.get(npy.read_magic(f))
+    if read_header is None:
+        raise ValueError("unsupported .npy format version")
+    return read_header(f)
+
+
+CSV_CHUNK_ROWS = 10_000  # rows parsed as text before they become an array
+
+
+def _read_csv(raw: bytes, max_values: int) -> tuple[np.ndarray, np.ndarray]:
+    """A header row, then numbers. NumPy's C parser reads them when it can (six times
+    faster); anything it refuses is read again with the csv module, CSV_CHUNK_ROWS rows
+    at a time, which says which row and column is wrong. Neither holds the text of more
+    than a chunk of cells at once, nor more than `max_values` values."""
+    header, rest = _csv_header(raw)
+    values = _numbers(rest, len(header), max_values)
+    if values is None:
+        values = _csv_values(raw, header, max_values)
     target = header.index("y") if "y" in header else len(header) - 1
     return np.delete(values, target, axis=1), values[:, target]
 
 
-def _first_non_number(header: list[str], rows: list[list[str]]) -> str:
-    for i, row in enumerate(rows, start=1):
+def _csv_text(raw: bytes) -> io.TextIOWrapper:
+    return io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", newline="")  # no copy
+
+
+def _csv_rows(text: io.TextIOWrapper):
+    reader = csv.reader(text)
+    return reader, (row for row in reader if any(cell.strip() for cell in row))
+
+
+def _csv_header(raw: bytes) -> tuple[list[str], io.TextIOWrapper]:
+    """The header's names, and the text after the header."""
+    text = _csv_text(raw)
+    with _csv_errors(csv.reader(text)) as reader:
+        header = [h.strip() for h in next(r for r in reader if any(c.strip() for c in r))]
+    if not header:
+        raise ValueError("the .csv file is empty; expected a header row and data rows")
+    if len(header) < 2:
+        raise ValueError("a .csv dataset needs at least 2 columns (features and a target)")
+    return header, text
+
+
+def _numbers(text: io.TextIOWrapper, columns: int, max_values: int) -> np.ndarray | None:
+    """The rows after the header by np.loadtxt, or None where it fails."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "input contained no data": told below
+            values = np.loadtxt(
+                text,
+                delimiter=",",
+                quotechar='"',
+                comments=None,
+                ndmin=2,
+                max_rows=max_values // columns + 1,
+            )
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if values.shape[1] != columns or len(values) == 0:
+        return None
+    if values.size > max_values:
+        raise TooManyValues(_too_many_cells(max_values))
+    return values
+
+
+def _csv_values(raw: bytes, header: list[str], max_values: int) -> np.ndarray:
+    reader, rows = _csv_rows(_csv_text(raw))
+    with _csv_errors(reader):
+        next(rows)  # the header
+        chunks = list(_csv_chunks(rows, header, max_values))
+    if not chunks:
+        raise ValueError("the .csv file has a header but no data rows")
+    return np.concatenate(chunks)
+
+
+@contextlib.contextmanager
+def _csv_errors(reader):
+    """The csv module's and the decoder's errors as ValueErrors that say where."""
+    try:
+        yield reader
+    except StopIteration:
+        raise ValueError("the .csv file is empty; expected a header row and data rows") from None
+    except UnicodeDecodeError:
+        raise ValueError("a .csv dataset must be UTF-8 text") from None
+    except csv.Error as e:
+        raise ValueError(f"line {reader.line_num} of the .csv file: {e}") from None
+
+
+def _too_many_cells(max_values: int) -> str:
+    return f"the .csv file holds more than {max_values:,} values (rows x columns), the limit"
+
+
+def _csv_chunks(rows, header: list[str], max_values: int):
+    done = 0
+    for chunk in iter(lambda: list(itertools.islice(rows, CSV_CHUNK_ROWS)), []):
+        for i, row in enumerate(chunk, start=done + 1):
+            if len(row) != len(header):
+                raise ValueError(
+                    f"data row {i} has {len(row)} columns; the header has {len(header)}"
+                )
+        done += len(chunk)
+        if done * len(header) > max_values:
+            raise TooManyValues(_too_many_cells(max_values))
+        try:
+            yield np.array(chunk, dtype=np.float64)
+        except ValueError:
+            raise ValueError(_first_non_number(header, chunk, done - len(chunk))) from None
+
+
+def _first_non_number(header: list[str], rows: list[list[str]], before: int = 0) -> str:
+    for i, row in enumerate(rows, start=before + 1):
         for name, cell in zip(header, row, strict=True):
             try:
                 float(cell)
@@ -247,13 +376,16 @@ def _first_non_number(header: list[str], rows: list[list[str]]) -> str:
     return "the .csv file holds values that are not numbers"
 
 
-def read_arrays(raw: bytes, filename: str) -> tuple[np.ndarray, np.ndarray]:
-    """Parse `.npz` (arrays X, y) or `.csv` (header; target column `y`, else the last)."""
+def read_arrays(
+    raw: bytes, filename: str, max_values: int = MAX_DATASET_VALUES
+) -> tuple[np.ndarray, np.ndarray]:
+    """Parse `.npz` (arrays X, y) or `.csv` (header; target column `y`, else the last),
+    refusing (ValueError) more than `max_values` values in all, before allocating them."""
     suffix = Path(filename).suffix.lower()
     if suffix == ".npz":
-        return _read_npz(raw)
+        return _read_npz(raw, max_values)
     if suffix == ".csv":
-        return _read_csv(raw)
+        return _read_csv(raw, max_values)
     raise ValueError(f"{filename!r}: unsupported file type; use .npz (arrays X, y) or .csv")
 
 
@@ -321,14 +453,16 @@ def _content_id(X: np.ndarray, y: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def save_uploaded(raw: bytes, filename: str, root: Path | None = None) -> UploadedDataset:
+def save_uploaded(
+    raw: bytes, filename: str, root: Path | None = None, max_values: int = MAX_DATASET_VALUES
+) -> UploadedDataset:
     """Validate an uploaded .csv/.npz and store it as <root>/<id>.npz (id = content hash).
 
-    Raises ValueError with a readable message when the file is not a usable dataset.
-    Uploading the same arrays twice returns the same id.
+    Raises ValueError with a readable message when the file is not a usable dataset or
+    holds more than `max_values` values. Uploading the same arrays twice returns the same id.
     """
     filename = Path(filename).name
-    X, y = read_arrays(raw, filename)
+    X, y = read_arrays(raw, filename, max_values)
     from_arrays(filename, X, y)  # validates: raises ValueError on unusable arrays
     X = np.ascontiguousarray(X, dtype=np.float64)
     dataset_id, root = _content_id(X, y), dataset_root(root)
@@ -346,6 +480,13 @@ def save_uploaded(raw: bytes, filename: str, root: Path | None = None) -> Upload
             Path(tmp).unlink(missing_ok=True)
             raise
     return get_uploaded(dataset_id, root)
+
+
+def save_uploaded_file(
+    path: str, filename: str, root: Path | None = None, max_values: int = MAX_DATASET_VALUES
+) -> UploadedDataset:
+    """save_uploaded of the bytes of the file at `path` (a copy of the upload)."""
+    return save_uploaded(Path(path).read_bytes(), filename, root, max_values)
 
 
 def _load_uploaded(dataset_id: str, root: Path) -> tuple[Dataset, str]:

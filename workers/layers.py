@@ -126,6 +126,17 @@ def layer_params(layer, shape: Shape) -> int:
     return 0
 
 
+def layer_flops(layer, shape: Shape, out: Shape) -> int:
+    """Multiply-adds of `layer` for one sample, given its input and output shapes."""
+    if layer.type == "linear":
+        return shape[0] * layer.out_features
+    if layer.type in ("conv2d", "max_pool2d", "avg_pool2d"):
+        kh, kw = two(layer.kernel_size)
+        per_value = kh * kw * (shape[0] if layer.type == "conv2d" else 1)
+        return math.prod(out) * per_value
+    return math.prod(out)  # elementwise
+
+
 class SequentialSpec(Strict):
     """Layers applied in order, as torch.nn.Sequential; parameters are named by the layer's
     index (`0.weight`, `0.bias`, `3.weight`, ...), so a checkpoint loads into torch."""

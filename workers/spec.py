@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -32,7 +34,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from workers.catalogue import BUILTINS, DATASET_ID, MAX_CLASSES, DatasetInfo
 from workers.config import ExchangeChoice
-from workers.layers import SequentialSpec
+from workers.layers import SequentialSpec, layer_flops
 from workers.validation import SPEC_ERROR, raise_errors
 from workers.validation import Strict as _Strict
 from workers.validation import spec_error as _error
@@ -49,7 +51,12 @@ FILES_DISABLED = (
     "data.path: file datasets are disabled on this server; "
     "upload the data with POST /api/v1/datasets"
 )
-INT64_MAX = 2**63 - 1
+INT64_MAX = 2**63 - 1  # every integer of a spec fits in 64 bits (the store, NumPy, Ray)
+PRIORITY_RANGE = (-1000, 1000)
+MAX_LAYERS = 1000  # model.sizes entries; admission limits bound the model's size further
+MAX_WIDTH = 2**31 - 1  # of a layer; exact in JSON Schema, whose bounds are floats
+CPU_STEP = 0.0001  # Ray's smallest resource share
+MAX_DATASET_VALUES = 20_000_000  # the default limit; the service's is a setting
 
 # The fields that change the mathematics of a run. Two specs that agree on these train
 # the same parameters, however they are scheduled; checkpoints record their hash.
@@ -80,8 +87,10 @@ class MLPSpec(_Strict):
     """A multilayer perceptron: Linear layers of `sizes`, `activation` between them."""
 
     type: Literal["mlp"]
-    sizes: list[Annotated[int, Field(ge=1)]] = Field(
-        min_length=2, description="Layer widths, input first and output last."
+    sizes: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(
+        min_length=2,
+        max_length=MAX_LAYERS,
+        description="Layer widths, input first and output last.",
     )
     activation: Activation = "relu"
     bias_init: float = Field(
@@ -97,6 +106,35 @@ class MLPSpec(_Strict):
 
 
 ModelSpec = Annotated[MLPSpec | SequentialSpec, Field(discriminator="type")]
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """What a model costs, from its spec alone (nothing is built)."""
+
+    params: int  # weights and biases
+    flops: int  # multiply-adds of one sample's forward pass
+    activations: int  # values one sample's forward pass keeps for backward
+
+
+def model_size(model: ModelSpec) -> ModelSize:
+    """The size of the model a spec describes, for admission limits and cost caps. Every
+    model type has its rule here (integers: no overflow whatever the widths)."""
+    if model.type == "mlp":
+        layers = list(zip(model.sizes, model.sizes[1:], strict=False))
+        return ModelSize(
+            params=sum((a + 1) * b for a, b in layers),
+            flops=sum(a * b for a, b in layers),
+            activations=sum(model.sizes),
+        )
+    if model.type == "sequential":
+        shapes = model.shapes()
+        return ModelSize(
+            params=model.n_params,
+            flops=sum(map(layer_flops, model.layers, shapes, shapes[1:])),
+            activations=sum(math.prod(shape) for shape in shapes),
+        )
+    raise ValueError(f"model_size: no rule for model type {model.type!r}")
 
 
 # ---------------------------------------------------------------- data
@@ -142,8 +180,8 @@ class BuiltinData(_Strict):
         info = self.describe()
         for option in builtin.options:
             setattr(self, option, getattr(info, option))
-        if self.n_samples * info.n_features > 20_000_000:
-            msg = "data.n_samples x n_features must stay <= 20,000,000 values"
+        if self.n_samples * info.n_features > MAX_DATASET_VALUES:
+            msg = f"data.n_samples x n_features must stay <= {MAX_DATASET_VALUES:,} values"
             raise_errors(type(self).__name__, [_error(("n_samples",), msg, self.n_samples)])
         return self
 
@@ -234,23 +272,33 @@ class TrainingSpec(_Strict):
     data: DataSpec
     loss: Loss
     optimizer: OptimizerSpec
-    epochs: int = Field(ge=1)
-    batch_size: int = Field(ge=1, description="The global batch, split across workers.")
-    workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+    epochs: int = Field(ge=1, le=INT64_MAX)
+    batch_size: int = Field(
+        ge=1, le=INT64_MAX, description="The global batch, split across workers."
+    )
+    workers: Annotated[int, Field(ge=0, le=INT64_MAX)] | Literal["auto"] = Field(
         "auto",
         description="Ray worker actors; 0 trains in the coordinator's own process; auto lets "
         "the job choose (0 included) whatever is fastest on the cluster it gets. Never "
         "changes the result beyond 1e-9.",
     )
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(
+        1.0, ge=CPU_STEP, le=1_000_000, description="A multiple of 0.0001, Ray's smallest share."
+    )
     seed: int = Field(0, ge=0, le=INT64_MAX)
     dtype: Dtype = "float64"
     validation_fraction: float = Field(0.2, ge=0, le=0.9)
-    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
-    keep_checkpoints: int = Field(3, ge=1)
-    max_failures: int = Field(3, ge=0, description="Worker failures tolerated per job.")
-    priority: int = Field(0, ge=-INT64_MAX, le=INT64_MAX, description="Higher runs first.")
-    health_every: int = Field(10, ge=1, description="Steps between training-health stats.")
+    checkpoint_every: int = Field(100, ge=1, le=INT64_MAX, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(3, ge=1, le=INT64_MAX)
+    max_failures: int = Field(
+        3, ge=0, le=INT64_MAX, description="Worker failures tolerated per job."
+    )
+    priority: int = Field(
+        0, ge=PRIORITY_RANGE[0], le=PRIORITY_RANGE[1], description="Higher runs first."
+    )
+    health_every: int = Field(
+        10, ge=1, le=INT64_MAX, description="Steps between training-health stats."
+    )
     exchange: ExchangeChoice = Field(
         "auto",
         description="How parameters and gradients travel each step: a Ray Compiled Graph, "
@@ -267,6 +315,16 @@ class TrainingSpec(_Strict):
         except ValidationError:
             msg = f'workers must be a whole number >= 0 or "auto", not {json.dumps(value)}'
             raise PydanticCustomError(SPEC_ERROR, msg) from None
+
+    @field_validator("cpus_per_worker")
+    @classmethod
+    def _whole_steps(cls, cpus: float) -> float:
+        steps = cpus / CPU_STEP
+        if abs(steps - round(steps)) > 1e-6 * max(1.0, steps):
+            msg = f"cpus_per_worker must be a multiple of {CPU_STEP} (Ray's smallest share)"
+            msg += f", not {cpus}"
+            raise PydanticCustomError(SPEC_ERROR, msg)
+        return cpus
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> TrainingSpec:

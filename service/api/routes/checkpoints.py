@@ -7,11 +7,13 @@ from fastapi import APIRouter, HTTPException, Response, status
 
 from service.api.deps import CONFLICT, NOT_FOUND, JobDep, PredictorDep, SettingsDep
 from service.api.errors import field_errors
+from service.limits import check_request_cost
+from service.offload import OffloadedRoute
 from service.predict import model_spec
 from service.schemas import CheckpointOut, PredictRequest, PredictResponse
 from workers.checkpoint import MODEL_FILE, checkpoint_dir, list_checkpoints
 
-router = APIRouter(prefix="/jobs", tags=["checkpoints"])
+router = APIRouter(prefix="/jobs", tags=["checkpoints"], route_class=OffloadedRoute)
 
 
 @router.get("/{job_id}/checkpoints", responses=NOT_FOUND)
@@ -51,6 +53,7 @@ def predict(
     """Model outputs (logits or regression values) for each input row, from the newest
     checkpoint; works while the job is still running."""
     spec = model_spec(job.spec)
+    check_request_cost(spec, settings, body.inputs)
     _check_rows(body.inputs, spec.model.in_width, spec.dtype)
     outputs, name = predictor.predict(spec, settings.jobs_dir / job.id, body.inputs)
     return PredictResponse(outputs=outputs, checkpoint=name)

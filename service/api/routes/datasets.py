@@ -2,31 +2,45 @@
 
 from __future__ import annotations
 
+import tempfile
 from typing import Annotated
 
-from fastapi import APIRouter, File, UploadFile, status
+from fastapi import APIRouter, File, Request, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 
 from service.api.deps import TOO_LARGE, SettingsDep
 from service.api.errors import field_error
 from service.schemas import DatasetOut
-from workers.datasets import list_uploaded, save_uploaded
+from workers.datasets import TooManyValues, list_uploaded, save_uploaded_file
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+
+COPY_CHUNK = 1024 * 1024  # bytes of an upload held in the service at once
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, responses=TOO_LARGE)
 async def upload(
     file: Annotated[UploadFile, File(description=".csv with a header row, or .npz with X, y")],
     settings: SettingsDep,
+    request: Request,
 ) -> DatasetOut:
     """Store a dataset; the same content uploaded twice gets the same id."""
-    raw = await file.read()
     name, root = file.filename or "upload", settings.uploads_dir
-    try:
-        saved = await run_in_threadpool(save_uploaded, raw, name, root)
-    except ValueError as err:
-        raise field_error(("body", "file"), str(err), None) from None
+    # Parsed in the body validator's process (service/offload.py), from a copy on disk:
+    # neither the upload nor what parsing it allocates passes through this process.
+    with tempfile.NamedTemporaryFile(prefix="shardgrad-upload-") as copy:
+        while chunk := await file.read(COPY_CHUNK):
+            await run_in_threadpool(copy.write, chunk)
+        await run_in_threadpool(copy.flush)
+        validator, limit = request.app.state.body_validator, settings.max_dataset_values
+        try:
+            saved = await validator.run(save_uploaded_file, copy.name, name, root, limit)
+        except TooManyValues as err:
+            msg = f"{err} (server setting SHARDGRAD_MAX_DATASET_VALUES)"
+            raise field_error(("body", "file"), msg, None) from None
+        except ValueError as err:
+            raise field_error(("body", "file"), str(err), None) from None
     return DatasetOut.model_validate(saved)
 
 

@@ -15,13 +15,15 @@ from pydantic import ValidationError
 from core.graph import to_dot
 from service.api.deps import CONFLICT, NOT_FOUND, JobDep, PredictorDep, SettingsDep
 from service.api.errors import field_error
+from service.limits import check_request_cost
+from service.offload import OffloadedRoute
 from service.predict import model_spec
 from service.schemas import ExplainRequest, ExplainResponse
 from workers.data import check_data
 from workers.explain import ExplainError
 from workers.spec import format_validation_error
 
-router = APIRouter(prefix="/jobs", tags=["interpretability"])
+router = APIRouter(prefix="/jobs", tags=["interpretability"], route_class=OffloadedRoute)
 
 # Integrated gradients holds rows x steps path points of the input's width at once, and
 # refining may add many times as many: past this, a request takes seconds and GBs.
@@ -68,6 +70,7 @@ def explain(
     completeness gap. Outputs are the full rows predict gives."""
     spec = model_spec(job.spec)
     _check_cost(body, width=spec.model.in_width)
+    check_request_cost(spec, settings, body.inputs, body.method, body.steps)
     options = body.model_dump(exclude={"inputs"})
     try:
         result, name = predictor.explain(spec, settings.jobs_dir / job.id, body.inputs, **options)

@@ -23,13 +23,16 @@ from service.api.deps import (
 from service.api.errors import body_errors, field_error
 from service.config import Settings
 from service.dispatcher import EPS, Dispatcher
+from service.limits import check_admission
+from service.offload import OffloadedRoute
 from service.schemas import Job, JobPage, MetricPoint, Metrics, Status
 from service.store import JobStore
 from service.tables import CANCELLING, QUEUED, JobRow
 from workers.data import with_data
-from workers.spec import TrainingSpec
+from workers.datasets import describe
+from workers.spec import INT64_MAX, TrainingSpec
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=OffloadedRoute)
 
 
 def present(
@@ -55,13 +58,15 @@ SpecBody = Annotated[TrainingSpec, SkipValidation, Body(title="TrainingSpec")]
 
 
 def validate_spec(body: Any, settings: Settings) -> TrainingSpec:
-    """The TrainingSpec, checked against its data, or FastAPI's standard 422 with every
-    error's loc under "body"."""
+    """The TrainingSpec, checked against its data and the server's admission limits, or
+    FastAPI's standard 422 with every error's loc under "body"."""
     context = with_data(settings.uploads_dir, allow_files=settings.allow_file_data)
     try:
-        return TrainingSpec.model_validate(body, context=context)
+        spec = TrainingSpec.model_validate(body, context=context)
     except ValidationError as err:
         raise body_errors(err) from None
+    check_admission(spec, describe(spec.data, settings.uploads_dir), settings)
+    return spec
 
 
 def _check_fits(spec: TrainingSpec, dispatcher: Dispatcher, settings: Settings) -> float:
@@ -102,10 +107,13 @@ async def submit(
 
 def _decode_cursor(cursor: str) -> int:
     try:
-        return int(base64.urlsafe_b64decode(cursor.encode() + b"==").decode())
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        seq = int(base64.urlsafe_b64decode(cursor.encode() + b"==").decode())
+    except (ValueError, binascii.Error, UnicodeError):
+        seq = -1
+    if not 0 <= seq <= INT64_MAX:  # a row's seq is a 64-bit integer in the store
         msg = "not a cursor returned by GET /jobs"
         raise field_error(("query", "cursor"), msg, cursor) from None
+    return seq
 
 
 def _encode_cursor(seq: int) -> str:
