@@ -18,7 +18,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from service.api.deps import require_token, require_token_or_query
+from service.api.deps import AUTH, require_token, require_token_or_query
 from service.api.routes import (
     checkpoints,
     cluster,
@@ -32,8 +32,10 @@ from service.api.routes import (
 from service.cluster import RayCluster
 from service.config import Settings
 from service.dispatcher import Dispatcher
+from service.guard import SameOrigin, host_guard
 from service.limits import BodyLimit
 from service.predict import NoCheckpoint, Predictor
+from service.sse import Slots
 from service.store import Conflict, JobNotFound, JobStore
 
 API = "/api/v1"
@@ -116,12 +118,22 @@ def create_app(settings: Settings | None = None, *, start: bool = True) -> FastA
     app.add_exception_handler(NoCheckpoint, no_checkpoint)
     app.state.settings = settings
     app.state.predictor = Predictor()
+    app.state.streams = Slots(settings.max_sse_connections)
     app.add_middleware(BodyLimit, upload_path=f"{API}/datasets")
+    app.add_middleware(SameOrigin)
+    # Outermost: a Host it does not answer gets a 400 before anything else runs.
+    app.add_middleware(host_guard, token=settings.token(), allowed=settings.allowed_hosts)
 
+    # With a token, the API routes need it, and the schema says so (an HTTP bearer scheme and
+    # their 401); without one, they are open and the schema claims no security.
+    token = settings.token() is not None
+    guard = {"responses": AUTH} if token else {}
     routers = (jobs.router, checkpoints.router, interpret.router, datasets.router, cluster.router)
     for router in (*routers, dashboard.api):
-        app.include_router(router, prefix=API, dependencies=[Depends(require_token)])
-    app.include_router(events.router, prefix=API, dependencies=[Depends(require_token_or_query)])
+        deps = [Depends(require_token)] if token else []
+        app.include_router(router, prefix=API, dependencies=deps, **guard)
+    deps = [Depends(require_token_or_query)] if token else []
+    app.include_router(events.router, prefix=API, dependencies=deps, **guard)
     app.include_router(ops.router)
     app.include_router(dashboard.router)  # `/` and plotly.min.js, before the /static mount
     app.mount("/static", dashboard.static_files(), name="static")
