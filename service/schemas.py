@@ -161,6 +161,9 @@ class MetricPoint(BaseModel):
 class Metrics(BaseModel):
     job_id: str
     points: list[MetricPoint]
+    next_cursor: int | None = Field(
+        None, description="pass as ?cursor= for the next page; null on the last page"
+    )
 
 
 class CheckpointOut(BaseModel):

@@ -186,12 +186,16 @@ class JobStore:
             stmt = select(EventRow).where(EventRow.job_id == job_id).order_by(EventRow.seq)
             return list(s.scalars(stmt))
 
-    def points(self, job_id: str, after_step: int = -1) -> list[MetricRow]:
+    def points(
+        self, job_id: str, after_step: int = -1, limit: int | None = None
+    ) -> list[MetricRow]:
+        """The job's metric points after `after_step`, oldest first; at most `limit`."""
         with self._read() as s:
             stmt = (
                 select(MetricRow)
                 .where(MetricRow.job_id == job_id, MetricRow.step > after_step)
                 .order_by(MetricRow.step)
+                .limit(limit)
             )
             return list(s.scalars(stmt))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from service.store import JobStore
-from tests.fakes import make_dispatcher, new_job
+from tests.fakes import locs, make_client, make_dispatcher, new_job, submit
 
 # == crash-loop breaker (item 5) ================================================================
 
@@ -83,3 +83,49 @@ def test_the_dispatcher_applies_shardgrad_max_attempts_at_start(tmp_path, monkey
         assert job.status == "failed" and "SHARDGRAD_MAX_ATTEMPTS=2" in job.error
     finally:
         dispatcher.shutdown(timeout=10)
+
+
+# == metric points by page ======================================================================
+
+
+def record_points(store: JobStore, job_id: str, steps: int) -> None:
+    store.claim("fake", lambda j: j.id == job_id or False)
+    for step in range(1, steps + 1):
+        point = {"step": step, "epoch": 0, "train_loss": 1.0 / step}
+        store.progress(job_id, "fake", {"step": step, "total_steps": steps}, point)
+
+
+def test_metric_points_come_a_page_at_a_time(tmp_path):
+    client, store, _ = make_client(tmp_path)
+    job_id = submit(client)["id"]
+    record_points(store, job_id, 12)
+    url = f"/api/v1/jobs/{job_id}/metrics"
+    whole = client.get(url).json()  # fewer points than a page: all of them, as before
+    assert [p["step"] for p in whole["points"]] == list(range(1, 13))
+    assert whole["job_id"] == job_id and whole["next_cursor"] is None
+    steps, cursor, pages = [], None, 0
+    while True:
+        params = {"limit": 5} | ({} if cursor is None else {"cursor": cursor})
+        page = client.get(url, params=params).json()
+        steps += [p["step"] for p in page["points"]]
+        pages, cursor = pages + 1, page["next_cursor"]
+        if cursor is None:
+            break
+    assert steps == list(range(1, 13)) and pages == 3
+    assert client.get(url, params={"cursor": 12}).json() == {
+        "job_id": job_id,
+        "points": [],
+        "next_cursor": None,
+    }
+
+
+@pytest.mark.parametrize(
+    "params, field",
+    [({"limit": 0}, "limit"), ({"limit": 10**6}, "limit"), ({"cursor": "x"}, "cursor")]
+    + [({"cursor": 2**63}, "cursor"), ({"cursor": -2}, "cursor")],
+)
+def test_bad_metric_page_parameters_are_422_naming_them(tmp_path, params, field):
+    client, _, _ = make_client(tmp_path)
+    job_id = submit(client)["id"]
+    r = client.get(f"/api/v1/jobs/{job_id}/metrics", params=params)
+    assert locs(r) == [("query", field)]

@@ -30,6 +30,7 @@ from workers.data import with_data
 from workers.spec import TrainingSpec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+POINTS_PAGE, MAX_POINTS_PAGE = 5000, 50_000  # metric points per page: default, most
 
 
 def present(
@@ -163,8 +164,21 @@ def resume(job_id: str, store: StoreDep, dispatcher: DispatcherDep) -> Job:
 
 
 @router.get("/{job_id}/metrics", responses=NOT_FOUND)
-def metrics(job: JobDep, store: StoreDep) -> Metrics:
-    """Every metric point, oldest first; one per step (validation fields at epoch ends)."""
+def metrics(
+    job: JobDep,
+    store: StoreDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_POINTS_PAGE)] = POINTS_PAGE,
+    cursor: Annotated[
+        int | None, Query(ge=-1, le=2**31 - 1, description="next_cursor of the previous page")
+    ] = None,
+) -> Metrics:
+    """The metric points, oldest first, one per step (validation fields at epoch ends), a
+    page at a time: up to `limit` points after the step `cursor` names. A job with fewer
+    points than `limit` has them all on the first page (`next_cursor` null)."""
+    rows = store.points(job.id, -1 if cursor is None else cursor, limit=limit + 1)
+    page, more = rows[:limit], len(rows) > limit
     return Metrics(
-        job_id=job.id, points=[MetricPoint.model_validate(p) for p in store.points(job.id)]
+        job_id=job.id,
+        points=[MetricPoint.model_validate(p) for p in page],
+        next_cursor=page[-1].step if more else None,
     )
