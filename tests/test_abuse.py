@@ -7,10 +7,17 @@ schemathesis run in tests/test_schemathesis.py.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import time
+
+import numpy as np
 import pytest
 
 from service.store import JobStore
 from tests.fakes import locs, make_client, make_dispatcher, new_job, submit
+from workers import checkpoint as ckpt
+from workers.checkpoint import list_checkpoints, load_latest, save_checkpoint
 
 # == crash-loop breaker (item 5) ================================================================
 
@@ -129,3 +136,82 @@ def test_bad_metric_page_parameters_are_422_naming_them(tmp_path, params, field)
     job_id = submit(client)["id"]
     r = client.get(f"/api/v1/jobs/{job_id}/metrics", params=params)
     assert locs(r) == [("query", field)]
+
+
+# == verified checkpoints, cached (item 7) ======================================================
+
+
+@pytest.fixture
+def hashes(monkeypatch):
+    """The files hashed while a test runs, from a cold verification cache."""
+    hashed: list[str] = []
+    real = ckpt._hash_file
+    monkeypatch.setattr(
+        ckpt, "_hash_file", lambda file: hashed.append(os.path.basename(file)) or real(file)
+    )
+    ckpt._SETTLED.clear()
+    yield hashed
+    ckpt._SETTLED.clear()
+
+
+def saved_checkpoints(out, steps, settled=True):
+    """Small checkpoints at `steps`; settled ones look written a minute ago (their mtime)."""
+    model = {"w": np.arange(6.0).reshape(2, 3), "b": np.zeros(3)}
+    for step in steps:
+        path = save_checkpoint(out, step, model, {"state": {}}, {"step": step}, keep=None)
+        if settled:
+            old = time.time_ns() - 60 * 10**9
+            for file in path.iterdir():
+                os.utime(file, ns=(old, old))
+    return out
+
+
+def test_a_settled_checkpoint_is_hashed_once_then_known_by_its_stat(tmp_path, hashes):
+    out = saved_checkpoints(tmp_path, [1, 2, 3])
+    first = list_checkpoints(out)
+    assert len(hashes) == 9  # three files each (the manifest is read, not hashed)
+    assert list_checkpoints(out) == first and load_latest(out).step == 3
+    assert len(hashes) == 9  # listing and loading again: a stat per file
+
+
+def test_a_checkpoint_written_moments_ago_is_hashed_at_every_read(tmp_path, hashes):
+    """Its mtime may not move when it changes within the same tick of the filesystem's
+    clock, so it is not remembered until it has settled."""
+    out = saved_checkpoints(tmp_path, [1], settled=False)
+    list_checkpoints(out)
+    list_checkpoints(out)
+    assert len(hashes) == 6
+
+
+def test_a_changed_file_is_hashed_again_and_caught(tmp_path, hashes):
+    out = saved_checkpoints(tmp_path, [1, 2])
+    assert [c.step for c in list_checkpoints(out)] == [1, 2]
+    model = out / "checkpoints" / "step-2" / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-3] ^= 0xFF
+    model.write_bytes(bytes(data))  # same size, a new mtime
+    assert [c.step for c in list_checkpoints(out)] == [1]
+    model.write_bytes(bytes(data[:-1]))
+    assert [c.step for c in list_checkpoints(out)] == [1]
+    (out / "checkpoints" / "step-1" / "manifest.json").write_text('{"files": ')  # read again
+    assert list_checkpoints(out) == []
+
+
+def test_downloads_stream_from_the_file_and_do_not_hash_it_again(tmp_path, hashes):
+    client, _, _ = make_client(tmp_path)
+    job_id = submit(client)["id"]
+    saved_checkpoints(tmp_path / "jobs" / job_id, [4, 8])
+    url = f"/api/v1/jobs/{job_id}/checkpoints"
+    listed = client.get(url).json()
+    file = tmp_path / "jobs" / job_id / "checkpoints" / "step-8" / "model.safetensors"
+    hashes.clear()
+    r = client.get(f"{url}/step-8/model.safetensors")
+    assert r.status_code == 200 and r.content == file.read_bytes() and hashes == []
+    assert r.headers["content-length"] == str(file.stat().st_size) and r.headers["etag"]
+    assert r.headers["content-disposition"] == (
+        f'attachment; filename="{job_id}-step-8-model.safetensors"'
+    )
+    assert hashlib.sha256(r.content).hexdigest() == listed[1]["sha256"]
+    file.write_bytes(file.read_bytes()[:-1])  # corrupt: no longer a verified checkpoint
+    assert client.get(f"{url}/step-8/model.safetensors").status_code == 404
+    assert client.get(f"{url}/step-9/model.safetensors").status_code == 404
