@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import re
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -17,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.deps import AUTH, require_token, require_token_or_query
 from service.api.routes import (
@@ -57,6 +59,18 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     """FastAPI's standard 422 shape, also when the rejected input is not valid JSON."""
     detail = _json_safe(jsonable_encoder(exc.errors()))
     return JSONResponse({"detail": detail}, status_code=422)
+
+
+async def method_not_allowed(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """405 with an `Allow` that lists the methods the OpenAPI document gives the path:
+    Starlette's names only those of the first route that matched (GET and POST /jobs are
+    two routes)."""
+    path, headers = request.url.path, exc.headers
+    for template, operations in request.app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), path):
+            headers = {"Allow": ", ".join(sorted(m.upper() for m in operations))}
+            break
+    return JSONResponse({"detail": exc.detail}, status_code=405, headers=headers)
 
 
 async def job_not_found(request: Request, exc: JobNotFound) -> JSONResponse:
@@ -111,6 +125,7 @@ def create_app(settings: Settings | None = None, *, start: bool = True) -> FastA
         lifespan=lifespan,
     )
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(405, method_not_allowed)
     # The store's errors, wherever a route meets them: an unknown job, a state that forbids;
     # and the predictor's, when the job has no checkpoint to answer from.
     app.add_exception_handler(JobNotFound, job_not_found)
@@ -124,9 +139,13 @@ def create_app(settings: Settings | None = None, *, start: bool = True) -> FastA
     # Outermost: a Host it does not answer gets a 400 before anything else runs.
     app.add_middleware(host_guard, token=settings.token(), allowed=settings.allowed_hosts)
 
-    # With a token, the API routes need it, and the schema says so (an HTTP bearer scheme and
-    # their 401); without one, they are open and the schema claims no security.
-    token = settings.token() is not None
+    _include_routes(app, token=settings.token() is not None)
+    return app
+
+
+def _include_routes(app: FastAPI, token: bool) -> None:
+    """With a token, the API routes need it, and the schema says so (an HTTP bearer scheme
+    and their 401); without one, they are open and the schema claims no security."""
     guard = {"responses": AUTH} if token else {}
     routers = (jobs.router, checkpoints.router, interpret.router, datasets.router, cluster.router)
     for router in (*routers, dashboard.api):
@@ -137,4 +156,3 @@ def create_app(settings: Settings | None = None, *, start: bool = True) -> FastA
     app.include_router(ops.router)
     app.include_router(dashboard.router)  # `/` and plotly.min.js, before the /static mount
     app.mount("/static", dashboard.static_files(), name="static")
-    return app

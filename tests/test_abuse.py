@@ -215,3 +215,34 @@ def test_downloads_stream_from_the_file_and_do_not_hash_it_again(tmp_path, hashe
     file.write_bytes(file.read_bytes()[:-1])  # corrupt: no longer a verified checkpoint
     assert client.get(f"{url}/step-8/model.safetensors").status_code == 404
     assert client.get(f"{url}/step-9/model.safetensors").status_code == 404
+
+
+# == what the OpenAPI document promises =========================================================
+
+
+def test_an_unparseable_body_is_a_documented_400(tmp_path):
+    client, _, _ = make_client(tmp_path)
+    job_id = submit(client)["id"]
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/api/v1/jobs", "/api/v1/datasets", f"/api/v1/jobs/{job_id}/predict"):
+        template = path.replace(job_id, "{job_id}")
+        assert "400" in paths[template]["post"]["responses"], template
+        r = client.post(path, content=b"\xff\xfe\xfd", headers={"content-type": "application/json"})
+        assert r.status_code in (400, 422) and r.json()["detail"], path
+    for template in ("/api/v1/jobs/{job_id}/explain",):
+        assert "400" in paths[template]["post"]["responses"]
+
+
+@pytest.mark.parametrize(
+    "method, path, allow",
+    [
+        ("OPTIONS", "/api/v1/jobs", "GET, POST"),
+        ("DELETE", "/api/v1/jobs/abc", "GET"),
+        ("PUT", "/api/v1/datasets", "GET, POST"),
+        ("GET", "/api/v1/jobs/abc/cancel", "POST"),
+    ],
+)
+def test_a_405_allows_every_method_of_the_path(tmp_path, method, path, allow):
+    client, _, _ = make_client(tmp_path)
+    r = client.request(method, path)
+    assert r.status_code == 405 and r.headers["allow"] == allow

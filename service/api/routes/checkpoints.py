@@ -8,7 +8,7 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
 
-from service.api.deps import CONFLICT, NOT_FOUND, JobDep, PredictorDep, SettingsDep
+from service.api.deps import BODY, CONFLICT, NOT_FOUND, JobDep, PredictorDep, SettingsDep
 from service.api.errors import field_errors
 from service.predict import model_spec
 from service.schemas import CheckpointOut, PredictRequest, PredictResponse
@@ -55,7 +55,7 @@ def download(job: JobDep, name: str, settings: SettingsDep) -> FileResponse:
     )
 
 
-@router.post("/{job_id}/predict", responses=NOT_FOUND | CONFLICT)
+@router.post("/{job_id}/predict", responses=BODY | NOT_FOUND | CONFLICT)
 def predict(
     job: JobDep, body: PredictRequest, predictor: PredictorDep, settings: SettingsDep
 ) -> PredictResponse:

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import TOO_LARGE, SettingsDep
+from service.api.deps import BODY, SettingsDep
 from service.api.errors import field_error
 from service.schemas import DatasetOut
 from workers.datasets import list_uploaded, save_uploaded
@@ -15,7 +15,7 @@ from workers.datasets import list_uploaded, save_uploaded
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, responses=TOO_LARGE)
+@router.post("", status_code=status.HTTP_201_CREATED, responses=BODY)
 async def upload(
     file: Annotated[UploadFile, File(description=".csv with a header row, or .npz with X, y")],
     settings: SettingsDep,

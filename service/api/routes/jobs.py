@@ -12,9 +12,9 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import SkipValidation, ValidationError
 
 from service.api.deps import (
+    BODY,
     CONFLICT,
     NOT_FOUND,
-    TOO_LARGE,
     DispatcherDep,
     JobDep,
     SettingsDep,
@@ -83,7 +83,7 @@ def _check_fits(spec: TrainingSpec, dispatcher: Dispatcher, settings: Settings) 
     return need
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, responses=TOO_LARGE)
+@router.post("", status_code=status.HTTP_201_CREATED, responses=BODY)
 async def submit(
     body: SpecBody, store: StoreDep, dispatcher: DispatcherDep, settings: SettingsDep
 ) -> Job:
