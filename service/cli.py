@@ -135,6 +135,12 @@ def cmd_serve(args) -> int:
             print(f"error: {msg if name in msg else f'{name}: {msg}'}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if settings.token() is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("shardgrad").warning(
+            "no SHARDGRAD_API_TOKEN: only requests to a loopback name (and "
+            "SHARDGRAD_ALLOWED_HOSTS) are answered; set a token to serve %s",
+            settings.host,
+        )
     # Open SSE streams must not hold up the shutdown that checkpoints running jobs.
     uvicorn.run(
         create_app(settings),

@@ -140,7 +140,31 @@ def create_app(settings: Settings | None = None, *, start: bool = True) -> FastA
     app.add_middleware(host_guard, token=settings.token(), allowed=settings.allowed_hosts)
 
     _include_routes(app, token=settings.token() is not None)
+    app.openapi = _with_job_links(app.openapi)
     return app
+
+
+def _with_job_links(openapi):
+    """The OpenAPI document with links from a submitted job (POST /jobs' `id`) to the routes
+    that take its id, so clients and schema tests can follow them. Not to the event stream
+    (it lasts as long as the job) nor to a checkpoint's file (its name comes from a listing)."""
+
+    def linked() -> dict:
+        schema = openapi()  # FastAPI's, made once and kept: the links are added once
+        created = schema["paths"][f"{API}/jobs"]["post"]["responses"]["201"]
+        if "links" not in created:
+            created["links"] = {
+                op["operationId"]: {
+                    "operationId": op["operationId"],
+                    "parameters": {"path.job_id": "$response.body#/id"},
+                }
+                for path, ops in schema["paths"].items()
+                if "{job_id}" in path and "{name}" not in path and not path.endswith("/events")
+                for op in ops.values()
+            }
+        return schema
+
+    return linked
 
 
 def _include_routes(app: FastAPI, token: bool) -> None:

@@ -246,3 +246,13 @@ def test_a_405_allows_every_method_of_the_path(tmp_path, method, path, allow):
     client, _, _ = make_client(tmp_path)
     r = client.request(method, path)
     assert r.status_code == 405 and r.headers["allow"] == allow
+
+
+@pytest.mark.parametrize("steps, status", [(8.0, 409), (8, 409), (True, 422), ("8", 422)])
+def test_an_integer_is_what_json_schema_calls_one(tmp_path, steps, status):
+    """8.0 is an integer to JSON Schema (and so to generated clients); true and "8" are not.
+    (409: the body passed, and the job has no checkpoint yet.)"""
+    client, _, _ = make_client(tmp_path)
+    job_id = submit(client)["id"]
+    body = {"inputs": [[0.1, 0.2]], "method": "integrated_gradients", "steps": steps}
+    assert client.post(f"/api/v1/jobs/{job_id}/explain", json=body).status_code == status
