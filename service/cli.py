@@ -119,14 +119,28 @@ def cmd_serve(args) -> int:
     import logging
 
     import uvicorn
+    from pydantic import ValidationError
 
     from service.config import Settings
     from service.main import create_app
 
     flags = {"host": args.host, "port": args.port, "data_dir": args.data_dir}
     flags |= {"ray_address": args.ray_address, "access_log": args.access_log}
-    settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    try:
+        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as err:  # a bad setting (an empty token): say which, not a trace
+        for e in err.errors(include_url=False):
+            name = "SHARDGRAD_" + "_".join(map(str, e["loc"])).upper()
+            msg = e["msg"].removeprefix("Value error, ")  # our checks' messages name it
+            print(f"error: {msg if name in msg else f'{name}: {msg}'}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if settings.token() is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("shardgrad").warning(
+            "no SHARDGRAD_API_TOKEN: only requests to a loopback name (and "
+            "SHARDGRAD_ALLOWED_HOSTS) are answered; set a token to serve %s",
+            settings.host,
+        )
     # Open SSE streams must not hold up the shutdown that checkpoints running jobs.
     uvicorn.run(
         create_app(settings),

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from workers.config import WorkerSettings
 from workers.spec import MAX_DATASET_VALUES
@@ -28,7 +29,11 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL; default sqlite:///<data_dir>/shardgrad.db"
     )
     datasets_dir: Path | None = Field(None, description="uploads; default <data_dir>/datasets")
-    api_token: SecretStr | None = None
+    api_token: SecretStr | None = Field(None, description="bearer token every API call needs")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names answered without a token besides loopback ones (comma-separated)",
+    )
 
     ray_address: str | None = Field(None, description="attach to this cluster ($RAY_ADDRESS)")
     ray_num_cpus: int | None = Field(None, description="CPUs of the embedded Ray (default: all)")
@@ -40,6 +45,13 @@ class Settings(BaseSettings):
     allow_file_data: bool = Field(False, description="accept data.type=file (server paths)")
 
     max_json_bytes: int = Field(1 * MB, ge=1)
+    max_attempts: int = Field(
+        5,
+        ge=1,
+        description="a job whose attempts end this many times in a row with the "
+        "service's death fails (resume tries again)",
+    )
+    max_sse_connections: int = Field(100, ge=1, description="open event streams; 503 past it")
     max_upload_bytes: int = Field(100 * MB, ge=1)
 
     # Admission limits (service/limits.py): a spec or request over one gets a 422 that
@@ -73,6 +85,21 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(0.5, gt=0)
     heartbeat_s: float = Field(2.0, gt=0)
     lease_s: float = Field(20.0, gt=0, description="a running job's owner is dead after this")
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_not_empty(cls, token: SecretStr | None) -> SecretStr | None:
+        # An empty SHARDGRAD_API_TOKEN= (a template left unfilled) must not mean "no auth".
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError("SHARDGRAD_API_TOKEN is empty: set a token or unset the variable")
+        return token
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, hosts):
+        return (
+            [h.strip() for h in hosts.split(",") if h.strip()] if isinstance(hosts, str) else hosts
+        )
 
     @property
     def store_url(self) -> str:

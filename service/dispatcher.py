@@ -112,9 +112,16 @@ class Dispatcher:
         self.cluster.start()
         self._refresh()
         for job_id in self.store.reclaim_orphans(
-            self.settings.lease_s, owner=self.owner, everyone=self.store.single_process
+            self.settings.lease_s,
+            owner=self.owner,
+            everyone=self.store.single_process,
+            max_attempts=self.settings.max_attempts,
         ):
-            log.info("job %s was left running; it goes back to the queue to resume", job_id)
+            log.info(
+                "job %s was left running: queued to resume, or failed if it keeps "
+                "ending with the service's death",
+                job_id,
+            )
         self._held_at = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
         self._thread.start()
@@ -216,7 +223,8 @@ class Dispatcher:
                 self._held_at = began
                 lost = [r for r in runs if r.job_id not in held]
                 self._abandon(lost, "its lease lapsed and the job was taken back")
-                self.store.reclaim_orphans(s.lease_s)  # other processes' lapsed leases
+                # Other processes' lapsed leases.
+                self.store.reclaim_orphans(s.lease_s, max_attempts=s.max_attempts)
             except Exception:  # the store is out of reach: keep trying, within the lease
                 log.exception("heartbeat failed")
             if time.monotonic() - self._held_at > s.lease_s / 2:

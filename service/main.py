@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.deps import require_token, require_token_or_query
+from service.api.deps import AUTH, require_token, require_token_or_query
 from service.api.errors import bounded_detail
 from service.api.routes import (
     checkpoints,
@@ -31,9 +33,11 @@ from service.api.routes import (
 from service.cluster import RayCluster
 from service.config import Settings
 from service.dispatcher import Dispatcher
+from service.guard import SameOrigin, host_guard
 from service.limits import BodyLimit
 from service.offload import BodyValidator
 from service.predict import NoCheckpoint, Predictor
+from service.sse import Slots
 from service.store import Conflict, JobNotFound, JobStore
 
 API = "/api/v1"
@@ -44,6 +48,18 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     """FastAPI's standard 422 shape, bounded: the first errors, each input echoed briefly
     (see service/api/errors.py), also when the rejected input is not valid JSON."""
     return JSONResponse({"detail": bounded_detail(exc)}, status_code=422)
+
+
+async def method_not_allowed(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """405 with an `Allow` that lists the methods the OpenAPI document gives the path:
+    Starlette's names only those of the first route that matched (GET and POST /jobs are
+    two routes)."""
+    path, headers = request.url.path, exc.headers
+    for template, operations in request.app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), path):
+            headers = {"Allow": ", ".join(sorted(m.upper() for m in operations))}
+            break
+    return JSONResponse({"detail": exc.detail}, status_code=405, headers=headers)
 
 
 async def job_not_found(request: Request, exc: JobNotFound) -> JSONResponse:
@@ -100,6 +116,7 @@ def create_app(settings: Settings | None = None, *, start: bool = True) -> FastA
         lifespan=lifespan,
     )
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(405, method_not_allowed)
     # The store's errors, wherever a route meets them: an unknown job, a state that forbids;
     # and the predictor's, when the job has no checkpoint to answer from.
     app.add_exception_handler(JobNotFound, job_not_found)
@@ -108,13 +125,50 @@ def create_app(settings: Settings | None = None, *, start: bool = True) -> FastA
     app.state.settings = settings
     app.state.predictor = Predictor(settings.predict_cache_bytes)
     app.state.body_validator = BodyValidator()
+    app.state.streams = Slots(settings.max_sse_connections)
     app.add_middleware(BodyLimit, upload_path=f"{API}/datasets")
+    app.add_middleware(SameOrigin)
+    # Outermost: a Host it does not answer gets a 400 before anything else runs.
+    app.add_middleware(host_guard, token=settings.token(), allowed=settings.allowed_hosts)
 
+    _include_routes(app, token=settings.token() is not None)
+    app.openapi = _with_job_links(app.openapi)
+    return app
+
+
+def _with_job_links(openapi):
+    """The OpenAPI document with links from a submitted job (POST /jobs' `id`) to the routes
+    that take its id, so clients and schema tests can follow them. Not to the event stream
+    (it lasts as long as the job) nor to a checkpoint's file (its name comes from a listing)."""
+
+    def linked() -> dict:
+        schema = openapi()  # FastAPI's, made once and kept: the links are added once
+        created = schema["paths"][f"{API}/jobs"]["post"]["responses"]["201"]
+        if "links" not in created:
+            created["links"] = {
+                op["operationId"]: {
+                    "operationId": op["operationId"],
+                    "parameters": {"path.job_id": "$response.body#/id"},
+                }
+                for path, ops in schema["paths"].items()
+                if "{job_id}" in path and "{name}" not in path and not path.endswith("/events")
+                for op in ops.values()
+            }
+        return schema
+
+    return linked
+
+
+def _include_routes(app: FastAPI, token: bool) -> None:
+    """With a token, the API routes need it, and the schema says so (an HTTP bearer scheme
+    and their 401); without one, they are open and the schema claims no security."""
+    guard = {"responses": AUTH} if token else {}
     routers = (jobs.router, checkpoints.router, interpret.router, datasets.router, cluster.router)
     for router in (*routers, dashboard.api):
-        app.include_router(router, prefix=API, dependencies=[Depends(require_token)])
-    app.include_router(events.router, prefix=API, dependencies=[Depends(require_token_or_query)])
+        deps = [Depends(require_token)] if token else []
+        app.include_router(router, prefix=API, dependencies=deps, **guard)
+    deps = [Depends(require_token_or_query)] if token else []
+    app.include_router(events.router, prefix=API, dependencies=deps, **guard)
     app.include_router(ops.router)
     app.include_router(dashboard.router)  # `/` and plotly.min.js, before the /static mount
     app.mount("/static", dashboard.static_files(), name="static")
-    return app

@@ -6,7 +6,16 @@ import math
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+)
 
 from service.tables import EventRow, JobRow, Status
 from workers.explain import Method
@@ -161,6 +170,9 @@ class MetricPoint(BaseModel):
 class Metrics(BaseModel):
     job_id: str
     points: list[MetricPoint]
+    next_cursor: int | None = Field(
+        None, description="pass as ?cursor= for the next page; null on the last page"
+    )
 
 
 class CheckpointOut(BaseModel):
@@ -189,15 +201,22 @@ class PredictResponse(BaseModel):
 Row = list[FiniteFloat]
 
 
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer as JSON Schema has it: 3 or 3.0, never true or "3" (strict refuses those). Its
+# bounds go before it (Annotated[int, Field(ge=0), *INTEGER]), so the schema shows them.
+INTEGER = (Strict(), BeforeValidator(_integral))
+
+
 class ExplainRequest(BaseModel):
     """Rows and steps are capped so that one request cannot hold the server for long."""
 
     model_config = ConfigDict(extra="forbid")
     inputs: list[Row] = Field(min_length=1, max_length=1000)
-    target: int | None = Field(
+    target: Annotated[int, Field(ge=0), *INTEGER] | None = Field(
         None,
-        ge=0,
-        strict=True,
         description="the output to explain, for every row; default: each row's predicted "
         "class, or 0 for a single output",
     )
@@ -205,7 +224,9 @@ class ExplainRequest(BaseModel):
     baseline: Row | list[Row] | None = Field(
         None, description="one row for every input, or one row per input; default zeros"
     )
-    steps: int = Field(64, ge=1, le=1024, strict=True, description="integrated gradients")
+    steps: Annotated[int, Field(ge=1, le=1024), *INTEGER] = Field(
+        64, description="integrated gradients"
+    )
 
     @field_validator("baseline", mode="wrap")
     @classmethod

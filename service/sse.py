@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
 from fastapi.concurrency import run_in_threadpool
-from sse_starlette import ServerSentEvent
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.types import Receive, Scope, Send
 
 from service.schemas import Job, MetricPoint
 from service.store import JobNotFound, JobStore, utcnow
@@ -24,6 +26,44 @@ from service.tables import TERMINAL, JobRow
 POLL_S = 1.0  # another process's writes show up within this
 MIN_GAP_S = 0.2  # at most ~5 messages a second per stream, however fast the steps
 KEEPALIVE_S = 15.0  # a ping comment on an idle stream, so proxies keep it open
+
+
+RETRY_AFTER_S = 5  # what a refused stream is told to wait before it tries again
+
+
+class Slots:
+    """A cap on the open event streams: each holds a thread-pool read per second and a
+    socket, so without one a client could open them until the service starves."""
+
+    def __init__(self, cap: int):
+        self.cap, self.open = cap, 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.open >= self.cap:
+                return False
+            self.open += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.open -= 1
+
+
+class HeldStream(EventSourceResponse):
+    """An event stream that gives its slot back however it ends (end event, disconnect,
+    shutdown, HEAD)."""
+
+    def __init__(self, events, slots: Slots, **kwargs):
+        super().__init__(events, **kwargs)
+        self.slots = slots
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slots.give_back()
 
 
 def message(event: str, data: dict, last_step: int | None = None) -> ServerSentEvent:

@@ -186,12 +186,16 @@ class JobStore:
             stmt = select(EventRow).where(EventRow.job_id == job_id).order_by(EventRow.seq)
             return list(s.scalars(stmt))
 
-    def points(self, job_id: str, after_step: int = -1) -> list[MetricRow]:
+    def points(
+        self, job_id: str, after_step: int = -1, limit: int | None = None
+    ) -> list[MetricRow]:
+        """The job's metric points after `after_step`, oldest first; at most `limit`."""
         with self._read() as s:
             stmt = (
                 select(MetricRow)
                 .where(MetricRow.job_id == job_id, MetricRow.step > after_step)
                 .order_by(MetricRow.step)
+                .limit(limit)
             )
             return list(s.scalars(stmt))
 
@@ -300,11 +304,20 @@ class JobStore:
         return True
 
     def reclaim_orphans(
-        self, lease_s: float, *, owner: str | None = None, everyone: bool = False
+        self,
+        lease_s: float,
+        *,
+        owner: str | None = None,
+        everyone: bool = False,
+        max_attempts: int | None = None,
     ) -> list[str]:
         """Active jobs whose dispatcher is gone: `owner`'s (it is restarting), any whose
         lease lapsed, or all of them (`everyone`: SQLite has one service process).
-        Running ones go back to the queue to resume; cancelling ones end cancelled."""
+        Running ones go back to the queue to resume; cancelling ones end cancelled.
+
+        The crash-loop breaker: a running job whose last `max_attempts` attempts all ended
+        with its service's death (this one included) fails instead, since it may be what
+        kills the service (out of memory, say). `resume` gives it another `max_attempts`."""
         cutoff = utcnow() - timedelta(seconds=lease_s)
         dead = or_(JobRow.heartbeat_at < cutoff, JobRow.owner.is_(None))
         if owner is not None:
@@ -317,11 +330,20 @@ class JobStore:
             for job in s.scalars(stmt.with_for_update()).all():
                 old = job.owner
                 if job.status == RUNNING:
-                    status, msg = QUEUED, f"{old} stopped; will resume from the newest checkpoint"
+                    status, msg = QUEUED, f"{old} {DIED}"
                 else:
                     status, msg = CANCELLED, f"{old} stopped while cancelling"
                 values = dict(status=status, owner=None, eta_s=None, **_touch(utcnow()))
-                if status == CANCELLED:
+                if status == QUEUED and max_attempts is not None:
+                    deaths = _deaths_in_a_row(s, job.id) + 1
+                    if deaths >= max_attempts:
+                        status = values["status"] = FAILED
+                        values["error"] = msg = (
+                            f"{old} stopped during each of the job's last {deaths} attempts "
+                            f"(SHARDGRAD_MAX_ATTEMPTS={max_attempts}): the job may be what "
+                            "kills the service; resume it to try again"
+                        )
+                if status != QUEUED:
                     values["finished_at"] = utcnow()
                 if _cas(s, job.id, (job.status,), values, owner=old):
                     s.add(_event(job, status, msg))
@@ -389,6 +411,25 @@ _AHEAD = select(
     _count_queued(JobRow.priority > bindparam("priority"))
     + _count_queued(JobRow.priority == bindparam("priority"), JobRow.seq < bindparam("seq"))
 )
+
+
+# The timeline entry of an attempt that ended with its service's death (reclaim_orphans).
+DIED = "stopped; will resume from the newest checkpoint"
+
+
+def _deaths_in_a_row(s: Session, job_id: str) -> int:
+    """How many of the job's latest attempts ended with its service's death: the timeline's
+    reclaims back to the last other way back to the queue (submitted, resume, a graceful
+    stop), with the starts and notes of running attempts in between."""
+    stmt = select(EventRow.status, EventRow.message).where(EventRow.job_id == job_id)
+    deaths = 0
+    for status, message in s.execute(stmt.order_by(EventRow.seq.desc())):
+        if status in ACTIVE:
+            continue
+        if status != QUEUED or not (message or "").endswith(DIED):
+            break
+        deaths += 1
+    return deaths
 
 
 def _touch(now: datetime) -> dict:

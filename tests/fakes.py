@@ -130,6 +130,8 @@ def make_client(
     tmp_path, store_url: str = "sqlite://", **settings
 ) -> tuple[TestClient, JobStore, FakeDispatcher]:
     """The app on an in-memory store (a file one when streams read while the test writes)."""
+    # TestClient's Host, which without a token is not answered unless allowed (service/guard.py)
+    settings.setdefault("allowed_hosts", ["testserver"])
     cfg = Settings(data_dir=tmp_path, instance_id="fake", **settings)
     app = create_app(cfg, start=False)
     store = JobStore(store_url)

@@ -37,7 +37,7 @@ class Service:
         app = create_app(self.settings, start=False)
         app.dependency_overrides[get_store] = lambda: self.store
         app.dependency_overrides[get_dispatcher] = lambda: self.dispatcher
-        self.http = TestClient(app, base_url="http://testserver/api/v1")
+        self.http = TestClient(app, base_url="http://localhost/api/v1")
         monkeypatch.setattr(cli, "Client", self.client)
         self.tmp_path = tmp_path
 

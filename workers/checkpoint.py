@@ -30,6 +30,12 @@ newer than it stay until that step is saved again, so a corrupt newest directory
 costs the last good one. If saving raises, its ``.tmp-`` directory is removed at once.
 One writer per output directory.
 
+Verification is cached per process. A file whose hash matched its manifest is not hashed
+again while its (path, size, mtime, inode) stay the same: listing, predicting and
+downloading then cost a ``stat`` per file. Only files whose mtime was at least
+``SETTLED_S`` old when they were hashed are remembered (as git does for racily clean
+files): a file changed later gets a later mtime, even with a coarse filesystem clock.
+
 Round-trip types: arrays come back bit-identical (dtype, shape, bytes) and writable;
 numpy scalars come back as the equal Python ``int``/``float``/``bool``; tuples come
 back as lists; optimizer state keys come back as ``int``.
@@ -44,8 +50,11 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -311,17 +320,17 @@ def _jsonable(value: Any) -> Any:
 
 def verify_checkpoint(path: str | os.PathLike) -> None:
     """Raise CheckpointError unless the manifest and every file it lists check out."""
-    _read_verified(Path(path))
+    _verified_manifest(Path(path))
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Verify and load one checkpoint directory; raise CheckpointError when it is bad."""
     path = Path(path)
-    manifest, data = _read_verified(path)
+    manifest = _verified_manifest(path)
     try:
         model_state = _load_model(path / MODEL_FILE)
         optimizer_state = _unflatten_optimizer(*_read_safetensors(path / OPTIMIZER_FILE))
-        state = json.loads(data[STATE_FILE])
+        state = json.loads((path / STATE_FILE).read_bytes())
     except CheckpointError:
         raise
     except Exception as e:  # verified bytes that still do not parse: a format bug
@@ -335,7 +344,7 @@ def load_model_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Only the model parameters of a checkpoint directory, checked against its manifest."""
     path = Path(path)
     manifest = _read_manifest(path)
-    _read_listed(path, MODEL_FILE, manifest["files"][MODEL_FILE])
+    _check_listed(path, MODEL_FILE, manifest["files"][MODEL_FILE])
     try:
         return _load_model(path / MODEL_FILE)
     except Exception as e:
@@ -357,7 +366,7 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[CheckpointInfo]:
     infos = []
     for step, path in _step_dirs(_root(out_dir)):
         try:
-            manifest, _ = _read_verified(path)
+            manifest = _verified_manifest(path)
         except CheckpointError as e:
             log.debug("not listing %s: %s", path, e)
             continue
@@ -390,24 +399,33 @@ def checkpoint_dir(out_dir: str | os.PathLike, name: str) -> Path:
     return path
 
 
-def _read_verified(path: Path) -> tuple[dict, dict[str, bytes]]:
+def _verified_manifest(path: Path) -> dict:
     manifest = _read_manifest(path)
-    data = {name: _read_listed(path, name, entry) for name, entry in manifest["files"].items()}
-    return manifest, data
+    for name, entry in manifest["files"].items():
+        _check_listed(path, name, entry)
+    return manifest
 
 
 def _read_manifest(path: Path) -> dict:
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory")
+    file = f"{path}/{MANIFEST_FILE}"
     try:
-        manifest = json.loads((path / MANIFEST_FILE).read_bytes())
-    except FileNotFoundError:
+        st = os.stat(file)
+        key = (file, st.st_size, st.st_mtime_ns, st.st_ino)
+        manifest = _SETTLED.get(key)  # parsed and checked before, unchanged since
+        if manifest is None:
+            read_at = time.time_ns()
+            with open(file, "rb") as f:
+                manifest = json.loads(f.read())
+            problem = _manifest_problem(manifest)
+            if problem:
+                raise CheckpointError(f"{path}: invalid {MANIFEST_FILE}: {problem}")
+            _remember_if_settled(key, manifest, read_at)
+    except (FileNotFoundError, NotADirectoryError):
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path}: not a directory") from None
         raise CheckpointError(f"{path}: no {MANIFEST_FILE} (incomplete write?)") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable {MANIFEST_FILE}: {e}") from e
-    problem = _manifest_problem(manifest)
-    if problem:
-        raise CheckpointError(f"{path}: invalid {MANIFEST_FILE}: {problem}")
     match = _CANONICAL.fullmatch(path.name)
     if match and int(match[1]) != manifest["step"]:
         raise CheckpointError(f"{path}: manifest is for step {manifest['step']}")
@@ -441,16 +459,66 @@ def _manifest_problem(manifest: Any) -> str | None:
     return None
 
 
-def _read_listed(path: Path, name: str, entry: dict) -> bytes:
+def _check_listed(path: Path, name: str, entry: dict) -> None:
+    """The file has the manifest's size and sha256: hashed, or known from an earlier hash."""
+    file = f"{path}/{name}"
     try:
-        data = (path / name).read_bytes()
+        st = os.stat(file)
+        if st.st_size != entry["size"]:
+            raise CheckpointError(
+                f"{path}: {name} has {st.st_size} bytes, expected {entry['size']}"
+            )
+        key = (file, st.st_size, st.st_mtime_ns, st.st_ino)
+        if _SETTLED.get(key) == entry["sha256"]:
+            return
+        hashed_at = time.time_ns()
+        digest = _hash_file(file)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read {name}: {e.strerror or e}") from e
-    if len(data) != entry["size"]:
-        raise CheckpointError(f"{path}: {name} has {len(data)} bytes, expected {entry['size']}")
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+    if digest != entry["sha256"]:
         raise CheckpointError(f"{path}: {name} fails its sha256 check")
-    return data
+    _remember_if_settled(key, digest, hashed_at)
+
+
+def _hash_file(file: str) -> str:
+    with open(file, "rb") as f:  # in chunks: a large model is never whole in memory
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class _Settled:
+    """What a settled file held when it was checked (a manifest, a hash), by its (path, size,
+    mtime_ns, inode); the newest `size` entries are kept. Treat the values as read-only."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._values: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()  # the service lists and loads from many threads
+
+    def get(self, key: tuple) -> Any:
+        with self._lock:
+            return self._values.get(key)
+
+    def remember(self, key: tuple, value: Any) -> None:
+        with self._lock:
+            self._values[key] = value
+            self._values.move_to_end(key)
+            while len(self._values) > self.size:
+                self._values.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+
+
+def _remember_if_settled(key: tuple, value: Any, read_at_ns: int) -> None:
+    """A file changed within the same tick of the filesystem's clock as its last write keeps
+    its mtime; one that was SETTLED_S old when read can only change with a new mtime."""
+    if read_at_ns - key[2] >= SETTLED_S * 1e9:
+        _SETTLED.remember(key, value)
+
+
+SETTLED_S = 2.0
+_SETTLED = _Settled(size=200_000)  # 4 files a checkpoint: 50,000 checkpoints, ~100 MB at most
 
 
 def _load_model(file: Path) -> dict[str, np.ndarray]:
@@ -485,13 +553,15 @@ def _root(out_dir: str | os.PathLike) -> Path:
 
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of every ``step-<N>`` directory, in numeric order."""
-    if not root.is_dir():
+    try:
+        entries = list(os.scandir(root))
+    except (FileNotFoundError, NotADirectoryError):
         return []
     found = []
-    for path in root.iterdir():
-        match = _CANONICAL.fullmatch(path.name)
-        if match and path.is_dir():
-            found.append((int(match[1]), path))
+    for entry in entries:
+        match = _CANONICAL.fullmatch(entry.name)
+        if match and entry.is_dir():
+            found.append((int(match[1]), Path(entry.path)))
     return sorted(found)
 
 

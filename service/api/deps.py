@@ -81,3 +81,6 @@ AUTH = {401: {"description": "missing or invalid API token", **ERROR}}
 NOT_FOUND = {404: {"description": "no such job", **ERROR}}
 CONFLICT = {409: {"description": "not allowed in the job's state", **ERROR}}
 TOO_LARGE = {413: {"description": "request body too large", **ERROR}}
+# What a route with a body answers before its own checks: FastAPI's 400 for a body it cannot
+# parse (bytes that are not UTF-8 JSON, broken multipart), the 413 of service/limits.py.
+BODY = {400: {"description": "the body could not be parsed", **ERROR}} | TOO_LARGE

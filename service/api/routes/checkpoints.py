@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-import numpy as np
-from fastapi import APIRouter, HTTPException, Response, status
+import os
 
-from service.api.deps import CONFLICT, NOT_FOUND, JobDep, PredictorDep, SettingsDep
+import numpy as np
+from fastapi import APIRouter, HTTPException, status
+from fastapi.responses import FileResponse
+
+from service.api.deps import BODY, CONFLICT, NOT_FOUND, JobDep, PredictorDep, SettingsDep
 from service.api.errors import field_errors
 from service.limits import check_request_cost
 from service.offload import OffloadedRoute
 from service.predict import model_spec
 from service.schemas import CheckpointOut, PredictRequest, PredictResponse
-from workers.checkpoint import MODEL_FILE, checkpoint_dir, list_checkpoints
+from workers.checkpoint import (
+    MODEL_FILE,
+    CheckpointError,
+    checkpoint_dir,
+    list_checkpoints,
+    verify_checkpoint,
+)
 
 router = APIRouter(prefix="/jobs", tags=["checkpoints"], route_class=OffloadedRoute)
 
@@ -24,29 +33,31 @@ def checkpoints(job: JobDep, settings: SettingsDep) -> list[CheckpointOut]:
 
 @router.get(
     "/{job_id}/checkpoints/{name}/model.safetensors",
-    response_class=Response,
+    response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}} | NOT_FOUND,
 )
-def download(job: JobDep, name: str, settings: SettingsDep) -> Response:
-    """The model weights of one checkpoint (safetensors)."""
-    out = settings.jobs_dir / job.id
+def download(job: JobDep, name: str, settings: SettingsDep) -> FileResponse:
+    """The model weights of one checkpoint (safetensors), streamed from the file."""
     try:
-        path = checkpoint_dir(out, name)
-    except ValueError as err:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(err)) from None
-    if name not in {c.name for c in list_checkpoints(out)}:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id} has no checkpoint {name!r}")
-    try:  # read whole: pruning may remove the directory right after this
-        data = (path / MODEL_FILE).read_bytes()
-    except OSError:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"checkpoint {name!r} was pruned") from None
-    disposition = f'attachment; filename="{job.id}-{name}-{MODEL_FILE}"'
-    return Response(
-        data, media_type="application/octet-stream", headers={"Content-Disposition": disposition}
+        path = checkpoint_dir(settings.jobs_dir / job.id, name)
+        verify_checkpoint(path)  # a hash per (path, size, mtime): a stat once it is known
+        file = path / MODEL_FILE
+        stat = os.stat(file)
+    except (ValueError, CheckpointError, OSError) as err:
+        missing = f"job {job.id} has no checkpoint {name!r}"
+        detail = str(err) if isinstance(err, ValueError) else missing
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail) from None
+    # Pruned between here and the response's read: the transfer ends short (an error for the
+    # client), never a wrong file; a checkpoint is only pruned once `keep` newer ones exist.
+    return FileResponse(
+        file,
+        stat_result=stat,
+        media_type="application/octet-stream",
+        filename=f"{job.id}-{name}-{MODEL_FILE}",
     )
 
 
-@router.post("/{job_id}/predict", responses=NOT_FOUND | CONFLICT)
+@router.post("/{job_id}/predict", responses=BODY | NOT_FOUND | CONFLICT)
 def predict(
     job: JobDep, body: PredictRequest, predictor: PredictorDep, settings: SettingsDep
 ) -> PredictResponse:

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Request, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import TOO_LARGE, SettingsDep
+from service.api.deps import BODY, SettingsDep
 from service.api.errors import field_error
 from service.schemas import DatasetOut
 from workers.datasets import TooManyValues, list_uploaded, save_uploaded_file
@@ -19,7 +19,7 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 COPY_CHUNK = 1024 * 1024  # bytes of an upload held in the service at once
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, responses=TOO_LARGE)
+@router.post("", status_code=status.HTTP_201_CREATED, responses=BODY)
 async def upload(
     file: Annotated[UploadFile, File(description=".csv with a header row, or .npz with X, y")],
     settings: SettingsDep,

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from core.graph import to_dot
-from service.api.deps import CONFLICT, NOT_FOUND, JobDep, PredictorDep, SettingsDep
+from service.api.deps import BODY, CONFLICT, NOT_FOUND, JobDep, PredictorDep, SettingsDep
 from service.api.errors import field_error
 from service.limits import check_request_cost
 from service.offload import OffloadedRoute
@@ -61,7 +61,7 @@ def graph(
     return JSONResponse(result, headers=headers)
 
 
-@router.post("/{job_id}/explain", responses=NOT_FOUND | CONFLICT)
+@router.post("/{job_id}/explain", responses=BODY | NOT_FOUND | CONFLICT)
 def explain(
     job: JobDep, body: ExplainRequest, predictor: PredictorDep, settings: SettingsDep
 ) -> ExplainResponse:

@@ -12,9 +12,9 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import SkipValidation, ValidationError
 
 from service.api.deps import (
+    BODY,
     CONFLICT,
     NOT_FOUND,
-    TOO_LARGE,
     DispatcherDep,
     JobDep,
     SettingsDep,
@@ -33,6 +33,7 @@ from workers.datasets import describe
 from workers.spec import INT64_MAX, TrainingSpec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=OffloadedRoute)
+POINTS_PAGE, MAX_POINTS_PAGE = 5000, 50_000  # metric points per page: default, most
 
 
 def present(
@@ -87,7 +88,7 @@ def _check_fits(spec: TrainingSpec, dispatcher: Dispatcher, settings: Settings) 
     return need
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, responses=TOO_LARGE)
+@router.post("", status_code=status.HTTP_201_CREATED, responses=BODY)
 async def submit(
     body: SpecBody, store: StoreDep, dispatcher: DispatcherDep, settings: SettingsDep
 ) -> Job:
@@ -171,8 +172,21 @@ def resume(job_id: str, store: StoreDep, dispatcher: DispatcherDep) -> Job:
 
 
 @router.get("/{job_id}/metrics", responses=NOT_FOUND)
-def metrics(job: JobDep, store: StoreDep) -> Metrics:
-    """Every metric point, oldest first; one per step (validation fields at epoch ends)."""
+def metrics(
+    job: JobDep,
+    store: StoreDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_POINTS_PAGE)] = POINTS_PAGE,
+    cursor: Annotated[
+        int | None, Query(ge=-1, le=2**31 - 1, description="next_cursor of the previous page")
+    ] = None,
+) -> Metrics:
+    """The metric points, oldest first, one per step (validation fields at epoch ends), a
+    page at a time: up to `limit` points after the step `cursor` names. A job with fewer
+    points than `limit` has them all on the first page (`next_cursor` null)."""
+    rows = store.points(job.id, -1 if cursor is None else cursor, limit=limit + 1)
+    page, more = rows[:limit], len(rows) > limit
     return Metrics(
-        job_id=job.id, points=[MetricPoint.model_validate(p) for p in store.points(job.id)]
+        job_id=job.id,
+        points=[MetricPoint.model_validate(p) for p in page],
+        next_cursor=page[-1].step if more else None,
     )

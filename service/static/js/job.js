@@ -110,6 +110,18 @@ function summaryTiles(job, names) {
   ];
 }
 
+// Every metric point of a job: GET /jobs/{id}/metrics a page at a time, following next_cursor.
+async function allPoints(id) {
+  const points = [];
+  let cursor = null;
+  do {
+    const page = await api(`/jobs/${id}/metrics${cursor === null ? "" : `?cursor=${cursor}`}`);
+    points.push(...page.points);
+    cursor = page.next_cursor ?? null;
+  } while (cursor !== null);
+  return { points };
+}
+
 export function jobView(root, id) {
   let job = null;
   let live = null;
@@ -285,7 +297,7 @@ export function jobView(root, id) {
   async function start() {
     let metrics;
     try {
-      [job, metrics] = await Promise.all([api(`/jobs/${id}`), api(`/jobs/${id}/metrics`)]);
+      [job, metrics] = await Promise.all([api(`/jobs/${id}`), allPoints(id)]);
     } catch (err) {
       if (!alive) return;
       const text = err.status === 404 ? `There is no job ${id}.` : errorText(err);
