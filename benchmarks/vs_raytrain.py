@@ -9,17 +9,18 @@ workloads, each for 200 steps (50 with --quick):
   moons   MLP 2-16-16-2 tanh, two moons, global batch 64, float32, cross-entropy, SGD momentum
 
 shardgrad runs the real Trainer (spec -> placement group -> workers -> coordinator),
-once with each step exchange (`compiled`, the default, and `tasks`). Ray Train runs
+once with each step exchange (`replicated`, the default, the `compiled` gather and
+`tasks`). Ray Train runs
 `TorchTrainer.fit()` with a train loop as lean as we could make it: tensors
 materialized before the first step, each rank slicing its half of the global batch
 by index (no DataLoader), one thread per worker, DDP allreduce in backward. Each side
 runs as it would by default: shardgrad's compiled-graph workers pin themselves to free
 cores (see workers/exchange.py), Ray Train's workers are not pinned.
 
-A step is timed the same way on both sides: the wall time between the ends of two
-consecutive steps (shardgrad: the Trainer's step events; Ray Train: rank 0, after
-`optimizer.step()`, so DDP's allreduce is included). We report the median over the
-steps after a short warm-up, the median over rounds (3, or 1 with --quick), and
+A step is timed the same way on both sides: the wall time from the end of the step after a
+short warm-up to the end of the last step, over the steps between (shardgrad: the
+Trainer's step events; Ray Train: rank 0, after `optimizer.step()`, so DDP's allreduce is
+included). We report the median over rounds (3, or 1 with --quick), and
 ratio = ours / theirs (< 1: shardgrad is faster). Time to first step counts from the
 call (Trainer.run / TorchTrainer.fit) to the end of the first step; the wall time is
 the whole call for all steps, start-up and shutdown included.
@@ -44,7 +45,20 @@ from workers.spec import BuiltinData, TrainingSpec
 from workers.trainer import Trainer
 
 WARMUP = 5  # steps left out of the step-time median (first touches, cold caches)
-SIDES = {"compiled": "shardgrad", "tasks": "shardgrad tasks", "ray-train": "Ray Train DDP"}
+SIDES = {
+    "replicated": "shardgrad",
+    "compiled": "shardgrad gather",
+    "tasks": "shardgrad tasks",
+    "ray-train": "Ray Train DDP",
+}
+TARGET = 0.5  # ours / theirs, on the default exchange (issue 13)
+
+
+def steady_step(stamps: list[float]) -> float:
+    """Seconds per step after the warm-up: the span over the steps it covers. (The
+    replicated step reports its steps in blocks, so single gaps mean nothing.)"""
+    return (stamps[-1] - stamps[WARMUP]) / (len(stamps) - 1 - WARMUP)
+
 
 WORKLOADS = {
     "mlp784": dict(
@@ -105,7 +119,7 @@ def run_ours(name: str, data: dict, steps: int, exchange: str, out: Path) -> dic
     assert summary["status"] == "succeeded", summary
     assert trainer.pool.kind == exchange, trainer.pool.fallback_reason
     return {
-        "step": statistics.median(np.diff(stamps[WARMUP:])),
+        "step": steady_step(stamps),
         "first": stamps[0] - start,
         "wall": wall,
         "steps": len(stamps),
@@ -173,7 +187,7 @@ def run_theirs(name: str, X: np.ndarray, y: np.ndarray, steps: int, out: Path) -
         raise result.error
     stamps = result.metrics["stamps"]
     return {
-        "step": statistics.median(np.diff(stamps[WARMUP:])),
+        "step": steady_step(stamps),
         "first": stamps[0] - start_wall,
         "wall": wall,
         "steps": len(stamps),
@@ -218,12 +232,12 @@ def main() -> None:
                 f"   {m['wall']:6.1f}"
             )
     for name in WORKLOADS:
-        ratio = med[(name, "compiled")]["step"] / med[(name, "ray-train")]["step"]
-        pairs = zip(runs[(name, "compiled")], runs[(name, "ray-train")], strict=True)
+        ratio = med[(name, "replicated")]["step"] / med[(name, "ray-train")]["step"]
+        pairs = zip(runs[(name, "replicated")], runs[(name, "ray-train")], strict=True)
         per_round = [ours["step"] / theirs["step"] for ours, theirs in pairs]
         print(
             f"{name}: ratio ours/theirs = {ratio:.2f} (rounds {min(per_round):.2f}-"
-            f"{max(per_round):.2f}; target <= 1.0) {'ok' if ratio <= 1.0 else 'MISSED'}"
+            f"{max(per_round):.2f}; target <= {TARGET}) {'ok' if ratio <= TARGET else 'MISSED'}"
         )
 
 
