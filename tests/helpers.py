@@ -5,6 +5,7 @@ Test modules import from here (or use conftest's fixtures), never from each othe
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import signal
@@ -106,7 +107,7 @@ def under_ci() -> bool:
 def require(module: str):
     """importorskip, except under CI=true, where a missing dependency is a failure."""
     if under_ci():
-        return __import__(module)
+        return importlib.import_module(module)  # the submodule itself, as importorskip gives
     return pytest.importorskip(module)
 
 

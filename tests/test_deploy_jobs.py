@@ -1,7 +1,7 @@
 """Training jobs on a real 3-node local cluster (deploy/local-cluster.sh up 3).
 
 - test_train_cli_spreads_workers_and_checkpoints_exactly: `shardgrad train --ray-address`
-  puts a 3-worker job on >= 2 of the cluster's nodes, on the compiled-graph exchange, and
+  puts a 3-worker job on >= 2 of the cluster's nodes, on the replicated exchange, and
   its final checkpoint equals an in-process single-machine run bit for bit.
 - test_service_on_the_cluster_reports_worker_nodes: `shardgrad serve` attached to the
   cluster runs a submitted 3-worker job; GET /jobs/{id} lists >= 2 of the cluster's
@@ -9,11 +9,13 @@
 - test_losing_a_worker_node_mid_job[auto|tasks]: kill -9 of the raylet of a node that
   hosts one of a running job's workers; the job replaces the worker, finishes
   `succeeded` with worker_failures >= 1, on the exchange it started with (auto: the
-  compiled graph, no fallback), and ends bit-identical to the uninterrupted run.
+  replicated step, restored from a surviving replica, no fallback), and ends bit-identical
+  to the uninterrupted run.
 
 Checkpoints are correct wherever the workers sit because the coordinator (the driver:
 `shardgrad train` or `shardgrad serve`) writes every one of them: workers on other nodes
-only send gradient sums back (deploy/README.md, "Checkpoints and state").
+only send gradient sums (and, on the replicated step, rank 0's state at checkpoints) to it
+(deploy/README.md, "Checkpoints and state").
 
 All tests share one module-scoped cluster. The node-loss tests come last: each kills a
 worker node for good (a node cannot be restarted), so after them only the head is left.
@@ -173,7 +175,7 @@ def test_losing_a_worker_node_mid_job(cluster, tmp_path, reference, exchange):
     driver = cluster.start_driver(NODE_LOSS_DRIVER, str(spec_file), str(out), str(events), log=log)
     try:
         started = wait_for_event(events, "started", driver, log)
-        assert started["exchange"] == ("compiled" if exchange == "auto" else "tasks")
+        assert started["exchange"] == ("replicated" if exchange == "auto" else "tasks")
         # A worker node (never the head: the driver's raylet and the GCS live there)
         # that hosts one of this job's workers.
         alive = alive_nodes(cluster)
