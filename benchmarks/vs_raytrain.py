@@ -40,11 +40,13 @@ from pathlib import Path
 import numpy as np
 import ray
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.sync_step import steady_step  # noqa: E402
 from workers.datasets import load_dataset
 from workers.spec import BuiltinData, TrainingSpec
 from workers.trainer import Trainer
 
-WARMUP = 5  # steps left out of the step-time median (first touches, cold caches)
+WARMUP = 5  # steps left out of the step time (first touches, cold caches)
 SIDES = {
     "replicated": "shardgrad",
     "compiled": "shardgrad gather",
@@ -52,12 +54,6 @@ SIDES = {
     "ray-train": "Ray Train DDP",
 }
 TARGET = 0.5  # ours / theirs, on the default exchange (issue 13)
-
-
-def steady_step(stamps: list[float]) -> float:
-    """Seconds per step after the warm-up: the span over the steps it covers. (The
-    replicated step reports its steps in blocks, so single gaps mean nothing.)"""
-    return (stamps[-1] - stamps[WARMUP]) / (len(stamps) - 1 - WARMUP)
 
 
 WORKLOADS = {
@@ -107,20 +103,20 @@ def spec(name: str, data: dict, epochs: int, exchange: str) -> dict:
 def run_ours(name: str, data: dict, steps: int, exchange: str, out: Path) -> dict:
     epochs = steps // 50  # 50 steps per epoch: rows = 50 global batches
     trainer_spec = TrainingSpec.model_validate(spec(name, data, epochs, exchange))
-    stamps: list[float] = []
+    stamps: list[tuple[int, float]] = []
     start = time.perf_counter()
     trainer = Trainer(
         trainer_spec,
         out,
-        callback=lambda e: e["type"] == "step" and stamps.append(time.perf_counter()),
+        callback=lambda e: e["type"] == "step" and stamps.append((e["step"], time.perf_counter())),
     )
     summary = trainer.run()
     wall = time.perf_counter() - start
     assert summary["status"] == "succeeded", summary
     assert trainer.pool.kind == exchange, trainer.pool.fallback_reason
     return {
-        "step": steady_step(stamps),
-        "first": stamps[0] - start,
+        "step": steady_step(stamps, WARMUP),
+        "first": stamps[0][1] - start,
         "wall": wall,
         "steps": len(stamps),
     }
@@ -187,7 +183,7 @@ def run_theirs(name: str, X: np.ndarray, y: np.ndarray, steps: int, out: Path) -
         raise result.error
     stamps = result.metrics["stamps"]
     return {
-        "step": steady_step(stamps),
+        "step": steady_step(list(enumerate(stamps, start=1)), WARMUP),
         "first": stamps[0] - start_wall,
         "wall": wall,
         "steps": len(stamps),
