@@ -124,5 +124,9 @@ class Settings(BaseSettings):
         """The training side's settings for this service's jobs and uploads: its datasets
         directory and cluster; the rest (exchange, pinning, timeouts) from the environment.
         Made anew on each call (about a millisecond), so a changed setting is seen."""
-        given = {"datasets_dir": self.uploads_dir, "ray_address": self.ray_address}
+        given = {
+            "datasets_dir": self.uploads_dir,
+            "ray_address": self.ray_address,
+            "max_workers": self.max_workers,
+        }
         return WorkerSettings(**{k: v for k, v in given.items() if v is not None})

@@ -152,6 +152,10 @@ def test_auto_is_capped_by_free_cpus_and_by_batch_size():
     spec = make_spec(workers="auto", cpus_per_worker=1, batch_size=2)
     choice = choose(spec, compute_s=1.0, free=16)[0]
     assert choice.workers == 2 and "(batch_size 2)" in choice.reason
+    # the service's worker limit caps it too (a 0.0001-CPU worker must not make 20,000)
+    spec = make_spec(workers="auto", cpus_per_worker=0.0001)
+    choice = choose(spec, compute_s=10.0, free=2, max_workers=8)[0]
+    assert choice.workers == 8 and "(SHARDGRAD_MAX_WORKERS=8)" in choice.reason
     # no CPU free: in-process (the coordinator's own reservation computes)
     assert choose(make_spec(workers="auto"), compute_s=1.0, free=0.2)[0].workers == 0
 

@@ -81,8 +81,12 @@ def choose_workers(
     if _fastest(step_s, min(cap, 1024)) > 0:  # workers could pay: how many may we have?
         free = free_cpus()
         by_cpus = math.floor(free / spec.cpus_per_worker + 1e-9)
-        why = f"batch_size {cap}" if cap <= by_cpus else f"{free:g} free CPUs"
-        cap = min(cap, by_cpus)
+        limits = [
+            (cap, f"batch_size {cap}"),
+            (by_cpus, f"{free:g} free CPUs"),
+            (settings.max_workers, f"SHARDGRAD_MAX_WORKERS={settings.max_workers}"),
+        ]
+        cap, why = min(limits, key=lambda limit: limit[0])
         limit = f"at most {cap} workers ({why})"
     best = _fastest(step_s, cap)
     shown = sorted({0, 1, 2, best, cap} & set(range(cap + 1)))

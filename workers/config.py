@@ -61,6 +61,12 @@ class WorkerSettings(BaseSettings):
     auto_bytes_per_s: float = Field(
         2e9, gt=0, description="the exchange's bandwidth ($SHARDGRAD_AUTO_BYTES_PER_S)"
     )
+    max_workers: int = Field(
+        64,
+        ge=1,
+        description="the most workers `workers: auto` may choose ($SHARDGRAD_MAX_WORKERS, the "
+        "service's admission limit for a stated count)",
+    )
     ray_address: str | None = Field(
         None, validation_alias="RAY_ADDRESS", description="the cluster to attach to"
     )
