@@ -49,10 +49,11 @@ GRAPH_BYTES = 2**26  # the channel memory a graph may take: its stages x workers
 class ReplicatedStep(OnPool):
     """The step strategy over replicas (see the module's docstring).
 
-    `advance(end, fetch, verify)` runs the steps from the coordinator's step up to `end`
-    and returns their (rows, loss, gradient norm); with `fetch` the coordinator's model and
-    optimizer are the replicas' afterwards. It may return fewer steps than asked when a
-    step diverged; the next call raises Diverged with the coordinator's model at that step.
+    `advance(end, fetch, verify, checked)` runs the steps from the coordinator's step up to
+    `end` and returns their (rows, loss, gradient norm, health statistics); with `fetch` the
+    coordinator's model and optimizer are the replicas' afterwards. It may return fewer
+    steps than asked when a step diverged; the next call raises Diverged with the
+    coordinator's model at that step.
     """
 
     def __init__(self, pool, model, opt, spec, step: int, gather_step, span: int):
@@ -67,7 +68,7 @@ class ReplicatedStep(OnPool):
         self.replica_hashes: list[str] = []  # every replica's, at step `verified`
         self.verified = -1
         self.restores: list[tuple[int | None, int]] = []  # (source rank or None, step)
-        self.step_s = 0.0  # the slowest block's time per step so far
+        self.step_s = 0.0  # the latest block's time per step
         self.graph: ReplicatedGraph | None = None
         self.gather = None  # after a fall back to tasks: the gather step over the same pool
         self._make_gather = gather_step
@@ -116,8 +117,8 @@ class ReplicatedStep(OnPool):
                 return self._kept(first, results) + more
             done = self._take(outs, verify)
             results += done
-            if done:
-                self.step_s = max(self.step_s, (time.perf_counter() - began) / len(done))
+            if done:  # the latest block's pace (the first one's includes the graph's warm-up)
+                self.step_s = (time.perf_counter() - began) / len(done)
             if self.diverged is not None:
                 break
         kept = self._kept(first, results)
