@@ -97,6 +97,20 @@ def final_params(out) -> dict:
     return checkpoint.load_latest(out).model_state
 
 
+def kill_9_after_a_checkpoint(proc, out, timeout: float = 120) -> int:
+    """Wait until the run `proc` writing into `out` has a checkpoint, kill -9 it, and
+    return the newest checkpoint's step."""
+    from workers import checkpoint
+
+    deadline = time.time() + timeout
+    while not checkpoint.list_checkpoints(out) and time.time() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.list_checkpoints(out), "no checkpoint appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    return checkpoint.load_latest(out).step
+
+
 # -- optional dependencies ---------------------------------------------------------------------
 
 

@@ -7,15 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 import core.functional as F
 from core import Tensor, nn, no_grad
-from tests.helpers import example_spec, final_params, small_cnn
-from workers import checkpoint as ckpt
+from tests.helpers import example_spec, final_params, kill_9_after_a_checkpoint, small_cnn
 from workers.data import PreparedData
 from workers.health import active_units, layer_stats
 from workers.model import LOSSES, build_model, build_optimizer
@@ -99,13 +97,7 @@ def test_kill_9_of_an_in_process_run_then_rerun_is_bit_identical(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "workers.cli", "train", spec_file, "--out", out, "--json"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not ckpt.list_checkpoints(out) and time.time() < deadline:
-        time.sleep(0.05)
-    assert ckpt.list_checkpoints(out), "no checkpoint appeared"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    killed_at = ckpt.load_latest(out).step
+    killed_at = kill_9_after_a_checkpoint(proc, out)
     assert killed_at < 200
 
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)

@@ -19,7 +19,7 @@ from workers.events import run_summary
 from workers.render import print_summary
 from workers.trainer import Trainer
 
-from .helpers import make_spec
+from .helpers import kill_9_after_a_checkpoint, make_spec
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -78,13 +78,7 @@ def test_kill_9_of_the_run_then_rerun_is_bit_identical(tmp_path, ray_address, ex
     out = tmp_path / "run"
     args = ("train", spec_file, "--out", out, "--json", "--ray-address", ray_address)
     proc = cli(*args, env=exchange_env)
-    deadline = time.time() + 120
-    while not ckpt.list_checkpoints(out) and time.time() < deadline:
-        time.sleep(0.05)
-    assert ckpt.list_checkpoints(out), "no checkpoint appeared"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    killed_at = ckpt.load_latest(out).step
+    killed_at = kill_9_after_a_checkpoint(proc, out)
     assert killed_at < 240
 
     proc = cli(*args, env=exchange_env)
