@@ -1,17 +1,18 @@
-"""The coordinator: one per running job. It holds the parameters and runs the step loop.
+"""The coordinator: one per running job. It runs the step loop and owns what the run reports.
 
 Each step reads like the single-process loop it is equivalent to: take the global batch,
-get the workers' gradient sums of their pieces added in rank order, average, check, step
-the optimizer, report, checkpoint now and then, evaluate at the end of each epoch. See
+add the workers' gradient sums of their pieces in rank order, average, check, step the
+optimizer, report, checkpoint now and then, evaluate at the end of each epoch. See
 docs/architecture.md for why this makes the result independent of the number of workers.
-Every `health_every` steps the coordinator also measures training health
-(workers/health.py) from what it already holds.
+Every `health_every` steps the run also measures training health (workers/health.py).
 
 A run has three parts: prepare (resume point, data, model, workers), the step loop, and
-finish (final evaluation, summary, last checkpoint). How one step's averaged gradients
-are obtained and applied is a single object, the step strategy (`GatherStep` over Ray
-workers, or `LocalStep` for `workers: 0`); the loop only asks it for the step's loss and
-gradient norm. `workers: "auto"` chooses between them when the run starts (choose.py).
+finish (final evaluation, summary, last checkpoint). How steps are taken is a single
+object, the step strategy: `ReplicatedStep` (replicas on the workers, the default),
+`GatherStep` (the parameters in the coordinator, the workers' sums gathered), or
+`LocalStep` (`workers: 0`). The loop asks it for a block of steps, up to where it next
+reads the model, and gets each step's loss, gradient norm and health statistics.
+`workers: "auto"` chooses the count when the run starts (choose.py).
 """
 
 from __future__ import annotations
