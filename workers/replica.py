@@ -70,7 +70,7 @@ class Replica:
         """A new block up to step `end` (fetch, verify, the 1-based steps whose health is
         checked); this replica's first gradient sum."""
         self.end, self.fetch, self.verify, self.checked = command
-        self.results = []
+        self.results, self.before = [], None  # nothing of a block that failed carries over
         return self._grad()
 
     def step_once(self, sums: tuple):
