@@ -47,6 +47,7 @@ bench: $(RUN_STAMP)
 	$(PY) benchmarks/sync_step.py
 	$(PY) benchmarks/vs_raytrain.py
 	$(PY) benchmarks/examples.py
+	$(PY) benchmarks/first_step.py
 
 clean:
 	rm -rf $(VENV) var runs .pytest_cache
