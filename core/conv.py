@@ -229,10 +229,17 @@ def dropout(x, p: float, key: tuple[int, ...], rows: np.ndarray) -> Tensor:
     """Zero each element with probability p and scale the rest by 1/(1-p), as torch in
     training mode; the mask of row i is a function of (key, rows[i]) alone."""
     x = as_tensor(x)
+    scale = dropout_scale(p, key, rows, x.shape, x.dtype)
+    return x._unary(x.data * scale, "dropout", lambda: scale)
+
+
+def dropout_scale(p: float, key: tuple[int, ...], rows: np.ndarray, shape, dtype) -> np.ndarray:
+    """The array dropout multiplies by: 0 or 1/(1-p) per element of `shape`, row i's
+    values a function of (key, rows[i]) alone."""
     if not 0 <= p < 1:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    if len(rows) != len(x.data):
-        raise ValueError(f"dropout: {len(rows)} row ids for a batch of {len(x.data)}")
-    keep = uniform_keyed(key, rows, x.data[0].size if len(x.data) else 0) >= p
-    scale = (keep / (1 - p)).astype(x.dtype).reshape(x.shape)
-    return x._unary(x.data * scale, "dropout", lambda: scale)
+    if len(rows) != shape[0]:
+        raise ValueError(f"dropout: {len(rows)} row ids for a batch of {shape[0]}")
+    width = int(np.prod(shape[1:])) if shape[0] else 0
+    keep = uniform_keyed(key, rows, width) >= p
+    return (keep / (1 - p)).astype(dtype).reshape(shape)

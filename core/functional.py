@@ -16,7 +16,15 @@ import warnings
 
 import numpy as np
 
-from core.conv import avg_pool2d, conv2d, dropout, max_pool2d
+from core.attention import (
+    embedding,
+    erf,
+    gelu,
+    layer_norm,
+    scaled_dot_product_attention,
+    self_attention,
+)
+from core.conv import avg_pool2d, conv2d, dropout, dropout_scale, max_pool2d
 from core.tensor import (
     ACTIVATIONS,
     Tensor,
@@ -36,12 +44,19 @@ __all__ = [
     "conv2d",
     "cross_entropy",
     "dropout",
+    "dropout_scale",
+    "embedding",
+    "erf",
+    "gelu",
+    "layer_norm",
     "linear",
     "log_softmax",
     "logsumexp",
     "max_pool2d",
     "mse_loss",
     "relu",
+    "scaled_dot_product_attention",
+    "self_attention",
     "sigmoid",
     "softmax",
     "stack",
@@ -167,17 +182,23 @@ def _per_sample(g, scale):
 
 
 def cross_entropy(logits, target, reduction: str = "mean") -> Tensor:
-    """Softmax cross-entropy of (N, C) logits against N integer class indices.
+    """Softmax cross-entropy of (N, C) logits against N integer class indices, or of a
+    sequence's (N, T, C) logits against (N, T) targets (the classes last, unlike torch,
+    whose (N, C, T) puts them second; "none" gives (N, T) losses, "mean" averages all).
 
     Same as torch.nn.functional.cross_entropy with class-index targets. Computed from
     the shifted logits, so logits of +-1000 give finite losses and gradients.
     """
     x = as_tensor(logits)
+    if x.data.ndim == 3:
+        n, t, c = x.shape
+        flat = cross_entropy(x.reshape(n * t, c), _flat_targets(target, (n, t)), reduction)
+        return flat.reshape(n, t) if reduction == "none" else flat
     t = _class_indices(target, x.data)
     single = x.data.ndim == 1  # unbatched (C,) logits with a scalar target
     data = x.data[None] if single else x.data
     if data.ndim != 2:
-        raise ValueError(f"cross_entropy expects (N, C) or (C,) logits, got {x.shape}")
+        raise ValueError(f"cross_entropy expects (N, C), (C,) or (N, T, C) logits, got {x.shape}")
     rows = np.arange(data.shape[0])
     z = data - data.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -196,6 +217,13 @@ def cross_entropy(logits, target, reduction: str = "mean") -> Tensor:
 
         out._backward = _backward
     return out
+
+
+def _flat_targets(target, shape) -> np.ndarray:
+    t = np.asarray(target.data if isinstance(target, Tensor) else target)
+    if t.shape != shape:
+        raise ValueError(f"targets shape {t.shape} does not match (N, T) logits {shape}")
+    return t.reshape(-1)
 
 
 def _class_indices(target, logits: np.ndarray) -> np.ndarray:

@@ -30,18 +30,23 @@ from core.conv import pair
 from core.tensor import ACTIVATIONS, Tensor, as_tensor
 
 __all__ = [
+    "GELU",
     "MLP",
     "AvgPool2d",
     "Conv2d",
     "Dropout",
+    "Embedding",
     "Flatten",
+    "LayerNorm",
     "Linear",
     "MaxPool2d",
     "Module",
+    "MultiheadAttention",
     "ReLU",
     "Sequential",
     "Sigmoid",
     "Tanh",
+    "TransformerEncoderLayer",
     "sample_context",
 ]
 
@@ -150,14 +155,15 @@ class Module:
 
 
 def init_weight(rng, shape, fan_in: int, fan_out: int, init: str, dtype) -> Tensor:
-    """He (normal, std sqrt(2 / fan_in)) or Glorot (uniform, limit sqrt(6 / (in + out)))."""
+    """He (normal, std sqrt(2 / fan_in)), Glorot (uniform, limit sqrt(6 / (in + out))) or
+    torch.nn.Linear's default "uniform" (limit 1 / sqrt(fan_in))."""
     if init == "he":
         w = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
-    elif init == "glorot":
-        limit = np.sqrt(6.0 / (fan_in + fan_out))
+    elif init in ("glorot", "uniform"):
+        limit = np.sqrt(6.0 / (fan_in + fan_out) if init == "glorot" else 1.0 / fan_in)
         w = rng.uniform(-limit, limit, shape)
     else:
-        raise ValueError(f"init must be 'he' or 'glorot', got {init!r}")
+        raise ValueError(f"init must be 'he', 'glorot' or 'uniform', got {init!r}")
     return Tensor(w.astype(dtype), requires_grad=True)
 
 
@@ -253,13 +259,19 @@ class Dropout(Module):
 
     def forward(self, x) -> Tensor:
         x = as_tensor(x)
+        scale = self.scale(x.shape, x.dtype)
+        return x if scale is None else x._unary(x.data * scale, "dropout", lambda: scale)
+
+    def scale(self, shape, dtype) -> np.ndarray | None:
+        """What this layer multiplies an input of `shape` by (0 or 1/(1-p) per element),
+        or None where it is the identity (eval mode, p == 0)."""
         if not self.training or self.p == 0:
-            return x
+            return None
         context = getattr(_samples, "value", None)
         if context is None:  # no trainer: number the calls instead of the epochs
-            context, self.calls = (self.calls, np.arange(len(x.data))), self.calls + 1
+            context, self.calls = (self.calls, np.arange(shape[0])), self.calls + 1
         epoch, rows = context
-        return F.dropout(x, self.p, (self.seed, epoch, self.layer or 0), rows)
+        return F.dropout_scale(self.p, (self.seed, epoch, self.layer or 0), rows, shape, dtype)
 
 
 class _Activation(Module):
@@ -383,3 +395,136 @@ class MLP(Module):
         for i, layer in enumerate(self.layers):
             x = F.linear(x, layer.weight, layer.bias, None if i == last else self.activation)
             yield x
+
+
+# --- sequence models -------------------------------------------------------------------------
+
+
+class Embedding(Module):
+    """A table of `num_embeddings` vectors, looked up by integer index, as torch.nn.Embedding:
+    weight (num_embeddings, embedding_dim), drawn from N(0, 1) as torch draws it."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, dtype=np.float64, rng=None):
+        w = np.random.default_rng(rng).standard_normal((num_embeddings, embedding_dim))
+        self.weight = Tensor(w.astype(dtype), requires_grad=True)
+
+    def forward(self, indices) -> Tensor:
+        return F.embedding(indices, self.weight)
+
+
+class LayerNorm(Module):
+    """Normalise over the last axes, then scale by `weight` (ones) and shift by `bias`
+    (zeros), as torch.nn.LayerNorm."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, *, dtype=np.float64):
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+        self.normalized_shape, self.eps = tuple(int(n) for n in shape), float(eps)
+        self.weight = Tensor(np.ones(self.normalized_shape, dtype), requires_grad=True)
+        self.bias = Tensor(np.zeros(self.normalized_shape, dtype), requires_grad=True)
+
+    def forward(self, x) -> Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class GELU(Module):
+    def __init__(self, approximate: str = "none"):
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x) -> Tensor:
+        return F.gelu(x, self.approximate)
+
+
+class MultiheadAttention(Module):
+    """Self-attention on batch-first (N, T, E) input, as torch.nn.MultiheadAttention(
+    embed_dim, num_heads, dropout, batch_first=True) called with query = key = value:
+    in_proj_weight (3E, E) (Glorot, as torch), in_proj_bias (3E,), out_proj (E -> E).
+    `dropout` drops attention weights, keyed by (seed, epoch, sample, layer) as Dropout."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        *,
+        dtype=np.float64,
+        rng=None,
+        seed: int = 0,
+        layer: int = 0,
+    ):
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        rng = np.random.default_rng(rng)
+        e, self.num_heads = embed_dim, num_heads
+        self.in_proj_weight = init_weight(rng, (3 * e, e), e, 3 * e, "glorot", dtype)
+        self.in_proj_bias = Tensor(np.zeros(3 * e, dtype), requires_grad=True)
+        self.out_proj = Linear(e, e, dtype=dtype, rng=rng, init="uniform")
+        self.dropout = Dropout(dropout, seed, layer)
+
+    def forward(self, x, causal: bool = False, need_weights: bool = False):
+        """The (N, T, E) output; with `need_weights`, also the softmax weights as an
+        (N, heads, T, T) array (torch's average_attn_weights=False)."""
+        x = as_tensor(x)
+        if x.ndim != 3:
+            raise ValueError(f"MultiheadAttention expects batch-first (N, T, E), got {x.shape}")
+        n, t = x.shape[:2]
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        keep = self.dropout.scale((n, self.num_heads, t, t), x.dtype)
+        y, weights = F.self_attention(qkv, self.num_heads, causal, keep)
+        out = self.out_proj(y)
+        return (out, weights) if need_weights else out
+
+
+class TransformerEncoderLayer(Module):
+    """torch.nn.TransformerEncoderLayer(..., batch_first=True), pre-LN by default:
+    x + attn(norm1(x)), then x + linear2(act(linear1(norm2(x)))), with dropout after the
+    attention weights, the activation and each sub-layer. Parameter names are torch's.
+    The dropout masks are keyed by (seed, epoch, sample, 4 * layer + site)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.0,
+        activation: str = "gelu",
+        norm_first: bool = True,
+        layer_norm_eps: float = 1e-5,
+        *,
+        dtype=np.float64,
+        rng=None,
+        seed: int = 0,
+        layer: int = 0,
+    ):
+        if activation not in ("gelu", "relu"):
+            raise ValueError(f"activation must be 'gelu' or 'relu', got {activation!r}")
+        rng, site = np.random.default_rng(rng), 4 * layer
+        kw = {"dtype": dtype, "rng": rng}
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout, **kw, seed=seed, layer=site)
+        self.linear1 = Linear(d_model, dim_feedforward, **kw, init="uniform")
+        self.dropout = Dropout(dropout, seed, site + 1)
+        self.linear2 = Linear(dim_feedforward, d_model, **kw, init="uniform")
+        self.norm_first, self.activation = bool(norm_first), activation
+        self.norm1 = LayerNorm(d_model, layer_norm_eps, dtype=dtype)
+        self.norm2 = LayerNorm(d_model, layer_norm_eps, dtype=dtype)
+        self.dropout1 = Dropout(dropout, seed, site + 2)
+        self.dropout2 = Dropout(dropout, seed, site + 3)
+
+    def forward(self, x, causal: bool = False) -> Tensor:
+        x = as_tensor(x)
+        if self.norm_first:
+            x = x + self._attention(self.norm1(x), causal)
+            return x + self._feedforward(self.norm2(x))
+        x = self.norm1(x + self._attention(x, causal))
+        return self.norm2(x + self._feedforward(x))
+
+    def _attention(self, x, causal: bool) -> Tensor:
+        return self.dropout1(self.self_attn(x, causal))
+
+    def _feedforward(self, x) -> Tensor:
+        if self.activation == "relu":
+            h = self.linear1(x, activation="relu")
+        else:
+            h = F.gelu(self.linear1(x))
+        return self.dropout2(self.linear2(self.dropout(h)))

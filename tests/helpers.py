@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,3 +220,53 @@ def wait_job(client, job_id, until, timeout=120.0) -> dict:
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} never got there: {job['status']} {job['progress']}")
+
+
+# -- torch twins -----------------------------------------------------------------------------
+
+
+def torch_lm(torch, vocab_size, context, d_model, heads, layers, ff):
+    """The torch module a `transformer` model spec's state dict loads into (the README's
+    recipe): nn.Embedding, nn.TransformerEncoderLayer, nn.LayerNorm and nn.Linear, float64."""
+    T = torch.nn
+
+    class LM(T.Module):
+        def __init__(self):
+            super().__init__()
+            kw = {"dtype": torch.float64}
+            self.tok_emb = T.Embedding(vocab_size, d_model, **kw)
+            self.pos_emb = T.Embedding(context, d_model, **kw)
+            self.blocks = T.ModuleList(
+                T.TransformerEncoderLayer(
+                    d_model, heads, ff, 0.0, "gelu", batch_first=True, norm_first=True, **kw
+                )
+                for _ in range(layers)
+            )
+            self.norm = T.LayerNorm(d_model, **kw)
+            self.head = T.Linear(d_model, vocab_size, **kw)
+
+        def forward(self, tokens):
+            t = tokens.shape[1]
+            x = self.tok_emb(tokens) + self.pos_emb(torch.arange(t))
+            mask = T.Transformer.generate_square_subsequent_mask(t, dtype=x.dtype)
+            for block in self.blocks:
+                x = block(x, src_mask=mask, is_causal=True)
+            return self.head(self.norm(x))
+
+    return LM()
+
+
+def assert_matches_torch(torch, ours_fn, torch_fn, arrays, seed=0, atol=1e-9):
+    """ours_fn(*Tensors) against torch_fn(*torch tensors) made from the same float64
+    `arrays`: the values, then every input's gradient for one random output gradient."""
+    from core import Tensor
+
+    ours = [Tensor(a, requires_grad=True) for a in arrays]
+    theirs = [torch.tensor(a, requires_grad=True) for a in arrays]
+    y, ty = ours_fn(*ours), torch_fn(*theirs)
+    g = np.random.default_rng(seed).standard_normal(y.shape)
+    y.backward(g)
+    ty.backward(torch.tensor(g))
+    pairs = [(y.data, ty), *((a.grad, b.grad) for a, b in zip(ours, theirs, strict=True))]
+    for a, b in pairs:
+        np.testing.assert_allclose(a, b.detach().numpy(), rtol=0, atol=atol)
