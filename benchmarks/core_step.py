@@ -1,4 +1,4 @@
-"""Time one training step (forward, loss, backward, SGD step) of core against PyTorch CPU.
+"""Time one training step (forward, loss, backward, optimizer step) of core against PyTorch CPU.
 
     .venv/bin/python benchmarks/core_step.py [--quick]
 
@@ -8,6 +8,8 @@ Workloads:
   c: CNN conv 1->16 3x3 pad 1, relu, pool 2, conv 16->32 3x3 pad 1, relu, pool 2, flatten,
      linear -> 10; input 1x28x28, batch 128, float32, cross-entropy, both at 1 thread
      (a worker's BLAS threads: one per CPU of its share).
+  t: transformer language model: vocab 64, context 64, d_model 128, 4 heads, ff 512, 2 pre-LN
+     gelu layers; batch 32, float32, next-token cross-entropy, one Adam step; both at 1 thread.
 
 Both engines start from the same weights and data. Timed blocks alternate between the
 engines, each after a 0.3 s pause so the other's thread pool stops spinning; the
@@ -27,6 +29,7 @@ from threadpoolctl import threadpool_limits
 
 import core.functional as F
 from core import nn, optim
+from core.lm import TransformerLM
 
 WORKLOADS = {
     "a": dict(
@@ -35,6 +38,15 @@ WORKLOADS = {
     "b": dict(sizes=[2, 16, 16, 1], batch=100, dtype=np.float64, loss="mse", threads=1, steps=200),
     # sizes: the input shape, then the output width
     "c": dict(sizes=[(1, 28, 28), 10], batch=128, dtype=np.float32, loss="ce", threads=1, steps=15),
+    # sizes: the language model's shape (the spec's model.type "transformer")
+    "t": dict(
+        sizes=dict(vocab=64, context=64, d_model=128, heads=4, layers=2, ff=512),
+        batch=32,
+        dtype=np.float32,
+        loss="ce",
+        threads=1,
+        steps=6,
+    ),
 }
 
 
@@ -85,6 +97,9 @@ def torch_model(ours: nn.MLP) -> torch.nn.Sequential:
     return model
 
 
+NETS = {"c": "CNN 1x28x28-16-32-10", "t": "LM d128 h4 ff512 L2 T64 V64 adam"}
+
+
 def make_steps(sizes, batch, dtype, loss, lr=0.01):
     rng = np.random.default_rng(0)
     image = isinstance(sizes[0], tuple)
@@ -97,7 +112,62 @@ def make_steps(sizes, batch, dtype, loss, lr=0.01):
         ours_loss, torch_loss = F.mse_loss, torch.nn.functional.mse_loss
 
     model = cnn(dtype) if image else nn.MLP(sizes, "relu", dtype=dtype, seed=0)
-    opt = optim.SGD(model.parameters(), lr=lr)
+    tmodel = torch_cnn(model) if image else torch_model(model)
+    opts = optim.SGD(model.parameters(), lr=lr), torch.optim.SGD(tmodel.parameters(), lr=lr)
+    return paired_steps((model, tmodel), opts, (ours_loss, torch_loss), X, y)
+
+
+def lm_steps(sizes, batch, dtype, loss, lr=1e-3):
+    """The transformer workload: next-token cross-entropy over (batch, context) tokens."""
+    vocab, context = sizes["vocab"], sizes["context"]
+    tokens = np.random.default_rng(0).integers(0, vocab, (batch, context + 1))
+    args = vocab, context, sizes["d_model"], sizes["heads"], sizes["layers"], sizes["ff"]
+    model = TransformerLM(*args, dtype=dtype, seed=0)
+    tmodel = torch_lm(model, *args)
+    opts = optim.Adam(model.parameters(), lr=lr), torch.optim.Adam(tmodel.parameters(), lr=lr)
+
+    def torch_loss(logits, y):  # what a torch user writes: the classes flattened
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
+
+    losses = F.cross_entropy, torch_loss
+    return paired_steps((model, tmodel), opts, losses, tokens[:, :-1], tokens[:, 1:])
+
+
+def torch_lm(ours: TransformerLM, vocab, context, d_model, heads, layers, ff) -> torch.nn.Module:
+    """The same language model in PyTorch (pre-LN gelu encoder layers, causal mask)."""
+    T = torch.nn
+    dtype = getattr(torch, ours.head.weight.dtype.name)
+
+    class LM(T.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok_emb = T.Embedding(vocab, d_model, dtype=dtype)
+            self.pos_emb = T.Embedding(context, d_model, dtype=dtype)
+            self.blocks = T.ModuleList(
+                T.TransformerEncoderLayer(
+                    d_model, heads, ff, 0.0, "gelu", batch_first=True, norm_first=True, dtype=dtype
+                )
+                for _ in range(layers)
+            )
+            self.norm = T.LayerNorm(d_model, dtype=dtype)
+            self.head = T.Linear(d_model, vocab, dtype=dtype)
+            mask = T.Transformer.generate_square_subsequent_mask(context, dtype=dtype)
+            self.register_buffer("mask", mask, persistent=False)
+
+        def forward(self, tokens):
+            x = self.tok_emb(tokens) + self.pos_emb.weight[: tokens.shape[1]]
+            for block in self.blocks:
+                x = block(x, src_mask=self.mask, is_causal=True)
+            return self.head(self.norm(x))
+
+    model = LM()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in ours.state_dict().items()})
+    return model
+
+
+def paired_steps(models, opts, losses, X, y):
+    """One training step of each engine on (X, y), after checking their first losses agree."""
+    (model, tmodel), (opt, topt), (ours_loss, torch_loss) = models, opts, losses
 
     def ours():
         opt.zero_grad()
@@ -106,8 +176,6 @@ def make_steps(sizes, batch, dtype, loss, lr=0.01):
         opt.step()
         return out.data
 
-    tmodel = torch_cnn(model) if image else torch_model(model)
-    topt = torch.optim.SGD(tmodel.parameters(), lr=lr)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
 
     def theirs():
@@ -140,10 +208,10 @@ def run(name: str, rounds: int) -> tuple[float, float, list[float]]:
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads)
     # The CNN runs as a worker does: our BLAS at 1 thread too (b measures per-op overhead).
-    ours_limit = threadpool_limits(1) if name == "c" else contextlib.nullcontext()
+    ours_limit = threadpool_limits(1) if name in "ct" else contextlib.nullcontext()
     try:
         with ours_limit:
-            ours, theirs = make_steps(**spec)
+            ours, theirs = (lm_steps if name == "t" else make_steps)(**spec)
             for _ in range(5):
                 ours(), theirs()
             t_ours, t_torch, ratios = [], [], []
@@ -169,7 +237,7 @@ def main() -> None:
     print(f"{'workload':<46} {'ours ms':>8} {'torch ms':>8} {'ratio':>6}  per-round ratio p25-p75")
     for name, (ours, theirs, ratios) in results.items():
         spec = WORKLOADS[name]
-        net = "CNN 1x28x28-16-32-10" if name == "c" else "MLP " + "-".join(map(str, spec["sizes"]))
+        net = NETS.get(name) or "MLP " + "-".join(map(str, spec["sizes"]))
         label = f"{name}: {net} b{spec['batch']} {np.dtype(spec['dtype']).name} {spec['loss']}"
         q1, _, q3 = statistics.quantiles(ratios, n=4)
         times = f"{ours * 1e3:>8.3f} {theirs * 1e3:>8.3f} {ours / theirs:>6.2f}"

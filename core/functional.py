@@ -88,7 +88,10 @@ def linear(x, weight: Tensor, bias: Tensor | None = None, activation: str | None
     x, weight = as_tensor(x), as_tensor(weight)
     bias = None if bias is None else as_tensor(bias)
     w = weight.data
-    y = x.data @ w.T
+    if x.data.ndim > 2:  # (N, T, in): one matmul over all N * T rows, not N small ones
+        y = (x.data.reshape(-1, w.shape[1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
+    else:
+        y = x.data @ w.T
     b = None if bias is None else bias.data
     act = None if activation is None else ACTIVATIONS[activation]
     if act is not None:
@@ -109,7 +112,7 @@ def linear(x, weight: Tensor, bias: Tensor | None = None, activation: str | None
             if bias is not None and bias.requires_grad:
                 bias._accumulate(g2.sum(axis=0))
             if x.requires_grad:
-                x._accumulate(g @ w)
+                x._accumulate(g @ w if g.ndim <= 2 else (g2 @ w).reshape(x.shape))
 
         out._backward = _backward
     return out

@@ -120,11 +120,14 @@ def test_gelu_matches_torch(approximate):
     assert nn.GELU(approximate)(x).data.tolist() == F.gelu(x, approximate).data.tolist()
 
 
-def test_erf_is_accurate_to_1e_12_on_every_range():
+def test_erf_is_accurate_to_1e_12_on_every_range_and_to_float32s_resolution():
     x = np.concatenate([np.linspace(-7, 7, 2801), [0.46875, 4.0, 27.0, -1e-300, 0.0]])
     expected = np.array([math.erf(v) for v in x])
     np.testing.assert_allclose(F.erf(x), expected, rtol=1e-12, atol=1e-300)
-    assert F.erf(np.float32([0.5])).dtype == np.float32
+    assert F.erf(np.array([np.inf, -np.inf])).tolist() == [1.0, -1.0]
+    single = F.erf(x.astype(np.float32))  # one formula, to float32's resolution
+    assert single.dtype == np.float32
+    np.testing.assert_allclose(single, expected, rtol=0, atol=6e-7)
 
 
 @pytest.mark.parametrize(("shape", "normalized"), [((3, 7, 8), 8), ((2, 3, 4), (3, 4))])
