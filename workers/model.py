@@ -15,6 +15,7 @@ from pydantic import TypeAdapter
 
 import core.functional as F
 from core import Tensor, nn, no_grad, optim
+from core.lm import TransformerLM
 from core.tensor import ACTIVATIONS
 from workers.spec import ModelSpec, TrainingSpec
 
@@ -25,13 +26,25 @@ LOSSES = {
 }
 
 
-def build_model(spec: TrainingSpec) -> nn.MLP | nn.Sequential:
+def build_model(spec: TrainingSpec) -> nn.MLP | nn.Sequential | TransformerLM:
     """The spec's model with its initial weights, in eval mode (`grad_sum` trains it for
     its one pass, so predictions and evaluations never see dropout)."""
     return model_from(spec.model, spec.dtype, spec.seed)
 
 
-def model_from(model: ModelSpec, dtype: str, seed: int) -> nn.MLP | nn.Sequential:
+def model_from(model: ModelSpec, dtype: str, seed: int) -> nn.MLP | nn.Sequential | TransformerLM:
+    if model.type == "transformer":
+        return TransformerLM(
+            model.vocab_size,
+            model.context,
+            model.d_model,
+            model.heads,
+            model.layers,
+            model.dim_feedforward,
+            model.dropout,
+            dtype=np.dtype(dtype),
+            seed=seed,
+        ).eval()
     if model.type == "mlp":
         built = nn.MLP(
             model.sizes,
@@ -90,7 +103,7 @@ def worker_config(spec: TrainingSpec) -> dict:
     return {"model": model, "dtype": spec.dtype, "loss": spec.loss, "seed": spec.seed}
 
 
-def config_model(config: dict) -> nn.MLP | nn.Sequential:
+def config_model(config: dict) -> nn.MLP | nn.Sequential | TransformerLM:
     """The model of a `worker_config` (its weights are the worker's to overwrite)."""
     return model_from(_model_spec(config), config["dtype"], config["seed"])
 
@@ -140,9 +153,21 @@ def grad_sum(
         p.grad = None
     rows = np.arange(len(X)) if rows is None else rows
     with in_mode(model, training=True), nn.sample_context(epoch, rows):
-        out = LOSSES[loss](model(Tensor(X)), y, reduction="sum")
+        if isinstance(model, TransformerLM):
+            out = next_token_losses(model, X).sum()
+        else:
+            out = LOSSES[loss](model(Tensor(X)), y, reduction="sum")
     out.backward()
     return [p.grad for p in params], float(out.data)
+
+
+def next_token_losses(model: TransformerLM, X: np.ndarray) -> Tensor:
+    """Each sample's loss: the mean cross-entropy of predicting tokens 1..T of a row of
+    X (N, T + 1) from the ones before. Summed over samples, the gradient sums of pieces
+    add up as they do for any other model."""
+    tokens = np.asarray(X).astype(np.int64)
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits, tokens[:, 1:], reduction="none").mean(axis=1)
 
 
 class TrainingError(RuntimeError):
@@ -242,6 +267,8 @@ def evaluate(model: nn.Module, loss: str, X: np.ndarray, y: np.ndarray, classify
     """Mean loss over X, and accuracy when the task is classification; no graph is built."""
     if len(X) == 0:
         return {"loss": None, "accuracy": None}
+    if isinstance(model, TransformerLM):
+        return _evaluate_lm(model, X, classify)
     with no_grad(), in_mode(model, training=False):
         out = model(Tensor(X))
         value = float(LOSSES[loss](out, y, reduction="mean").data)
@@ -251,6 +278,23 @@ def evaluate(model: nn.Module, loss: str, X: np.ndarray, y: np.ndarray, classify
             np.mean(predict_classes(out.data, loss) == y.reshape(len(y), -1)[:, 0])
         )
     return result
+
+
+LM_EVAL_ROWS = 256  # rows per forward pass: attention keeps (rows, heads, T, T) values
+
+
+def _evaluate_lm(model: TransformerLM, X: np.ndarray, classify: bool) -> dict:
+    """Mean next-token loss over X's samples and, for classification, the share of next
+    tokens predicted right; in chunks of LM_EVAL_ROWS samples."""
+    loss_sum, hits = 0.0, 0
+    with no_grad(), in_mode(model, training=False):
+        for start in range(0, len(X), LM_EVAL_ROWS):
+            tokens = np.asarray(X[start : start + LM_EVAL_ROWS]).astype(np.int64)
+            logits = model(tokens[:, :-1]).data
+            loss_sum += float(F.cross_entropy(logits, tokens[:, 1:], reduction="sum").data)
+            hits += int(np.sum(logits.argmax(axis=-1) == tokens[:, 1:]))
+    n_tokens = len(X) * (X.shape[1] - 1)
+    return {"loss": loss_sum / n_tokens, "accuracy": hits / n_tokens if classify else None}
 
 
 def predict_classes(outputs: np.ndarray, loss: str) -> np.ndarray:

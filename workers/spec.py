@@ -35,6 +35,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from workers.catalogue import BUILTINS, DATASET_ID, MAX_CLASSES, DatasetInfo
 from workers.config import ExchangeChoice
 from workers.layers import SequentialSpec, layer_flops
+from workers.transformer import TransformerSpec
 from workers.validation import SPEC_ERROR, raise_errors
 from workers.validation import Strict as _Strict
 from workers.validation import spec_error as _error
@@ -105,7 +106,7 @@ class MLPSpec(_Strict):
     n_params = property(lambda self: sum((a + 1) * b for a, b in itertools.pairwise(self.sizes)))
 
 
-ModelSpec = Annotated[MLPSpec | SequentialSpec, Field(discriminator="type")]
+ModelSpec = Annotated[MLPSpec | SequentialSpec | TransformerSpec, Field(discriminator="type")]
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,8 @@ def model_size(model: ModelSpec) -> ModelSize:
             flops=sum(map(layer_flops, model.layers, shapes, shapes[1:])),
             activations=sum(math.prod(shape) for shape in shapes),
         )
+    if model.type == "transformer":
+        return ModelSize(params=model.n_params, flops=model.flops, activations=model.activations)
     raise ValueError(f"model_size: no rule for model type {model.type!r}")
 
 
@@ -332,6 +335,9 @@ class TrainingSpec(_Strict):
         if self.workers != "auto" and self.batch_size < self.workers:
             msg = f"batch_size ({self.batch_size}) must be >= workers ({self.workers})"
             errors.append(_error(("batch_size",), msg, self.batch_size))
+        if self.model.type == "transformer" and self.loss != "cross_entropy":
+            msg = f"loss: a transformer is trained by next-token cross_entropy, not {self.loss}"
+            errors.append(_error(("loss",), msg, self.loss))
         describe = (info.context or {}).get(DESCRIBE_DATA)
         if describe is not None:
             errors += data_errors(self, describe)[1]
@@ -388,6 +394,8 @@ def _count(n: int, noun: str) -> str:
 def _model_errors(spec: TrainingSpec, info: DatasetInfo) -> list[InitErrorDetails]:
     """The model's input width must match the data, its output width the loss."""
     model, name, loss = spec.model, info.name, spec.loss
+    if model.type == "transformer":
+        return _sequence_errors(model, info)
     errors = _input_errors(model, info)
     width = model.out_width
     if model.type == "mlp":
@@ -421,6 +429,24 @@ def _model_errors(spec: TrainingSpec, info: DatasetInfo) -> list[InitErrorDetail
         wanted = _count(outputs, "output")
         msg = f"{gives} but {loss} on {name!r} needs {wanted} ({why})"
         errors.append(_error(loc, msg, width))
+    return errors
+
+
+def _sequence_errors(model: TransformerSpec, info: DatasetInfo) -> list[InitErrorDetails]:
+    """A language model against token data: the vocabulary must be the data's, and the
+    context long enough for its samples (`info.context`: the tokens a model reads of one)."""
+    vocab, context = getattr(info, "vocab_size", None), getattr(info, "context", None)
+    loc = ("model", "transformer")
+    if vocab is None:
+        msg = f"model: a transformer reads token sequences but dataset {info.name!r} is not one"
+        return [_error((*loc, "type"), msg, model.type)]
+    errors = []
+    if model.vocab_size != vocab:
+        msg = f"model.vocab_size is {model.vocab_size} but dataset {info.name!r} has {vocab} tokens"
+        errors.append(_error((*loc, "vocab_size"), msg, model.vocab_size))
+    if context is not None and model.context < context:
+        msg = f"model.context is {model.context} but dataset {info.name!r} needs at least {context}"
+        errors.append(_error((*loc, "context"), msg, model.context))
     return errors
 
 
