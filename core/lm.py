@@ -47,6 +47,11 @@ class TransformerLM(Module):
         self.norm = LayerNorm(d_model, dtype=dtype)
         self.head = Linear(d_model, vocab_size, **kw, init="uniform")
 
+    @property
+    def modules(self) -> list[Module]:
+        """The sub-modules in order, as `Sequential.modules` lists them."""
+        return [self.tok_emb, self.pos_emb, *self.blocks, self.norm, self.head]
+
     def forward(self, tokens) -> Tensor:
         *_, (_, logits) = self.layer_outputs(tokens)
         return logits

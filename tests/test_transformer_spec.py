@@ -13,6 +13,7 @@ from core import optim
 from tests.helpers import require, torch_lm
 from workers.catalogue import DatasetInfo
 from workers.checkpoint import MODEL_FILE, save_checkpoint
+from workers.health import snapshot, step_stats
 from workers.model import average_and_step, build_model, build_optimizer, evaluate, grad_sum
 from workers.spec import TrainingSpec, data_errors, model_size
 
@@ -81,6 +82,10 @@ def test_the_issues_model_builds_with_torch_names_and_its_counted_size():
     assert size.params == s.model.n_params == sum(p.data.size for p in model.parameters())
     assert size.flops > 16 * 2 * 64 * (4 * 64 + 2 * 256) and size.activations > 0
     assert not model.training
+    assert [type(m).__name__ for m in model.modules][::3] == [
+        "Embedding",
+        "TransformerEncoderLayer",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -171,3 +176,18 @@ def test_the_checkpoint_loads_into_the_torch_module(tmp_path):
     with torch.no_grad():
         expected = theirs(torch.from_numpy(prompt)).numpy()
     np.testing.assert_allclose(model(prompt).data, expected, rtol=0, atol=1e-9)
+
+
+def test_health_checks_see_every_layer():
+    s = TrainingSpec.model_validate(spec())
+    model = build_model(s)
+    params, X = model.parameters(), tokens(4)
+    opt = build_optimizer(s, params)
+    before = snapshot(model, X)
+    grads, loss_sum = grad_sum(model, s.loss, X, None)
+    average_and_step(params, opt, grads, len(X), loss_sum, 0)
+    stats = step_stats(model, before)
+    last = ["self_attn", "self_attn.out_proj", "linear1", "linear2", "norm1", "norm2"]
+    expected = [f"blocks.1.{k}" for k in last] + ["norm", "head"]
+    assert [st["layer"] for st in stats][-8:] == expected
+    assert all(st["grad_norm"] > 0 for st in stats)
