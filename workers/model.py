@@ -238,18 +238,32 @@ def blas_limit(threads: int):
             lib.set_num_threads(n)
 
 
+EVAL_CHUNK_ROWS = 4096  # rows evaluated at once: the coordinator's activations stay bounded
+
+
+def chunks(n: int) -> list[slice]:
+    """Slices over `n` rows, EVAL_CHUNK_ROWS at a time."""
+    size = EVAL_CHUNK_ROWS
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 def evaluate(model: nn.Module, loss: str, X: np.ndarray, y: np.ndarray, classify: bool) -> dict:
-    """Mean loss over X, and accuracy when the task is classification; no graph is built."""
+    """Mean loss over X, and accuracy when the task is classification; no graph is built.
+    In chunks of EVAL_CHUNK_ROWS rows, so a large validation set never is one forward pass."""
     if len(X) == 0:
         return {"loss": None, "accuracy": None}
+    total, count, correct = 0.0, 0, 0
     with no_grad(), in_mode(model, training=False):
-        out = model(Tensor(X))
-        value = float(LOSSES[loss](out, y, reduction="mean").data)
-    result = {"loss": value, "accuracy": None}
+        for rows in chunks(len(X)):
+            out = model(Tensor(X[rows]))
+            losses = LOSSES[loss](out, y[rows], reduction="none").data
+            total, count = total + float(losses.sum()), count + losses.size
+            if classify:
+                truth = y[rows].reshape(len(out.data), -1)[:, 0]
+                correct += int(np.sum(predict_classes(out.data, loss) == truth))
+    result = {"loss": total / count, "accuracy": None}
     if classify:
-        result["accuracy"] = float(
-            np.mean(predict_classes(out.data, loss) == y.reshape(len(y), -1)[:, 0])
-        )
+        result["accuracy"] = correct / len(X)
     return result
 
 
