@@ -56,12 +56,17 @@ class Stopped(RuntimeError):
 POLL_S = 0.1  # how often a wait for Ray looks at the run's stop request
 
 
+def check_stop(stop: threading.Event | None) -> None:
+    """Stopped if the run was asked to stop (while its workers start)."""
+    if stop is not None and stop.is_set():
+        raise Stopped("stopped while the workers were starting")
+
+
 def wait_for(ref: ray.ObjectRef, timeout: float, stop: threading.Event | None):
     """`ray.get(ref, timeout=timeout)`, but Stopped as soon as `stop` is set."""
     deadline = time.monotonic() + timeout
     while True:
-        if stop is not None and stop.is_set():
-            raise Stopped("stopped while the workers were starting")
+        check_stop(stop)
         left = deadline - time.monotonic()
         if left <= 0:
             raise GetTimeoutError(f"not ready within {timeout:g}s")
@@ -235,8 +240,8 @@ class WorkerPool:
                     raise WorkerFailure(f"could not start worker {rank}: {err}") from None
                 log.warning("new worker %d died before it started; starting another", rank)
                 actor = None
-                if (self.stop or threading.Event()).wait(1.0):
-                    raise Stopped("stopped while the workers were starting") from None
+                (self.stop or threading.Event()).wait(1.0)
+                check_stop(self.stop)
             except GetTimeoutError:
                 ray.kill(actor, no_restart=True)
                 raise ClusterTooSmall(
