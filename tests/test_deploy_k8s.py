@@ -265,10 +265,19 @@ def test_api_probes_hit_healthz(rendered):
             assert get is None or get["path"] == "/healthz", f"{overlay}: {probe}"
 
 
-def test_images_are_set_once_through_kustomize():
+def test_images_are_set_once_through_kustomize(rendered):
     base = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
     (image,) = [i for i in base["images"] if i["name"] == "shardgrad"]
     assert image.get("newTag") or image.get("digest")
+    expected = f"{image['newName']}:{image['newTag']}"
+    for overlay, docs in rendered.items():
+        ours = [
+            c["image"]
+            for spec in pod_specs(docs).values()
+            for c in containers(spec)
+            if "postgres" not in c["image"]
+        ]
+        assert set(ours) == {expected}, overlay
     for path in sorted(K8S.rglob("*.yaml")):
         if path.name != "kustomization.yaml":
             images = re.findall(r"^\s*image: (\S+)", path.read_text(), re.M)
