@@ -3,6 +3,7 @@ and with pyproject.toml (one image tag, one Python, one Ray version, SHARDGRAD_ 
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import subprocess
@@ -33,6 +34,7 @@ def load_all(path: Path) -> list:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
+@functools.cache
 def k8s_docs() -> list[dict]:
     """The objects of deploy/k8s as written (tests/test_deploy_k8s.py checks them rendered)."""
     paths = sorted((DEPLOY / "k8s").rglob("*.yaml"))
