@@ -1,4 +1,5 @@
-"""Sequence data: builtin addition and reverse, uploaded text."""
+"""Sequence data (builtin addition and reverse, uploaded text) and generation from any
+logits function, scored by exact match against lookup-table models."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from workers import sequences
 from workers.catalogue import DIGITS_VOCAB
 from workers.data import PreparedData
 from workers.datasets import describe, load_dataset, save_uploaded, train_val_split
+from workers.generate import generate, val_exact_match
 from workers.sequences import decode, encode, read_text
 from workers.spec import BuiltinData, TrainingSpec, UploadedData, _sequence_errors
 
@@ -175,3 +177,99 @@ def test_encode_names_the_position_of_an_unknown_symbol():
     with pytest.raises(sequences.UnknownSymbol, match="'x' at position 2") as err:
         encode("12x3", DIGITS_VOCAB)
     assert err.value.position == 2
+
+
+# ---------------------------------------------------------------- generation
+
+
+def oracle(wrong=lambda text: False, context=None):
+    """A lookup-table language model of the digit tasks: after "<q>=" it spells the right
+    answer, then "."; it answers 1 too much where `wrong(q)`; elsewhere it is uniform."""
+
+    def answer(q: str) -> str:
+        if "+" not in q:
+            return q[::-1]
+        a, b = map(int, q.split("+"))
+        return str(a + b + wrong(q))
+
+    def logits_fn(tokens):
+        assert context is None or tokens.shape[1] <= context
+        out = np.zeros((*tokens.shape, len(DIGITS_VOCAB)))
+        for i, row in enumerate(tokens):
+            text = decode(row, DIGITS_VOCAB)
+            if "=" in text:
+                q, done = text.split("=", 1)
+                full = answer(q) + "." * (len(done) + 1)
+                out[i, -1, DIGITS_VOCAB.index(full[len(done)])] = 5.0
+        return out
+
+    return logits_fn
+
+
+@pytest.mark.parametrize("name", ["addition", "reverse"])
+def test_exact_match_of_an_oracle_and_of_a_model_that_errs(name):
+    ds = load_dataset(task(name, n_digits=2, n_samples=60), 0)
+    assert val_exact_match(oracle(), ds.info, ds.X) == 1.0
+    odd = lambda q: sum(map(int, q.split("+"))) % 2 == 1  # noqa: E731
+    wrong = [t for t in texts(ds) if "+" in t and odd(question(t)[0])]
+    if name == "addition":
+        assert 0 < len(wrong) < 60
+    assert val_exact_match(oracle(odd), ds.info, ds.X) == (60 - len(wrong)) / 60
+    assert val_exact_match(oracle(), ds.info, ds.X[:0]) is None
+
+
+def test_greedy_generation_and_its_logprobs():
+    prompt = encode("37+58=", DIGITS_VOCAB)
+    tokens, logprobs = generate(oracle(context=9), prompt, max_tokens=4, context=9)
+    assert decode(tokens, DIGITS_VOCAB) == "95.."
+    expected = 5.0 - np.log(np.exp(5.0) + 12)  # one logit of 5, twelve of 0
+    np.testing.assert_allclose(logprobs, [expected] * 4, rtol=1e-12)
+    batch = np.stack([prompt, encode("12+34=", DIGITS_VOCAB)])
+    out = generate(oracle(), batch, max_tokens=3, context=9)
+    assert [decode(row, DIGITS_VOCAB) for row in out.tokens] == ["95.", "46."]
+    assert out.tokens.shape == out.logprobs.shape == (2, 3)
+    assert generate(oracle(), prompt, 0, 9).tokens.shape == (0,)
+    seen = []  # the model reads at most the last `context` tokens
+    generate(lambda t: seen.append(decode(t[0], DIGITS_VOCAB)) or fixed(t), prompt, 3, 4)
+    assert seen == ["+58=", "58=0", "8=00"]
+
+
+SAYS = np.log([0.5, 0.3, 0.15, 0.05])
+
+
+def fixed(tokens):
+    """A model that always says SAYS, whatever it reads."""
+    return np.broadcast_to(SAYS, (*tokens.shape, 4))
+
+
+def test_sampling_is_reproducible_from_the_seed_and_follows_the_temperature():
+    z = SAYS
+    prompts = np.zeros((4000, 1), dtype=np.int64)
+    a = generate(fixed, prompts, 2, 4, temperature=1.0, seed=1).tokens
+    np.testing.assert_array_equal(a, generate(fixed, prompts, 2, 4, temperature=1.0, seed=1).tokens)
+    assert not np.array_equal(a, generate(fixed, prompts, 2, 4, temperature=1.0, seed=2).tokens)
+    share = np.bincount(a.ravel(), minlength=4) / a.size
+    np.testing.assert_allclose(share, [0.5, 0.3, 0.15, 0.05], atol=0.015)
+    hot = generate(fixed, prompts, 1, 4, temperature=2.0, seed=1).tokens
+    p = np.exp(z / 2) / np.exp(z / 2).sum()
+    np.testing.assert_allclose(np.bincount(hot.ravel(), minlength=4) / hot.size, p, atol=0.02)
+    top2 = generate(fixed, prompts, 1, 4, temperature=1.0, top_k=2, seed=1).tokens
+    np.testing.assert_allclose(np.bincount(top2.ravel()) / top2.size, [0.625, 0.375], atol=0.02)
+    top1 = generate(fixed, prompts[:5], 3, 4, temperature=1.0, top_k=1, seed=1)
+    assert (top1.tokens == 0).all()
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"context": 0}, "context"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"prompt_ids": []}, "prompt_ids"),
+    ],
+)
+def test_generation_arguments_are_checked(kw, message):
+    args = {"prompt_ids": [1, 2], "max_tokens": 2, "context": 4} | kw
+    with pytest.raises(ValueError, match=message):
+        generate(oracle(), **args)
