@@ -434,8 +434,10 @@ def _count(n: int, noun: str) -> str:
 def _model_errors(spec: TrainingSpec, info: DatasetInfo) -> list[InitErrorDetails]:
     """The model's input width must match the data, its output width the loss."""
     model, name, loss = spec.model, info.name, spec.loss
-    if info.task == "sequence" or model.type == "transformer":
-        return _sequence_errors(spec, info)
+    if info.task == "sequence" and model.type != "transformer":
+        msg = f"model.type: {model.type!r} cannot read dataset {name!r} (token ids); use a "
+        msg += "'transformer'"
+        return [_error(("model", model.type, "type"), msg, model.type)]
     errors = _input_errors(model, info)
     width = model.out_width
     if model.type == "mlp":
@@ -469,37 +471,6 @@ def _model_errors(spec: TrainingSpec, info: DatasetInfo) -> list[InitErrorDetail
         wanted = _count(outputs, "output")
         msg = f"{gives} but {loss} on {name!r} needs {wanted} ({why})"
         errors.append(_error(loc, msg, width))
-    return errors
-
-
-def _sequence_errors(spec: TrainingSpec, info: DatasetInfo) -> list[InitErrorDetails]:
-    """A language model against its data: token ids need a transformer (and a transformer
-    needs them), next-token cross-entropy, the data's vocabulary, and a context that holds
-    a sample (samples of context + 1 tokens)."""
-    model, name = spec.model, info.name
-    if info.task != "sequence":
-        msg = "model.type: 'transformer' needs sequence data (builtin addition or reverse, or "
-        msg += f"an uploaded .txt); dataset {name!r} is {info.task} data"
-        return [_error(("model", model.type, "type"), msg, model.type)]
-    if model.type != "transformer":
-        msg = f"model.type: {model.type!r} cannot read dataset {name!r}, whose samples are token "
-        msg += "ids; use 'transformer'"
-        return [_error(("model", model.type, "type"), msg, model.type)]
-    errors = []
-    if spec.loss != "cross_entropy":
-        msg = (
-            f"loss: a language model on {name!r} needs cross_entropy (next-token), not {spec.loss}"
-        )
-        errors.append(_error(("loss",), msg, spec.loss))
-    vocab_size = getattr(model, "vocab_size", None)
-    if vocab_size != info.vocab_size:
-        msg = f"model.vocab_size is {vocab_size} but dataset {name!r} has {info.vocab_size} symbols"
-        errors.append(_error(("model", model.type, "vocab_size"), msg, vocab_size))
-    context = model_context(model)
-    if info.context is not None and (context is None or context < info.context):
-        msg = f"model.context is {context} but dataset {name!r} needs at least {info.context} "
-        msg += f"(samples of {info.context + 1} tokens)"
-        errors.append(_error(("model", model.type, "context"), msg, context))
     return errors
 
 
