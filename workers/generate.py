@@ -46,26 +46,21 @@ def generate(
     _check(tokens, max_tokens, context, temperature, top_k)
     rng = np.random.default_rng([seed, _SAMPLE_TAG])
     rows = np.arange(len(tokens))
-    chosen, logprobs = [], []
-    for _ in range(max_tokens):
+    chosen = np.zeros((len(tokens), max_tokens), dtype=np.int64)
+    logprobs = np.zeros((len(tokens), max_tokens))
+    for i in range(max_tokens):
         window = tokens[:, -context:]
         logits = np.asarray(logits_fn(window), dtype=np.float64)
         if logits.ndim != 3 or logits.shape[:2] != window.shape:
             raise ValueError(f"logits_fn gave shape {logits.shape} for tokens {window.shape}")
         logits = logits[:, -1]
         if temperature == 0:
-            token = logits.argmax(axis=1)
+            chosen[:, i] = logits.argmax(axis=1)
         else:
-            token = _sample(logits / temperature, top_k, rng)
-        chosen.append(token)
-        logprobs.append(_log_softmax(logits)[rows, token])
-        tokens = np.concatenate([tokens, token[:, None]], axis=1)
-    shape = (len(tokens), max_tokens)
-    out = Generation(
-        np.stack(chosen, axis=1) if chosen else np.zeros(shape, np.int64),
-        np.stack(logprobs, axis=1) if logprobs else np.zeros(shape),
-    )
-    return Generation(out.tokens[0], out.logprobs[0]) if one else out
+            chosen[:, i] = _sample(logits / temperature, top_k, rng)
+        logprobs[:, i] = _log_softmax(logits)[rows, chosen[:, i]]
+        tokens = np.concatenate([tokens, chosen[:, i, None]], axis=1)
+    return Generation(chosen[0], logprobs[0]) if one else Generation(chosen, logprobs)
 
 
 def _check(tokens, max_tokens, context, temperature, top_k) -> None:
