@@ -24,11 +24,10 @@ from service.api.errors import field_error, field_errors
 from service.config import Settings
 from workers.catalogue import DatasetInfo
 from workers.explain import REFINE_ROUNDS, SPLIT
+from workers.model import EVAL_CHUNK_ROWS
 from workers.sampler import Schedule
 from workers.spec import TrainingSpec, model_size
 
-# Rows the coordinator evaluates at once (the validation set, in chunks of this many).
-EVAL_CHUNK_ROWS = 4096
 # Passes over the model per row: a gradient is a forward and a backward (~2 forwards).
 GRADIENT_PASSES = 3
 

@@ -261,8 +261,12 @@ class DatasetOut(BaseModel):
     n_samples: int
     n_features: int
     n_classes: int | None
-    task: str
+    task: str = Field(description="classification, regression, or sequence (a text)")
     filename: str
+    vocab: list[str] | None = Field(
+        None, description="a text's symbols, by token id (the sorted set of its characters)"
+    )
+    vocab_size: int | None = None
 
 
 class Node(BaseModel):

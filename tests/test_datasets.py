@@ -208,7 +208,7 @@ def test_npz_round_trip_with_2d_targets(tmp_path):
         ("d.npz", npz_bytes(X=np.ones((3, 2)), y=np.ones(2)), "X has 3 rows but y has 2"),
         ("d.npz", npz_bytes(X=np.array([["a"]]), y=np.ones(1)), "X must hold real numbers"),
         ("d.npz", npz_bytes(X=np.ones((1, 1)), y=np.array([np.inf])), "y contains NaN"),
-        ("d.txt", b"a,y\n1,2\n", "unsupported file type"),
+        ("d.json", b"a,y\n1,2\n", "unsupported file type"),
     ],
 )
 def test_bad_files_give_clear_errors(upload_dir, filename, raw, message):

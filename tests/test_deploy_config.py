@@ -3,6 +3,7 @@ and with pyproject.toml (one image tag, one Python, one Ray version, SHARDGRAD_ 
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import subprocess
@@ -33,8 +34,16 @@ def load_all(path: Path) -> list:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
+@functools.cache
 def k8s_docs() -> list[dict]:
-    return [doc for path in sorted((DEPLOY / "k8s").glob("*.yaml")) for doc in load_all(path)]
+    """The objects of deploy/k8s as written (tests/test_deploy_k8s.py checks them rendered)."""
+    paths = sorted((DEPLOY / "k8s").rglob("*.yaml"))
+    docs = [doc for path in paths if path.name != "kustomization.yaml" for doc in load_all(path)]
+    return [doc for doc in docs if "kind" in doc and "metadata" in doc]
+
+
+def kustomization(path: str = "base") -> dict:
+    return load_all(DEPLOY / "k8s" / path / "kustomization.yaml")[0]
 
 
 def k8s(kind: str, name: str | None = None) -> dict:
@@ -71,10 +80,12 @@ def test_every_yaml_file_parses():
     assert {p.relative_to(DEPLOY).as_posix() for p in paths} >= {
         "compose.yaml",
         "ray-up.yaml",
-        "k8s/raycluster.yaml",
-        "k8s/api.yaml",
+        "k8s/base/raycluster.yaml",
+        "k8s/base/api.yaml",
+        "k8s/base/postgres.yaml",
         "k8s/secret.yaml",
-        "k8s/ingress.yaml",
+        "k8s/overlays/ha/kustomization.yaml",
+        "k8s/overlays/ingress/ingress.yaml",
     }
     for path in paths:
         docs = load_all(path)
@@ -86,16 +97,21 @@ def test_versions_match_pyproject():
     assert dockerfile_arg("PYTHON_VERSION") == PYTHON
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert "FROM python:${PYTHON_VERSION}-slim" in dockerfile
-    assert '"ray[default]==${RAY_VERSION}"' in dockerfile
+    # Ray comes from constraints.txt (tests/test_deploy_constraints.py); the image checks it.
+    assert f"ray=={RAY_PIN}" in (REPO / "constraints.txt").read_text().splitlines()
+    assert "assert ray.__version__ == '${RAY_VERSION}'" in dockerfile
     assert k8s("RayCluster")["spec"]["rayVersion"] == RAY_PIN
     setup = " ".join(load_all(DEPLOY / "ray-up.yaml")[0]["setup_commands"])
-    assert f'"ray[default]=={RAY_PIN}"' in setup
+    assert f"ray.__version__ == '{RAY_PIN}'" in setup
     assert f"python{PYTHON} -m venv" in setup
     assert f"shardgrad-{VERSION}-py3-none-any.whl" in setup
 
 
 def test_one_image_tag_everywhere():
-    images = [c["image"] for c in pod_containers().values()]
+    # deploy/k8s names the image `shardgrad`; kustomize's `images:` sets it in one place.
+    assert {c["image"] for c in pod_containers().values()} == {"shardgrad"}
+    (image,) = [i for i in kustomization()["images"] if i["name"] == "shardgrad"]
+    images = [f"{image['newName']}:{image['newTag']}"] * len(pod_containers())
     services = compose()["services"]
     images += [s["image"] for s in services.values() if "shardgrad" in s.get("image", "")]
     assert len(images) == 3 + 3  # head, workers, API in k8s; ray-head, ray-worker, api in compose
@@ -129,9 +145,46 @@ def test_compose_services():
         assert services[name]["environment"]["RAY_AUTH_MODE"] == "token"
         assert services[name]["environment"]["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN")
 
-    # The checkpoint volume at the same path in the API and Ray containers.
-    for name in ("ray-head", "ray-worker", "api"):
-        assert "data:/data" in services[name]["volumes"], name
+    # The checkpoint volume in the API only: the coordinators write every checkpoint.
+    assert services["api"]["volumes"] == ["data:/data"]
+    for name in ("ray-head", "ray-worker"):
+        assert not services[name].get("volumes"), name
+
+
+def _bytes(size: str | int) -> int:
+    """A size as compose ("1gb", "4g") or Kubernetes ("1Gi", "805306368") writes it."""
+    number, unit = re.fullmatch(r"(\d+)([kmg]i?b?)?", str(size), re.I).groups()
+    return int(number) * 1024 ** ("kmg".index(unit[0].lower()) + 1 if unit else 0)
+
+
+def test_compose_sizes_memory_like_kubernetes():
+    """Object store < /dev/shm < memory limit, with the same numbers, role by role."""
+    services = compose()["services"]
+    ray = k8s("RayCluster")["spec"]
+    api = k8s("Deployment", "shardgrad-api")["spec"]["template"]
+    api_store = env_of(api["spec"]["containers"][0])["RAY_OBJECT_STORE_MEMORY"]["value"]
+    head, workers = ray["headGroupSpec"], ray["workerGroupSpecs"][0]
+    kube = {
+        "ray-head": (head["rayStartParams"], head["template"]),
+        "ray-worker": (workers["rayStartParams"], workers["template"]),
+        "api": ({"object-store-memory": api_store}, api),
+    }
+    for name, (params, template) in kube.items():
+        shm = next(v for v in template["spec"]["volumes"] if v["name"] == "dshm")
+        container = template["spec"]["containers"][0]
+        expected = (
+            _bytes(params["object-store-memory"]),
+            _bytes(shm["emptyDir"]["sizeLimit"]),
+            _bytes(container["resources"]["limits"]["memory"]),
+        )
+        service = services[name]
+        got = (
+            _bytes(service["environment"]["RAY_OBJECT_STORE_MEMORY"]),
+            _bytes(service["shm_size"]),
+            _bytes(service["mem_limit"]),
+        )
+        assert got == expected, name
+        assert got[0] < got[1] < got[2], name
 
 
 def test_compose_publishes_only_the_api():
@@ -151,30 +204,20 @@ def test_kubernetes_manifests():
     assert ray["spec"]["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
     assert ray["spec"]["workerGroupSpecs"][0]["replicas"] >= 2
 
+    # Every Secret key a manifest reads has its placeholder in secret.yaml.
     secrets = {d["metadata"]["name"]: d for d in k8s_docs() if d["kind"] == "Secret"}
-    for name, container in pod_containers().items():
-        env = env_of(container)
-        assert env["RAY_AUTH_MODE"]["value"] == "token", name
-        ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
-        assert ref["key"] in secrets[ref["name"]]["stringData"], name
+    assert "auth_token" in secrets[ray["spec"]["authOptions"]["secretName"]]["stringData"]
+    for name, container in {**pod_containers(), "postgres": postgres_container()}.items():
+        for entry in container.get("env", []):
+            if ref := entry.get("valueFrom", {}).get("secretKeyRef"):
+                assert ref["key"] in secrets[ref["name"]]["stringData"], (name, ref)
 
-    api = pod_containers()["api"]
-    env = env_of(api)
+    env = env_of(pod_containers()["api"])
     assert env["RAY_ADDRESS"]["value"] == f"{ray['metadata']['name']}-head-svc:6379"
     assert env["SHARDGRAD_DATA_DIR"]["value"] == "/data"
-    for name in ("SHARDGRAD_API_TOKEN", "SHARDGRAD_DATABASE_URL"):
-        ref = env[name]["valueFrom"]["secretKeyRef"]
-        assert ref["key"] in secrets[ref["name"]]["stringData"], name
-    assert secrets["shardgrad-api"]["stringData"]["database-url"].startswith(
-        "postgresql+psycopg://"
-    )
+    assert env["SHARDGRAD_DATABASE_URL"]["value"].startswith("postgresql+psycopg://")
     bad = [k for k in env if not k.startswith(("SHARDGRAD_", "RAY_"))]
     assert not bad, f"api settings must use the SHARDGRAD_ prefix: {bad}"
-
-    pvc = k8s("PersistentVolumeClaim", "shardgrad-data")
-    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    for name, container in pod_containers().items():
-        assert "/data" in {m["mountPath"] for m in container["volumeMounts"]}, name
 
     service = k8s("Service", "shardgrad-api")
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
@@ -188,12 +231,20 @@ def test_kubernetes_manifests():
     assert backend["name"] == "shardgrad-api"
 
 
-def test_kustomization_lists_the_manifests_but_not_the_secret_placeholders():
-    kustomization = load_all(DEPLOY / "k8s" / "kustomization.yaml")[0]
-    resources = set(kustomization["resources"])
-    assert "secret.yaml" not in resources
-    on_disk = {p.name for p in (DEPLOY / "k8s").glob("*.yaml")}
-    assert resources == on_disk - {"kustomization.yaml", "secret.yaml"}
+def postgres_container() -> dict:
+    return k8s("StatefulSet", "shardgrad-postgres")["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_kustomizations_list_the_manifests_but_not_the_secret_placeholders():
+    base = DEPLOY / "k8s" / "base"
+    assert set(kustomization()["resources"]) == {p.name for p in base.glob("*.yaml")} - {
+        "kustomization.yaml"
+    }
+    assert kustomization(".")["resources"] == ["base"]
+    for overlay in ("ha", "ingress"):
+        assert "../../base" in kustomization(f"overlays/{overlay}")["resources"], overlay
+    every = (DEPLOY / "k8s").rglob("kustomization.yaml")
+    assert not any("secret.yaml" in path.read_text() for path in every)
 
 
 def test_ray_up_config_is_valid_for_ray():

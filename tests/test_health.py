@@ -106,7 +106,9 @@ def test_exploding_gradients_over_a_synthetic_series():
     assert warning["message"].startswith("layers.1: gradient norm is nan")
 
 
-def test_active_units_are_the_relu_outputs_above_zero_on_some_row():
+@pytest.mark.parametrize("chunk_rows", [4096, 7])  # one forward pass, and 8 chunks
+def test_active_units_are_the_relu_outputs_above_zero_on_some_row(chunk_rows, monkeypatch):
+    monkeypatch.setattr("workers.model.EVAL_CHUNK_ROWS", chunk_rows)
     model = nn.MLP([2, 16, 16, 2], activation="relu", seed=0, bias_init=-0.5)
     X = np.random.default_rng(0).normal(size=(50, 2))
     masks = active_units(model, X)

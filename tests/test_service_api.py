@@ -326,7 +326,7 @@ def test_dataset_upload_and_use(env):
     bad = {"type": "mlp", "sizes": [2, 4, 3]}
     r = client.post("/api/v1/jobs", json=spec(data=data, model=bad))
     assert ("body", "model", "mlp", "sizes", 0) in locs(r)
-    r = client.post("/api/v1/datasets", files={"file": ("d.txt", b"hello")})
+    r = client.post("/api/v1/datasets", files={"file": ("d.json", b"hello")})
     assert locs(r) == [("body", "file")]
 
 

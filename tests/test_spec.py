@@ -185,7 +185,7 @@ def test_unknown_builtin_lists_the_valid_ones():
     err = only_error(data={"type": "builtin", "name": "foo"})
     assert err["msg"] == (
         "data.name: unknown dataset 'foo'; "
-        "valid: blobs, circles, digits, iris, moons, shapes, sine, spirals, xor"
+        "valid: addition, blobs, circles, digits, iris, moons, reverse, shapes, sine, spirals, xor"
     )
     assert err["loc"] == ("data", "builtin", "name")
 

@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import core.functional as F
 from core import nn, optim
@@ -63,3 +64,23 @@ def test_two_moons_with_sgd_and_sum_reduction():
 def test_core_demo_reaches_97_percent(capsys):
     assert demo.main() >= 0.97
     assert "final validation accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("chunk_rows", [4096, 7])  # one forward pass, and 8 chunks
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_evaluate_in_chunks_is_the_whole_sets_mean(chunk_rows, loss, monkeypatch):
+    from workers.model import evaluate
+
+    monkeypatch.setattr("workers.model.EVAL_CHUNK_ROWS", chunk_rows)
+    rng = np.random.default_rng(0)
+    model, X = nn.MLP([3, 8, 2], seed=0), rng.normal(size=(50, 3))
+    y = rng.integers(0, 2, 50) if loss == "cross_entropy" else rng.normal(size=(50, 2))
+    got = evaluate(model, loss, X, y, classify=loss == "cross_entropy")
+    out = model(X).data
+    if loss == "cross_entropy":
+        expected = F.cross_entropy(model(X), y).item()
+        assert got["accuracy"] == np.mean(out.argmax(axis=1) == y)
+    else:
+        expected = np.mean((out - y) ** 2)
+        assert got["accuracy"] is None
+    assert got["loss"] == pytest.approx(expected, rel=1e-13)

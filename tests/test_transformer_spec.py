@@ -2,20 +2,19 @@
 parameter count), next-token gradient sums that add up across pieces, evaluation, and a
 checkpoint whose model.safetensors loads into the equivalent torch module."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
 import core.functional as F
-from core import optim
-from tests.helpers import require, torch_lm
-from workers.catalogue import DatasetInfo
-from workers.checkpoint import MODEL_FILE, save_checkpoint
+from tests.helpers import final_params, require, torch_lm
+from workers.checkpoint import MODEL_FILE
+from workers.data import check_data
+from workers.datasets import load_dataset
 from workers.health import snapshot, step_stats
 from workers.model import average_and_step, build_model, build_optimizer, evaluate, grad_sum
-from workers.spec import TrainingSpec, data_errors, model_size
+from workers.spec import TrainingSpec, model_size
+from workers.trainer import Trainer
 
 ISSUE_MODEL = {  # the issue's example, verbatim
     "type": "transformer",
@@ -108,29 +107,24 @@ def test_a_transformer_trains_by_cross_entropy():
 
 
 def test_the_data_must_be_tokens_of_the_models_vocabulary():
-    s = TrainingSpec.model_validate(spec())
-    moons = DatasetInfo("moons", 2, "classification", 2, 1, 100)
+    def found(data: dict, model=TINY) -> list[tuple[tuple, str]]:
+        s = TrainingSpec.model_validate(spec(model, data=data))
+        with pytest.raises(ValidationError) as e:
+            check_data(s)
+        return [(err["loc"], err["msg"]) for err in e.value.errors()]
 
-    def found(info):
-        return [(e["loc"], e["type"].message_template) for e in data_errors(s, lambda d: info)[1]]
-
-    ((loc, msg),) = found(moons)
-    assert loc == ("model", "transformer", "type") and "not one" in msg
-
-    @dataclasses.dataclass(frozen=True)
-    class SequenceInfo(DatasetInfo):  # what a sequence dataset adds to its description
-        vocab_size: int | None = None
-        context: int | None = None
-
-    text = SequenceInfo("text", 7, "classification", 14, 1, 100, vocab_size=14, context=None)
-    assert found(text) == []
-    addition = dataclasses.replace(text, name="addition", vocab_size=13, context=8)
-    assert found(addition) == [
+    ((loc, msg),) = found({"type": "builtin", "name": "moons"})
+    assert loc == ("model", "transformer", "type") and "'moons' is not one" in msg
+    addition = {"type": "builtin", "name": "addition", "n_digits": 2, "n_samples": 50}
+    assert found(addition) == [  # "37+58=95.." is 10 tokens over "0-9+=."
         (("model", "transformer", "vocab_size"), "model.vocab_size is 14 but dataset "
          "'addition' has 13 tokens"),
         (("model", "transformer", "context"), "model.context is 6 but dataset 'addition' "
-         "needs at least 8"),
+         "needs at least 9"),
     ]  # fmt: skip
+    model = {**TINY, "vocab_size": 13, "context": 9}
+    fits = TrainingSpec.model_validate(spec(model, data=addition))
+    assert check_data(fits).context == 9
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -156,26 +150,26 @@ def test_gradient_sums_of_pieces_add_up_to_the_whole(dropout):
         assert result["accuracy"] == pytest.approx(hits.mean())
 
 
-def test_the_checkpoint_loads_into_the_torch_module(tmp_path):
+def test_a_run_on_addition_writes_a_checkpoint_that_loads_into_the_torch_module(tmp_path):
     torch = require("torch")
     safetensors_numpy = require("safetensors.numpy")
-    s = TrainingSpec.model_validate(spec())
-    model, X = build_model(s), tokens(4, seed=1)
-    params = model.parameters()
-    opt = build_optimizer(s, params)
-    assert isinstance(opt, optim.Adam)
-    grads, loss_sum = grad_sum(model, s.loss, X, None)
-    average_and_step(params, opt, grads, len(X), loss_sum, 0)  # weights moved from init
-    path = save_checkpoint(tmp_path, 1, model.state_dict(), {}, {"step": 1})
-    state = safetensors_numpy.load_file(path / MODEL_FILE)
+    model = {**TINY, "vocab_size": 13, "context": 9, "dropout": 0.1}
+    data = {"type": "builtin", "name": "addition", "n_digits": 2, "n_samples": 120}
+    s = TrainingSpec.model_validate(spec(model, data=data, batch_size=16, health_every=2))
+    result = Trainer(s, tmp_path).run()
+    assert result["status"] == "succeeded" and result["health"]["warnings"] == []
+    (weights,) = tmp_path.glob(f"checkpoints/step-*/{MODEL_FILE}")
+    state = safetensors_numpy.load_file(weights)
     m = s.model
     theirs = torch_lm(torch, m.vocab_size, m.context, m.d_model, m.heads, m.layers, 12)
     theirs.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     theirs.eval()
-    prompt = X[:, :5].astype(np.int64)  # shorter than the context, as in generation
+    ours = build_model(s)
+    ours.load_state_dict(final_params(tmp_path))
+    prompt = load_dataset(s.data, s.seed).X[:5, :6].astype(np.int64)  # "ab+cd=", as generating
     with torch.no_grad():
         expected = theirs(torch.from_numpy(prompt)).numpy()
-    np.testing.assert_allclose(model(prompt).data, expected, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(ours(prompt).data, expected, rtol=0, atol=1e-9)
 
 
 def test_health_checks_see_every_layer():

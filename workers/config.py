@@ -38,6 +38,12 @@ class WorkerSettings(BaseSettings):
     pin_workers: bool = Field(
         True, description="pin compiled-graph workers to free cores ($SHARDGRAD_PIN_WORKERS)"
     )
+    placement_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="how long a job's workers may take to be placed and start before the job "
+        "fails as too big for the cluster ($SHARDGRAD_PLACEMENT_TIMEOUT_S)",
+    )
     step_timeout_s: float = Field(
         300.0,
         gt=0,

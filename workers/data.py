@@ -11,7 +11,14 @@ import numpy as np
 from workers.catalogue import DatasetInfo
 from workers.config import WorkerSettings
 from workers.datasets import describe, load_dataset, targets_for, train_val_split
-from workers.spec import ALLOW_FILES, DESCRIBE_DATA, TrainingSpec, data_errors, raise_errors
+from workers.spec import (
+    ALLOW_FILES,
+    DESCRIBE_DATA,
+    TrainingSpec,
+    data_errors,
+    model_context,
+    raise_errors,
+)
 
 
 def check_data(spec: TrainingSpec, datasets_dir: Path | None = None) -> DatasetInfo:
@@ -24,6 +31,12 @@ def check_data(spec: TrainingSpec, datasets_dir: Path | None = None) -> DatasetI
     return info
 
 
+def describe_data(spec: TrainingSpec, datasets_dir: Path | None = None) -> DatasetInfo:
+    """The description of the spec's data as its model sees it (an uploaded text cut into
+    windows of the model's context)."""
+    return describe(spec.data, datasets_dir, model_context(spec.model))
+
+
 def with_data(datasets_dir: Path | None = None, *, allow_files: bool = True) -> dict:
     """The validation context of a submission: `TrainingSpec.model_validate(obj,
     context=with_data(...))` validates the spec and checks it against its data as
@@ -32,16 +45,19 @@ def with_data(datasets_dir: Path | None = None, *, allow_files: bool = True) -> 
 
 
 class PreparedData:
-    """Training and validation arrays in the spec's dtype and the loss's target form."""
+    """Training and validation arrays in the spec's dtype and the loss's target form.
+    Sequence data keeps its int64 token ids (and its empty y)."""
 
     def __init__(self, spec: TrainingSpec, settings: WorkerSettings | None = None):
         settings = settings or WorkerSettings()
-        dataset = load_dataset(spec.data, spec.seed, settings.datasets_dir)
+        context = model_context(spec.model)
+        dataset = load_dataset(spec.data, spec.seed, settings.datasets_dir, context)
         train, val = train_val_split(dataset, spec.validation_fraction, spec.seed)
         dtype = np.dtype(spec.dtype)
         self.info = dataset.info
         self.classify = dataset.info.task == "classification"
-        self.X = np.ascontiguousarray(train.X, dtype=dtype)
+        x_dtype = np.int64 if dataset.info.task == "sequence" else dtype
+        self.X = np.ascontiguousarray(train.X, dtype=x_dtype)
         self.y = targets_for(train.y, spec.loss, dtype)
-        self.X_val = np.ascontiguousarray(val.X, dtype=dtype)
+        self.X_val = np.ascontiguousarray(val.X, dtype=x_dtype)
         self.y_val = targets_for(val.y, spec.loss, dtype)

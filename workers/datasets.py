@@ -1,7 +1,8 @@
 """Datasets: builtin generators, files and uploads, all as NumPy arrays.
 
 Every dataset is `X` (float64, C-contiguous, samples x features) and `y`: int64 class
-indices `(n,)` for classification, float64 `(n, n_targets)` for regression. Images are
+indices `(n,)` for classification, float64 `(n, n_targets)` for regression. Sequence data
+(workers/sequences.py) is the exception: X holds int64 token ids, y nothing. Images are
 flat rows too (C*H*W values each); `info.shape` records (C, H, W), and a model whose
 `input_shape` says so reshapes them (so workers gather rows as for any other data).
 
@@ -34,8 +35,9 @@ from pathlib import Path
 import numpy as np
 from numpy.lib import format as npy
 
-from workers.catalogue import DATASET_ID, MAX_CLASSES, DatasetInfo
+from workers.catalogue import DATASET_ID, MAX_CLASSES, TASKS, DatasetInfo, TooManyValues
 from workers.config import WorkerSettings
+from workers.sequences import read_text, stream_info, task_samples, windows, windows_info
 from workers.spec import MAX_DATASET_VALUES, DataSpec
 
 _DATA_TAG = 0xDA7A  # the generator stream of builtin datasets
@@ -55,6 +57,8 @@ class Dataset:
     info: DatasetInfo
     # Original label of each class index, when a file's labels were remapped to 0..k-1.
     labels: tuple[float, ...] | None = field(default=None)
+    # Consecutive windows of one text: validation is the last of them, not a random draw.
+    ordered: bool = field(default=False, kw_only=True)
 
     def __len__(self) -> int:
         return len(self.X)
@@ -203,10 +207,6 @@ def load_iris() -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------- files and uploads
-
-
-class TooManyValues(ValueError):
-    """A dataset over the limit of values (the service names its setting)."""
 
 
 def _read_npz(raw: bytes, max_values: int) -> tuple[np.ndarray, np.ndarray]:
@@ -386,7 +386,10 @@ def read_arrays(
         return _read_npz(raw, max_values)
     if suffix == ".csv":
         return _read_csv(raw, max_values)
-    raise ValueError(f"{filename!r}: unsupported file type; use .npz (arrays X, y) or .csv")
+    raise ValueError(
+        f"{filename!r}: unsupported file type; use .npz (arrays X, y) or .csv (or upload "
+        ".txt text for a character-level language model)"
+    )
 
 
 def _check_arrays(X: np.ndarray, y: np.ndarray) -> None:
@@ -445,9 +448,9 @@ def _no_upload(dataset_id: str, root: Path) -> FileNotFoundError:
     return FileNotFoundError(f"no uploaded dataset {dataset_id!r} in {root}")
 
 
-def _content_id(X: np.ndarray, y: np.ndarray) -> str:
+def _content_id(*arrays: np.ndarray) -> str:
     h = hashlib.sha256()
-    for a in (X, y):
+    for a in arrays:
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
@@ -456,23 +459,29 @@ def _content_id(X: np.ndarray, y: np.ndarray) -> str:
 def save_uploaded(
     raw: bytes, filename: str, root: Path | None = None, max_values: int = MAX_DATASET_VALUES
 ) -> UploadedDataset:
-    """Validate an uploaded .csv/.npz and store it as <root>/<id>.npz (id = content hash).
+    """Validate an uploaded .csv/.npz/.txt and store it as <root>/<id>.npz (id = content
+    hash): arrays X and y, or a text's character ids X and its vocabulary.
 
     Raises ValueError with a readable message when the file is not a usable dataset or
-    holds more than `max_values` values. Uploading the same arrays twice returns the same id.
+    holds more than `max_values` values (a text: characters). Uploading the same arrays
+    twice returns the same id.
     """
     filename = Path(filename).name
-    X, y = read_arrays(raw, filename, max_values)
-    from_arrays(filename, X, y)  # validates: raises ValueError on unusable arrays
-    X = np.ascontiguousarray(X, dtype=np.float64)
-    dataset_id, root = _content_id(X, y), dataset_root(root)
+    if Path(filename).suffix.lower() == ".txt":
+        ids, vocab = read_text(raw, max_values)
+        arrays = {"X": ids, "vocab": np.array(vocab)}
+    else:
+        X, y = read_arrays(raw, filename, max_values)
+        from_arrays(filename, X, y)  # validates: raises ValueError on unusable arrays
+        arrays = {"X": np.ascontiguousarray(X, dtype=np.float64), "y": y}
+    dataset_id, root = _content_id(*arrays.values()), dataset_root(root)
     path = _uploaded_path(dataset_id, root)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, X=X, y=y, filename=np.array(filename))
+                np.savez(f, **arrays, filename=np.array(filename))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # readers never see a half-written upload
@@ -494,8 +503,12 @@ def _load_uploaded(dataset_id: str, root: Path) -> tuple[Dataset, str]:
     if not path.is_file():
         raise _no_upload(dataset_id, root)
     with np.load(path, allow_pickle=False) as npz:
-        X, y = npz["X"], npz["y"]
         filename = str(npz["filename"]) if "filename" in npz.files else path.name
+        if "vocab" in npz.files:  # a text, as a stream of character ids
+            ids, vocab = npz["X"].astype(np.int64).reshape(-1, 1), tuple(npz["vocab"].tolist())
+            info = stream_info(dataset_id, len(ids), vocab)
+            return Dataset(ids, np.zeros((len(ids), 0), np.int64), info, ordered=True), filename
+        X, y = npz["X"], npz["y"]
     return from_arrays(dataset_id, X, y), filename
 
 
@@ -558,17 +571,29 @@ def _describe_file(path: str) -> DatasetInfo:
 # ---------------------------------------------------------------- the public entry points
 
 
-def describe(data: DataSpec, root: Path | None = None) -> DatasetInfo:
+def describe(data: DataSpec, root: Path | None = None, context: int | None = None) -> DatasetInfo:
     """Shape and task of a dataset. Builtins answer from the registry without generating;
-    a file or an upload is parsed once per content."""
+    a file or an upload is parsed once per content. `context`: the model's (see
+    `workers.spec.model_context`), which cuts an uploaded text into windows; without it a
+    text is described as a stream of characters."""
     if data.type == "builtin":
         return data.describe()
     if data.type == "dataset":
-        return get_uploaded(data.id, root)
+        info = get_uploaded(data.id, root)
+        if info.task == "sequence" and info.context is None and context is not None:
+            return windows_info(info, context)
+        return info
     return _describe_file(data.path)
 
 
-def load_dataset(data: DataSpec, seed: int, root: Path | None = None) -> Dataset:
+def load_dataset(
+    data: DataSpec, seed: int, root: Path | None = None, context: int | None = None
+) -> Dataset:
+    """The dataset a spec names; `context` as for `describe`."""
+    if data.type == "builtin" and data.name in TASKS:
+        info = data.describe()
+        X = task_samples(data.name, data.n_digits, info.n_samples, _rng(seed, _DATA_TAG))
+        return Dataset(X, np.zeros((len(X), 0), np.int64), info)
     if data.type == "builtin":
         info = data.describe()
         X, y = GENERATORS[data.name](info, data.noise, _rng(seed, _DATA_TAG))
@@ -580,21 +605,32 @@ def load_dataset(data: DataSpec, seed: int, root: Path | None = None) -> Dataset
         X, y = read_arrays(Path(data.path).read_bytes(), data.path)
         return from_arrays(data.path, X, y)
     if data.type == "dataset":
-        return _load_uploaded(data.id, dataset_root(root))[0]
+        dataset = _load_uploaded(data.id, dataset_root(root))[0]
+        if dataset.info.task != "sequence" or context is None:
+            return dataset
+        info = windows_info(dataset.info, context)  # raises if the text is too short
+        X = windows(dataset.X[:, 0], context)
+        return Dataset(X, np.zeros((len(X), 0), np.int64), info, ordered=True)
     raise ValueError(f"unknown data type {data.type!r}")
 
 
 def subset(dataset: Dataset, index: np.ndarray) -> Dataset:
     info = replace(dataset.info, n_samples=len(index))
-    return Dataset(dataset.X[index], dataset.y[index], info, dataset.labels)
+    return Dataset(
+        dataset.X[index], dataset.y[index], info, dataset.labels, ordered=dataset.ordered
+    )
 
 
 def train_val_split(
     dataset: Dataset, validation_fraction: float, seed: int
 ) -> tuple[Dataset, Dataset]:
-    """Hold out floor(n * fraction) samples, chosen by a permutation drawn from the seed."""
-    order = _rng(seed, _SPLIT_TAG).permutation(len(dataset))
+    """Hold out floor(n * fraction) samples, chosen by a permutation drawn from the seed;
+    of an ordered dataset (a text's windows), the last ones: the end of the text."""
     n_val = int(len(dataset) * validation_fraction)
+    if dataset.ordered:
+        order = np.roll(np.arange(len(dataset)), n_val)  # the last n_val first
+    else:
+        order = _rng(seed, _SPLIT_TAG).permutation(len(dataset))
     return subset(dataset, order[n_val:]), subset(dataset, order[:n_val])
 
 

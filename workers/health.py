@@ -26,7 +26,7 @@ import numpy as np
 
 from core import Tensor, no_grad
 from core.nn import MLP, Conv2d, Linear, ReLU, Sequential
-from workers.model import in_mode
+from workers.model import chunks, in_mode
 
 EXPLODING_FACTOR = 1e3  # gradient norm above this many times its initial value
 VANISHING_RATIO = 1e-6  # first layer's gradient norm below this times the last layer's
@@ -39,9 +39,15 @@ def active_units(model: MLP | Sequential, X) -> list[np.ndarray | None]:
     """Per parametrised layer followed by relu, a bool vector: the unit (or, for a conv,
     the channel) was > 0 for at least one row (and position); None for the others.
 
-    The model's own forward pass (`layer_outputs`) under no_grad, in eval mode.
+    The model's own forward pass (`layer_outputs`) under no_grad, in eval mode, over
+    EVAL_CHUNK_ROWS rows at a time (a global batch can be large).
     """
-    x = Tensor(np.asarray(X, dtype=model.parameters()[0].dtype))
+    X = np.asarray(X, dtype=model.parameters()[0].dtype)
+    parts = [_active_units(model, Tensor(X[rows])) for rows in chunks(len(X)) or [slice(0, 0)]]
+    return [None if m[0] is None else np.logical_or.reduce(m) for m in zip(*parts, strict=True)]
+
+
+def _active_units(model: MLP | Sequential, x: Tensor) -> list[np.ndarray | None]:
     with no_grad():
         if isinstance(model, MLP):
             hidden = itertools.islice(model.layer_outputs(x), len(model.layers) - 1)

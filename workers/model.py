@@ -263,20 +263,33 @@ def blas_limit(threads: int):
             lib.set_num_threads(n)
 
 
+EVAL_CHUNK_ROWS = 4096  # rows evaluated at once: the coordinator's activations stay bounded
+
+
+def chunks(n: int, size: int = EVAL_CHUNK_ROWS) -> list[slice]:
+    """Slices over `n` rows, EVAL_CHUNK_ROWS (or `size`) at a time."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 def evaluate(model: nn.Module, loss: str, X: np.ndarray, y: np.ndarray, classify: bool) -> dict:
-    """Mean loss over X, and accuracy when the task is classification; no graph is built."""
+    """Mean loss over X, and accuracy when the task is classification; no graph is built.
+    In chunks of EVAL_CHUNK_ROWS rows, so a large validation set never is one forward pass."""
     if len(X) == 0:
         return {"loss": None, "accuracy": None}
     if isinstance(model, TransformerLM):
         return _evaluate_lm(model, X, classify)
+    total, count, correct = 0.0, 0, 0
     with no_grad(), in_mode(model, training=False):
-        out = model(Tensor(X))
-        value = float(LOSSES[loss](out, y, reduction="mean").data)
-    result = {"loss": value, "accuracy": None}
+        for rows in chunks(len(X)):
+            out = model(Tensor(X[rows]))
+            losses = LOSSES[loss](out, y[rows], reduction="none").data
+            total, count = total + float(losses.sum()), count + losses.size
+            if classify:
+                truth = y[rows].reshape(len(out.data), -1)[:, 0]
+                correct += int(np.sum(predict_classes(out.data, loss) == truth))
+    result = {"loss": total / count, "accuracy": None}
     if classify:
-        result["accuracy"] = float(
-            np.mean(predict_classes(out.data, loss) == y.reshape(len(y), -1)[:, 0])
-        )
+        result["accuracy"] = correct / len(X)
     return result
 
 
@@ -288,8 +301,8 @@ def _evaluate_lm(model: TransformerLM, X: np.ndarray, classify: bool) -> dict:
     tokens predicted right; in chunks of LM_EVAL_ROWS samples."""
     loss_sum, hits = 0.0, 0
     with no_grad(), in_mode(model, training=False):
-        for start in range(0, len(X), LM_EVAL_ROWS):
-            tokens = np.asarray(X[start : start + LM_EVAL_ROWS]).astype(np.int64)
+        for rows in chunks(len(X), LM_EVAL_ROWS):
+            tokens = np.asarray(X[rows]).astype(np.int64)
             logits = model(tokens[:, :-1]).data
             loss_sum += float(F.cross_entropy(logits, tokens[:, 1:], reduction="sum").data)
             hits += int(np.sum(logits.argmax(axis=-1) == tokens[:, 1:]))

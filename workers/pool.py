@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -46,6 +47,32 @@ class WorkerFailure(RuntimeError):
 
 class ClusterTooSmall(RuntimeError):
     """The cluster cannot place all of a job's workers at once."""
+
+
+class Stopped(RuntimeError):
+    """The run was asked to stop while the pool waited for workers to be placed or start."""
+
+
+POLL_S = 0.1  # how often a wait for Ray looks at the run's stop request
+
+
+def check_stop(stop: threading.Event | None) -> None:
+    """Stopped if the run was asked to stop (while its workers start)."""
+    if stop is not None and stop.is_set():
+        raise Stopped("stopped while the workers were starting")
+
+
+def wait_for(ref: ray.ObjectRef, timeout: float, stop: threading.Event | None):
+    """`ray.get(ref, timeout=timeout)`, but Stopped as soon as `stop` is set."""
+    deadline = time.monotonic() + timeout
+    while True:
+        check_stop(stop)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise GetTimeoutError(f"not ready within {timeout:g}s")
+        ready, _ = ray.wait([ref], timeout=min(POLL_S, left))
+        if ready:
+            return ray.get(ref)
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -138,28 +165,34 @@ class WorkerPool:
         max_failures: int,
         failures: int = 0,
         on_failure: Callable[[int, str, list[str]], None] | None = None,
-        placement_timeout_s: float = 60.0,
         exchange: str | None = None,
         settings: WorkerSettings | None = None,
+        stop: threading.Event | None = None,
     ):
-        """`exchange`: the spec's choice ("auto" leaves it to `settings.exchange`)."""
+        """`exchange`: the spec's choice ("auto" leaves it to `settings.exchange`). `stop`:
+        the run's stop request; waits for workers to be placed or start end with Stopped
+        once it is set (each leaves nothing behind)."""
         self.settings = settings or WorkerSettings()
+        self.stop = stop
         self.n, self.cpus = n, cpus_per_worker
         self.model_cfg, self.data_ref = model_cfg, data_ref
         self.max_failures, self.failures = max_failures, failures
         self.on_failure = on_failure
-        self.placement_timeout_s = placement_timeout_s
+        self.placement_timeout_s = timeout = self.settings.placement_timeout_s
         self.node_ids: list[str] = []  # every node that ran a worker, in order of first use
         self.pg = placement_group([{"CPU": cpus_per_worker}] * n, strategy="SPREAD")
         try:
-            ray.get(self.pg.ready(), timeout=placement_timeout_s)
+            wait_for(self.pg.ready(), timeout, stop)
         except GetTimeoutError:
             remove_placement_group(self.pg)
             total = ray.cluster_resources().get("CPU", 0)
             raise ClusterTooSmall(
-                f"could not place {n} workers x {cpus_per_worker} CPU within "
-                f"{placement_timeout_s:.0f}s (cluster has {total:g} CPUs)"
+                f"could not place {n} workers x {cpus_per_worker:g} CPU within "
+                f"{timeout:g}s (cluster has {total:g} CPUs)"
             ) from None
+        except BaseException:
+            remove_placement_group(self.pg)
+            raise
         # The largest message: the flat parameters plus the batch's indices, with room to spare.
         self.payload_bytes = param_bytes(model_cfg, model_cfg["dtype"]) + 2**20
         # `replicated`: the replicated step runs its own graph; the pool only keeps actors.
@@ -194,21 +227,29 @@ class WorkerPool:
         while True:
             actor = actor or self._create(rank)
             try:
-                info = ray.get(actor.info.remote(), timeout=max(0, deadline - time.monotonic()))
+                info = wait_for(actor.info.remote(), deadline - time.monotonic(), self.stop)
                 break
             except RayActorError as err:
+                if err.actor_init_failed:  # its own error: starting another would fail alike
+                    log.error("worker %d could not start: %s", rank, err)
+                    cause = str(err).strip().splitlines()[-1]  # the traceback's last line
+                    raise WorkerFailure(f"worker {rank} could not start: {cause}") from None
                 # Its node died as it started (the bundle moves once Ray declares the node
                 # dead): it never worked, so it is no failure of the job. Start another.
                 if time.monotonic() > deadline:
                     raise WorkerFailure(f"could not start worker {rank}: {err}") from None
                 log.warning("new worker %d died before it started; starting another", rank)
                 actor = None
-                time.sleep(1.0)
+                (self.stop or threading.Event()).wait(1.0)
+                check_stop(self.stop)
             except GetTimeoutError:
                 ray.kill(actor, no_restart=True)
                 raise ClusterTooSmall(
-                    f"worker {rank} did not start within {self.placement_timeout_s:.0f}s"
+                    f"worker {rank} did not start within {self.placement_timeout_s:g}s"
                 ) from None
+            except Stopped:
+                ray.kill(actor, no_restart=True)
+                raise
         if info["node_id"] not in self.node_ids:
             self.node_ids.append(info["node_id"])
         return actor

@@ -38,7 +38,7 @@ from workers.exchange import (
     unflatten,
 )
 from workers.model import Diverged, TrainingError
-from workers.pool import OnPool
+from workers.pool import OnPool, check_stop
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class ReplicatedStep(OnPool):
             except WorkersDied as err:
                 for rank, cause in err.causes.items():
                     pool.replace(rank, cause)
+        check_stop(pool.stop)  # before the graph's compilation, which cannot be cut short
         self._open()
 
     @property

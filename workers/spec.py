@@ -28,11 +28,20 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from workers.catalogue import BUILTINS, DATASET_ID, MAX_CLASSES, DatasetInfo
+from workers.catalogue import (
+    BUILTINS,
+    DATASET_ID,
+    MAX_CLASSES,
+    MAX_DIGITS,
+    TASKS,
+    DatasetInfo,
+    SequenceTask,
+)
 from workers.config import ExchangeChoice
 from workers.layers import SequentialSpec, layer_flops
 from workers.transformer import TransformerSpec
@@ -144,52 +153,83 @@ def model_size(model: ModelSpec) -> ModelSize:
 
 
 class BuiltinData(_Strict):
-    """A generated dataset, or scikit-learn's bundled digits / iris.
+    """A generated dataset, or scikit-learn's bundled digits / iris, or a sequence task.
 
     `n_samples` and `noise` do not apply to digits (1797 samples) and iris (150).
     `n_classes` applies to spirals and blobs, `n_features` to blobs. `n_samples` defaults
-    to 1000, and to 5000 for the shapes images.
+    to 1000, and to 5000 for the shapes images. The sequence tasks (addition, reverse) take
+    `n_digits` (default 2 and 5) and `n_samples`, at most as many as there are distinct
+    samples; `noise` does not apply to them.
     """
 
     type: Literal["builtin"]
-    name: str = Field(json_schema_extra={"enum": sorted(BUILTINS)})
+    name: str = Field(json_schema_extra={"enum": sorted([*BUILTINS, *TASKS])})
     n_samples: int = Field(1000, ge=1, le=1_000_000)
     noise: float = Field(0.1, ge=0)
     n_classes: int | None = Field(None, ge=2, le=MAX_CLASSES)
     n_features: int | None = Field(None, ge=1, le=10_000)
+    n_digits: int | None = Field(
+        None, ge=1, le=MAX_DIGITS, description="addition: of each operand; reverse: at most"
+    )
 
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        if name not in BUILTINS:
-            valid = ", ".join(sorted(BUILTINS))
+        if name not in BUILTINS and name not in TASKS:
+            valid = ", ".join(sorted([*BUILTINS, *TASKS]))
             raise PydanticCustomError(
                 SPEC_ERROR, f"data.name: unknown dataset {name!r}; valid: {valid}"
             )
         return name
 
+    @model_serializer(mode="wrap")
+    def _no_unset_digits(self, handler):
+        # n_digits came later: left out where it does not apply, so that specs (and the
+        # hash their checkpoints hold) read as they did before it existed.
+        dumped = handler(self)
+        if isinstance(dumped, dict) and dumped.get("n_digits") is None:
+            dumped.pop("n_digits", None)
+        return dumped
+
     @model_validator(mode="after")
     def _options_apply(self) -> BuiltinData:
-        builtin = BUILTINS[self.name]
+        task, builtin = TASKS.get(self.name), BUILTINS.get(self.name)
+        options = ("n_digits",) if task else builtin.options
         errors = [
             _error((option,), f"data.{option} does not apply to {self.name!r}", value)
-            for option in ("n_classes", "n_features")
-            if (value := getattr(self, option)) is not None and option not in builtin.options
+            for option in ("n_classes", "n_features", "n_digits")
+            if (value := getattr(self, option)) is not None and option not in options
         ]
         raise_errors(type(self).__name__, errors)
         # Fill in the registry's defaults, so that omitting them hashes like stating them.
-        if "n_samples" not in self.model_fields_set:
+        if task:
+            self._task_defaults(task)
+        elif "n_samples" not in self.model_fields_set:
             self.n_samples = builtin.default_n_samples
         info = self.describe()
-        for option in builtin.options:
+        for option in builtin.options if builtin else ():
             setattr(self, option, getattr(info, option))
         if self.n_samples * info.n_features > MAX_DATASET_VALUES:
             msg = f"data.n_samples x n_features must stay <= {MAX_DATASET_VALUES:,} values"
             raise_errors(type(self).__name__, [_error(("n_samples",), msg, self.n_samples)])
         return self
 
+    def _task_defaults(self, task: SequenceTask) -> None:
+        """n_digits, and n_samples: at most the task's distinct samples (by default, all
+        of them when there are fewer than the default)."""
+        self.n_digits = self.n_digits or task.default_n_digits
+        distinct = task.capacity(self.n_digits)
+        if "n_samples" not in self.model_fields_set:
+            self.n_samples = min(self.n_samples, distinct)
+        elif self.n_samples > distinct:
+            msg = f"data.n_samples is {self.n_samples:,} but {self.name!r} with n_digits "
+            msg += f"{self.n_digits} has only {distinct:,} distinct samples"
+            raise_errors(type(self).__name__, [_error(("n_samples",), msg, self.n_samples)])
+
     def describe(self) -> DatasetInfo:
         """Shape and task, from the registry and this spec's options; nothing is generated."""
+        if self.name in TASKS:
+            return TASKS[self.name].describe(self.name, self.n_digits, self.n_samples)
         b = BUILTINS[self.name]
         n_classes, n_features = b.n_classes, b.n_features
         if "n_classes" in b.options and self.n_classes is not None:
@@ -368,7 +408,7 @@ def data_errors(
     """The spec against its data as `describe` finds it: the data's description (None if
     it cannot be read) and the errors, each at the field it blames."""
     try:
-        info = describe(spec.data)
+        info = describe(spec.data, context=model_context(spec.model))
     except (OSError, ValueError) as e:
         return None, [_data_error(spec.data, e)]
     return info, _model_errors(spec, info)
@@ -387,6 +427,12 @@ def _data_error(data: FileData | UploadedData, e: Exception) -> InitErrorDetails
     return _error(("data", data.type, key), msg, value)
 
 
+def model_context(model: ModelSpec) -> int | None:
+    """The tokens a sequence model reads at once (a transformer's `context`), None for
+    other models. It cuts an uploaded text into windows (see workers.sequences)."""
+    return getattr(model, "context", None)
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
@@ -396,6 +442,10 @@ def _model_errors(spec: TrainingSpec, info: DatasetInfo) -> list[InitErrorDetail
     model, name, loss = spec.model, info.name, spec.loss
     if model.type == "transformer":
         return _sequence_errors(model, info)
+    if info.task == "sequence":
+        msg = f"model.type: {model.type!r} cannot read dataset {name!r} (token ids); use a "
+        msg += "'transformer'"
+        return [_error(("model", model.type, "type"), msg, model.type)]
     errors = _input_errors(model, info)
     width = model.out_width
     if model.type == "mlp":

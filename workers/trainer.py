@@ -53,7 +53,7 @@ from workers.model import (
     grad_sum,
     worker_config,
 )
-from workers.pool import ClusterTooSmall, OnPool, WorkerFailure, WorkerPool
+from workers.pool import ClusterTooSmall, OnPool, Stopped, WorkerFailure, WorkerPool
 from workers.replicated import ReplicatedStep
 from workers.sampler import Schedule, split_batch
 from workers.spec import TrainingSpec
@@ -206,6 +206,8 @@ class Trainer:
             finally:
                 self.descend.close()
             return stopped or self._finish()
+        except Stopped as err:  # while workers started: nothing stepped since the checkpoint
+            return self._summary("cancelled", checkpoint=self._newest_checkpoint(), error=str(err))
         except (TrainingError, WorkerFailure, ClusterTooSmall) as err:
             return self.failed(str(err))
 
@@ -263,6 +265,7 @@ class Trainer:
             on_failure=self._worker_failed,
             exchange=spec.exchange,
             settings=self.settings,
+            stop=self.stop_event,
         )
         pool, X = self.pool, self.data.X
         if pool.kind != "replicated":

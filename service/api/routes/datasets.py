@@ -1,4 +1,7 @@
-"""/datasets: upload a .csv or .npz once, train on it by id (`data: {"type": "dataset"}`)."""
+"""/datasets: upload a .csv, .npz or .txt once, train on it by id (`data: {"type": "dataset"}`).
+
+A .txt upload is UTF-8 text for a character-level language model: its description counts
+characters as samples (one feature each) until a model's context cuts it into windows."""
 
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ COPY_CHUNK = 1024 * 1024  # bytes of an upload held in the service at once
 
 @router.post("", status_code=status.HTTP_201_CREATED, responses=BODY)
 async def upload(
-    file: Annotated[UploadFile, File(description=".csv with a header row, or .npz with X, y")],
+    file: Annotated[
+        UploadFile, File(description=".csv with a header row, .npz with X, y, or .txt (UTF-8 text)")
+    ],
     settings: SettingsDep,
     request: Request,
 ) -> DatasetOut:

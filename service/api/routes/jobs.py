@@ -28,8 +28,7 @@ from service.offload import OffloadedRoute
 from service.schemas import Job, JobPage, MetricPoint, Metrics, Status
 from service.store import JobStore
 from service.tables import CANCELLING, QUEUED, JobRow
-from workers.data import with_data
-from workers.datasets import describe
+from workers.data import describe_data, with_data
 from workers.spec import INT64_MAX, TrainingSpec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=OffloadedRoute)
@@ -66,7 +65,7 @@ def validate_spec(body: Any, settings: Settings) -> TrainingSpec:
         spec = TrainingSpec.model_validate(body, context=context)
     except ValidationError as err:
         raise body_errors(err) from None
-    check_admission(spec, describe(spec.data, settings.uploads_dir), settings)
+    check_admission(spec, describe_data(spec, settings.uploads_dir), settings)
     return spec
 
 
