@@ -5,6 +5,7 @@ shardgrad submit SPEC.json [--follow]
 shardgrad jobs | status ID | cancel ID | resume ID | predict ID --input 0.3,-0.2
 shardgrad explain ID --input 0.3,-0.2 [--method integrated_gradients] [--target N]
 shardgrad graph ID [--format json|dot]
+shardgrad logs [-f] ID [--since TIME]
 
 Every client command takes --json: one JSON document on stdout, the data it shows.
 """
@@ -101,6 +102,10 @@ def add_client_commands(sub) -> None:
     p = command("graph", cmd_graph, "the loss graph on the first training example", "--format json")
     p.add_argument("id", help="job id")
     p.add_argument("--format", choices=("json", "dot"), default="json", help="dot: Graphviz")
+    p = command("logs", cmd_logs, "a job's log", '{"job_id", "lines"} (with -f once it ended)')
+    p.add_argument("id", help="job id")
+    p.add_argument("-f", "--follow", action="store_true", help="print new lines until it ends")
+    p.add_argument("--since", help="only records after this time (ISO 8601; UTC if no zone)")
 
 
 def _run_client(func, args) -> int:
@@ -247,6 +252,19 @@ def cmd_graph(client: Client, args) -> int:
         sys.stdout.write(r.text)
     else:
         render.print_json(r.json())
+    return 0
+
+
+def cmd_logs(client: Client, args) -> int:
+    if args.follow:
+        lines = client.follow_logs(args.id, args.since)
+    else:
+        lines = client.logs(args.id, args.since).splitlines()
+    if args.json:
+        render.print_json({"job_id": args.id, "lines": list(lines)})
+        return 0
+    for line in lines:
+        print(line, flush=True)
     return 0
 
 
