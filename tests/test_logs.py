@@ -18,7 +18,7 @@ from service.dispatcher import Dispatcher
 from service.main import create_app
 from service.store import JobStore
 from tests.fakes import FakeCluster, spec
-from tests.helpers import wait_for
+from tests.helpers import OVERFLOWING, wait_for
 from workers import joblog
 
 log = logging.getLogger("workers.test_logs")
@@ -108,16 +108,6 @@ def _client(http) -> Client:
     client = Client("http://testserver")
     client.http = http
     return client
-
-
-# Step 1's loss and gradient are finite, but lr * gradient overflows float32.
-OVERFLOWING = {
-    "model": {"type": "mlp", "sizes": [2, 8, 1], "activation": "tanh", "bias_init": 10.0},
-    "loss": "mse",
-    "dtype": "float32",
-    "optimizer": {"type": "sgd", "lr": 1e38},
-    "checkpoint_every": 1,
-}
 
 
 def finished(http, **overrides) -> dict:
