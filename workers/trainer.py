@@ -525,7 +525,8 @@ def train(spec: TrainingSpec, out_dir: str | Path, **kwargs) -> RunSummary:
     with JobLog(out_dir, settings.log_max_bytes, settings.log_backups):
         log.info("run %r (spec %s) in %s", spec.name, spec.spec_hash()[:12], out_dir)
         summary = Trainer(spec, out_dir, **kwargs).run()
-        results = {k: summary.get(k) for k in ("final_loss", "val_loss", "val_accuracy", "error")}
+        results = {k: summary.get(k) for k in ("final_loss", "val_loss", "val_accuracy")}
         ended = ", ".join(f"{k} {v}" for k, v in results.items() if v is not None)
-        log.info("%s at step %s: %s", summary["status"], summary["steps"], ended or "-")
+        ended = summary.get("error") or ended
+        log.info("%s at step %s: %s", summary["status"], summary["steps"], ended)
         return summary
