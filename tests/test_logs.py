@@ -3,6 +3,7 @@ route (text and followed), and `shardgrad logs`."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from datetime import datetime, timedelta, timezone
@@ -141,6 +142,8 @@ def test_a_jobs_log_as_text_and_followed(service, capsys):
     assert capsys.readouterr().out.splitlines() == lines
     assert cli.main(["logs", "-f", job["id"], "--since", first]) == 0
     assert capsys.readouterr().out.splitlines() == lines[1:]
+    assert cli.main(["logs", job["id"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"job_id": job["id"], "lines": lines}
 
 
 def test_a_failed_jobs_log_has_the_traceback(service):
