@@ -5,6 +5,7 @@ shardgrad submit SPEC.json [--follow]
 shardgrad jobs | status ID | cancel ID | resume ID | predict ID --input 0.3,-0.2
 shardgrad explain ID --input 0.3,-0.2 [--method integrated_gradients] [--target N]
 shardgrad graph ID [--format json|dot]
+shardgrad logs [-f] ID [--since TIME]
 
 Every client command takes --json: one JSON document on stdout, the data it shows.
 """
@@ -12,13 +13,12 @@ Every client command takes --json: one JSON document on stdout, the data it show
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
 from pathlib import Path
 
-from service.client import Client, ClientError
+from service.client import Client, ClientError, Job
 from workers import render
 from workers.cli import build_parser as build_command_tree
 from workers.explain import METHODS
@@ -102,6 +102,10 @@ def add_client_commands(sub) -> None:
     p = command("graph", cmd_graph, "the loss graph on the first training example", "--format json")
     p.add_argument("id", help="job id")
     p.add_argument("--format", choices=("json", "dot"), default="json", help="dot: Graphviz")
+    p = command("logs", cmd_logs, "a job's log", '{"job_id", "lines"} (with -f once it ended)')
+    p.add_argument("id", help="job id")
+    p.add_argument("-f", "--follow", action="store_true", help="print new lines until it ends")
+    p.add_argument("--since", help="only records after this time (ISO 8601; UTC if no zone)")
 
 
 def _run_client(func, args) -> int:
@@ -157,32 +161,28 @@ def cmd_serve(args) -> int:
 
 
 def cmd_submit(client: Client, args) -> int:
-    try:
-        spec = json.loads(args.spec.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ClientError(f"cannot read {args.spec}: {err}") from None
-    job = client.request("POST", "/jobs", json=spec)
+    job = client.submit(args.spec)
     if not args.follow:
-        show(args, job, render.print_submitted)
+        show(args, job.data, render.print_submitted)
         return 0
     if not args.json:
-        render.print_submitted(job)
-    job = follow(client, job["id"])
-    show(args, job, render.print_job)
-    return 0 if job["status"] == "succeeded" else 1
+        render.print_submitted(job.data)
+    follow(job)
+    show(args, job.data, render.print_job)
+    return 0 if job.status == "succeeded" else 1
 
 
-def follow(client: Client, job_id: str) -> dict:
+def follow(job: Job) -> Job:
     """The job's progress on stderr until it ends; then the job as it ended."""
     bar = render.ProgressBar(enabled=True)
     try:
-        for event, data in client.events(job_id):
+        for event, data in job.client.events(job.id):
             if event == "end":
                 break
             bar.job_event(event, data)
     finally:
         bar.close()
-    return client.request("GET", f"/jobs/{job_id}")
+    return job.refresh()
 
 
 def show(args, doc: dict, print_human) -> None:
@@ -194,26 +194,23 @@ def show(args, doc: dict, print_human) -> None:
 
 
 def cmd_jobs(client: Client, args) -> int:
-    params = {"limit": args.limit}
-    if args.status:
-        params["status"] = args.status
-    page = client.request("GET", "/jobs", params=params)
+    page = client.job_page(limit=args.limit, status=args.status).model_dump(mode="json")
     show(args, page, lambda page: render.print_jobs(page, args.limit))
     return 0
 
 
 def cmd_status(client: Client, args) -> int:
-    show(args, client.request("GET", f"/jobs/{args.id}"), render.print_job)
+    show(args, client.job(args.id).data, render.print_job)
     return 0
 
 
 def cmd_cancel(client: Client, args) -> int:
-    show(args, client.request("POST", f"/jobs/{args.id}/cancel"), render.print_job_status)
+    show(args, Job.of(client, args.id).cancel().data, render.print_job_status)
     return 0
 
 
 def cmd_resume(client: Client, args) -> int:
-    show(args, client.request("POST", f"/jobs/{args.id}/resume"), render.print_job_status)
+    show(args, Job.of(client, args.id).resume().data, render.print_job_status)
     return 0
 
 
@@ -229,21 +226,22 @@ def parse_rows(lines: list[str], flag: str) -> list[list[float]]:
 
 
 def cmd_predict(client: Client, args) -> int:
-    rows = parse_rows(args.input, "--input")
-    result = client.request("POST", f"/jobs/{args.id}/predict", json={"inputs": rows})
-    show(args, result, render.print_outputs)
+    result = Job.of(client, args.id).predict(parse_rows(args.input, "--input"))
+    show(args, result.model_dump(mode="json"), render.print_outputs)
     return 0
 
 
 def cmd_explain(client: Client, args) -> int:
-    body = {"inputs": parse_rows(args.input, "--input"), "method": args.method}
-    body |= {"target": args.target, "steps": args.steps}
-    if args.baseline:
-        baseline = parse_rows(args.baseline, "--baseline")
-        body["baseline"] = baseline[0] if len(baseline) == 1 else baseline
-    result = client.request("POST", f"/jobs/{args.id}/explain", json=body)
+    baseline = parse_rows(args.baseline, "--baseline") if args.baseline else None
+    if baseline is not None and len(baseline) == 1:
+        baseline = baseline[0]
+    rows = parse_rows(args.input, "--input")
+    result = Job.of(client, args.id).explain(
+        rows, args.method, target=args.target, baseline=baseline, steps=args.steps
+    )
     predicted = args.target is None
-    show(args, result, lambda result: render.print_attributions(args.id, result, predicted))
+    answer = result.model_dump(mode="json")
+    show(args, answer, lambda result: render.print_attributions(args.id, result, predicted))
     return 0
 
 
@@ -254,6 +252,19 @@ def cmd_graph(client: Client, args) -> int:
         sys.stdout.write(r.text)
     else:
         render.print_json(r.json())
+    return 0
+
+
+def cmd_logs(client: Client, args) -> int:
+    if args.follow:
+        lines = client.follow_logs(args.id, args.since)
+    else:
+        lines = client.logs(args.id, args.since).splitlines()
+    if args.json:
+        render.print_json({"job_id": args.id, "lines": list(lines)})
+        return 0
+    for line in lines:
+        print(line, flush=True)
     return 0
 
 

@@ -1,4 +1,10 @@
-"""A small HTTP client for the CLI: $SHARDGRAD_URL, $SHARDGRAD_API_TOKEN, readable errors."""
+"""The Python client of the service (`from shardgrad import Client`), which the CLI is built on.
+
+`Client(url, token)` talks to /api/v1 ($SHARDGRAD_URL, $SHARDGRAD_API_TOKEN by default);
+`client.submit(spec)` answers a `Job`, a handle whose methods follow, query and control the
+job. Answers are the API's own Pydantic models (service/schemas.py); a status >= 400 is a
+ClientError whose `.errors` hold a 422's field locations.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,12 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
-from httpx_sse import SSEError, connect_sse
+from httpx_sse import ServerSentEvent, SSEError, connect_sse
+
+from service import schemas
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # The service sends a keep-alive every 15 s: a stream silent this long has dropped.
@@ -17,7 +26,14 @@ STREAM_READ_TIMEOUT_S = 60.0
 
 
 class ClientError(Exception):
-    """What went wrong, ready to print."""
+    """What went wrong, ready to print. From an answer >= 400: its `status_code`, and for a
+    422 `errors`, one {"loc": (field, path, ...), "msg": ...} per invalid field, `loc`
+    inside what was sent (the leading "body"/"query"/"path" dropped, as the CLI prints)."""
+
+    def __init__(self, message: str, status_code: int | None = None, errors=()):
+        super().__init__(message)
+        self.status_code = status_code
+        self.errors: list[dict] = list(errors)
 
 
 def format_detail(detail) -> str:
@@ -25,27 +41,51 @@ def format_detail(detail) -> str:
     if not isinstance(detail, list):
         return str(detail)
     lines = []
+    for err in field_errors(detail):
+        where = ".".join(map(str, err["loc"]))
+        lines.append(f"{where}: {err['msg']}" if where else str(err["msg"]))
+    return "\n".join(lines)
+
+
+def field_errors(detail) -> list[dict]:
+    """{"loc", "msg"} of each error in a 422's detail, the loc without its leading part."""
+    if not isinstance(detail, list):
+        return []
+    out = []
     for err in detail:
-        loc = [str(p) for p in err.get("loc", [])]
+        loc = tuple(err.get("loc", []))
         if loc and loc[0] in ("body", "query", "path"):
             loc = loc[1:]
-        where = ".".join(loc)
-        lines.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-    return "\n".join(lines)
+        out.append({"loc": loc, "msg": err.get("msg")})
+    return out
 
 
 def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, dict]]:
     """(event, data) from lines of a text/event-stream that a test already reads (comments,
-    i.e. keep-alives, skipped). The client itself reads streams with httpx-sse."""
-    event, data = "message", []
+    i.e. keep-alives, skipped)."""
+    for sse in sse_messages(lines):
+        if sse is not None:
+            yield sse.event, sse.json()
+
+
+def sse_messages(lines: Iterable[str]) -> Iterator[ServerSentEvent | None]:
+    """The events of a text/event-stream's lines, and None at each comment (a keep-alive),
+    so that a reader can look at its clock while a stream is quiet."""
+    event, data, last_id = "", [], ""
     for line in lines:
-        if line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].strip())
-        elif not line and data:
-            yield event, json.loads("\n".join(data))
-            event, data = "message", []
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if not line and data:
+            yield ServerSentEvent(event=event or "message", data="\n".join(data), id=last_id)
+            event, data = "", []
+        elif not field and line:
+            yield None
+        elif field == "event":
+            event = value
+        elif field == "data":
+            data.append(value)
+        elif field == "id":
+            last_id = value
 
 
 @dataclass
@@ -63,13 +103,90 @@ class Reconnect:
 
 
 class Client:
+    """The service at `url` (default $SHARDGRAD_URL, else 127.0.0.1:8000), with `token`
+    (default $SHARDGRAD_API_TOKEN). Usable as a context manager (closes its connections)."""
+
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0):
         self.url = (url or os.environ.get("SHARDGRAD_URL") or DEFAULT_URL).rstrip("/")
         token = token or os.environ.get("SHARDGRAD_API_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.url + "/api/v1", headers=headers, timeout=timeout)
-        self.stream_timeout = httpx.Timeout(timeout, read=STREAM_READ_TIMEOUT_S)
+        self.timeout = timeout
         self.reconnect = Reconnect()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def submit(self, spec: dict | str | Path) -> Job:
+        """Queue a training spec: a dict, or the path of a JSON file."""
+        if not isinstance(spec, dict):
+            try:
+                spec = json.loads(Path(spec).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise ClientError(f"cannot read {spec}: {err}") from None
+        return Job(self, self.request("POST", "/jobs", json=spec))
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, self.request("GET", f"/jobs/{job_id}"))
+
+    def job_page(self, cursor: str | None = None, **filters) -> schemas.JobPage:
+        """One page of GET /jobs, newest first (or as `sort` says): `filters` are its query
+        parameters (status, tag, name, sweep, sort, limit); None ones are left out."""
+        params = {k: v for k, v in filters.items() if v is not None}
+        if cursor:
+            params["cursor"] = cursor
+        return schemas.JobPage.model_validate(self.request("GET", "/jobs", params=params))
+
+    def jobs(
+        self,
+        *,
+        status: str | None = None,
+        tag: str | dict | list[str] | None = None,
+        name: str | None = None,
+        sort: str | None = None,
+        sweep: str | None = None,
+        limit: int | None = 50,
+    ) -> list[Job]:
+        """Up to `limit` jobs (None: all), following the pages. `tag`: "k:v", a list of
+        them, or a dict {k: v} (every one must match); `sort`: "created", "-val_accuracy"..."""
+        if isinstance(tag, dict):
+            tag = [f"{k}:{v}" for k, v in tag.items()]
+        filters = {"status": status, "tag": tag, "name": name, "sort": sort, "sweep": sweep}
+        out: list[Job] = []
+        cursor = None
+        while limit is None or len(out) < limit:
+            size = MAX_PAGE if limit is None else min(MAX_PAGE, limit - len(out))
+            page = self.job_page(cursor, limit=size, **filters)
+            out += [Job(self, j.model_dump(mode="json"), j) for j in page.items]
+            cursor = page.next_cursor
+            if not cursor:
+                break
+        return out
+
+    # -- logs -----------------------------------------------------------------------------
+
+    def logs(self, job_id: str, since: str | None = None) -> str:
+        """The job's log as text: every record, or those after `since` (an ISO time)."""
+        params = {"since": since} if since else {}
+        return self.send("GET", f"/jobs/{job_id}/logs", params=params).text
+
+    def follow_logs(self, job_id: str, since: str | None = None) -> Iterator[str]:
+        """The job's log lines as they are written, until the job has ended."""
+        params = {"follow": "true"} | ({"since": since} if since else {})
+        for sse in self.stream(f"/jobs/{job_id}/logs", params):
+            if sse.event == "end":
+                return
+            yield from sse.json()["lines"]
+
+    # -- transport ------------------------------------------------------------------------
 
     def request(self, method: str, path: str, **kw):
         """The JSON answer of a request; a ClientError for a status >= 400."""
@@ -80,34 +197,45 @@ class Client:
         try:
             r = self.http.request(method, path, **kw)
         except httpx.TransportError as err:
-            raise ClientError(
-                f"cannot reach the service at {self.url} ({err}); is `shardgrad serve` running?"
-            ) from None
+            raise self._unreachable(err) from None
         return _checked(r)
 
-    def events(self, job_id: str) -> Iterator[tuple[str, dict]]:
-        """(event, data) from a job's SSE stream until its `end` event.
+    def _unreachable(self, err: Exception) -> ClientError:
+        return ClientError(
+            f"cannot reach the service at {self.url} ({err}); is `shardgrad serve` running?"
+        )
+
+    def events(self, job_id: str, deadline: float | None = None) -> Iterator[tuple[str, dict]]:
+        """(event, data) from a job's SSE stream until its `end` event (see `stream`)."""
+        for sse in self.stream(f"/jobs/{job_id}/events", deadline=deadline):
+            yield sse.event, sse.json()
+            if sse.event == "end":
+                return
+
+    def stream(
+        self, path: str, params: dict | None = None, deadline: float | None = None
+    ) -> Iterator[ServerSentEvent]:
+        """The events of an SSE stream until its `end` event.
 
         A stream that drops (a transport error, or its end before `end`) is requested again
-        with `Last-Event-ID`, the id of the last event seen: the step of the last metric point
-        sent, so only newer points come again (status and progress always do). After
-        `self.reconnect.attempts` tries in a row without an event, a ClientError."""
+        with `Last-Event-ID`, the id of the last event seen (on a job's stream the step of
+        the last metric point sent, so only newer points come again). After
+        `self.reconnect.attempts` tries in a row without an event, a ClientError. Past
+        `deadline` (time.monotonic()), a TimeoutError, noticed at the next event or
+        keep-alive (the service sends one every 15 s)."""
         last_id, failures = "", 0
         while True:
             headers = {"Last-Event-ID": last_id} if last_id else {}
             try:
-                path = f"/jobs/{job_id}/events"
-                kw = {"headers": headers, "timeout": self.stream_timeout}
-                with connect_sse(self.http, "GET", path, **kw) as source:
-                    _checked(source.response)
-                    for sse in source.iter_sse():
-                        failures, last_id = 0, sse.id or last_id
-                        yield sse.event, sse.json()
-                        if sse.event == "end":
-                            return
+                for sse in self._connection(path, params, headers, deadline):
+                    failures, last_id = 0, sse.id or last_id
+                    yield sse
+                    if sse.event == "end":
+                        return
                 why = "it ended before the job did"
             except (httpx.TransportError, SSEError) as err:
                 why = str(err) or type(err).__name__
+            _check_deadline(deadline)
             failures += 1
             if failures > self.reconnect.attempts:
                 raise ClientError(
@@ -115,6 +243,30 @@ class Client:
                     f"(gave up after {self.reconnect.attempts} reconnects without an event)"
                 )
             self.reconnect.wait(failures)
+
+    def _connection(self, path, params, headers, deadline) -> Iterator[ServerSentEvent]:
+        """The events of one connection to a stream, the deadline checked at every line."""
+        read = STREAM_READ_TIMEOUT_S
+        if deadline is not None:
+            read = max(0.01, min(read, deadline - time.monotonic()))
+        timeout = httpx.Timeout(self.timeout, read=read)
+        kw = {"params": params, "headers": headers, "timeout": timeout}
+        with connect_sse(self.http, "GET", path, **kw) as source:
+            _checked(source.response)
+            if "text/event-stream" not in source.response.headers.get("content-type", ""):
+                raise SSEError("the answer is not an event stream")
+            for sse in sse_messages(source.response.iter_lines()):
+                _check_deadline(deadline)
+                if sse is not None:
+                    yield sse
+
+
+MAX_PAGE = 500  # GET /jobs's largest page
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise TimeoutError("the job did not end in time")
 
 
 def _checked(r: httpx.Response) -> httpx.Response:
@@ -126,4 +278,148 @@ def _checked(r: httpx.Response) -> httpx.Response:
         detail = r.json().get("detail", r.text)
     except ValueError:
         detail = r.text
-    raise ClientError(f"{r.status_code} {r.reason_phrase}:\n{format_detail(detail)}")
+    raise ClientError(
+        f"{r.status_code} {r.reason_phrase}:\n{format_detail(detail)}",
+        r.status_code,
+        field_errors(detail) if r.status_code == 422 else (),
+    )
+
+
+# -- a job --------------------------------------------------------------------------------------
+
+
+class Points(list):
+    """A job's metric points (schemas.MetricPoint), oldest first."""
+
+    def to_pandas(self):
+        """The points as a pandas DataFrame indexed by step (pandas must be installed)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("Points.to_pandas() needs pandas: pip install pandas") from None
+        rows = [p.model_dump(exclude={"layers", "warnings"}) for p in self]
+        columns = [f for f in schemas.MetricPoint.model_fields if f not in ("layers", "warnings")]
+        return pd.DataFrame(rows, columns=columns).set_index("step")
+
+
+class Job:
+    """A job on the service: the answer that last described it (`data`, as sent; `info`,
+    the same as a schemas.Job) and what can be done with it. `job.info.metrics` holds the
+    latest value of each metric, `job.metrics()` every point."""
+
+    def __init__(self, client: Client, data: dict, info: schemas.Job | None = None):
+        self.client, self.data, self._info = client, data, info
+        self.id: str = data["id"]
+
+    @classmethod
+    def of(cls, client: Client, job_id: str) -> Job:
+        """A handle on the job `job_id`, without reading it (a call on it says if it exists)."""
+        return cls(client, {"id": job_id})
+
+    @property
+    def info(self) -> schemas.Job:
+        """The job as last read, typed (parsed when first asked for)."""
+        if self._info is None:
+            self._info = schemas.Job.model_validate(self.data)
+        return self._info
+
+    @property
+    def status(self) -> str:
+        return self.data.get("status", "unknown")
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.data.get('name')!r} {self.status}>"
+
+    def _read(self, data: dict) -> Job:
+        self.data, self._info = data, None
+        return self
+
+    def refresh(self) -> Job:
+        return self._read(self.client.request("GET", f"/jobs/{self.id}"))
+
+    def wait(self, timeout: float | None = None) -> Job:
+        """Follow the job's event stream (reconnecting if it drops) until the job has ended,
+        then read it: this handle, refreshed. A TimeoutError after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for event, _ in self.client.events(self.id, deadline):
+            if event == "end":
+                break
+        return self.refresh()
+
+    def metrics(self) -> Points:
+        """Every metric point, oldest first, read a page at a time."""
+        points, cursor = Points(), None
+        while True:
+            params = {"cursor": cursor} if cursor is not None else {}
+            page = self.client.request("GET", f"/jobs/{self.id}/metrics", params=params)
+            page = schemas.Metrics.model_validate(page)
+            points += page.points
+            cursor = page.next_cursor
+            if cursor is None:
+                return points
+
+    def checkpoints(self) -> list[schemas.CheckpointOut]:
+        answer = self.client.request("GET", f"/jobs/{self.id}/checkpoints")
+        return [schemas.CheckpointOut.model_validate(c) for c in answer]
+
+    def predict(self, rows, checkpoint: str | None = None) -> schemas.PredictResponse:
+        """The model's outputs for `rows` (a list of rows of floats)."""
+        body = _with_checkpoint({"inputs": rows}, checkpoint)
+        answer = self.client.request("POST", f"/jobs/{self.id}/predict", json=body)
+        return schemas.PredictResponse.model_validate(answer)
+
+    def explain(
+        self,
+        rows,
+        method: str = "gradient",
+        target: int | None = None,
+        baseline=None,
+        steps: int = 64,
+        checkpoint: str | None = None,
+    ) -> schemas.ExplainResponse:
+        """Attributions of an output (`target`, default the predicted class) to the inputs."""
+        body = {"inputs": rows, "method": method, "target": target, "steps": steps}
+        if baseline is not None:
+            body["baseline"] = baseline
+        body = _with_checkpoint(body, checkpoint)
+        answer = self.client.request("POST", f"/jobs/{self.id}/explain", json=body)
+        return schemas.ExplainResponse.model_validate(answer)
+
+    def download(self, checkpoint: str = "best", path: str | Path | None = None) -> Path:
+        """A checkpoint's model weights (safetensors) saved at `path` (a file, or a
+        directory for the service's file name; default the current directory)."""
+        url = f"/jobs/{self.id}/checkpoints/{checkpoint}/model.safetensors"
+        target = Path(path) if path is not None else Path.cwd()
+        try:
+            with self.client.http.stream("GET", url) as r:
+                _checked(r)
+                if target.is_dir():
+                    name = _filename(r) or f"{self.id}-{checkpoint}-model.safetensors"
+                    target = target / name
+                with open(target, "wb") as out:
+                    for chunk in r.iter_bytes():
+                        out.write(chunk)
+        except httpx.TransportError as err:
+            raise self.client._unreachable(err) from None
+        return target
+
+    def cancel(self) -> Job:
+        """Cancel: at once if queued, else after the current step with a checkpoint."""
+        return self._read(self.client.request("POST", f"/jobs/{self.id}/cancel"))
+
+    def resume(self) -> Job:
+        return self._read(self.client.request("POST", f"/jobs/{self.id}/resume"))
+
+    def logs(self, since: str | None = None) -> str:
+        return self.client.logs(self.id, since)
+
+
+def _with_checkpoint(body: dict, checkpoint: str | None) -> dict:
+    return body | {"checkpoint": checkpoint} if checkpoint is not None else body
+
+
+def _filename(r: httpx.Response) -> str:
+    """The file name in a Content-Disposition header, or ""."""
+    disposition = r.headers.get("content-disposition", "")
+    _, _, name = disposition.partition("filename=")
+    return name.strip('"; ')

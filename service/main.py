@@ -28,6 +28,7 @@ from service.api.routes import (
     events,
     interpret,
     jobs,
+    logs,
     ops,
 )
 from service.cluster import RayCluster
@@ -168,7 +169,8 @@ def _include_routes(app: FastAPI, token: bool) -> None:
         deps = [Depends(require_token)] if token else []
         app.include_router(router, prefix=API, dependencies=deps, **guard)
     deps = [Depends(require_token_or_query)] if token else []
-    app.include_router(events.router, prefix=API, dependencies=deps, **guard)
+    for router in (events.router, logs.router):  # EventSource streams: ?token= too
+        app.include_router(router, prefix=API, dependencies=deps, **guard)
     app.include_router(ops.router)
     app.include_router(dashboard.router)  # `/` and plotly.min.js, before the /static mount
     app.mount("/static", dashboard.static_files(), name="static")

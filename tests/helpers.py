@@ -83,6 +83,17 @@ def small_cnn(**overrides) -> dict:
     return example_spec("shapes-cnn", **{**small, **overrides})
 
 
+# Fails at step 1 (Diverged): its loss and gradient are finite, but lr * gradient overflows
+# float32. Spec fields to override a small spec with.
+OVERFLOWING = {
+    "model": {"type": "mlp", "sizes": [2, 8, 1], "activation": "tanh", "bias_init": 10.0},
+    "loss": "mse",
+    "dtype": "float32",
+    "optimizer": {"type": "sgd", "lr": 1e38},
+    "checkpoint_every": 1,
+}
+
+
 def make_spec(**overrides):
     """The distributed tests' TrainingSpec: the small moons run named "t", global batch 30
     (160 training rows: 6 steps per epoch, the last one 10 rows)."""

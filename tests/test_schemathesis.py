@@ -51,8 +51,9 @@ EXCEPTIONS = {
 
 # Not run: the event streams. GET /events lasts as long as the client stays, and a job's
 # stream as long as the job (queued for ever on a paused server), with a ping every 15 s, so
-# no response ever ends to be checked (tests/test_service_api.py checks their events).
-EXCLUDED_PATHS = r"/events$"
+# no response ever ends to be checked (tests/test_service_api.py checks their events). A
+# job's logs are one of them with follow=true (tests/test_logs.py checks them).
+EXCLUDED_PATHS = r"/(events|logs)$"
 
 
 # The routes under /jobs/{job_id} get a job that exists (queued: the server is paused), else

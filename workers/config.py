@@ -73,6 +73,18 @@ class WorkerSettings(BaseSettings):
         description="the most workers `workers: auto` may choose ($SHARDGRAD_MAX_WORKERS, the "
         "service's admission limit for a stated count)",
     )
+    log_max_bytes: int = Field(
+        5 * 1024 * 1024,
+        ge=1024,
+        description="a job's log (logs/job.log under its directory) is rotated past this "
+        "size ($SHARDGRAD_LOG_MAX_BYTES)",
+    )
+    log_backups: int = Field(
+        3,
+        ge=0,
+        description="rotated files of a job's log kept: job.log.1 ... job.log.N "
+        "($SHARDGRAD_LOG_BACKUPS)",
+    )
     ray_address: str | None = Field(
         None, validation_alias="RAY_ADDRESS", description="the cluster to attach to"
     )

@@ -17,6 +17,7 @@ reads the model, and gets each step's loss, gradient norm and health statistics.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from workers.events import (
     run_summary,
 )
 from workers.health import HealthMonitor, snapshot, step_stats
+from workers.joblog import JobLog
 from workers.model import (
     Diverged,
     TrainingError,
@@ -59,6 +61,7 @@ from workers.sampler import Schedule, split_batch
 from workers.spec import TrainingSpec
 
 __all__ = ["Diverged", "SpecMismatch", "Trainer", "TrainingError", "run_summary", "train"]
+log = logging.getLogger(__name__)
 
 
 class SpecMismatch(TrainingError):
@@ -209,6 +212,7 @@ class Trainer:
         except Stopped as err:  # while workers started: nothing stepped since the checkpoint
             return self._summary("cancelled", checkpoint=self._newest_checkpoint(), error=str(err))
         except (TrainingError, WorkerFailure, ClusterTooSmall) as err:
+            log.error("failed at step %d: %s", self.step, err, exc_info=err)
             return self.failed(str(err))
 
     # -- prepare ---------------------------------------------------------------
@@ -311,6 +315,7 @@ class Trainer:
         return free_cpus()[1]
 
     def _worker_failed(self, rank: int, reason: str, nodes: list[str]) -> None:
+        log.warning("worker %d failed at step %d: %s", rank, self.step, reason)
         self.callback(
             WorkerFailureEvent(type="worker_failure", rank=rank, reason=reason, worker_nodes=nodes)
         )
@@ -370,6 +375,10 @@ class Trainer:
         return evaluates or self._checkpoint_due(step)
 
     def _started(self) -> None:
+        total, nodes = self.schedule.total_steps, self.descend.node_ids
+        workers = f"{self.n_workers} workers ({self.workers_reason})" if self.n_workers else ""
+        where = f"{workers} on nodes {', '.join(n[:8] for n in nodes)}" if nodes else "in-process"
+        log.info("training from step %d of %d, %s", self.step, total, where)
         self.callback(
             StartedEvent(
                 type="started",
@@ -510,5 +519,14 @@ class Trainer:
 
 
 def train(spec: TrainingSpec, out_dir: str | Path, **kwargs) -> RunSummary:
-    """Run a spec to the end and return its summary (status 'failed' with 'error' on failure)."""
-    return Trainer(spec, out_dir, **kwargs).run()
+    """Run a spec to the end and return its summary (status 'failed' with 'error' on failure),
+    with what it logs in its own log under `out_dir` (workers/joblog.py)."""
+    settings = kwargs["settings"] = kwargs.get("settings") or WorkerSettings()
+    with JobLog(out_dir, settings.log_max_bytes, settings.log_backups):
+        log.info("run %r (spec %s) in %s", spec.name, spec.spec_hash()[:12], out_dir)
+        summary = Trainer(spec, out_dir, **kwargs).run()
+        results = {k: summary.get(k) for k in ("final_loss", "val_loss", "val_accuracy")}
+        ended = ", ".join(f"{k} {v}" for k, v in results.items() if v is not None)
+        ended = summary.get("error") or ended
+        log.info("%s at step %s: %s", summary["status"], summary["steps"], ended)
+        return summary

@@ -1,6 +1,6 @@
 // #/jobs/<id> — one job: live progress and curves (the job's SSE stream), its training
 // health, its computational graph, its timeline, checkpoints, spec, the cancel and resume
-// buttons, and boxes to predict and explain.
+// buttons, boxes to predict and explain, and its log (with a failed job's traceback).
 
 import { api, apiUrl, download, stream } from "./api.js";
 import { Curves } from "./charts.js";
@@ -8,6 +8,7 @@ import { nodeNames } from "./cluster.js";
 import { explainBox } from "./explain.js";
 import { graphView } from "./graph.js";
 import { healthPanel } from "./health.js";
+import { logsPanel } from "./logs.js";
 import { predictBox } from "./predict.js";
 import {
   alert,
@@ -148,6 +149,15 @@ export function jobView(root, id) {
   const health = healthPanel();
   const graph = graphView(id);
   const spec = h("div");
+  const traceback = h("div", { id: "traceback" });
+  let tracebackText = null;
+  let shownTraceback = null;
+  const logs = logsPanel(id, {
+    onTraceback(text) {
+      tracebackText = text;
+      renderTraceback();
+    },
+  });
   const logToggle = h("input", { type: "checkbox", id: "log-y" });
   logToggle.addEventListener("change", () => curves?.setLog(logToggle.checked));
   const lossHead = h("label.small.muted", {}, logToggle, " log scale");
@@ -157,6 +167,7 @@ export function jobView(root, id) {
     head,
     summary,
     problem,
+    traceback,
     h(
       "div.grid-2",
       {},
@@ -177,6 +188,7 @@ export function jobView(root, id) {
     ),
     h("div.grid-2", {}, card("Predict", predict), card("Explain", explain)),
     h("div.grid-2", {}, card("Checkpoints", checkpoints), card("Timeline", events)),
+    logs.element,
     h("section.card.wide", {}, h("h2", {}, "Spec"), spec),
   );
 
@@ -186,6 +198,7 @@ export function jobView(root, id) {
       render();
       await loadJob();
       connect(); // a resumed job streams again
+      if (!TERMINAL.has(job.status)) logs.load(true);
     } catch (err) {
       problem.replaceChildren(alert(`Could not ${action}: ${errorText(err)}`));
     }
@@ -224,6 +237,18 @@ export function jobView(root, id) {
       h("div.alert.info", {}, `Queue position ${job.queue_position ?? "–"}: ${reason}`);
     summary.replaceChildren(bar, waiting || "", h("div.tiles", {}, summaryTiles(job, names)));
     problem.replaceChildren(job.error && job.status !== "succeeded" ? alert(job.error) : "");
+    renderTraceback();
+  }
+
+  // A failed job's traceback, from its log; drawn again only when it changes (so a reader's
+  // closing it sticks).
+  function renderTraceback() {
+    const text = (job?.status === "failed" && tracebackText) || null;
+    if (text === shownTraceback) return;
+    shownTraceback = text;
+    const title = h("summary", {}, "Traceback");
+    const details = () => h("details.traceback", { open: true }, title, h("pre.log", {}, text));
+    traceback.replaceChildren(text ? details() : "");
   }
 
   const sorted = () => [...points.values()].sort((a, b) => a.step - b.step);
@@ -317,6 +342,7 @@ export function jobView(root, id) {
     addPoints(metrics.points);
     loadCheckpoints();
     connect();
+    logs.load(!TERMINAL.has(job.status));
     api("/cluster")
       .then((c) => {
         names = nodeNames(c);
@@ -336,6 +362,7 @@ export function jobView(root, id) {
   return () => {
     alive = false;
     live?.close();
+    logs.close();
     curves?.purge();
     explainer?.purge();
     stopTicker();

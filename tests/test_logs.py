@@ -1,0 +1,161 @@
+"""Per-job logs (issue 18 §4): capture by job context, rotation, reading after a time, the
+route (text and followed), and `shardgrad logs`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service import cli
+from service.api.deps import get_dispatcher, get_store
+from service.client import Client, sse_events
+from service.config import Settings
+from service.dispatcher import Dispatcher
+from service.main import create_app
+from service.store import JobStore
+from tests.fakes import FakeCluster, spec
+from tests.helpers import OVERFLOWING, wait_for
+from workers import joblog
+
+log = logging.getLogger("workers.test_logs")
+
+
+def test_each_job_keeps_only_what_is_logged_in_its_own_thread(tmp_path):
+    ready = threading.Barrier(2)
+
+    def run(name: str) -> None:
+        with joblog.JobLog(tmp_path / name, 1 << 20, 1):
+            ready.wait()  # both logs are open while each job logs
+            for i in range(50):
+                log.info("%s line %d", name, i)
+            ready.wait()
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
+    for t in threads:
+        t.start()
+    log.warning("not any job's")
+    for t in threads:
+        t.join()
+    for name, other in (("a", "b"), ("b", "a")):
+        recs = joblog.read(tmp_path / name)
+        assert [r.split(": ", 1)[1] for r in recs] == [f"{name} line {i}\n" for i in range(50)]
+        assert all(" INFO workers.test_logs: " in r for r in recs)
+        assert not any(other in r or "any job" in r for r in recs)
+
+
+def test_a_failure_leaves_its_traceback_and_worker_lines_carry_their_source(tmp_path):
+    with pytest.raises(ZeroDivisionError), joblog.JobLog(tmp_path, 1 << 20, 1) as job_log:
+        job_log.write("worker 1 on node 5f2c stderr", ["a warning\n", "another"])
+        1 / 0  # noqa: B018
+    recs = joblog.read(tmp_path)
+    assert [r.split(" ", 1)[1] for r in recs[:2]] == [
+        "INFO worker 1 on node 5f2c stderr: a warning\n",
+        "INFO worker 1 on node 5f2c stderr: another\n",
+    ]
+    assert "the run ended with ZeroDivisionError" in recs[2]
+    assert "Traceback (most recent call last)" in recs[2] and recs[2].endswith("by zero\n")
+    assert len(recs) == 3  # the traceback's lines belong to its record
+
+
+def test_rotation_caps_the_log_and_reading_follows_it(tmp_path):
+    tail = joblog.Tail(tmp_path)
+    seen: list[str] = []
+    with joblog.JobLog(tmp_path, 1024, 2):
+        for i in range(100):
+            log.info("line %03d %s", i, "x" * 40)
+            if i % 7 == 0:
+                seen += tail.poll()
+    seen += tail.poll()
+    files = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert files == ["job.log", "job.log.1", "job.log.2"]
+    assert all((tmp_path / "logs" / f).stat().st_size <= 1024 for f in files)
+    kept = joblog.read(tmp_path)
+    numbers = [int(r.split("line ")[1][:3]) for r in kept]
+    assert numbers == list(range(100 - len(kept), 100))  # the newest, in order
+    # The tail saw every record once, in order, across the rotations.
+    assert [int(r.split("line ")[1][:3]) for r in seen] == list(range(100))
+    middle = kept[len(kept) // 2][: joblog.STAMP_WIDTH - 1]
+    assert joblog.read(tmp_path, middle) == [r for r in kept if r[:27] > middle]
+
+
+# -- the service ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def service(tmp_path, monkeypatch):
+    """The app with a real dispatcher and the real Trainer (in-process jobs, no Ray)."""
+    monkeypatch.setenv("SHARDGRAD_DATASETS_DIR", str(tmp_path / "datasets"))
+    settings = Settings(data_dir=tmp_path, instance_id="logs", poll_interval_s=0.05)
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    dispatcher = Dispatcher(store, settings, FakeCluster(4.0))
+    app = create_app(settings, start=False)
+    app.dependency_overrides[get_store] = lambda: store
+    app.dependency_overrides[get_dispatcher] = lambda: dispatcher
+    http = TestClient(app, base_url="http://localhost/api/v1")
+    monkeypatch.setattr(cli, "Client", lambda url=None: _client(http))
+    dispatcher.start()
+    try:
+        yield http
+    finally:
+        dispatcher.shutdown()
+
+
+def _client(http) -> Client:
+    client = Client("http://testserver")
+    client.http = http
+    return client
+
+
+def finished(http, **overrides) -> dict:
+    job = http.post("/jobs", json=spec(workers=0, epochs=1, **overrides)).json()
+    wait_for(lambda: http.get(f"/jobs/{job['id']}").json()["status"] in ("succeeded", "failed"))
+    return http.get(f"/jobs/{job['id']}").json()
+
+
+def test_a_jobs_log_as_text_and_followed(service, capsys):
+    job = finished(service)
+    assert job["status"] == "succeeded"
+    text = service.get(f"/jobs/{job['id']}/logs")
+    assert text.status_code == 200 and text.headers["content-type"].startswith("text/plain")
+    lines = text.text.splitlines()
+    assert "INFO workers.trainer: training from step 0 of 8, in-process" in lines[1]
+    assert lines[-1].split(" ", 1)[1].startswith("INFO workers.trainer: succeeded at step 8")
+    with service.stream("GET", f"/jobs/{job['id']}/logs", params={"follow": True}) as r:
+        events = list(sse_events(r.iter_lines()))
+    assert [e for e, _ in events] == ["log", "end"]
+    assert events[0][1] == {"job_id": job["id"], "lines": lines}
+    # Resumed after the first record: the rest.
+    first = lines[0][:27]
+    headers = {"Last-Event-ID": first}
+    with service.stream("GET", f"/jobs/{job['id']}/logs?follow=1", headers=headers) as r:
+        assert dict(sse_events(r.iter_lines()))["log"]["lines"] == lines[1:]
+    since = datetime.fromisoformat(first).astimezone(timezone(timedelta(hours=2)))
+    after = service.get(f"/jobs/{job['id']}/logs", params={"since": since.isoformat()})
+    assert after.text.splitlines() == lines[1:]
+
+    assert cli.main(["logs", job["id"]]) == 0
+    assert capsys.readouterr().out.splitlines() == lines
+    assert cli.main(["logs", "-f", job["id"], "--since", first]) == 0
+    assert capsys.readouterr().out.splitlines() == lines[1:]
+    assert cli.main(["logs", job["id"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"job_id": job["id"], "lines": lines}
+
+
+def test_a_failed_jobs_log_has_the_traceback(service):
+    job = finished(service, **OVERFLOWING)
+    assert job["status"] == "failed"
+    text = service.get(f"/jobs/{job['id']}/logs").text
+    assert "ERROR workers.trainer: failed at step 1: diverged at step 1" in text
+    assert "Traceback (most recent call last)" in text and "Diverged: diverged" in text
+
+
+def test_bad_requests(service):
+    assert service.get("/jobs/nope/logs").status_code == 404
+    job = service.post("/jobs", json=spec(workers=0)).json()
+    r = service.get(f"/jobs/{job['id']}/logs", params={"since": "yesterday"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "since"]
