@@ -90,6 +90,24 @@ def make_spec(**overrides):
     return TrainingSpec.model_validate(small_moons(**{"name": "t", "batch_size": 30, **overrides}))
 
 
+def write_trained_checkpoint(spec, out, steps: int):
+    """Train `spec` (a TrainingSpec) in-process for `steps` full-batch steps with the engine,
+    write the model as the checkpoint of step `steps` in `out`, and return the model."""
+    from core import Tensor
+    from workers.checkpoint import save_checkpoint
+    from workers.data import PreparedData
+    from workers.model import LOSSES, build_model, build_optimizer
+
+    model, data = build_model(spec), PreparedData(spec)
+    optimizer = build_optimizer(spec, model.parameters())
+    for _ in range(steps):
+        optimizer.zero_grad()
+        LOSSES[spec.loss](model(Tensor(data.X)), data.y).backward()
+        optimizer.step()
+    save_checkpoint(out, steps, model.state_dict(), {"state": {}}, {"step": steps})
+    return model
+
+
 def final_params(out) -> dict:
     """The model parameters of a run's newest checkpoint."""
     from workers import checkpoint
