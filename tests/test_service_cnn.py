@@ -6,29 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
+from service import cli
+from service.client import Client
 from tests.fakes import locs, make_client, spec
-from tests.helpers import small_cnn, write_trained_checkpoint
+from tests.helpers import digits_cnn, write_trained_checkpoint
 from workers.datasets import load_dataset, train_val_split
 from workers.spec import TrainingSpec
-
-# digits as 1x8x8 images: conv 1->4 (pad 1) + relu, max pool 2 (4x4x4), flatten, linear 10.
-DIGITS_CNN = {
-    "type": "sequential",
-    "input_shape": [1, 8, 8],
-    "layers": [
-        {"type": "conv2d", "out_channels": 4, "kernel_size": 3, "padding": 1},
-        {"type": "relu"},
-        {"type": "max_pool2d", "kernel_size": 2},
-        {"type": "flatten"},
-        {"type": "linear", "out_features": 10},
-    ],
-}
-
-
-def digits_cnn(**overrides) -> dict:
-    data = {"type": "builtin", "name": "digits"}
-    return small_cnn(name="digits-cnn", model=DIGITS_CNN, data=data, workers=0, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +169,39 @@ def test_the_graph_has_conv_and_pool_nodes_with_their_shapes(cnn):
     shapes = {n["operation"]: n["shape"] for n in graph["nodes"]}
     assert shapes["conv2d+relu"] == [1, 4, 8, 8]
     assert shapes["max_pool2d"] == [1, 4, 4, 4]
+    assert shapes["flatten"] == [1, 64]
     assert shapes["linear"] == [1, 10]
     params = {n["name"]: n["shape"] for n in graph["nodes"] if n["operation"] == "parameter"}
     assert params == {"0.weight": [4, 1, 3, 3], "0.bias": [4], "4.weight": [10, 64], "4.bias": [10]}
+
+
+def test_the_cli_predicts_and_explains_images_from_a_npy(cnn, tmp_path, monkeypatch, capsys):
+    client, url, model, val = cnn
+    http = TestClient(client.app, base_url="http://testserver/api/v1")
+
+    def app_client(url=None) -> Client:
+        c = Client("http://testserver")
+        c.http = http
+        return c
+
+    monkeypatch.setattr(cli, "Client", app_client)
+    job_id = url.rsplit("/", 1)[1]
+    path = tmp_path / "images.npy"
+    np.save(path, images(val, 2))
+    assert cli.main(["predict", job_id, "--images", str(path)]) == 0
+    out = capsys.readouterr().out
+    rows = [[float(v) for v in line.split(",")] for line in out.splitlines()]
+    np.testing.assert_allclose(rows, model(images(val, 2)).data, rtol=1e-5)  # 6 digits
+
+    np.save(path, images(val, 1)[0])  # one image, C x H x W
+    argv = ["explain", job_id, "--images", str(path), "--method", "gradient_x_input"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    grid = [line for line in out.splitlines() if line.startswith("  |")]
+    assert "channel 0" in out and len(grid) == 8  # a row of cells per image row
+    assert all(len(line) == 2 + 1 + 2 * 8 + 1 for line in grid)
+    assert "██" in out or "##" in out  # the largest attribution fills its cell
+
+    np.save(path, np.zeros((2, 3)))
+    assert cli.main(["predict", job_id, "--images", str(path)]) == 1
+    assert "--images: " in capsys.readouterr().err
