@@ -243,7 +243,9 @@ class Flatten(Module):
 
     def forward(self, x) -> Tensor:
         x = as_tensor(x)
-        return x.reshape(len(x.data), -1)
+        out = x.reshape(len(x.data), -1)
+        out._op = "flatten"  # a graph names the layer, not the array operation
+        return out
 
 
 class Dropout(Module):

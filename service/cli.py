@@ -3,7 +3,9 @@
 shardgrad serve [--host 127.0.0.1] [--port 8000] [--data-dir ./var] [--ray-address ADDR]
 shardgrad submit SPEC.json [--follow]
 shardgrad jobs | status ID | cancel ID | resume ID | predict ID --input 0.3,-0.2
+shardgrad predict ID --images IMAGES.npy         (a CNN: N x C x H x W, or one C x H x W)
 shardgrad explain ID --input 0.3,-0.2 [--method integrated_gradients] [--target N]
+shardgrad explain ID --images IMAGES.npy [...]
 shardgrad graph ID [--format json|dot]
 shardgrad logs [-f] ID [--since TIME]
 
@@ -18,6 +20,8 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from service.client import Client, ClientError, Job
 from workers import render
 from workers.cli import build_parser as build_command_tree
@@ -26,6 +30,7 @@ from workers.explain import METHODS
 ROW_FLAGS = ("--input", "--baseline")  # options whose value is a comma-separated row
 _NEGATIVE = re.compile(r"-\.?\d")  # a value, not an option: "-1,0.5", "-.5,0"
 ROW_HELP = "one comma-separated row (repeatable)"
+IMAGES_HELP = "a .npy of images, N x C x H x W (or one C x H x W), for a CNN"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,10 +92,10 @@ def add_client_commands(sub) -> None:
         command(name, func, text).add_argument("id", help="job id")
     p = command("predict", cmd_predict, "model outputs from a job's newest checkpoint")
     p.add_argument("id", help="job id")
-    p.add_argument("--input", action="append", required=True, help=ROW_HELP)
+    add_inputs(p)
     p = command("explain", cmd_explain, "attributions of a model output to its inputs")
     p.add_argument("id", help="job id")
-    p.add_argument("--input", action="append", required=True, help=ROW_HELP)
+    add_inputs(p)
     p.add_argument("--method", choices=METHODS, default="gradient")
     p.add_argument("--target", type=int, help="output index (default: the predicted class)")
     p.add_argument("--steps", type=int, default=64, help="integrated gradients' path steps")
@@ -106,6 +111,13 @@ def add_client_commands(sub) -> None:
     p.add_argument("id", help="job id")
     p.add_argument("-f", "--follow", action="store_true", help="print new lines until it ends")
     p.add_argument("--since", help="only records after this time (ISO 8601; UTC if no zone)")
+
+
+def add_inputs(p: argparse.ArgumentParser) -> None:
+    """--input rows, or --images from a .npy: one of the two."""
+    inputs = p.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--input", action="append", help=ROW_HELP)
+    inputs.add_argument("--images", type=Path, metavar="FILE.npy", help=IMAGES_HELP)
 
 
 def _run_client(func, args) -> int:
@@ -225,8 +237,31 @@ def parse_rows(lines: list[str], flag: str) -> list[list[float]]:
     return rows
 
 
+def read_images(path: Path) -> list:
+    """The images of a .npy file as nested lists, N x C x H x W (one C x H x W image is N=1);
+    the service checks their shape against the model's."""
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ClientError(f"--images: cannot read {path}: {err}") from None
+    if a.ndim == 3:
+        a = a[None]
+    if a.ndim != 4 or a.dtype.kind not in "fiu":
+        raise ClientError(
+            f"--images: {path} holds a {a.dtype} array of shape {a.shape}; "
+            "give numbers, N x C x H x W"
+        )
+    if not np.isfinite(a).all():
+        raise ClientError(f"--images: {path} holds values that are not finite")
+    return a.astype(np.float64).tolist()
+
+
+def inputs_of(args) -> list:
+    return read_images(args.images) if args.images else parse_rows(args.input, "--input")
+
+
 def cmd_predict(client: Client, args) -> int:
-    result = Job.of(client, args.id).predict(parse_rows(args.input, "--input"))
+    result = Job.of(client, args.id).predict(inputs_of(args))
     show(args, result.model_dump(mode="json"), render.print_outputs)
     return 0
 
@@ -235,9 +270,8 @@ def cmd_explain(client: Client, args) -> int:
     baseline = parse_rows(args.baseline, "--baseline") if args.baseline else None
     if baseline is not None and len(baseline) == 1:
         baseline = baseline[0]
-    rows = parse_rows(args.input, "--input")
     result = Job.of(client, args.id).explain(
-        rows, args.method, target=args.target, baseline=baseline, steps=args.steps
+        inputs_of(args), args.method, target=args.target, baseline=baseline, steps=args.steps
     )
     predicted = args.target is None
     answer = result.model_dump(mode="json")

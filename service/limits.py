@@ -46,7 +46,7 @@ def admission_errors(
     spec: TrainingSpec, info: DatasetInfo, settings: Settings
 ) -> list[tuple[tuple, str, Any]]:
     """The spec against the server's limits, as (loc, msg, input) for a 422."""
-    sizes = (("body", "model", spec.model.type, "sizes"), spec.model.sizes)
+    sizes = _model_at(spec)
     n_train = info.n_samples - int(info.n_samples * spec.validation_fraction)
     schedule = Schedule(max(n_train, 1), spec.batch_size, spec.epochs, spec.seed)
     per_epoch = f"{spec.epochs:,} x {schedule.steps_per_epoch:,} per epoch"
@@ -77,7 +77,7 @@ def admission_errors(
     node = psutil.virtual_memory().total
     if node < memory <= settings.max_job_memory_bytes:
         msg = f"model: the job's memory ({MEMORY}) is {memory:,}, more than this node's {node:,}"
-        errors.append((sizes[0], msg, spec.model.sizes))
+        errors.append((sizes[0], msg, sizes[1]))
     return errors
 
 
@@ -86,6 +86,12 @@ MEMORY = "bytes of parameters, gradients, optimizer state, data and an evaluatio
 
 def _count(workers: int | str) -> int:
     return workers if isinstance(workers, int) else 0  # auto chooses within the cluster
+
+
+def _model_at(spec: TrainingSpec) -> tuple[tuple, Any]:
+    """Where a model's size is given: an MLP's sizes, a sequential model's layers."""
+    key = "sizes" if spec.model.type == "mlp" else "layers"
+    return ("body", "model", spec.model.type, key), getattr(spec.model, key)
 
 
 def _data_at(spec: TrainingSpec) -> tuple[tuple, Any]:

@@ -1,5 +1,5 @@
-"""Answer predictions, explanations and the loss graph from a job's newest checkpoint, with
-the engine that trained it."""
+"""Answer predictions, explanations, the loss graph and a CNN's first filters from a job's
+newest checkpoint, with the engine that trained it; and show the job's validation samples."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ class Predictor:
         self._bytes: dict[tuple, int] = {}
         self.cache_bytes = cache_bytes
         self._lock = threading.Lock()
+        self.samples = ValidationSamples()
 
     def cached_bytes(self) -> int:
         return sum(self._bytes.values())
@@ -111,3 +112,71 @@ class Predictor:
         data = PreparedData(spec, settings)
         loss = LOSSES[spec.loss](model(Tensor(data.X[:1])), data.y[:1])
         return backward_with_graph(loss, parameters=dict(model.named_parameters())), name
+
+    def filters(self, spec: TrainingSpec, out_dir: Path, most_values: int) -> tuple[dict, str]:
+        """The weights of the model's first conv2d layer, (out, in, kh, kw): as many whole
+        filters as fit in `most_values` numbers. NoFilters without such a layer, or when
+        one filter is larger than that."""
+        from core.nn import Conv2d
+
+        model, name = self._model(spec, out_dir)
+        layers = enumerate(getattr(model, "modules", ()))  # an MLP has none
+        index, conv = next(((i, m) for i, m in layers if isinstance(m, Conv2d)), (None, None))
+        if conv is None:
+            raise NoFilters("the model has no conv2d layer")
+        weights = np.asarray(conv.weight.data, dtype=np.float64)
+        per_filter = weights[0].size
+        shown = min(len(weights), most_values // per_filter)
+        if not shown:
+            msg = f"layer {index}'s filters have {per_filter:,} values each, over {most_values:,}"
+            raise NoFilters(msg)
+        result = {
+            "layer": index,
+            "name": f"{index}.weight",
+            "shape": list(weights.shape),
+            "shown": shown,
+            "weights": weights[:shown].tolist(),
+        }
+        return result, name
+
+
+class NoFilters(LookupError):
+    pass
+
+
+class ValidationSamples:
+    """A job's validation split, as the trainer holds it out, a page at a time; the splits
+    of the last few datasets are kept, since a builtin dataset takes up to a second to make."""
+
+    def __init__(self, keep: int = 4):
+        self._splits: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.keep = keep
+        self._lock = threading.Lock()
+
+    def page(self, spec: TrainingSpec, root: Path | None, offset: int, limit: int):
+        """Up to `limit` samples from `offset`, each in the shape the model takes (an image
+        for a CNN), with its label. Returns (samples, total); a sample is {"index", "input",
+        "label"}."""
+        X, y = self._split(spec, root)
+        shape = getattr(spec.model, "input_shape", None) or [spec.model.in_width]
+        part = slice(offset, offset + limit)
+        labels = y[part] if y.dtype.kind in "iu" else y[part].reshape(len(X[part]), -1)
+        inputs = X[part].reshape(-1, *shape).tolist()
+        rows = zip(range(len(X))[part], inputs, labels.tolist(), strict=True)
+        return [{"index": i, "input": x, "label": label} for i, x, label in rows], len(X)
+
+    def _split(self, spec: TrainingSpec, root: Path | None) -> tuple[np.ndarray, np.ndarray]:
+        from workers.datasets import load_dataset, train_val_split
+
+        key = (spec.model_dump_json(include={"data", "seed", "validation_fraction"}), str(root))
+        with self._lock:
+            if key in self._splits:
+                self._splits.move_to_end(key)
+                return self._splits[key]
+        dataset = load_dataset(spec.data, spec.seed, root)
+        _, val = train_val_split(dataset, spec.validation_fraction, spec.seed)
+        with self._lock:
+            self._splits[key] = (val.X, val.y)
+            while len(self._splits) > self.keep:
+                self._splits.popitem(last=False)
+        return val.X, val.y

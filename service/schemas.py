@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     Strict,
+    Tag,
     ValidationError,
     field_validator,
 )
 
 from service.tables import EventRow, JobRow, Status
-from workers.explain import Method
+from workers.explain import Method, nesting
 from workers.health import WarningKind
 
 
@@ -186,19 +188,61 @@ class CheckpointOut(BaseModel):
 
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Row = list[FiniteFloat]
+Image = list[list[Row]]  # channels x height x width, as the model's input_shape
+
+
+def _shapes(**variants: tuple) -> Any:
+    """A union of list shapes, each given as name=(type, *constraints), told apart by their
+    depth alone: a value is validated as the shallowest shape at least as deep as it is (or
+    the deepest), so a bad value gets the errors of the one shape it tries to be."""
+    depths = {name: nesting(_example(kind)) for name, (kind, *_) in variants.items()}
+
+    def choose(value: Any) -> str:
+        deep_enough = [name for name, d in depths.items() if d >= nesting(value)]
+        return min(deep_enough, key=depths.get) if deep_enough else max(depths, key=depths.get)
+
+    tagged = tuple(Annotated[kind, *extra, Tag(name)] for name, (kind, *extra) in variants.items())
+    return Annotated[Union[tagged], Discriminator(choose)]  # noqa: UP007 (a tuple of types)
+
+
+def _example(kind: Any) -> Any:
+    """A value of a nested list type, one element per level: list[list[float]] -> [[0.0]]."""
+    return [_example(kind.__args__[0])] if getattr(kind, "__origin__", None) is list else 0.0
+
+
+def _inputs(most: int) -> Any:
+    """1 to `most` rows, or images."""
+    n = Field(min_length=1, max_length=most)
+    return _shapes(rows=(list[Row], n), images=(list[Image], n))
+
+
+Baseline = _shapes(row=(Row,), rows=(list[Row],), image=(Image,), images=(list[Image],))
+
+
+def _untagged(value: Any, handler):
+    """Pydantic's errors of a shape-chosen union without the shape's name in their loc:
+    ("inputs", 0, 1), not ("inputs", "rows", 0, 1)."""
+    try:
+        return handler(value)
+    except ValidationError as err:
+        errors = [e | {"loc": e["loc"][1:]} if e["loc"] else e for e in err.errors()]
+        raise ValidationError.from_exception_data(err.title, errors) from None
 
 
 class PredictRequest(BaseModel):
+    """Rows of features, or images of the model's input_shape (N x C x H x W)."""
+
     model_config = ConfigDict(extra="forbid")
-    inputs: list[list[FiniteFloat]] = Field(min_length=1, max_length=10_000)
+    inputs: _inputs(10_000) = Field(
+        description="rows of the model's input width, or images of its input_shape"
+    )
+    _shape_errors = field_validator("inputs", mode="wrap")(_untagged)
 
 
 class PredictResponse(BaseModel):
     outputs: list[list[float | None]]
     checkpoint: str = Field(description="the checkpoint that answered")
-
-
-Row = list[FiniteFloat]
 
 
 def _integral(value: Any) -> Any:
@@ -214,44 +258,61 @@ class ExplainRequest(BaseModel):
     """Rows and steps are capped so that one request cannot hold the server for long."""
 
     model_config = ConfigDict(extra="forbid")
-    inputs: list[Row] = Field(min_length=1, max_length=1000)
+    inputs: _inputs(1000) = Field(
+        description="rows of the model's input width, or images of its input_shape"
+    )
     target: Annotated[int, Field(ge=0), *INTEGER] | None = Field(
         None,
         description="the output to explain, for every row; default: each row's predicted "
         "class, or 0 for a single output",
     )
     method: Method = "gradient"
-    baseline: Row | list[Row] | None = Field(
-        None, description="one row for every input, or one row per input; default zeros"
+    baseline: Baseline | None = Field(
+        None,
+        description="one row (or image) for every input, or one per input; default zeros",
     )
     steps: Annotated[int, Field(ge=1, le=1024), *INTEGER] = Field(
         64, description="integrated gradients"
     )
+    _shape_errors = field_validator("inputs", "baseline", mode="wrap")(_untagged)
 
-    @field_validator("baseline", mode="wrap")
-    @classmethod
-    def _errors_of_one_shape(cls, value, handler):
-        """Report only the errors of the shape the baseline has (a row, or rows), at the
-        baseline's own loc: a union reports every variant's, under its tag."""
-        try:
-            return handler(value)
-        except ValidationError as err:
-            errors = err.errors()
-            tags = list(dict.fromkeys(e["loc"][0] for e in errors))
-            rows = isinstance(value, list) and any(isinstance(v, list) for v in value)
-            chosen = [e | {"loc": e["loc"][1:]} for e in errors if e["loc"][0] == tags[rows]]
-            raise ValidationError.from_exception_data(err.title, chosen) from None
+
+Attributions = list[list[float | None]] | list[list[list[list[float | None]]]]
 
 
 class ExplainResponse(BaseModel):
     outputs: list[list[float | None]] = Field(description="every output, as predict gives")
-    attributions: list[list[float | None]] = Field(description="one per input feature")
+    attributions: Attributions = Field(
+        description="one per input feature, in the inputs' shape (rows, or images)"
+    )
     method: Method
     targets: list[int] = Field(description="the output explained, per row")
     completeness_gap: list[float | None] | None = Field(
         description="integrated gradients: sum(attributions) - (f(x) - f(baseline)) per row"
     )
     checkpoint: str = Field(description="the checkpoint that answered")
+
+
+class FiltersResponse(BaseModel):
+    layer: int = Field(description="the first conv2d layer's index in model.layers")
+    name: str = Field(description="its weight's parameter name, e.g. 0.weight")
+    shape: list[int] = Field(description="the weight's shape: out, in, kernel h, kernel w")
+    shown: int = Field(description="the filters given: the first `shown` of `shape[0]`")
+    weights: list[list[list[list[float]]]]
+    checkpoint: str = Field(description="the checkpoint that answered")
+
+
+class Sample(BaseModel):
+    index: int = Field(description="its position in the validation split")
+    input: list[float] | list[list[list[float]]] = Field(
+        description="a row of features, or an image of the model's input_shape"
+    )
+    label: int | list[float] = Field(description="a class index, or regression targets")
+
+
+class SamplesResponse(BaseModel):
+    total: int = Field(description="samples in the job's validation split")
+    samples: list[Sample]
 
 
 class DatasetOut(BaseModel):

@@ -94,12 +94,51 @@ OVERFLOWING = {
 }
 
 
+# digits as 1x8x8 images: conv 1->4 (pad 1) + relu, max pool 2 (4x4x4), flatten, linear 10.
+DIGITS_CNN = {
+    "type": "sequential",
+    "input_shape": [1, 8, 8],
+    "layers": [
+        {"type": "conv2d", "out_channels": 4, "kernel_size": 3, "padding": 1},
+        {"type": "relu"},
+        {"type": "max_pool2d", "kernel_size": 2},
+        {"type": "flatten"},
+        {"type": "linear", "out_features": 10},
+    ],
+}
+
+
+def digits_cnn(**overrides) -> dict:
+    """A tiny CNN on digits as images, in-process (workers 0): the service's CNN job."""
+    data = {"type": "builtin", "name": "digits"}
+    small = {"name": "digits-cnn", "model": copy.deepcopy(DIGITS_CNN), "data": data}
+    return small_cnn(**{**small, "workers": 0, **overrides})
+
+
 def make_spec(**overrides):
     """The distributed tests' TrainingSpec: the small moons run named "t", global batch 30
     (160 training rows: 6 steps per epoch, the last one 10 rows)."""
     from workers.spec import TrainingSpec
 
     return TrainingSpec.model_validate(small_moons(**{"name": "t", "batch_size": 30, **overrides}))
+
+
+def write_trained_checkpoint(spec, out, steps: int):
+    """Train `spec` (a TrainingSpec) in-process for `steps` full-batch steps with the engine,
+    write the model as the checkpoint of step `steps` in `out`, and return the model."""
+    from core import Tensor
+    from workers.checkpoint import save_checkpoint
+    from workers.data import PreparedData
+    from workers.model import LOSSES, build_model, build_optimizer
+
+    model, data = build_model(spec), PreparedData(spec)
+    optimizer = build_optimizer(spec, model.parameters())
+    for _ in range(steps):
+        optimizer.zero_grad()
+        LOSSES[spec.loss](model(Tensor(data.X)), data.y).backward()
+        optimizer.step()
+    save_checkpoint(out, steps, model.state_dict(), {"state": {}}, {"step": steps})
+    return model
 
 
 def final_params(out) -> dict:

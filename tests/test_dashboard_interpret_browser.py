@@ -1,12 +1,19 @@
 """The job page's interpretability panels in a real browser (Debian's Chromium, Playwright,
-a real `shardgrad serve`): the computational graph, training health and explanations, each
-checked against what the API answers for the same job."""
+a real `shardgrad serve`): the computational graph, training health and explanations, and a
+CNN's images (picked, uploaded, explained as a heatmap) and first-layer filters, each checked
+against what the API answers for the same job."""
 
 from __future__ import annotations
 
+import io
+import json
 import math
+import re
+import struct
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from core.graph import _norm as norm  # of an exported output or gradient, as the DOT colours
@@ -22,7 +29,7 @@ from tests.dashboard import (
     screenshot,
 )
 from tests.fakes import spec
-from tests.helpers import wait_job
+from tests.helpers import digits_cnn, wait_job
 
 pytestmark = pytest.mark.slow
 
@@ -63,14 +70,15 @@ def open_job(page, server, job_id):
     expect(badge(page)).to_have_text("succeeded", timeout=120_000)
 
 
-def panels_shot(page, folder: Path, name: str) -> None:
-    """The three panels, from the health card to the explain box (docs/dashboard-interpret.png)."""
+def panels_shot(page, folder: Path, name: str, first: str = "health") -> None:
+    """The panels from the card `first` to the explain box (docs/dashboard-interpret.png)."""
     top, bottom = page.evaluate(
-        """() => {
-          const top = document.getElementById("health").getBoundingClientRect().top + scrollY;
+        """(first) => {
+          const top = document.getElementById(first).getBoundingClientRect().top + scrollY;
           const row = document.getElementById("explain-output").closest(".grid-2");
           return [top - 12, row.getBoundingClientRect().bottom + scrollY + 12];
-        }"""
+        }""",
+        first,
     )
     path = folder / f"{name}.png"
     clip = {"x": 0, "y": top, "width": WIDE["width"], "height": bottom - top}
@@ -273,3 +281,121 @@ def test_the_panels_fit_a_narrow_window(browser, server, api, dead, shots):
     finally:
         page.close()
     assert not errors, errors
+
+
+# -- a CNN: images to predict and explain, the heatmap, the filters ---------------------------
+
+
+@pytest.fixture(scope="module")
+def cnn(api) -> str:
+    """A tiny CNN on digits as 1x8x8 images, trained in-process for a few seconds."""
+    r = api.post("/jobs", json=digits_cnn(epochs=2, batch_size=64))
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def png(grey: np.ndarray) -> bytes:
+    """An 8-bit greyscale PNG of `grey` (uint8, height x width)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", grey.shape[1], grey.shape[0], 8, 0, 0, 0, 0)
+    raw = b"".join(b"\0" + row.tobytes() for row in grey)  # filter type 0 per row
+    idat = chunk(b"IDAT", zlib.compress(raw))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def predicted(page, api, job_id: str, image) -> None:
+    """Predict in the page; its outputs are the API's for `image`."""
+    page.click("#predict-run")
+    table = page.locator("#predict-output .predict-table")
+    expect(table).to_be_visible()
+    expected = api.post(f"/jobs/{job_id}/predict", json={"inputs": [image]}).json()["outputs"]
+    (shown,) = json.loads(table.get_attribute("data-outputs"))
+    assert shown == pytest.approx(expected[0])
+
+
+def upload(page, name: str, content: bytes, mime: str) -> None:
+    files = [{"name": name, "mimeType": mime, "buffer": content}]
+    page.set_input_files("#image-file", files=files)
+
+
+def test_a_cnns_images_predict_and_explain_as_a_heatmap_over_the_image(
+    page, server, api, cnn, shots
+):
+    assert finished(api, cnn)["status"] == "succeeded"
+    samples = api.get(f"/jobs/{cnn}/samples", params={"limit": 16}).json()["samples"]
+    open_job(page, server, cnn)
+    conv = page.locator('#graph-svg .g-node[data-op="conv2d+relu"]')
+    expect(conv).to_contain_text("1×4×8×8")  # the graph: a conv layer is one node, with its shape
+    expect(page.locator('#graph-svg .g-node[data-op="flatten"]')).to_contain_text("1×64")
+
+    # A validation image, picked from the gallery, predicted and explained.
+    thumbs = page.locator("#image-gallery .thumb")
+    expect(thumbs).to_have_count(16)
+    expect(thumbs.first).to_have_class(re.compile("selected"))
+    sample = samples[3]
+    thumbs.nth(3).click()
+    text = f"validation image #{sample['index']}, label {sample['label']}"
+    expect(page.locator("#image-picked-text")).to_have_text(text)
+    predicted(page, api, cnn, sample["input"])
+    expect(page.locator("#predict-label")).to_have_text(str(sample["label"]))
+    expect(page.locator("#explain-input")).to_have_text(text)
+    page.select_option("#explain-method", "integrated_gradients")
+    page.click("#explain-run")
+    page.wait_for_function("() => document.getElementById('explain-chart').data?.length === 2")
+    body = {"inputs": [sample["input"]], "method": "integrated_gradients", "steps": 64}
+    expected = api.post(f"/jobs/{cnn}/explain", json=body).json()
+    picture, heat = page.locator("#explain-chart").evaluate("div => div.data.map(t => t.z)")
+    np.testing.assert_allclose(picture, sample["input"][0])  # one channel: the image itself
+    np.testing.assert_allclose(heat, expected["attributions"][0][0], rtol=1e-12)  # 8x8
+    gap = float(page.locator("#explain-gap").get_attribute("data-gap"))
+    assert gap == pytest.approx(expected["completeness_gap"][0])
+    expect(page.locator("#filters-grid canvas")).to_have_count(4)
+    page.evaluate("scrollTo(0, 0)")  # else the sticky top bar lands mid-picture
+    panels_shot(page, shots, "dashboard-cnn", first="filters")
+
+    # Uploads: a PNG (grey levels / 255, as digits' pixels), a .npy as it is, a wrong .npy.
+    grey = np.round(np.asarray(samples[5]["input"][0]) * 255).astype(np.uint8)
+    upload(page, "five.png", png(grey), "image/png")
+    expect(page.locator("#image-picked-text")).to_have_text("uploaded five.png")
+    predicted(page, api, cnn, (grey / 255.0)[None].tolist())
+    image = np.linspace(0, 1, 64, dtype=np.float32).reshape(1, 8, 8)
+    upload(page, "ramp.npy", npy(image), "application/octet-stream")
+    expect(page.locator("#image-picked-text")).to_have_text("uploaded ramp.npy")
+    predicted(page, api, cnn, image.tolist())
+    upload(page, "two.npy", npy(np.zeros((2, 8, 8))), "application/octet-stream")
+    message = "the .npy holds a 2×8×8 array; the model takes 1×8×8"
+    expect(page.locator("#image-error")).to_have_text(message)
+
+
+def test_the_filter_view_draws_the_first_conv_layers_weights(page, server, api, cnn, healthy):
+    assert finished(api, cnn)["status"] == "succeeded"
+    filters = api.get(f"/jobs/{cnn}/filters").json()
+    open_job(page, server, cnn)
+    canvases = page.locator("#filters-grid canvas")
+    expect(canvases).to_have_count(4)  # 4 filters of 1 input channel
+    caption = page.locator("#filters-caption")
+    expect(caption).to_contain_text("layer 0 (0.weight, 4×1×3×3); blue positive, red negative")
+    assert canvases.first.evaluate("c => [c.width, c.height]") == [3, 3]
+    # The largest weight in absolute value is drawn in full colour: blue, or red if negative.
+    w = np.array(filters["weights"])
+    o, c, y, x = (int(k) for k in np.unravel_index(np.abs(w).argmax(), w.shape))
+    pixel = page.locator(f'#filters-grid canvas[data-filter="{o}"][data-channel="{c}"]').evaluate(
+        f"c => Array.from(c.getContext('2d').getImageData({x}, {y}, 1, 1).data.slice(0, 3))"
+    )
+    assert pixel == ([0, 0, 255] if w[o, c, y, x] > 0 else [255, 0, 0])
+    assert float(caption.get_attribute("data-max")) == pytest.approx(np.abs(w).max())
+
+    finished(api, healthy)  # an MLP: no filters, the predict box takes typed rows
+    open_job(page, server, healthy)
+    expect(page.locator("#predict-input")).to_be_visible()
+    expect(page.locator("#filters")).to_be_hidden()

@@ -36,8 +36,8 @@ EXCEPTIONS = {
         "arrays X and y), which a multipart body's schema cannot express"
     ),
     ("ST202", "POST /api/v1/jobs/{job_id}/predict"): (
-        "each row must be as wide as the job's model takes (its model.sizes[0]), which the "
-        "job's spec fixes, not the schema"
+        "each row must be as wide as the job's model takes (its model.sizes[0]), and an "
+        "image as its input_shape, which the job's spec fixes, not the schema"
     ),
     ("ST202", "POST /api/v1/jobs/{job_id}/explain"): (
         "rows as wide as the job's model takes, a target below its output count, a baseline "
@@ -59,7 +59,8 @@ EXCLUDED_PATHS = r"/(events|logs)$"
 # The routes under /jobs/{job_id} get a job that exists (queued: the server is paused), else
 # they would only ever answer 404.
 JOB_ROUTES = (
-    r"^/api/v1/jobs/\{job_id\}(/(cancel|resume|metrics|checkpoints|predict|explain|graph))?$"
+    r"^/api/v1/jobs/\{job_id\}"
+    r"(/(cancel|resume|metrics|checkpoints|predict|explain|graph|filters|samples))?$"
 )
 
 

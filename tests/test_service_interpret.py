@@ -8,12 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from core import Tensor
 from service.api.routes.interpret import MAX_PATH_VALUES
 from tests.fakes import locs, make_client, spec, submit
-from workers.checkpoint import save_checkpoint
+from tests.helpers import write_trained_checkpoint
 from workers.data import PreparedData
-from workers.model import LOSSES, build_model, build_optimizer, grad_sum
+from workers.model import grad_sum
 from workers.spec import TrainingSpec
 
 SINE = {
@@ -40,14 +39,7 @@ def trained(env, steps=40, **overrides):
     client, tmp_path = env
     job_id = submit(client, **overrides)["id"]
     s = TrainingSpec.model_validate(spec(**overrides))
-    model, data = build_model(s), PreparedData(s)
-    optimizer = build_optimizer(s, model.parameters())
-    for _ in range(steps):
-        optimizer.zero_grad()
-        LOSSES[s.loss](model(Tensor(data.X)), data.y).backward()
-        optimizer.step()
-    out = tmp_path / "jobs" / job_id
-    save_checkpoint(out, steps, model.state_dict(), {"state": {}}, {"step": steps})
+    model = write_trained_checkpoint(s, tmp_path / "jobs" / job_id, steps)
     return f"/api/v1/jobs/{job_id}", model
 
 

@@ -29,8 +29,18 @@ import numpy as np
 
 from core import Tensor, no_grad
 from core.nn import MLP, Sequential
+from workers.layers import fmt
 
-__all__ = ["METHODS", "ExplainError", "Method", "explain", "predict"]
+__all__ = [
+    "METHODS",
+    "ExplainError",
+    "Method",
+    "explain",
+    "input_shape",
+    "nesting",
+    "predict",
+    "samples",
+]
 
 Method = Literal["gradient", "gradient_x_input", "integrated_gradients"]
 METHODS = get_args(Method)
@@ -52,7 +62,7 @@ class ExplainError(ValueError):
 
 def predict(model: MLP, inputs) -> np.ndarray:
     """The raw model outputs (logits or regression values), rows in the model's dtype."""
-    X = _rows(model, inputs, "inputs")
+    X, _ = _rows(model, inputs, "inputs")
     with no_grad():
         return model(Tensor(X)).data
 
@@ -69,10 +79,11 @@ def explain(
     """Attributions of output `target` to every input feature, for every row.
 
     `target` is one output index for all rows; None explains each row's predicted
-    class (argmax), or output 0 of a single-output model. `baseline` is one row
-    (broadcast) or one row per input; None means zeros. Returns JSON-ready lists:
-    {"outputs", "attributions", "method", "targets" (the output explained, per row),
-    "completeness_gap"}; non-finite numbers
+    class (argmax), or output 0 of a single-output model. `inputs` are rows, or, for a
+    model whose input_shape is (C, H, W), images (N x C x H x W); the attributions come
+    in the same shape. `baseline` is one row or image (broadcast), or one per input;
+    None means zeros. Returns JSON-ready lists: {"outputs", "attributions", "method",
+    "targets" (the output explained, per row), "completeness_gap"}; non-finite numbers
     become None, as in predictions. Bad arguments raise ExplainError (a ValueError) at
     the argument.
     """
@@ -80,7 +91,7 @@ def explain(
         raise ExplainError(("method",), f"must be one of {', '.join(METHODS)}; got {method!r}")
     if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
         raise ExplainError(("steps",), f"must be a positive integer, got {steps!r}")
-    X = _rows(model, inputs, "inputs")
+    X, images = _rows(model, inputs, "inputs")
     B = _baseline(model, baseline, len(X))
     outputs = predict(model, X)
     targets = _targets(target, outputs)
@@ -97,7 +108,9 @@ def explain(
         gap = attributions.sum(axis=1, dtype=np.float64) - change
     return {
         "outputs": _json_rows(outputs),
-        "attributions": _json_rows(attributions),
+        "attributions": _json_rows(
+            attributions.reshape(-1, *input_shape(model)) if images else attributions
+        ),
         "method": method,
         "targets": targets.tolist(),
         "completeness_gap": None if gap is None else _json_rows(gap),
@@ -250,9 +263,60 @@ def _dtype(model: MLP | Sequential) -> np.dtype:
     return model.parameters()[0].dtype
 
 
-def _width(model: MLP | Sequential) -> int:
-    """The features of one input row (a sequential model reshapes them to its input_shape)."""
-    return model.sizes[0] if isinstance(model, MLP) else math.prod(model.input_shape)
+def input_shape(model: MLP | Sequential) -> tuple[int, ...]:
+    """One input's shape: (features,), or (channels, height, width) for a CNN."""
+    return (model.sizes[0],) if isinstance(model, MLP) else tuple(model.input_shape)
+
+
+def nesting(value) -> int:
+    """How deeply `value`'s first elements nest: 1 for a row, 2 for rows, 3 for an image,
+    4 for images (at most 5). Arguments take any of these, told apart by depth."""
+    depth = 0
+    while isinstance(value, list | tuple | np.ndarray) and len(value) and depth < 5:
+        value, depth = value[0], depth + 1
+    return depth
+
+
+def samples(value, name: str, shape: tuple[int, ...], dtype) -> tuple[np.ndarray, bool]:
+    """`value` as a 2-D array, one flat row per sample, and whether it came as images:
+    rows of prod(shape) numbers, or, when `shape` is (C, H, W), images of that shape.
+    An ExplainError names the bad part and the shape the model takes."""
+    if nesting(value) <= 2:
+        return _matrix(value, name, math.prod(shape), dtype), False
+    if len(shape) != 3:
+        msg = f"must be rows of {shape[0]} numbers; the model takes no images"
+        raise ExplainError((name,), msg)
+    try:
+        a = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError):  # ragged, or not numbers: find the place
+        for i, image in enumerate(value):
+            _image_fits(image, shape, (name, i))
+        raise ExplainError((name,), f"must be a list of {fmt(shape)} images") from None
+    if a.ndim != 4:
+        raise ExplainError((name,), f"must be a list of {fmt(shape)} images")
+    if a.shape[1:] != shape:
+        msg = f"has images of shape {fmt(a.shape[1:])} but the model takes {fmt(shape)}"
+        raise ExplainError((name,), msg)
+    with np.errstate(over="ignore"):  # 1e39 becomes inf in float32, reported as not finite
+        return a.reshape(len(a), -1).astype(dtype), True
+
+
+_AXES = ("channels", "rows", "values")  # of an image, level by level
+
+
+def _image_fits(part, shape: tuple[int, ...], loc: tuple, level: int = 0) -> None:
+    """An ExplainError at the first place where nested lists `part` (a level of an image)
+    differ from `shape`."""
+    if not shape:
+        if not isinstance(part, numbers.Real):
+            raise ExplainError(loc, "must be a number")
+        return
+    if not isinstance(part, list | tuple | np.ndarray):
+        raise ExplainError(loc, f"must be a list of {shape[0]} {_AXES[level]}")
+    if len(part) != shape[0]:
+        raise ExplainError(loc, f"has {len(part)} {_AXES[level]} but the model takes {shape[0]}")
+    for i, inner in enumerate(part):
+        _image_fits(inner, shape[1:], (*loc, i), level + 1)
 
 
 def _matrix(value, name: str, width: int, dtype) -> np.ndarray:
@@ -282,25 +346,26 @@ def _require_finite(a: np.ndarray, name: str) -> None:
         raise ExplainError((name, *(int(k) for k in bad[0])), "is not finite")
 
 
-def _rows(model: MLP, inputs, name: str) -> np.ndarray:
-    X = _matrix(inputs, name, _width(model), _dtype(model))
+def _rows(model: MLP, inputs, name: str) -> tuple[np.ndarray, bool]:
+    """The inputs as flat rows, and whether they came as images."""
+    shape = input_shape(model)
+    X, images = samples(inputs, name, shape, _dtype(model))
     if len(X) == 0:
         raise ExplainError((name,), "has no rows")
-    _require_finite(X, name)
-    return X
+    _require_finite(X.reshape(-1, *shape) if images else X, name)  # at the value's own place
+    return X, images
 
 
 def _baseline(model: MLP, baseline, n: int) -> np.ndarray:
-    """One row per input: zeros, one row repeated, or the rows given."""
-    width, dtype = _width(model), _dtype(model)
+    """One row per input: zeros, one row (or image) repeated, or the rows (or images) given."""
+    shape, dtype = input_shape(model), _dtype(model)
+    width = math.prod(shape)
     if baseline is None:
         return np.zeros((n, width), dtype)
-    try:
-        one_row = np.ndim(baseline) == 1
-    except ValueError:  # ragged rows: _matrix names the bad one
-        one_row = False
-    B = _matrix([baseline] if one_row else baseline, "baseline", width, dtype)
-    _require_finite(B[0] if one_row else B, "baseline")
+    one = nesting(baseline) in (1, 3)
+    B, images = samples([baseline] if one else baseline, "baseline", shape, dtype)
+    given = B.reshape(-1, *shape) if images else B
+    _require_finite(given[0] if one else given, "baseline")
     if len(B) not in (1, n):
         raise ExplainError(("baseline",), f"has {len(B)} rows but inputs has {n}; give 1 or {n}")
     return np.broadcast_to(B, (n, width))

@@ -8,6 +8,7 @@ nothing here parses arguments or talks HTTP.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Sequence
 
@@ -194,10 +195,12 @@ def print_outputs(result: dict) -> None:
 
 def print_attributions(job_id: str, result: dict, predicted: bool) -> None:
     """Per row: its outputs and the one explained, then a bar per feature, scaled to the
-    largest attribution of all rows, with the signed value; integrated gradients' gap."""
+    largest attribution of all rows, with the signed value (an image's: a shaded grid per
+    channel); integrated gradients' gap."""
     print(f"{job_id}: {result['method']} from checkpoint {result['checkpoint']}")
     rows = result["attributions"]
-    scale = max((abs(a) for row in rows for a in row if a is not None), default=0.0)
+    flat = [a for a in _leaves(rows) if a is not None]
+    scale = max(map(abs, flat), default=0.0)
     gaps = result["completeness_gap"] or [None] * len(rows)
     rows_of = zip(result["outputs"], rows, result["targets"], gaps, strict=True)
     for i, (outputs, row, explained, gap) in enumerate(rows_of):
@@ -205,11 +208,44 @@ def print_attributions(job_id: str, result: dict, predicted: bool) -> None:
         values = ", ".join(number(v) for v in outputs)
         head = f"row {i}  outputs [{values}]  target {explained}{why}"
         print(f"{head} = {number(outputs[explained])}")
-        for k, a in enumerate(row):
+        if row and isinstance(row[0], list):
+            print_image(row, scale)
+        for k, a in enumerate(row if row and not isinstance(row[0], list) else []):
             chart = bar(abs(a) / scale) if a is not None and scale else ""
             print(f"  x{k:<3} {number(a, '+.4g'):>10}  {chart}")
         if gap is not None:
             print(f"  completeness gap {number(gap, '+.3g')}")
+
+
+def _leaves(nested):
+    for item in nested:
+        if isinstance(item, list):
+            yield from _leaves(item)
+        else:
+            yield item
+
+
+# An image's cell by the size of its attribution (a quarter of the largest per step).
+POSITIVE = ("  ", "░░", "▒▒", "▓▓", "██")
+NEGATIVE = ("  ", "--", "==", "≡≡", "##")
+
+
+def print_image(image: list, scale: float) -> None:
+    """A C x H x W image's attributions, a grid of cells per channel: ░▒▓█ positive,
+    -=≡# negative, by size relative to `scale`; blank for zero (or none)."""
+    print(f"  {''.join(POSITIVE[1:])} positive, {''.join(NEGATIVE[1:])} negative, by size")
+    for c, channel in enumerate(image):
+        print(f"  channel {c}")
+        for line in channel:
+            cells = (_cell(a, scale) for a in line)
+            print("  |" + "".join(cells) + "|")
+
+
+def _cell(a: float | None, scale: float) -> str:
+    if a is None or not scale:
+        return "  "
+    level = min(4, math.ceil(4 * abs(a) / scale))
+    return (NEGATIVE if a < 0 else POSITIVE)[level]
 
 
 EIGHTHS = ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")  # a bar's last, partial cell

@@ -36,6 +36,13 @@ def field_errors(errors: Iterable[tuple[tuple, str, Any]]) -> RequestValidationE
     return RequestValidationError(detail)
 
 
+def value_at(value: Any, index: Iterable[int]) -> Any:
+    """The part of `value` at `index`: value_at(rows, (2, 1)) is rows[2][1]."""
+    for i in index:
+        value = value[i]
+    return value
+
+
 def body_errors(err: ValidationError) -> RequestValidationError:
     """Pydantic's errors of a model validated by hand from the body, each loc under "body"."""
     errors = err.errors(include_url=False)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
 
 from service.api.deps import BODY, CONFLICT, NOT_FOUND, JobDep, PredictorDep, SettingsDep
-from service.api.errors import field_errors
+from service.api.errors import field_error, field_errors, value_at
 from service.limits import check_request_cost
 from service.offload import OffloadedRoute
 from service.predict import model_spec
@@ -21,6 +21,8 @@ from workers.checkpoint import (
     list_checkpoints,
     verify_checkpoint,
 )
+from workers.explain import ExplainError, nesting, samples
+from workers.spec import TrainingSpec
 
 router = APIRouter(prefix="/jobs", tags=["checkpoints"], route_class=OffloadedRoute)
 
@@ -62,12 +64,30 @@ def predict(
     job: JobDep, body: PredictRequest, predictor: PredictorDep, settings: SettingsDep
 ) -> PredictResponse:
     """Model outputs (logits or regression values) for each input row, from the newest
-    checkpoint; works while the job is still running."""
+    checkpoint; works while the job is still running. A CNN also takes images of its
+    input_shape (N x C x H x W)."""
     spec = model_spec(job.spec)
     check_request_cost(spec, settings, body.inputs)
-    _check_rows(body.inputs, spec.model.in_width, spec.dtype)
+    if nesting(body.inputs) > 2:
+        _check_images(body.inputs, spec)
+    else:
+        _check_rows(body.inputs, spec.model.in_width, spec.dtype)
     outputs, name = predictor.predict(spec, settings.jobs_dir / job.id, body.inputs)
     return PredictResponse(outputs=outputs, checkpoint=name)
+
+
+def _check_images(inputs: list, spec: TrainingSpec) -> None:
+    """422 at the first image of the wrong shape, or value not finite in the model's dtype."""
+    shape = tuple(getattr(spec.model, "input_shape", None) or (spec.model.in_width,))
+    try:
+        X, _ = samples(inputs, "inputs", shape, spec.dtype)
+        bad = np.argwhere(~np.isfinite(X.reshape(-1, *shape)))
+    except ExplainError as err:
+        raise field_error(("body", *err.loc), str(err), value_at(inputs, err.loc[1:])) from None
+    if len(bad):
+        at = tuple(int(k) for k in bad[0])
+        msg = f"inputs{''.join(f'[{k}]' for k in at)} is not finite in the model's {spec.dtype}"
+        raise field_error(("body", "inputs", *at), msg, value_at(inputs, at))
 
 
 def _check_rows(inputs: list[list[float]], width: int, dtype: str) -> None:

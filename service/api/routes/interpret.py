@@ -1,7 +1,8 @@
-"""Why a job's model answers what it answers: its loss graph and input attributions.
+"""Why a job's model answers what it answers: its loss graph, input attributions, and a
+CNN's first filters; and the validation samples to ask it about.
 
-Both come from the newest checkpoint and run in the thread pool (plain `def` routes), as
-predictions do.
+All come from the newest checkpoint (the samples from the job's data) and run in the
+thread pool (plain `def` routes), as predictions do.
 """
 
 from __future__ import annotations
@@ -14,16 +15,20 @@ from pydantic import ValidationError
 
 from core.graph import to_dot
 from service.api.deps import BODY, CONFLICT, NOT_FOUND, JobDep, PredictorDep, SettingsDep
-from service.api.errors import field_error
+from service.api.errors import field_error, value_at
 from service.limits import check_request_cost
 from service.offload import OffloadedRoute
-from service.predict import model_spec
-from service.schemas import ExplainRequest, ExplainResponse
+from service.predict import NoFilters, model_spec
+from service.schemas import ExplainRequest, ExplainResponse, FiltersResponse, SamplesResponse
 from workers.data import check_data
 from workers.explain import ExplainError
-from workers.spec import format_validation_error
+from workers.spec import TrainingSpec, format_validation_error
 
 router = APIRouter(prefix="/jobs", tags=["interpretability"], route_class=OffloadedRoute)
+
+# A filter view shows at most this many weights (a CNN's first layer has a few hundred).
+MAX_FILTER_VALUES = 2**16
+MAX_SAMPLES = 64  # of a page of validation samples
 
 # Integrated gradients holds rows x steps path points of the input's width at once, and
 # refining may add many times as many: past this, a request takes seconds and GBs.
@@ -48,12 +53,7 @@ def graph(
     A hidden layer is one fused node, named after both parts (e.g. "linear+tanh").
     The header X-Checkpoint names the checkpoint.
     """
-    try:
-        spec = model_spec(job.spec)
-        check_data(spec, settings.uploads_dir)
-    except ValidationError as err:  # e.g. its uploaded dataset was deleted
-        detail = f"job {job.id}: its spec no longer validates: {format_validation_error(err)}"
-        raise HTTPException(status.HTTP_409_CONFLICT, detail) from None
+    spec = _spec_with_data(job, settings)
     result, name = predictor.graph(spec, settings.jobs_dir / job.id, settings.worker_settings())
     headers = {"X-Checkpoint": name}
     if format == "dot":
@@ -75,8 +75,53 @@ def explain(
     try:
         result, name = predictor.explain(spec, settings.jobs_dir / job.id, body.inputs, **options)
     except ExplainError as err:  # a width, or a target, that does not fit the model
-        raise field_error(("body", *err.loc), str(err), _value_at(body, err.loc)) from None
+        field, *index = err.loc
+        value = value_at(getattr(body, field), index)
+        raise field_error(("body", *err.loc), str(err), value) from None
     return ExplainResponse(**result, checkpoint=name)
+
+
+@router.get("/{job_id}/filters", responses=NOT_FOUND | CONFLICT)
+def filters(job: JobDep, predictor: PredictorDep, settings: SettingsDep) -> FiltersResponse:
+    """The first conv2d layer's weights at the newest checkpoint, (out, in, kh, kw), to draw
+    as small images: the first filters, up to 65,536 values. 404 when the model has no
+    conv2d layer."""
+    spec = model_spec(job.spec)
+    if not any(layer.type == "conv2d" for layer in getattr(spec.model, "layers", ())):
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"job {job.id}: the model has no conv2d layer"
+        )
+    try:
+        result, name = predictor.filters(spec, settings.jobs_dir / job.id, MAX_FILTER_VALUES)
+    except NoFilters as err:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id}: {err}") from None
+    return FiltersResponse(**result, checkpoint=name)
+
+
+@router.get("/{job_id}/samples", responses=NOT_FOUND | CONFLICT)
+def samples(
+    job: JobDep,
+    predictor: PredictorDep,
+    settings: SettingsDep,
+    offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_SAMPLES)] = 16,
+) -> SamplesResponse:
+    """A page of the job's validation samples, as the trainer holds them out, each in the
+    shape predict takes (an image for a CNN) with its label: inputs to try the model on."""
+    spec = _spec_with_data(job, settings)
+    page, total = predictor.samples.page(spec, settings.uploads_dir, offset, limit)
+    return SamplesResponse(total=total, samples=page)
+
+
+def _spec_with_data(job, settings) -> TrainingSpec:
+    """The job's spec, checked against its data again: 409 when they no longer fit."""
+    try:
+        spec = model_spec(job.spec)
+        check_data(spec, settings.uploads_dir)
+    except ValidationError as err:  # e.g. its uploaded dataset was deleted
+        detail = f"job {job.id}: its spec no longer validates: {format_validation_error(err)}"
+        raise HTTPException(status.HTTP_409_CONFLICT, detail) from None
+    return spec
 
 
 def _check_cost(body: ExplainRequest, width: int) -> None:
@@ -87,12 +132,3 @@ def _check_cost(body: ExplainRequest, width: int) -> None:
             "ask for fewer rows or steps"
         )
         raise field_error(("body", "steps"), msg, body.steps)
-
-
-def _value_at(body: ExplainRequest, loc: tuple):
-    """The request's value at an ExplainError's loc: ("inputs", 2, 1) is body.inputs[2][1]."""
-    name, *index = loc
-    value = getattr(body, name)
-    for i in index:
-        value = value[i]
-    return value

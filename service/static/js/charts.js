@@ -194,3 +194,48 @@ export async function drawAttributions(div, values) {
   });
   await Plotly.react(div, [bars], base, CONFIG);
 }
+
+// Attributions of a C×H×W image as a heatmap over it: the image in grey (its channels' mean),
+// and above it, partly transparent, the attributions summed over the channels, coloured as the
+// bars are (blue positive, red negative) on a scale symmetric about zero.
+export async function drawHeatmap(div, image, attributions) {
+  const Plotly = await plotly();
+  const mean = (img) =>
+    img[0].map((row, y) => row.map((_, x) => img.reduce((s, c) => s + c[y][x], 0) / img.length));
+  const sum = (img) => mean(img).map((row) => row.map((v) => v * img.length));
+  const z = sum(attributions);
+  const max = Math.max(...z.flat().map((v) => Math.abs(v ?? 0))) || 1;
+  const picture = {
+    type: "heatmap",
+    z: mean(image),
+    colorscale: "Greys",
+    reversescale: true,
+    showscale: false,
+    hoverinfo: "skip",
+  };
+  const heat = {
+    type: "heatmap",
+    z,
+    zmin: -max,
+    zmax: max,
+    colorscale: [
+      [0, SIGN.negative],
+      [0.5, "rgba(255,255,255,0)"],
+      [1, SIGN.positive],
+    ],
+    opacity: 0.7,
+    colorbar: { title: { text: "attribution" }, thickness: 12 },
+    hovertemplate: "row %{y}, column %{x}: %{z:.4g}<extra></extra>",
+  };
+  const axis = { showgrid: false, zeroline: false, ticks: "", showticklabels: false };
+  const base = {
+    ...layout("", {}),
+    height: 340,
+    margin: { l: 10, r: 10, t: 10, b: 10 },
+    xaxis: { ...axis, constrain: "domain" },
+    yaxis: { ...axis, autorange: "reversed", scaleanchor: "x" },
+    hovermode: "closest",
+    uirevision: null,
+  };
+  await Plotly.react(div, [picture, heat], base, CONFIG);
+}

@@ -1,10 +1,12 @@
 // The job page's explain box: one input row, an attribution method, and the attributions of
-// one output to every feature (POST /jobs/{id}/explain), drawn as bars. The server checks
-// the request; its 422 errors are shown under the field they name.
+// one output to every feature (POST /jobs/{id}/explain), drawn as bars; for a model that takes
+// images, the image picked in the predict box, and its attributions as a heatmap over it. The
+// server checks the request; its 422 errors are shown under the field they name.
 
 import { api } from "./api.js";
-import { drawAttributions } from "./charts.js";
-import { outputMeaning, parseRow } from "./predict.js";
+import { drawAttributions, drawHeatmap } from "./charts.js";
+import { shapeText } from "./images.js";
+import { inputWidth, outputMeaning, parseRow } from "./predict.js";
 import { errorText, h, num, readable } from "./ui.js";
 
 const METHODS = {
@@ -56,8 +58,17 @@ function summary(r, spec, asked) {
   ];
 }
 
-export function explainBox(jobId, spec) {
-  const width = spec.model?.sizes?.[0] ?? 1;
+// The input row's field, or, with a picker (a model that takes images), the picked image's.
+function inputField(spec, picker) {
+  if (picker) {
+    const shape = shapeText(spec.model.input_shape);
+    const text = h("output.small", { id: "explain-input" }, "the image picked in the predict box");
+    picker.onPick((picked) => {
+      text.textContent = picked.text;
+    });
+    return field("inputs", `input: a ${shape} image`, text);
+  }
+  const width = inputWidth(spec);
   const inputs = field(
     "inputs",
     `input: ${width} feature${width === 1 ? "" : "s"}, separated by commas`,
@@ -69,6 +80,12 @@ export function explainBox(jobId, spec) {
     }),
   );
   inputs.control.value = Array(width).fill("0").join(", ");
+  return inputs;
+}
+
+// `picker`: the predict box's image picker, for a model that takes images (else null).
+export function explainBox(jobId, spec, picker = null) {
+  const inputs = inputField(spec, picker);
   const method = field(
     "method",
     "method",
@@ -121,9 +138,9 @@ export function explainBox(jobId, spec) {
   async function run(event) {
     event.preventDefault();
     clearErrors();
-    const row = parseRow(inputs.control.value.trim());
+    const row = picker ? picker.picked()?.image : parseRow(inputs.control.value.trim());
     if (!row?.length) {
-      showError("inputs", `type ${width} numbers`);
+      showError("inputs", picker ? "pick or upload an image" : `type ${inputWidth(spec)} numbers`);
       return;
     }
     // The width is not checked here: the server's 422 says what the model takes.
@@ -136,7 +153,8 @@ export function explainBox(jobId, spec) {
       const r = await api(`/jobs/${jobId}/explain`, { method: "POST", body });
       facts.replaceChildren(...summary(r, spec, asked).filter(Boolean));
       out.hidden = false;
-      await drawAttributions(chart, r.attributions[0]);
+      if (picker) await drawHeatmap(chart, row, r.attributions[0]);
+      else await drawAttributions(chart, r.attributions[0]);
     } catch (err) {
       if (err.status === 422 && Array.isArray(err.detail)) {
         for (const e of err.detail) {

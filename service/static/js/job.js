@@ -1,6 +1,7 @@
 // #/jobs/<id> — one job: live progress and curves (the job's SSE stream), its training
-// health, its computational graph, its timeline, checkpoints, spec, the cancel and resume
-// buttons, boxes to predict and explain, and its log (with a failed job's traceback).
+// health, its computational graph, a CNN's first-layer filters, its timeline, checkpoints,
+// spec, the cancel and resume buttons, boxes to predict and explain (on images, for a
+// model that takes them), and its log (with a failed job's traceback).
 
 import { api, apiUrl, download, stream } from "./api.js";
 import { Curves } from "./charts.js";
@@ -8,8 +9,9 @@ import { nodeNames } from "./cluster.js";
 import { explainBox } from "./explain.js";
 import { graphView } from "./graph.js";
 import { healthPanel } from "./health.js";
+import { filtersView, imagePicker, takesImages } from "./images.js";
 import { logsPanel } from "./logs.js";
-import { predictBox } from "./predict.js";
+import { imagePredictBox, predictBox } from "./predict.js";
 import {
   alert,
   badge,
@@ -148,6 +150,13 @@ export function jobView(root, id) {
   const healthDiv = h("div.chart", { id: "health-chart" });
   const health = healthPanel();
   const graph = graphView(id);
+  const filters = filtersView(id);
+  const filtersCard = h(
+    "section.card.wide",
+    { id: "filters", hidden: true },
+    h("h2", {}, "First conv layer's filters"),
+    filters.element,
+  );
   const spec = h("div");
   const traceback = h("div", { id: "traceback" });
   let tracebackText = null;
@@ -186,6 +195,7 @@ export function jobView(root, id) {
       h("div.card-head", {}, h("h2", {}, "Computational graph of the loss"), graph.dot),
       graph.element,
     ),
+    filtersCard,
     h("div.grid-2", {}, card("Predict", predict), card("Explain", explain)),
     h("div.grid-2", {}, card("Checkpoints", checkpoints), card("Timeline", events)),
     logs.element,
@@ -278,6 +288,7 @@ export function jobView(root, id) {
       if (newest !== newestCheckpoint) {
         newestCheckpoint = newest;
         graph.load(newest);
+        if (!filtersCard.hidden) filters.load(newest);
       }
     } catch (err) {
       if (alive) checkpoints.replaceChildren(alert(errorText(err)));
@@ -336,8 +347,11 @@ export function jobView(root, id) {
     if (!classify) sideTitle.textContent = "Gradient norm";
     curves = new Curves(lossDiv, sideDiv, { classify, lossName: job.spec.loss, healthDiv });
     spec.replaceChildren(h("pre.spec", {}, pretty(job.spec)));
-    predict.replaceChildren(predictBox(id, job.spec));
-    explainer = explainBox(id, job.spec);
+    const picker = takesImages(job.spec) ? imagePicker(id, job.spec) : null;
+    filtersCard.hidden = !job.spec.model.layers?.some((layer) => layer.type === "conv2d");
+    const box = picker ? imagePredictBox(id, job.spec, picker) : predictBox(id, job.spec);
+    predict.replaceChildren(box);
+    explainer = explainBox(id, job.spec, picker);
     explain.replaceChildren(explainer.element);
     addPoints(metrics.points);
     loadCheckpoints();

@@ -44,9 +44,38 @@ export function outputMeaning(loss, out) {
   return null;
 }
 
+// The features of one input row: an MLP's first size, or a sequential model's input_shape's.
+export const inputWidth = (spec) =>
+  spec.model?.sizes?.[0] ?? (spec.model?.input_shape ?? [1]).reduce((a, b) => a * b, 1);
+
+// The submit handler of a predict form: the rows from `inputs()` (which throws what is wrong
+// with them), then the answer as `table(answer, rows)`, or the server's errors, in `out`.
+function predictRun(jobId, out, button, inputs, table) {
+  return async (event) => {
+    event.preventDefault();
+    let rows;
+    try {
+      rows = inputs();
+    } catch (err) {
+      out.replaceChildren(h("p.form-error", {}, err.message));
+      return;
+    }
+    button.disabled = true;
+    try {
+      const r = await api(`/jobs/${jobId}/predict`, { method: "POST", body: { inputs: rows } });
+      const from = h("p.muted.small", {}, `from checkpoint ${r.checkpoint}`);
+      out.replaceChildren(table(r, rows), from);
+    } catch (err) {
+      const errors = Array.isArray(err.detail) ? err.detail.map((e) => e.msg) : [err.message];
+      out.replaceChildren(h("p.form-error", {}, errors.join("; ")));
+    } finally {
+      button.disabled = false;
+    }
+  };
+}
+
 export function predictBox(jobId, spec) {
-  const sizes = spec.model?.sizes || [];
-  const width = sizes[0];
+  const width = inputWidth(spec);
   const example = Array.from({ length: width }, (_, i) => (i % 2 ? "-0.25" : "0.5")).join(", ");
   const input = h("textarea.mono", {
     id: "predict-input",
@@ -58,55 +87,37 @@ export function predictBox(jobId, spec) {
   const out = h("div", { id: "predict-output", "aria-live": "polite" });
   const button = h("button.btn.primary", { id: "predict-run", type: "submit" }, "Predict");
 
-  async function run(event) {
-    event.preventDefault();
-    let rows;
-    try {
-      rows = parseRows(input.value, width);
-    } catch (err) {
-      out.replaceChildren(h("p.form-error", {}, err.message));
-      return;
-    }
-    button.disabled = true;
-    try {
-      const r = await api(`/jobs/${jobId}/predict`, { method: "POST", body: { inputs: rows } });
-      const classes = spec.loss !== "mse";
-      const table = h(
-        "table.predict-table",
-        { dataset: { outputs: JSON.stringify(r.outputs) } },
+  const classes = spec.loss !== "mse";
+  const table = (r, rows) =>
+    h(
+      "table.predict-table",
+      { dataset: { outputs: JSON.stringify(r.outputs) } },
+      h(
+        "thead",
+        {},
         h(
-          "thead",
+          "tr",
           {},
+          h("th", {}, "input"),
+          h("th", {}, "outputs"),
+          classes && h("th", {}, "predicted"),
+        ),
+      ),
+      h(
+        "tbody",
+        {},
+        r.outputs.map((o, i) =>
           h(
             "tr",
             {},
-            h("th", {}, "input"),
-            h("th", {}, "outputs"),
-            classes && h("th", {}, "predicted"),
+            h("td.mono", {}, rows[i].join(", ")),
+            h("td.mono", {}, o.map((v) => num(v)).join(", ")),
+            classes && h("td", {}, outputMeaning(spec.loss, o) || "–"),
           ),
         ),
-        h(
-          "tbody",
-          {},
-          r.outputs.map((o, i) =>
-            h(
-              "tr",
-              {},
-              h("td.mono", {}, rows[i].join(", ")),
-              h("td.mono", {}, o.map((v) => num(v)).join(", ")),
-              classes && h("td", {}, outputMeaning(spec.loss, o) || "–"),
-            ),
-          ),
-        ),
-      );
-      out.replaceChildren(table, h("p.muted.small", {}, `from checkpoint ${r.checkpoint}`));
-    } catch (err) {
-      const errors = Array.isArray(err.detail) ? err.detail.map((e) => e.msg) : [err.message];
-      out.replaceChildren(h("p.form-error", {}, errors.join("; ")));
-    } finally {
-      button.disabled = false;
-    }
-  }
+      ),
+    );
+  const run = predictRun(jobId, out, button, () => parseRows(input.value, width), table);
 
   return h(
     "form.predict",
@@ -117,6 +128,44 @@ export function predictBox(jobId, spec) {
       `${width} input${width === 1 ? "" : "s"} per row, separated by commas or spaces`,
     ),
     input,
+    h("div.row-actions", {}, button),
+    out,
+  );
+}
+
+const row = (name, cell) => h("tr", {}, h("th", {}, name), cell);
+
+// The predict box of a model that takes images: the picked image (see images.js) is sent as
+// it is, C×H×W, and the outputs are shown beside its label when it is a validation image.
+export function imagePredictBox(jobId, spec, picker) {
+  const out = h("div", { id: "predict-output", "aria-live": "polite" });
+  const button = h("button.btn.primary", { id: "predict-run", type: "submit" }, "Predict");
+  picker.onPick(() => out.replaceChildren()); // outputs of another image would mislead
+
+  const inputs = () => {
+    if (!picker.picked()) throw new Error("pick or upload an image first");
+    return [picker.picked().image];
+  };
+  const table = (r) => {
+    const o = r.outputs[0];
+    const meaning = spec.loss !== "mse" && outputMeaning(spec.loss, o);
+    const label = picker.picked().label;
+    return h(
+      "table.predict-table",
+      { dataset: { outputs: JSON.stringify(r.outputs) } },
+      h("tbody", {}, [
+        row("outputs", h("td.mono", {}, o.map((v) => num(v)).join(", "))),
+        meaning && row("predicted", h("td", { id: "predict-class" }, meaning)),
+        row("label", h("td", { id: "predict-label" }, label === null ? "–" : String(label))),
+      ]),
+    );
+  };
+  const run = predictRun(jobId, out, button, inputs, table);
+
+  return h(
+    "form.predict",
+    { onsubmit: run },
+    picker.element,
     h("div.row-actions", {}, button),
     out,
   );
