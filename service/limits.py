@@ -89,8 +89,9 @@ def _count(workers: int | str) -> int:
 
 
 def _model_at(spec: TrainingSpec) -> tuple[tuple, Any]:
-    """Where a model's size is given: an MLP's sizes, a sequential model's layers."""
-    key = "sizes" if spec.model.type == "mlp" else "layers"
+    """Where a model's size is given: an MLP's sizes, a sequential model's layers, a
+    transformer's width."""
+    key = {"mlp": "sizes", "sequential": "layers", "transformer": "d_model"}[spec.model.type]
     return ("body", "model", spec.model.type, key), getattr(spec.model, key)
 
 

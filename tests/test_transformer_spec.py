@@ -185,3 +185,15 @@ def test_health_checks_see_every_layer():
     expected = [f"blocks.1.{k}" for k in last] + ["norm", "head"]
     assert [st["layer"] for st in stats][-8:] == expected
     assert all(st["grad_norm"] > 0 for st in stats)
+
+
+def test_the_services_size_limit_names_a_transformers_width(tmp_path):
+    from tests.fakes import locs, make_client
+
+    client, _, _ = make_client(tmp_path, max_model_params=1000)
+    body = spec({**TINY, "vocab_size": 13, "context": 9}, workers=1)
+    body["data"] = {"type": "builtin", "name": "addition"}
+    r = client.post("/api/v1/jobs", json=body)
+    assert r.status_code == 422, r.text
+    assert locs(r) == [("body", "model", "transformer", "d_model")]
+    assert "SHARDGRAD_MAX_MODEL_PARAMS" in r.json()["detail"][0]["msg"]
