@@ -5,6 +5,7 @@ shardgrad submit SPEC.json [--follow]
 shardgrad jobs | status ID | cancel ID | resume ID | predict ID --input 0.3,-0.2
 shardgrad explain ID --input 0.3,-0.2 [--method integrated_gradients] [--target N]
 shardgrad graph ID [--format json|dot]
+(predict, explain, graph: [--checkpoint best|latest|step-N])
 
 Every client command takes --json: one JSON document on stdout, the data it shows.
 """
@@ -20,12 +21,14 @@ from pathlib import Path
 
 from service.client import Client, ClientError
 from workers import render
+from workers.checkpoint import CHOICE_HELP, DEFAULT_HELP
 from workers.cli import build_parser as build_command_tree
 from workers.explain import METHODS
 
 ROW_FLAGS = ("--input", "--baseline")  # options whose value is a comma-separated row
 _NEGATIVE = re.compile(r"-\.?\d")  # a value, not an option: "-1,0.5", "-.5,0"
 ROW_HELP = "one comma-separated row (repeatable)"
+CHECKPOINT_HELP = f"the checkpoint that answers: {CHOICE_HELP} (default: {DEFAULT_HELP})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,12 +88,14 @@ def add_client_commands(sub) -> None:
         ("resume", cmd_resume, "re-queue a failed or cancelled job from its newest checkpoint"),
     ):
         command(name, func, text).add_argument("id", help="job id")
-    p = command("predict", cmd_predict, "model outputs from a job's newest checkpoint")
+    p = command("predict", cmd_predict, "model outputs from one of a job's checkpoints")
     p.add_argument("id", help="job id")
     p.add_argument("--input", action="append", required=True, help=ROW_HELP)
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p = command("explain", cmd_explain, "attributions of a model output to its inputs")
     p.add_argument("id", help="job id")
     p.add_argument("--input", action="append", required=True, help=ROW_HELP)
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--method", choices=METHODS, default="gradient")
     p.add_argument("--target", type=int, help="output index (default: the predicted class)")
     p.add_argument("--steps", type=int, default=64, help="integrated gradients' path steps")
@@ -102,6 +107,7 @@ def add_client_commands(sub) -> None:
     p = command("graph", cmd_graph, "the loss graph on the first training example", "--format json")
     p.add_argument("id", help="job id")
     p.add_argument("--format", choices=("json", "dot"), default="json", help="dot: Graphviz")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
 
 
 def _run_client(func, args) -> int:
@@ -228,16 +234,21 @@ def parse_rows(lines: list[str], flag: str) -> list[list[float]]:
     return rows
 
 
+def chosen(args) -> dict:
+    """The --checkpoint asked for, as the request's `checkpoint` (the service checks it)."""
+    return {"checkpoint": args.checkpoint} if args.checkpoint else {}
+
+
 def cmd_predict(client: Client, args) -> int:
-    rows = parse_rows(args.input, "--input")
-    result = client.request("POST", f"/jobs/{args.id}/predict", json={"inputs": rows})
+    body = {"inputs": parse_rows(args.input, "--input"), **chosen(args)}
+    result = client.request("POST", f"/jobs/{args.id}/predict", json=body)
     show(args, result, render.print_outputs)
     return 0
 
 
 def cmd_explain(client: Client, args) -> int:
     body = {"inputs": parse_rows(args.input, "--input"), "method": args.method}
-    body |= {"target": args.target, "steps": args.steps}
+    body |= {"target": args.target, "steps": args.steps, **chosen(args)}
     if args.baseline:
         baseline = parse_rows(args.baseline, "--baseline")
         body["baseline"] = baseline[0] if len(baseline) == 1 else baseline
@@ -249,7 +260,7 @@ def cmd_explain(client: Client, args) -> int:
 
 def cmd_graph(client: Client, args) -> int:
     fmt = "json" if args.json else args.format
-    r = client.send("GET", f"/jobs/{args.id}/graph", params={"format": fmt})
+    r = client.send("GET", f"/jobs/{args.id}/graph", params={"format": fmt, **chosen(args)})
     if fmt == "dot":
         sys.stdout.write(r.text)
     else:

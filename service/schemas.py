@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from service.tables import EventRow, JobRow, Status
+from workers.checkpoint import CHOICE_HELP, CHOICE_PATTERN, DEFAULT_HELP
 from workers.explain import Method
 from workers.health import WarningKind
 
@@ -188,9 +189,14 @@ class CheckpointOut(BaseModel):
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
+# Which checkpoint answers: a body field of predict and explain, a query parameter of graph.
+CHECKPOINT = {"pattern": CHOICE_PATTERN, "description": f"{CHOICE_HELP}; default: {DEFAULT_HELP}"}
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     inputs: list[list[FiniteFloat]] = Field(min_length=1, max_length=10_000)
+    checkpoint: str | None = Field(None, **CHECKPOINT)
 
 
 class PredictResponse(BaseModel):
@@ -227,6 +233,7 @@ class ExplainRequest(BaseModel):
     steps: Annotated[int, Field(ge=1, le=1024), *INTEGER] = Field(
         64, description="integrated gradients"
     )
+    checkpoint: str | None = Field(None, **CHECKPOINT)
 
     @field_validator("baseline", mode="wrap")
     @classmethod

@@ -93,8 +93,10 @@ MANIFEST_FILE = "manifest.json"
 REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
 BEST_FILE = "best.json"  # <out>/best.json: {"step", "checkpoint", "metric", "mode", "value"}
 # What a caller may ask for: the best checkpoint, the newest, or one step's.
-CHOICE = re.compile(r"best|latest|step-(0|[1-9][0-9]*)")
+CHOICE_PATTERN = r"^(best|latest|step-(0|[1-9][0-9]*))$"  # also the API's, as JSON Schema
+CHOICE = re.compile(CHOICE_PATTERN)
 CHOICE_HELP = '"best", "latest" or "step-<N>"'
+DEFAULT_HELP = "best when the job keeps a best checkpoint (keep_best), else latest"
 
 _NAME = re.compile(r"step-[0-9]+")  # what checkpoint_dir accepts
 _CANONICAL = re.compile(r"step-(0|[1-9][0-9]*)")  # what save writes and scans find

@@ -1,7 +1,8 @@
 """Why a job's model answers what it answers: its loss graph and input attributions.
 
-Both come from the newest checkpoint and run in the thread pool (plain `def` routes), as
-predictions do.
+Both come from the checkpoint the request names (`checkpoint`: best, latest or step-N;
+by default the best if the job keeps one, else the newest) and run in the thread pool
+(plain `def` routes), as predictions do.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from service.api.errors import field_error
 from service.limits import check_request_cost
 from service.offload import OffloadedRoute
 from service.predict import model_spec
-from service.schemas import ExplainRequest, ExplainResponse
+from service.schemas import CHECKPOINT, ExplainRequest, ExplainResponse
 from workers.data import check_data
 from workers.explain import ExplainError
 from workers.spec import format_validation_error
@@ -40,8 +41,9 @@ def graph(
     predictor: PredictorDep,
     settings: SettingsDep,
     format: Annotated[Literal["json", "dot"], Query(description="JSON, or Graphviz DOT")] = "json",
+    checkpoint: Annotated[str | None, Query(**CHECKPOINT)] = None,
 ) -> Response:
-    """The newest checkpoint's model on the first training example: the forward pass and
+    """The checkpoint's model on the first training example: the forward pass and
     the loss, which is the root, after backward, so every node has its gradient.
 
     JSON: {"root", "nodes": [{"id", "operation", "shape", "output", "gradient", "inputs"}]}.
@@ -54,7 +56,8 @@ def graph(
     except ValidationError as err:  # e.g. its uploaded dataset was deleted
         detail = f"job {job.id}: its spec no longer validates: {format_validation_error(err)}"
         raise HTTPException(status.HTTP_409_CONFLICT, detail) from None
-    result, name = predictor.graph(spec, settings.jobs_dir / job.id, settings.worker_settings())
+    run_dir, worker_settings = settings.jobs_dir / job.id, settings.worker_settings()
+    result, name = predictor.graph(spec, run_dir, worker_settings, checkpoint)
     headers = {"X-Checkpoint": name}
     if format == "dot":
         return Response(to_dot(result), media_type="text/vnd.graphviz", headers=headers)
@@ -65,15 +68,16 @@ def graph(
 def explain(
     job: JobDep, body: ExplainRequest, predictor: PredictorDep, settings: SettingsDep
 ) -> ExplainResponse:
-    """Attributions of one output to every input feature, row by row, from the newest
-    checkpoint: the gradient, (x - baseline) * gradient, or integrated gradients with its
-    completeness gap. Outputs are the full rows predict gives."""
+    """Attributions of one output to every input feature, row by row, from the checkpoint
+    `checkpoint` names (as predict): the gradient, (x - baseline) * gradient, or integrated
+    gradients with its completeness gap. Outputs are the full rows predict gives."""
     spec = model_spec(job.spec)
     _check_cost(body, width=spec.model.in_width)
     check_request_cost(spec, settings, body.inputs, body.method, body.steps)
-    options = body.model_dump(exclude={"inputs"})
+    options = body.model_dump(exclude={"inputs", "checkpoint"})
+    run_dir = settings.jobs_dir / job.id
     try:
-        result, name = predictor.explain(spec, settings.jobs_dir / job.id, body.inputs, **options)
+        result, name = predictor.explain(spec, run_dir, body.inputs, body.checkpoint, **options)
     except ExplainError as err:  # a width, or a target, that does not fit the model
         raise field_error(("body", *err.loc), str(err), _value_at(body, err.loc)) from None
     return ExplainResponse(**result, checkpoint=name)
