@@ -57,6 +57,7 @@ from workers.pool import ClusterTooSmall, OnPool, WorkerFailure, WorkerPool
 from workers.replicated import ReplicatedStep
 from workers.sampler import Schedule, split_batch
 from workers.spec import TrainingSpec
+from workers.warmstart import InitFromError, warm_start
 
 __all__ = ["Diverged", "SpecMismatch", "Trainer", "TrainingError", "run_summary", "train"]
 
@@ -206,7 +207,7 @@ class Trainer:
             finally:
                 self.descend.close()
             return stopped or self._finish()
-        except (TrainingError, WorkerFailure, ClusterTooSmall) as err:
+        except (TrainingError, WorkerFailure, ClusterTooSmall, InitFromError) as err:
             return self.failed(str(err))
 
     # -- prepare ---------------------------------------------------------------
@@ -237,6 +238,8 @@ class Trainer:
             self.opt.load_state_dict(latest.optimizer_state)
             self.step = self.resumed_from = latest.step
             self.history = state.get("metrics", [])
+        elif spec.init_from is not None:  # a warm start: the source's weights, not random ones
+            warm_start(spec, self.settings, self.model, self.opt)
         self.health = HealthMonitor(self.model, spec.health_every, state.get("health"))
 
     def _start_workers(self, state: dict) -> None:
