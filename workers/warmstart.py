@@ -81,9 +81,10 @@ def _check_sha256(init: InitFrom, sha256: str, path: Path) -> None:
 def _load(init: InitFrom, run_dir: Path) -> Checkpoint:
     """The checkpoint `init.checkpoint` names in the source's `run_dir`, verified."""
     if not run_dir.is_dir():
-        field, value = ("job", init.job) if init.job is not None else ("path", init.path)
-        what = f"no job {init.job!r}" if init.job is not None else f"{init.path!r} is no directory"
-        raise InitFromError((field,), f"init_from.{field}: {what}", value)
+        if init.job is not None:
+            msg = f"init_from.job: no job {init.job!r} with checkpoints"
+            raise InitFromError(("job",), msg, init.job)
+        raise InitFromError(("path",), f"init_from.path: {init.path!r} is no directory", init.path)
     try:
         return load_checkpoint(resolve_checkpoint(run_dir, init.checkpoint))
     except (UnknownCheckpoint, CheckpointError) as e:
