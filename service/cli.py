@@ -8,6 +8,7 @@ shardgrad explain ID --input 0.3,-0.2 [--method integrated_gradients] [--target 
 shardgrad explain ID --images IMAGES.npy [...]
 shardgrad graph ID [--format json|dot]
 shardgrad logs [-f] ID [--since TIME]
+(predict, explain, graph: [--checkpoint best|latest|step-N])
 
 Every client command takes --json: one JSON document on stdout, the data it shows.
 """
@@ -24,6 +25,7 @@ import numpy as np
 
 from service.client import Client, ClientError, Job
 from workers import render
+from workers.checkpoint import CHOICE_HELP, DEFAULT_HELP
 from workers.cli import build_parser as build_command_tree
 from workers.explain import METHODS
 
@@ -31,6 +33,7 @@ ROW_FLAGS = ("--input", "--baseline")  # options whose value is a comma-separate
 _NEGATIVE = re.compile(r"-\.?\d")  # a value, not an option: "-1,0.5", "-.5,0"
 ROW_HELP = "one comma-separated row (repeatable)"
 IMAGES_HELP = "a .npy of images, N x C x H x W (or one C x H x W), for a CNN"
+CHECKPOINT_HELP = f"the checkpoint that answers: {CHOICE_HELP} (default: {DEFAULT_HELP})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +93,7 @@ def add_client_commands(sub) -> None:
         ("resume", cmd_resume, "re-queue a failed or cancelled job from its newest checkpoint"),
     ):
         command(name, func, text).add_argument("id", help="job id")
-    p = command("predict", cmd_predict, "model outputs from a job's newest checkpoint")
+    p = command("predict", cmd_predict, "model outputs from one of a job's checkpoints")
     p.add_argument("id", help="job id")
     add_inputs(p)
     p = command("explain", cmd_explain, "attributions of a model output to its inputs")
@@ -107,6 +110,7 @@ def add_client_commands(sub) -> None:
     p = command("graph", cmd_graph, "the loss graph on the first training example", "--format json")
     p.add_argument("id", help="job id")
     p.add_argument("--format", choices=("json", "dot"), default="json", help="dot: Graphviz")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p = command("logs", cmd_logs, "a job's log", '{"job_id", "lines"} (with -f once it ended)')
     p.add_argument("id", help="job id")
     p.add_argument("-f", "--follow", action="store_true", help="print new lines until it ends")
@@ -114,10 +118,11 @@ def add_client_commands(sub) -> None:
 
 
 def add_inputs(p: argparse.ArgumentParser) -> None:
-    """--input rows, or --images from a .npy: one of the two."""
+    """--input rows, or --images from a .npy: one of the two; and --checkpoint."""
     inputs = p.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--input", action="append", help=ROW_HELP)
     inputs.add_argument("--images", type=Path, metavar="FILE.npy", help=IMAGES_HELP)
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
 
 
 def _run_client(func, args) -> int:
@@ -261,7 +266,7 @@ def inputs_of(args) -> list:
 
 
 def cmd_predict(client: Client, args) -> int:
-    result = Job.of(client, args.id).predict(inputs_of(args))
+    result = Job.of(client, args.id).predict(inputs_of(args), checkpoint=args.checkpoint)
     show(args, result.model_dump(mode="json"), render.print_outputs)
     return 0
 
@@ -271,7 +276,12 @@ def cmd_explain(client: Client, args) -> int:
     if baseline is not None and len(baseline) == 1:
         baseline = baseline[0]
     result = Job.of(client, args.id).explain(
-        inputs_of(args), args.method, target=args.target, baseline=baseline, steps=args.steps
+        inputs_of(args),
+        args.method,
+        target=args.target,
+        baseline=baseline,
+        steps=args.steps,
+        checkpoint=args.checkpoint,
     )
     predicted = args.target is None
     answer = result.model_dump(mode="json")
@@ -279,9 +289,14 @@ def cmd_explain(client: Client, args) -> int:
     return 0
 
 
+def chosen(args) -> dict:
+    """The --checkpoint asked for, as the request's `checkpoint` (the service checks it)."""
+    return {"checkpoint": args.checkpoint} if args.checkpoint else {}
+
+
 def cmd_graph(client: Client, args) -> int:
     fmt = "json" if args.json else args.format
-    r = client.send("GET", f"/jobs/{args.id}/graph", params={"format": fmt})
+    r = client.send("GET", f"/jobs/{args.id}/graph", params={"format": fmt, **chosen(args)})
     if fmt == "dot":
         sys.stdout.write(r.text)
     else:

@@ -122,10 +122,11 @@ class Settings(BaseSettings):
 
     def worker_settings(self) -> WorkerSettings:
         """The training side's settings for this service's jobs and uploads: its datasets
-        directory and cluster; the rest (exchange, pinning, timeouts) from the environment.
-        Made anew on each call (about a millisecond), so a changed setting is seen."""
+        and jobs directories and cluster; the rest (exchange, pinning, timeouts) from the
+        environment. Made anew on each call (about a millisecond), so a changed setting is seen."""
         given = {
             "datasets_dir": self.uploads_dir,
+            "jobs_dir": self.jobs_dir,
             "ray_address": self.ray_address,
             "max_workers": self.max_workers,
         }

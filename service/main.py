@@ -40,6 +40,7 @@ from service.offload import BodyValidator
 from service.predict import NoCheckpoint, Predictor
 from service.sse import Slots
 from service.store import Conflict, JobNotFound, JobStore
+from workers.checkpoint import UnknownCheckpoint
 
 API = "/api/v1"
 log = logging.getLogger(__name__)
@@ -76,6 +77,13 @@ async def no_checkpoint(request: Request, exc: NoCheckpoint) -> JSONResponse:
     """A model was asked of a job that has no (readable) checkpoint yet."""
     job_id = request.path_params.get("job_id")
     return JSONResponse({"detail": f"job {job_id}: {exc}"}, status_code=409)
+
+
+async def unknown_checkpoint(request: Request, exc: UnknownCheckpoint) -> JSONResponse:
+    """The job has checkpoints, but not the one asked for (pruned, never written, or the
+    best of a job that keeps none): 404, as for an unknown checkpoint's download."""
+    job_id = request.path_params.get("job_id")
+    return JSONResponse({"detail": f"job {job_id}: {exc}"}, status_code=404)
 
 
 def create_app(settings: Settings | None = None, *, start: bool = True) -> FastAPI:
@@ -123,6 +131,7 @@ def create_app(settings: Settings | None = None, *, start: bool = True) -> FastA
     app.add_exception_handler(JobNotFound, job_not_found)
     app.add_exception_handler(Conflict, conflict)
     app.add_exception_handler(NoCheckpoint, no_checkpoint)
+    app.add_exception_handler(UnknownCheckpoint, unknown_checkpoint)
     app.state.settings = settings
     app.state.predictor = Predictor(settings.predict_cache_bytes)
     app.state.body_validator = BodyValidator()

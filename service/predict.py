@@ -1,5 +1,6 @@
 """Answer predictions, explanations, the loss graph and a CNN's first filters from a job's
-newest checkpoint, with the engine that trained it; and show the job's validation samples."""
+checkpoint (`which`: "best", "latest", "step-N", or None for best if the job keeps one, else
+latest), with the engine that trained it; and show the job's validation samples."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.checkpoint import CheckpointError, list_checkpoints, load_model_state
+from workers.checkpoint import (
+    CheckpointError,
+    NoCheckpoint,
+    checkpoint_info,
+    load_model_state,
+    resolve_checkpoint,
+)
 from workers.config import WorkerSettings
 from workers.spec import TrainingSpec
 
-
-class NoCheckpoint(LookupError):
-    pass
+__all__ = ["NoCheckpoint", "Predictor", "model_spec"]
 
 
 def model_spec(stored: dict) -> TrainingSpec:
@@ -47,35 +52,36 @@ class Predictor:
                 oldest, _ = self._models.popitem(last=False)
                 del self._bytes[oldest]
 
-    def _model(self, spec: TrainingSpec, out_dir: Path):
+    def _model(self, spec: TrainingSpec, out_dir: Path, which: str | None):
+        """The model of the checkpoint `which` resolves to, and that checkpoint's name. The
+        cache keys on the resolved checkpoint and its model's sha256, so "best", "latest"
+        and "step-N" share a model when they name the same checkpoint."""
         from workers.model import build_model
 
-        for _ in range(3):  # the newest checkpoint may be pruned between listing and loading
-            infos = list_checkpoints(out_dir)
-            if not infos:
-                raise NoCheckpoint("the job has no checkpoint yet")
-            newest = infos[-1]
-            key = (str(out_dir), newest.name, newest.sha256)
-            with self._lock:
-                if key in self._models:
-                    self._models.move_to_end(key)
-                    return self._models[key], newest.name
+        for _ in range(3):  # the checkpoint may be pruned between resolving and loading
+            path = resolve_checkpoint(out_dir, which)  # NoCheckpoint, UnknownCheckpoint
             try:
-                state = load_model_state(newest.path)
+                info = checkpoint_info(path)
+                key = (str(out_dir), info.name, info.sha256)
+                with self._lock:
+                    if key in self._models:
+                        self._models.move_to_end(key)
+                        return self._models[key], info.name
+                state = load_model_state(path)
             except (CheckpointError, OSError):
                 continue
             model = build_model(spec)
             model.load_state_dict(state)
             self._keep(key, model)
-            return model, newest.name
+            return model, info.name
         raise NoCheckpoint("the checkpoints changed while loading; try again")
 
     def predict(
-        self, spec: TrainingSpec, out_dir: Path, inputs: list[list[float]]
+        self, spec: TrainingSpec, out_dir: Path, inputs: list[list[float]], which=None
     ) -> tuple[list, str]:
         from core import Tensor, no_grad
 
-        model, name = self._model(spec, out_dir)
+        model, name = self._model(spec, out_dir, which)
         X = np.asarray(inputs, dtype=np.dtype(spec.dtype))
         with no_grad():
             out = np.asarray(model(Tensor(X)).data, dtype=np.float64)
@@ -83,18 +89,18 @@ class Predictor:
         return rows, name
 
     def explain(
-        self, spec: TrainingSpec, out_dir: Path, inputs: list[list[float]], **options
+        self, spec: TrainingSpec, out_dir: Path, inputs: list[list[float]], which=None, **options
     ) -> tuple[dict, str]:
-        """workers.explain.explain on the newest checkpoint's model; `options` are its
+        """workers.explain.explain on the checkpoint's model; `options` are its
         keywords. It differentiates a frozen copy, so the cached model stays untouched,
         and it must not run under no_grad. Bad arguments raise its ValueError."""
         from workers.explain import explain
 
-        model, name = self._model(spec, out_dir)
+        model, name = self._model(spec, out_dir, which)
         return explain(model, inputs, **options), name
 
     def graph(
-        self, spec: TrainingSpec, out_dir: Path, settings: WorkerSettings
+        self, spec: TrainingSpec, out_dir: Path, settings: WorkerSettings, which=None
     ) -> tuple[dict, str]:
         """The graph of the loss on the first training example, after backward.
 
@@ -107,19 +113,21 @@ class Predictor:
         from workers.data import PreparedData
         from workers.model import LOSSES
 
-        model, name = self._model(spec, out_dir)
+        model, name = self._model(spec, out_dir, which)
         model = copy.deepcopy(model)
         data = PreparedData(spec, settings)
         loss = LOSSES[spec.loss](model(Tensor(data.X[:1])), data.y[:1])
         return backward_with_graph(loss, parameters=dict(model.named_parameters())), name
 
-    def filters(self, spec: TrainingSpec, out_dir: Path, most_values: int) -> tuple[dict, str]:
+    def filters(
+        self, spec: TrainingSpec, out_dir: Path, most_values: int, which: str | None = None
+    ) -> tuple[dict, str]:
         """The weights of the model's first conv2d layer, (out, in, kh, kw): as many whole
         filters as fit in `most_values` numbers. NoFilters without such a layer, or when
         one filter is larger than that."""
         from core.nn import Conv2d
 
-        model, name = self._model(spec, out_dir)
+        model, name = self._model(spec, out_dir, which)
         layers = enumerate(getattr(model, "modules", ()))  # an MLP has none
         index, conv = next(((i, m) for i, m in layers if isinstance(m, Conv2d)), (None, None))
         if conv is None:

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from service.tables import EventRow, JobRow, Status
+from workers.checkpoint import CHOICE_HELP, CHOICE_PATTERN, DEFAULT_HELP
 from workers.explain import Method, nesting
 from workers.health import WarningKind
 
@@ -230,6 +231,10 @@ def _untagged(value: Any, handler):
         raise ValidationError.from_exception_data(err.title, errors) from None
 
 
+# Which checkpoint answers: a body field of predict and explain, a query parameter of graph.
+CHECKPOINT = {"pattern": CHOICE_PATTERN, "description": f"{CHOICE_HELP}; default: {DEFAULT_HELP}"}
+
+
 class PredictRequest(BaseModel):
     """Rows of features, or images of the model's input_shape (N x C x H x W)."""
 
@@ -237,6 +242,7 @@ class PredictRequest(BaseModel):
     inputs: _inputs(10_000) = Field(
         description="rows of the model's input width, or images of its input_shape"
     )
+    checkpoint: str | None = Field(None, **CHECKPOINT)
     _shape_errors = field_validator("inputs", mode="wrap")(_untagged)
 
 
@@ -274,6 +280,7 @@ class ExplainRequest(BaseModel):
     steps: Annotated[int, Field(ge=1, le=1024), *INTEGER] = Field(
         64, description="integrated gradients"
     )
+    checkpoint: str | None = Field(None, **CHECKPOINT)
     _shape_errors = field_validator("inputs", "baseline", mode="wrap")(_untagged)
 
 

@@ -16,12 +16,15 @@ from workers import checkpoint as ckpt
 from workers.checkpoint import (
     CheckpointError,
     CheckpointWarning,
+    NoCheckpoint,
+    UnknownCheckpoint,
     checkpoint_dir,
     list_checkpoints,
     load_checkpoint,
     load_latest,
     load_model_state,
     prune_checkpoints,
+    resolve_checkpoint,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -338,3 +341,45 @@ def test_copied_directory_with_wrong_step_is_rejected(tmp_path):
     shutil.copytree(save(tmp_path, 1), tmp_path / "checkpoints" / "step-2")
     with pytest.raises(CheckpointError, match="manifest is for step 1"):
         load_checkpoint(tmp_path / "checkpoints" / "step-2")
+
+
+def write_best(out, step):
+    best = {"step": step, "checkpoint": f"step-{step}", "metric": "val_loss", "mode": "min"}
+    (Path(out) / "best.json").write_text(json.dumps(best | {"value": 0.1}))
+
+
+def test_resolve_checkpoint_best_latest_and_steps(tmp_path):
+    with pytest.raises(NoCheckpoint):
+        resolve_checkpoint(tmp_path, None)
+    for step in (1, 2, 3):
+        save(tmp_path, step)
+    root = tmp_path / "checkpoints"
+    assert resolve_checkpoint(tmp_path, None) == root / "step-3"  # no best kept: latest
+    with pytest.raises(UnknownCheckpoint, match="keeps none"):
+        resolve_checkpoint(tmp_path, "best")
+    write_best(tmp_path, 2)
+    assert resolve_checkpoint(tmp_path, None) == root / "step-2"
+    assert resolve_checkpoint(tmp_path, "best") == root / "step-2"
+    assert resolve_checkpoint(tmp_path, "latest") == root / "step-3"
+    assert resolve_checkpoint(tmp_path, "step-1") == root / "step-1"
+    with pytest.raises(UnknownCheckpoint, match="'step-7'"):
+        resolve_checkpoint(tmp_path, "step-7")
+    for bad in ("step-01", "newest", "step-1/../step-2", ""):
+        with pytest.raises(ValueError, match="best"):
+            resolve_checkpoint(tmp_path, bad)
+
+
+def test_resolve_checkpoint_skips_what_does_not_verify(tmp_path):
+    for step in (1, 2):
+        save(tmp_path, step)
+    write_best(tmp_path, 1)
+    (tmp_path / "checkpoints" / "step-1" / "model.safetensors").write_bytes(b"rot")
+    (tmp_path / "checkpoints" / "step-2" / "state.json").write_bytes(b"rot")
+    with pytest.raises(UnknownCheckpoint, match="best checkpoint is not usable"):
+        resolve_checkpoint(tmp_path, "best")
+    with pytest.raises(NoCheckpoint):  # no best that verifies, and no latest either
+        resolve_checkpoint(tmp_path, None)
+    save(tmp_path, 3)
+    assert resolve_checkpoint(tmp_path, None).name == "step-3"
+    with pytest.raises(UnknownCheckpoint):
+        resolve_checkpoint(tmp_path, "step-2")

@@ -152,6 +152,25 @@ def test_predict_box_returns_the_apis_outputs(page, server, api, trained):
     expect(page.locator("#predict-output .form-error")).to_contain_text("takes 2")
 
 
+def test_template_from_a_jobs_weights_submits_a_warm_start(page, server, api, trained):
+    wait_job(api, trained, lambda j: j["status"] == "succeeded")
+    page.goto(f"{server.url}/#/jobs/{trained}")
+    page.click("#warm-start")
+    editor = page.locator("#spec-editor")
+    expect(editor).to_have_value(re.compile("init_from"))
+    draft = json.loads(editor.input_value())
+    assert draft["init_from"] == {"job": trained}
+    editor.fill(json.dumps(draft | {"name": "warm", "epochs": 1}, indent=2))
+    page.click("#submit-job")
+    page.wait_for_url(re.compile(r"#/jobs/\w+$"))
+    warm = api.get(f"/jobs/{page.url.rsplit('/', 1)[1]}").json()
+    source = api.get(f"/jobs/{trained}/checkpoints").json()[-1]  # no best kept: the newest
+    expected = {"job": trained, "checkpoint": source["name"], "sha256": source["sha256"]}
+    assert warm["spec"]["init_from"] == expected | {"load_optimizer": False, "path": None}
+    ended = wait_job(api, warm["id"], lambda j: j["status"] in ("succeeded", "failed"))
+    assert ended["status"] == "succeeded", ended["error"]
+
+
 def test_cancel_button_cancels_a_running_job(page, server, api):
     job_id = api.post("/jobs", json=spec(name="to-cancel", **LONG)).json()["id"]
     page.goto(f"{server.url}/#/jobs/{job_id}")

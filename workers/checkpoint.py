@@ -70,12 +70,17 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointWarning",
+    "NoCheckpoint",
+    "UnknownCheckpoint",
     "checkpoint_dir",
+    "checkpoint_info",
     "list_checkpoints",
     "load_checkpoint",
     "load_latest",
     "load_model_state",
     "prune_checkpoints",
+    "read_best",
+    "resolve_checkpoint",
     "save_checkpoint",
     "verify_checkpoint",
 ]
@@ -86,6 +91,12 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
 REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
+BEST_FILE = "best.json"  # <out>/best.json: {"step", "checkpoint", "metric", "mode", "value"}
+# What a caller may ask for: the best checkpoint, the newest, or one step's.
+CHOICE_PATTERN = r"^(best|latest|step-(0|[1-9][0-9]*))$"  # also the API's, as JSON Schema
+CHOICE = re.compile(CHOICE_PATTERN)
+CHOICE_HELP = '"best", "latest" or "step-<N>"'
+DEFAULT_HELP = "best when the job keeps a best checkpoint (keep_best), else latest"
 
 _NAME = re.compile(r"step-[0-9]+")  # what checkpoint_dir accepts
 _CANONICAL = re.compile(r"step-(0|[1-9][0-9]*)")  # what save writes and scans find
@@ -95,6 +106,15 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(Exception):
     """A checkpoint is missing, partial or corrupt."""
+
+
+class UnknownCheckpoint(LookupError):
+    """The checkpoint asked for does not exist: never written, pruned, failed verification,
+    or "best" of a run that keeps none."""
+
+
+class NoCheckpoint(UnknownCheckpoint):
+    """The run has no verified checkpoint at all (yet)."""
 
 
 class CheckpointWarning(UserWarning):
@@ -364,24 +384,91 @@ def load_latest(out_dir: str | os.PathLike) -> Checkpoint | None:
 def list_checkpoints(out_dir: str | os.PathLike) -> list[CheckpointInfo]:
     """Verified checkpoints, oldest first. Bad ones are left out (logged at debug level)."""
     infos = []
-    for step, path in _step_dirs(_root(out_dir)):
+    for _, path in _step_dirs(_root(out_dir)):
         try:
             manifest = _verified_manifest(path)
         except CheckpointError as e:
             log.debug("not listing %s: %s", path, e)
             continue
-        files = manifest["files"]
-        infos.append(
-            CheckpointInfo(
-                name=path.name,
-                step=step,
-                path=path,
-                created_at=manifest["created_at"],
-                size_bytes=sum(entry["size"] for entry in files.values()),
-                sha256=files[MODEL_FILE]["sha256"],
-            )
-        )
+        infos.append(_info(path, manifest))
     return infos
+
+
+def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
+    """One checkpoint directory's listing entry; CheckpointError unless it verifies."""
+    path = Path(path)
+    return _info(path, _verified_manifest(path))
+
+
+def _info(path: Path, manifest: dict) -> CheckpointInfo:
+    files = manifest["files"]
+    return CheckpointInfo(
+        name=path.name,
+        step=manifest["step"],
+        path=path,
+        created_at=manifest["created_at"],
+        size_bytes=sum(entry["size"] for entry in files.values()),
+        sha256=files[MODEL_FILE]["sha256"],
+    )
+
+
+def read_best(out_dir: str | os.PathLike) -> dict | None:
+    """The run's ``best.json`` (which checkpoint is best by its metric), or None when it
+    has none or it cannot be read."""
+    try:
+        best = json.loads((Path(out_dir) / BEST_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return best if isinstance(best, dict) else None
+
+
+def resolve_checkpoint(out_dir: str | os.PathLike, which: str | None = None) -> Path:
+    """The verified checkpoint directory that ``which`` names: ``"best"`` (the one
+    ``best.json`` names), ``"latest"`` (the newest that verifies) or ``"step-<N>"``.
+    None is "best" when the run keeps a best checkpoint that verifies, else "latest".
+
+    ValueError for a name that is none of these; NoCheckpoint when the run has no
+    checkpoint at all; UnknownCheckpoint when the one named does not exist or verify.
+    """
+    if which is not None and (not isinstance(which, str) or not CHOICE.fullmatch(which)):
+        raise ValueError(f"invalid checkpoint {which!r}: expected {CHOICE_HELP}")
+    if which in (None, "best"):
+        try:
+            return _best(out_dir)
+        except UnknownCheckpoint:
+            if which == "best":
+                raise
+    if which in (None, "latest"):
+        for _, path in reversed(_step_dirs(_root(out_dir))):
+            try:
+                verify_checkpoint(path)
+                return path
+            except CheckpointError as e:
+                log.debug("not resolving to %s: %s", path, e)
+        raise NoCheckpoint("no checkpoint yet")
+    return _verified_dir(out_dir, which)
+
+
+def _best(out_dir: str | os.PathLike) -> Path:
+    best = read_best(out_dir)
+    if best is None:
+        raise UnknownCheckpoint("no best checkpoint: the run keeps none (see keep_best)")
+    try:
+        return _verified_dir(out_dir, best.get("checkpoint"))
+    except (ValueError, UnknownCheckpoint) as e:
+        raise UnknownCheckpoint(f"the best checkpoint is not usable: {e}") from None
+
+
+def _verified_dir(out_dir: str | os.PathLike, name: str) -> Path:
+    path = checkpoint_dir(out_dir, name)
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as e:
+        if not _step_dirs(_root(out_dir)):
+            raise NoCheckpoint("no checkpoint yet") from None
+        log.debug("checkpoint %s: %s", name, e)
+        raise UnknownCheckpoint(f"no checkpoint {name!r}") from None
+    return path
 
 
 def checkpoint_dir(out_dir: str | os.PathLike, name: str) -> Path:

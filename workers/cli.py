@@ -77,6 +77,7 @@ class UsageError(Exception):
 def train_inputs(args) -> tuple[TrainingSpec, WorkerSettings]:
     """The spec (with --workers applied) and the settings (with --ray-address applied)."""
     from workers.data import with_data
+    from workers.warmstart import InitFromError, pin
 
     try:
         settings = WorkerSettings()
@@ -94,7 +95,10 @@ def train_inputs(args) -> tuple[TrainingSpec, WorkerSettings]:
         except ValidationError as err:
             errors = format_validation_error(err).replace("\n", "\n  ")
             raise UsageError(f"invalid --workers {args.workers}:\n  {errors}") from None
-    return spec, settings
+    try:  # a warm start's source: checked against the model, pinned to one checkpoint
+        return pin(spec, settings), settings
+    except InitFromError as err:
+        raise UsageError(f"invalid spec {args.spec}:\n  {err}") from None
 
 
 def cmd_train(args) -> int:

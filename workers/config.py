@@ -25,6 +25,9 @@ class WorkerSettings(BaseSettings):
     )
 
     datasets_dir: Path = Field(Path("var/datasets"), description="where uploads are stored")
+    jobs_dir: Path | None = Field(
+        None, description="the service's job directories, where `init_from.job` ids point"
+    )
     exchange: ExchangeChoice = Field(
         "auto", description="the step exchange while a spec says auto ($SHARDGRAD_EXCHANGE)"
     )

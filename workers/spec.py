@@ -42,6 +42,7 @@ from workers.catalogue import (
     DatasetInfo,
     SequenceTask,
 )
+from workers.checkpoint import CHOICE_HELP, CHOICE_PATTERN, DEFAULT_HELP
 from workers.config import ExchangeChoice
 from workers.layers import SequentialSpec, layer_flops
 from workers.transformer import TransformerSpec
@@ -81,6 +82,7 @@ MATH_FIELDS = frozenset(
         "seed",
         "dtype",
         "validation_fraction",
+        "init_from",  # only its weights' sha256 and load_optimizer (see spec_hash)
     }
 )
 
@@ -306,6 +308,49 @@ class AdamSpec(_Strict):
 OptimizerSpec = Annotated[SGDSpec | AdamSpec, Field(discriminator="type")]
 
 
+# ---------------------------------------------------------------- warm start (issue 17)
+
+FILES_PATHS_DISABLED = "init_from.path: paths are disabled on this server; use init_from.job"
+SHA256 = r"^[0-9a-f]{64}$"
+
+
+class InitFrom(_Strict):
+    """Start from another run's weights: a job of the service (`job`) or a run directory
+    (`path`, as `shardgrad train --out` made it). Where the run is accepted, `checkpoint`
+    is resolved to the step it names and `sha256` to its weights' hash, so that the spec
+    (and its hash) say exactly where it started; a stated sha256 must match."""
+
+    job: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="a job id")
+    path: str | None = Field(None, min_length=1, description="a run directory")
+    checkpoint: str | None = Field(
+        None, pattern=CHOICE_PATTERN, description=f"{CHOICE_HELP}; default: {DEFAULT_HELP}"
+    )
+    load_optimizer: bool = Field(
+        False,
+        description="also the optimizer's state (moments, step counts); its hyperparameters "
+        "stay this spec's",
+    )
+    sha256: str | None = Field(None, pattern=SHA256, description="of the source's weights")
+
+    @field_validator("path")
+    @classmethod
+    def _paths_allowed(cls, path: str, info: ValidationInfo) -> str:
+        if not (info.context or {}).get(ALLOW_FILES, True):
+            raise PydanticCustomError(SPEC_ERROR, FILES_PATHS_DISABLED)
+        return path
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InitFrom:
+        if (self.job is None) == (self.path is None):
+            msg = "init_from: give exactly one of job (a job id) and path (a run directory)"
+            raise_errors(type(self).__name__, [_error((), msg, self.model_dump())])
+        return self
+
+    def source(self) -> str:
+        """The source, as messages name it."""
+        return f"job {self.job}" if self.job is not None else repr(self.path)
+
+
 # ---------------------------------------------------------------- the spec
 
 
@@ -341,6 +386,9 @@ class TrainingSpec(_Strict):
     )
     health_every: int = Field(
         10, ge=1, le=INT64_MAX, description="Steps between training-health stats."
+    )
+    init_from: InitFrom | None = Field(
+        None, description="start from another run's weights instead of random ones"
     )
     exchange: ExchangeChoice = Field(
         "auto",
@@ -398,6 +446,9 @@ class TrainingSpec(_Strict):
         # before it existed keep their hash and still resume.
         if math["model"].get("bias_init") == 0:
             del math["model"]["bias_init"]
+        init = math.pop("init_from", None)  # absent, so older hashes stay as they were
+        if init is not None:  # where the weights came from does not matter, only what they are
+            math["init_from"] = {k: init[k] for k in ("sha256", "load_optimizer")}
         canonical = json.dumps(math, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

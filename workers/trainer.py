@@ -59,6 +59,7 @@ from workers.pool import ClusterTooSmall, OnPool, Stopped, WorkerFailure, Worker
 from workers.replicated import ReplicatedStep
 from workers.sampler import Schedule, split_batch
 from workers.spec import TrainingSpec
+from workers.warmstart import InitFromError, warm_start
 
 __all__ = ["Diverged", "SpecMismatch", "Trainer", "TrainingError", "run_summary", "train"]
 log = logging.getLogger(__name__)
@@ -209,9 +210,9 @@ class Trainer:
             finally:
                 self.descend.close()
             return stopped or self._finish()
-        except Stopped as err:  # while workers started: nothing stepped since the checkpoint
+        except Stopped as err:  # while workers started: the run resumes from its newest checkpoint
             return self._summary("cancelled", checkpoint=self._newest_checkpoint(), error=str(err))
-        except (TrainingError, WorkerFailure, ClusterTooSmall) as err:
+        except (TrainingError, WorkerFailure, ClusterTooSmall, InitFromError) as err:
             log.error("failed at step %d: %s", self.step, err, exc_info=err)
             return self.failed(str(err))
 
@@ -243,6 +244,8 @@ class Trainer:
             self.opt.load_state_dict(latest.optimizer_state)
             self.step = self.resumed_from = latest.step
             self.history = state.get("metrics", [])
+        elif spec.init_from is not None:  # a warm start: the source's weights, not random ones
+            warm_start(spec, self.settings, self.model, self.opt)
         self.health = HealthMonitor(self.model, spec.health_every, state.get("health"))
 
     def _start_workers(self, state: dict) -> None:

@@ -1,11 +1,14 @@
-"""A job's checkpoints, their model weights, and predictions from the newest one."""
+"""A job's checkpoints, their model weights, and predictions from one of them (the best
+when the job keeps one, else the newest, unless the request names another)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.responses import FileResponse
 
 from service.api.deps import BODY, CONFLICT, NOT_FOUND, JobDep, PredictorDep, SettingsDep
@@ -13,12 +16,14 @@ from service.api.errors import field_error, field_errors, value_at
 from service.limits import check_request_cost
 from service.offload import OffloadedRoute
 from service.predict import model_spec
-from service.schemas import CheckpointOut, PredictRequest, PredictResponse
+from service.schemas import CHECKPOINT, CheckpointOut, PredictRequest, PredictResponse
 from workers.checkpoint import (
     MODEL_FILE,
     CheckpointError,
+    UnknownCheckpoint,
     checkpoint_dir,
     list_checkpoints,
+    resolve_checkpoint,
     verify_checkpoint,
 )
 from workers.explain import ExplainError, nesting, samples
@@ -33,21 +38,46 @@ def checkpoints(job: JobDep, settings: SettingsDep) -> list[CheckpointOut]:
     return [CheckpointOut.model_validate(c) for c in list_checkpoints(settings.jobs_dir / job.id)]
 
 
+WEIGHTS = {200: {"content": {"application/octet-stream": {}}}} | NOT_FOUND
+
+
 @router.get(
-    "/{job_id}/checkpoints/{name}/model.safetensors",
-    response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}} | NOT_FOUND,
+    "/{job_id}/checkpoints/{name}/model.safetensors", response_class=FileResponse, responses=WEIGHTS
 )
 def download(job: JobDep, name: str, settings: SettingsDep) -> FileResponse:
-    """The model weights of one checkpoint (safetensors), streamed from the file."""
+    """The model weights of the checkpoint `name` (safetensors), streamed from the file."""
     try:
         path = checkpoint_dir(settings.jobs_dir / job.id, name)
         verify_checkpoint(path)  # a hash per (path, size, mtime): a stat once it is known
-        file = path / MODEL_FILE
+    except (ValueError, CheckpointError) as err:
+        detail = (
+            str(err) if isinstance(err, ValueError) else f"job {job.id} has no checkpoint {name!r}"
+        )
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail) from None
+    return _weights(job.id, path)
+
+
+@router.get("/{job_id}/weights", response_class=FileResponse, responses=WEIGHTS)
+def download_chosen(
+    job: JobDep,
+    settings: SettingsDep,
+    checkpoint: Annotated[str | None, Query(**CHECKPOINT)] = None,
+) -> FileResponse:
+    """The model weights of the checkpoint `checkpoint` chooses (as predict does), streamed
+    from the file; the X-Checkpoint header and the file name name it."""
+    try:
+        path = resolve_checkpoint(settings.jobs_dir / job.id, checkpoint)  # verified
+    except UnknownCheckpoint as err:  # NoCheckpoint too: the weights do not exist
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id}: {err}") from None
+    return _weights(job.id, path)
+
+
+def _weights(job_id: str, path: Path) -> FileResponse:
+    file = path / MODEL_FILE
+    try:
         stat = os.stat(file)
-    except (ValueError, CheckpointError, OSError) as err:
-        missing = f"job {job.id} has no checkpoint {name!r}"
-        detail = str(err) if isinstance(err, ValueError) else missing
+    except OSError:
+        detail = f"job {job_id} has no checkpoint {path.name!r}"
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail) from None
     # Pruned between here and the response's read: the transfer ends short (an error for the
     # client), never a wrong file; a checkpoint is only pruned once `keep` newer ones exist.
@@ -55,7 +85,8 @@ def download(job: JobDep, name: str, settings: SettingsDep) -> FileResponse:
         file,
         stat_result=stat,
         media_type="application/octet-stream",
-        filename=f"{job.id}-{name}-{MODEL_FILE}",
+        filename=f"{job_id}-{path.name}-{MODEL_FILE}",
+        headers={"X-Checkpoint": path.name},
     )
 
 
@@ -63,16 +94,18 @@ def download(job: JobDep, name: str, settings: SettingsDep) -> FileResponse:
 def predict(
     job: JobDep, body: PredictRequest, predictor: PredictorDep, settings: SettingsDep
 ) -> PredictResponse:
-    """Model outputs (logits or regression values) for each input row, from the newest
-    checkpoint; works while the job is still running. A CNN also takes images of its
-    input_shape (N x C x H x W)."""
+    """Model outputs (logits or regression values) for each input row, from the checkpoint
+    `checkpoint` names (default: the best if the job keeps one, else the newest); works
+    while the job is still running. A CNN also takes images of its input_shape
+    (N x C x H x W)."""
     spec = model_spec(job.spec)
     check_request_cost(spec, settings, body.inputs)
     if nesting(body.inputs) > 2:
         _check_images(body.inputs, spec)
     else:
         _check_rows(body.inputs, spec.model.in_width, spec.dtype)
-    outputs, name = predictor.predict(spec, settings.jobs_dir / job.id, body.inputs)
+    run_dir = settings.jobs_dir / job.id
+    outputs, name = predictor.predict(spec, run_dir, body.inputs, body.checkpoint)
     return PredictResponse(outputs=outputs, checkpoint=name)
 
 

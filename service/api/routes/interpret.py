@@ -1,8 +1,9 @@
 """Why a job's model answers what it answers: its loss graph, input attributions, and a
 CNN's first filters; and the validation samples to ask it about.
 
-All come from the newest checkpoint (the samples from the job's data) and run in the
-thread pool (plain `def` routes), as predictions do.
+All come from the checkpoint the request names (`checkpoint`: best, latest or step-N; by
+default the best if the job keeps one, else the newest; the samples from the job's data) and
+run in the thread pool (plain `def` routes), as predictions do.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from service.api.errors import field_error, value_at
 from service.limits import check_request_cost
 from service.offload import OffloadedRoute
 from service.predict import NoFilters, model_spec
-from service.schemas import ExplainRequest, ExplainResponse, FiltersResponse, SamplesResponse
+from service.schemas import (
+    CHECKPOINT,
+    ExplainRequest,
+    ExplainResponse,
+    FiltersResponse,
+    SamplesResponse,
+)
 from workers.data import check_data
 from workers.explain import ExplainError
 from workers.spec import TrainingSpec, format_validation_error
@@ -45,8 +52,9 @@ def graph(
     predictor: PredictorDep,
     settings: SettingsDep,
     format: Annotated[Literal["json", "dot"], Query(description="JSON, or Graphviz DOT")] = "json",
+    checkpoint: Annotated[str | None, Query(**CHECKPOINT)] = None,
 ) -> Response:
-    """The newest checkpoint's model on the first training example: the forward pass and
+    """The checkpoint's model on the first training example: the forward pass and
     the loss, which is the root, after backward, so every node has its gradient.
 
     JSON: {"root", "nodes": [{"id", "operation", "shape", "output", "gradient", "inputs"}]}.
@@ -54,7 +62,8 @@ def graph(
     The header X-Checkpoint names the checkpoint.
     """
     spec = _spec_with_data(job, settings)
-    result, name = predictor.graph(spec, settings.jobs_dir / job.id, settings.worker_settings())
+    run_dir, worker_settings = settings.jobs_dir / job.id, settings.worker_settings()
+    result, name = predictor.graph(spec, run_dir, worker_settings, checkpoint)
     headers = {"X-Checkpoint": name}
     if format == "dot":
         return Response(to_dot(result), media_type="text/vnd.graphviz", headers=headers)
@@ -65,15 +74,16 @@ def graph(
 def explain(
     job: JobDep, body: ExplainRequest, predictor: PredictorDep, settings: SettingsDep
 ) -> ExplainResponse:
-    """Attributions of one output to every input feature, row by row, from the newest
-    checkpoint: the gradient, (x - baseline) * gradient, or integrated gradients with its
-    completeness gap. Outputs are the full rows predict gives."""
+    """Attributions of one output to every input feature, row by row, from the checkpoint
+    `checkpoint` names (as predict): the gradient, (x - baseline) * gradient, or integrated
+    gradients with its completeness gap. Outputs are the full rows predict gives."""
     spec = model_spec(job.spec)
     _check_cost(body, width=spec.model.in_width)
     check_request_cost(spec, settings, body.inputs, body.method, body.steps)
-    options = body.model_dump(exclude={"inputs"})
+    options = body.model_dump(exclude={"inputs", "checkpoint"})
+    run_dir = settings.jobs_dir / job.id
     try:
-        result, name = predictor.explain(spec, settings.jobs_dir / job.id, body.inputs, **options)
+        result, name = predictor.explain(spec, run_dir, body.inputs, body.checkpoint, **options)
     except ExplainError as err:  # a width, or a target, that does not fit the model
         field, *index = err.loc
         value = value_at(getattr(body, field), index)
@@ -82,8 +92,13 @@ def explain(
 
 
 @router.get("/{job_id}/filters", responses=NOT_FOUND | CONFLICT)
-def filters(job: JobDep, predictor: PredictorDep, settings: SettingsDep) -> FiltersResponse:
-    """The first conv2d layer's weights at the newest checkpoint, (out, in, kh, kw), to draw
+def filters(
+    job: JobDep,
+    predictor: PredictorDep,
+    settings: SettingsDep,
+    checkpoint: Annotated[str | None, Query(**CHECKPOINT)] = None,
+) -> FiltersResponse:
+    """The first conv2d layer's weights at the chosen checkpoint, (out, in, kh, kw), to draw
     as small images: the first filters, up to 65,536 values. 404 when the model has no
     conv2d layer."""
     spec = model_spec(job.spec)
@@ -92,7 +107,8 @@ def filters(job: JobDep, predictor: PredictorDep, settings: SettingsDep) -> Filt
             status.HTTP_404_NOT_FOUND, f"job {job.id}: the model has no conv2d layer"
         )
     try:
-        result, name = predictor.filters(spec, settings.jobs_dir / job.id, MAX_FILTER_VALUES)
+        run_dir = settings.jobs_dir / job.id
+        result, name = predictor.filters(spec, run_dir, MAX_FILTER_VALUES, checkpoint)
     except NoFilters as err:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id}: {err}") from None
     return FiltersResponse(**result, checkpoint=name)

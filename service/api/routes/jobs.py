@@ -30,6 +30,7 @@ from service.store import JobStore
 from service.tables import CANCELLING, QUEUED, JobRow
 from workers.data import describe_data, with_data
 from workers.spec import INT64_MAX, TrainingSpec
+from workers.warmstart import InitFromError, pin
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=OffloadedRoute)
 POINTS_PAGE, MAX_POINTS_PAGE = 5000, 50_000  # metric points per page: default, most
@@ -66,7 +67,10 @@ def validate_spec(body: Any, settings: Settings) -> TrainingSpec:
     except ValidationError as err:
         raise body_errors(err) from None
     check_admission(spec, describe_data(spec, settings.uploads_dir), settings)
-    return spec
+    try:  # a warm start's source: checked against the model, pinned to one checkpoint
+        return pin(spec, settings.worker_settings())
+    except InitFromError as err:
+        raise field_error(("body", *err.loc), str(err), err.value) from None
 
 
 def _check_fits(spec: TrainingSpec, dispatcher: Dispatcher, settings: Settings) -> float:
@@ -93,9 +97,10 @@ async def submit(
 ) -> Job:
     """Queue a training job. The body is the TrainingSpec (see `shardgrad schema`)."""
     data = body.get("data") if isinstance(body, dict) else None
-    if isinstance(data, dict) and data.get("type") == "builtin":
+    warm = isinstance(body, dict) and body.get("init_from") is not None  # reads a checkpoint
+    if isinstance(data, dict) and data.get("type") == "builtin" and not warm:
         spec = validate_spec(body, settings)  # CPU only, tens of microseconds
-    else:  # an upload is read to check it against the model: not on the event loop
+    else:  # an upload or a checkpoint is read to check it against the model: not on the loop
         spec = await run_in_threadpool(validate_spec, body, settings)
     need = _check_fits(spec, dispatcher, settings)
     job, position = await store.submit(

@@ -227,6 +227,13 @@ export function jobView(root, id) {
     }
     const reuse = () => sessionStorage.setItem(DRAFT, pretty(job.spec));
     actions.push(h("a.btn", { href: "#/submit", onclick: reuse }, "Use as template"));
+    if (job.status !== "queued") {
+      // The same spec, started from this job's weights (its best checkpoint, else its newest).
+      const fromWeights = { ...job.spec, init_from: { job: id } };
+      const warm = () => sessionStorage.setItem(DRAFT, pretty(fromWeights));
+      const attrs = { id: "warm-start", href: "#/submit", onclick: warm };
+      actions.push(h("a.btn", attrs, "Use as template: start from this job's weights"));
+    }
     head.replaceChildren(
       h(
         "div",
