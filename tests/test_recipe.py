@@ -9,9 +9,12 @@ import pytest
 from pydantic import ValidationError
 
 from core import optim
+from tests.fakes import make_client
+from tests.fakes import spec as fake_spec
 from tests.helpers import RECIPE, final_params, kill_9_at_checkpoint, make_spec
 from workers import checkpoint as ckpt
 from workers.data import with_data
+from workers.health import advice_for
 from workers.spec import TrainingSpec
 from workers.trainer import Trainer
 
@@ -141,3 +144,36 @@ def test_the_math_fields_of_the_recipe_enter_the_hash_only_when_set():
     hashes = {make_spec(**c).spec_hash() for c in changed} | {plain.spec_hash()}
     assert len(hashes) == len(changed) + 1
     assert make_spec(keep_best={}).spec_hash() == plain.spec_hash()  # which one is kept
+
+
+def test_each_health_warning_names_the_spec_field_that_addresses_it():
+    relu = {"type": "mlp", "sizes": [2, 8, 2], "activation": "relu"}
+    plain = advice_for(make_spec(model=relu | {"bias_init": -3.0}), 18)
+    assert plain["exploding"] == {
+        "field": "grad_clip.max_norm",
+        "change": {"grad_clip": {"max_norm": 1.0}},
+    }
+    assert plain["dead"] == {"field": "model.bias_init", "change": {"model": {"bias_init": 0.0}}}
+    assert plain["vanishing"] == {"field": "model.sizes", "change": None}
+    clipped = advice_for(make_spec(model=relu, grad_clip={"max_norm": 1.0}), 18)
+    warmup = {"type": "cosine", "warmup_steps": 5}
+    assert clipped["exploding"]["change"] == {"optimizer": {"schedule": warmup}}
+    assert clipped["dead"]["change"] == {"model": {"activation": "tanh"}}
+    recipe = advice_for(make_spec(**RECIPE), 18)  # clipped and warmed up already
+    assert recipe["exploding"] == {"field": "optimizer.lr", "change": {"optimizer": {"lr": 0.005}}}
+    assert recipe["vanishing"]["change"] == {"model": {"activation": "relu"}}  # tanh
+
+
+def test_the_service_takes_the_recipe_and_names_its_field_in_a_422(tmp_path):
+    client, _, _ = make_client(tmp_path, paused=True)
+    optimizer = {"type": "adamw", "lr": 0.05, "schedule": {"type": "cosine", "warmup_steps": 10}}
+    recipe = {"optimizer": optimizer, "grad_clip": {"max_norm": 1.0}, "early_stopping": {}}
+    r = client.post("/api/v1/jobs", json=fake_spec(**recipe))
+    assert r.status_code == 201, r.text
+    assert r.json()["spec"]["keep_best"] == {"metric": "val_loss", "mode": "min"}
+    optimizer["schedule"]["warmup_steps"] = 24  # 8 steps per epoch, 3 epochs
+    r = client.post("/api/v1/jobs", json=fake_spec(optimizer=optimizer))
+    assert r.status_code == 422
+    (error,) = r.json()["detail"]
+    assert error["loc"][-3:] == ["schedule", "cosine", "warmup_steps"]
+    assert error["msg"].startswith("optimizer.schedule.warmup_steps (24) must be less")

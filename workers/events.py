@@ -64,12 +64,18 @@ class LayerStats(TypedDict):
     dead_fraction: float | None
 
 
+class Advice(TypedDict):
+    field: str  # the spec field that addresses a warning, e.g. "grad_clip.max_norm"
+    change: dict | None  # a JSON merge patch on the run's spec that sets it; None: no one edit
+
+
 class HealthWarning(TypedDict):
     kind: str  # one of workers.health.KINDS
     layer: str
     message: str
     first_step: int
     last_step: int
+    advice: Advice | None  # from a trainer (workers.health.advice_for)
 
 
 class HealthEvent(TypedDict):

@@ -43,7 +43,7 @@ from workers.events import (
     WorkerFailureEvent,
     run_summary,
 )
-from workers.health import HealthMonitor, snapshot, step_stats
+from workers.health import HealthMonitor, advice_for, snapshot, step_stats
 from workers.model import (
     Diverged,
     Recipe,
@@ -251,7 +251,8 @@ class Trainer:
             self.opt.load_state_dict(latest.optimizer_state)
             self.step = self.resumed_from = latest.step
             self.history = state.get("metrics", [])
-        self.health = HealthMonitor(self.model, spec.health_every, state.get("health"))
+        advice = advice_for(spec, self.schedule.total_steps)
+        self.health = HealthMonitor(self.model, spec.health_every, state.get("health"), advice)
 
     def _start_workers(self, state: dict) -> None:
         """The step strategy: in-process, or the workers (on the cluster in `settings`, or

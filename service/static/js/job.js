@@ -145,7 +145,7 @@ export function jobView(root, id) {
   const predict = h("div");
   const explain = h("div");
   const healthDiv = h("div.chart", { id: "health-chart" });
-  const health = healthPanel();
+  const health = healthPanel(() => job.spec);
   const graph = graphView(id);
   const spec = h("div");
   const logToggle = h("input", { type: "checkbox", id: "log-y" });
