@@ -1,4 +1,5 @@
-"""SGD and Adam with PyTorch's exact update rules, updating `p.data` in place.
+"""SGD, Adam and AdamW with PyTorch's exact update rules, updating `p.data` in place;
+learning-rate schedules and gradient-norm clipping as PyTorch computes them.
 
 `state_dict()` has PyTorch's layout, with copies of every array:
 
@@ -11,18 +12,35 @@
                        "params": [0, 1, ...]}]}
 
 Parameters are numbered in order across the groups. Loading a state dict and
-continuing gives bit-identical results to never having stopped.
+continuing gives bit-identical results to never having stopped. AdamW's layout is Adam's.
+
+A schedule is a pure function of the step, `LRSchedule.lr_at(step)`: the lr of the 0-based
+optimizer step `step`, which is torch's scheduler's lr after `step` calls of its `step()`.
+It follows torch's recursive (chainable) formulas, not their closed forms, so the values
+are equal to the last bit; there is no scheduler state to checkpoint.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from core.tensor import Tensor
 
-__all__ = ["SGD", "Adam", "Optimizer"]
+__all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
+    "LRSchedule",
+    "Optimizer",
+    "clip_grad_norm_",
+    "constant_schedule",
+    "cosine_schedule",
+    "linear_schedule",
+    "step_schedule",
+]
 
 
 class Optimizer:
@@ -37,10 +55,11 @@ class Optimizer:
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _gradients(self):
-        """(group, param, gradient) for every param with a grad; L2 weight decay added."""
+    def _gradients(self, l2: bool = True):
+        """(group, param, gradient) for every param with a grad; L2 weight decay added
+        unless `l2` is False (AdamW decays the weights instead)."""
         for group in self.param_groups:
-            wd = group["weight_decay"]
+            wd = group["weight_decay"] if l2 else 0
             for p in group["params"]:
                 if p.grad is not None:
                     yield group, p, p.grad + wd * p.data if wd else p.grad
@@ -143,8 +162,12 @@ class Adam(Optimizer):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
 
+    decoupled = False  # AdamW: weight decay on the weights, not added to the gradient
+
     def step(self) -> None:
-        for group, p, g in self._gradients():
+        for group, p, g in self._gradients(l2=not self.decoupled):
+            if self.decoupled and group["weight_decay"]:
+                p.data *= 1 - group["lr"] * group["weight_decay"]
             (beta1, beta2), state = group["betas"], self.state.setdefault(p, {})
             if not state:
                 state.update(
@@ -158,3 +181,143 @@ class Adam(Optimizer):
             step_size = group["lr"] / (1 - beta1**step)
             denom = np.sqrt(v) / math.sqrt(1 - beta2**step) + group["eps"]
             p.data -= step_size * (m / denom)
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW (not amsgrad): p *= 1 - lr*wd, then Adam's step without L2."""
+
+    decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def clip_grad_norm_(params, max_norm: float, total_norm: float | None = None) -> float:
+    """torch.nn.utils.clip_grad_norm_: scale every gradient by max_norm / (norm + 1e-6),
+    clamped to 1, where norm is the 2-norm of all gradients together (`total_norm`, when
+    the caller has it). Returns the norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if total_norm is None:
+        total_norm = math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
+    coef = min(max_norm / (total_norm + 1e-6), 1.0)
+    for g in grads:
+        g *= coef
+    return total_norm
+
+
+# ---------------------------------------------------------------- learning-rate schedules
+
+
+class LRSchedule:
+    """`lr_at(step)` from a generator of the lrs of steps 0, 1, 2, ... Asked in order (as a
+    run asks), each value costs one recursion step; asked for an earlier step (a resume),
+    it recomputes from step 0."""
+
+    def __init__(self, lrs: Callable[[], Iterator[float]]):
+        self._lrs = lrs
+        self._restart()
+
+    def _restart(self) -> None:
+        self._it, self._step = self._lrs(), 0
+        self._lr = next(self._it)
+
+    def lr_at(self, step: int) -> float:
+        if step < self._step:
+            self._restart()
+        while self._step < step:
+            self._lr = next(self._it)
+            self._step += 1
+        return self._lr
+
+
+def constant_schedule(lr: float) -> LRSchedule:
+    return LRSchedule(lambda: _forever(lr))
+
+
+def step_schedule(lr: float, step_size: int, gamma: float) -> LRSchedule:
+    """torch StepLR(step_size, gamma), counted in steps."""
+    return LRSchedule(lambda: _step_lrs(lr, step_size, gamma))
+
+
+def cosine_schedule(lr: float, total_steps: int, warmup_steps: int, min_lr: float) -> LRSchedule:
+    """SequentialLR([LinearLR(start_factor=1/W, total_iters=W), CosineAnnealingLR(
+    T_max=total_steps - W, eta_min=min_lr)], milestones=[W]); W = 0: the cosine alone."""
+    t_max = total_steps - warmup_steps
+
+    def lrs():
+        if warmup_steps == 0:
+            return _cosine_lrs(lr, lr, min_lr, t_max)
+        # The cosine's start: its closed form at 0, as SequentialLR's milestone sets it.
+        start = min_lr + (lr - min_lr) * (1 + math.cos(math.pi * 0 / t_max)) / 2
+        return _then(_warmup(lr, warmup_steps), warmup_steps, _cosine_lrs(start, lr, min_lr, t_max))
+
+    return LRSchedule(lrs)
+
+
+def linear_schedule(
+    lr: float, total_steps: int, warmup_steps: int, end_factor: float
+) -> LRSchedule:
+    """The warmup as cosine's, then LinearLR(1.0, end_factor, total_iters=total_steps - W)."""
+    n = total_steps - warmup_steps
+
+    def lrs():
+        if warmup_steps == 0:
+            return _linear_lrs(lr * 1.0, 1.0, end_factor, n)
+        start = lr * (1.0 + (end_factor - 1.0) * min(n, 0) / n)  # closed form at 0
+        return _then(
+            _warmup(lr, warmup_steps), warmup_steps, _linear_lrs(start, 1.0, end_factor, n)
+        )
+
+    return LRSchedule(lrs)
+
+
+def _forever(lr: float) -> Iterator[float]:
+    while True:
+        yield lr
+
+
+def _then(first: Iterator[float], n: int, second: Iterator[float]) -> Iterator[float]:
+    """SequentialLR: `first`'s first n values, then `second`'s."""
+    for _ in range(n):
+        yield next(first)
+    yield from second
+
+
+def _step_lrs(lr: float, step_size: int, gamma: float) -> Iterator[float]:
+    epoch = 0
+    while True:
+        yield lr
+        epoch += 1
+        if epoch % step_size == 0:
+            lr = lr * gamma
+
+
+def _warmup(lr: float, warmup_steps: int) -> Iterator[float]:
+    """LinearLR(start_factor=1/W, end_factor=1, total_iters=W) from its first value."""
+    start = 1.0 / warmup_steps
+    return _linear_lrs(lr * start, start, 1.0, warmup_steps)
+
+
+def _linear_lrs(lr: float, start: float, end: float, total: int) -> Iterator[float]:
+    """LinearLR's recursion from its value `lr` at epoch 0."""
+    epoch = 0
+    while True:
+        yield lr
+        epoch += 1
+        if epoch <= total:
+            lr = lr * (1.0 + (end - start) / (total * start + (epoch - 1) * (end - start)))
+
+
+def _cosine_lrs(lr: float, base: float, eta_min: float, t_max: int) -> Iterator[float]:
+    """CosineAnnealingLR's recursion from its value `lr` at epoch 0."""
+    epoch = 0
+    while True:
+        yield lr
+        epoch += 1
+        if (epoch - 1 - t_max) % (2 * t_max) == 0:
+            lr = lr + (base - eta_min) * (1 - math.cos(math.pi / t_max)) / 2
+        else:
+            ratio = (1 + math.cos(math.pi * epoch / t_max)) / (
+                1 + math.cos(math.pi * (epoch - 1) / t_max)
+            )
+            lr = ratio * (lr - eta_min) + eta_min

@@ -421,4 +421,4 @@ class Dispatcher:
     }
 
 
-POINT_KEYS = ("train_loss", "val_loss", "val_accuracy", "grad_norm", "samples_per_s")
+POINT_KEYS = ("train_loss", "val_loss", "val_accuracy", "grad_norm", "lr", "samples_per_s")

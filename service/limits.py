@@ -113,7 +113,7 @@ def job_bytes(spec: TrainingSpec, info: DatasetInfo) -> int:
     one evaluation chunk's activations."""
     itemsize = np.dtype(spec.dtype).itemsize
     o = spec.optimizer
-    state = 2 if o.type == "adam" else int(o.momentum > 0)  # Adam: 2 moments; SGD: momentum
+    state = 2 if o.type in ("adam", "adamw") else int(o.momentum > 0)  # Adam: 2 moments
     size = model_size(spec.model)
     columns = info.n_features + info.n_targets
     data = info.n_samples * columns * (8 + itemsize)

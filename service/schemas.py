@@ -48,12 +48,21 @@ class LayerStats(BaseModel):
     )
 
 
+class Advice(BaseModel):
+    field: str = Field(description="the spec field that addresses the warning")
+    change: dict[str, Any] | None = Field(
+        description="a JSON merge patch (RFC 7396) on the job's spec that sets the field; "
+        "null where no single edit does"
+    )
+
+
 class HealthWarning(BaseModel):
     kind: WarningKind
     layer: str
     message: str = Field(description="the latest occurrence, starting with the layer")
     first_step: int
     last_step: int = Field(description="the latest check that raised it")
+    advice: Advice | None = Field(None, description="what in the spec addresses it")
 
 
 class JobHealth(BaseModel):
@@ -106,6 +115,12 @@ class Job(BaseModel):
         description="why that count: what auto measured and predicted; null until started"
     )
     health: JobHealth | None = Field(None, description="the latest training-health check")
+    stopped_early: bool | None = Field(
+        None, description="whether early_stopping ended the run; null until it finished"
+    )
+    best_step: int | None = Field(
+        None, description="the step of the best evaluation by keep_best, once finished"
+    )
     events: list[JobEvent] | None = Field(
         None, description="status timeline, oldest first; only in GET /jobs/{id}"
     )
@@ -140,6 +155,8 @@ class Job(BaseModel):
             workers=row.workers if row.workers is not None else _count(row.spec.get("workers")),
             workers_reason=row.workers_reason,
             health=row.health,
+            stopped_early=(row.summary or {}).get("stopped_early"),
+            best_step=(row.summary or {}).get("best_step"),
             events=None if events is None else [JobEvent.of(e) for e in events],
         )
 
@@ -162,7 +179,8 @@ class MetricPoint(BaseModel):
     train_loss: float | None
     val_loss: float | None
     val_accuracy: float | None
-    grad_norm: float | None
+    grad_norm: float | None = Field(description="of the averaged gradient, before grad_clip")
+    lr: float | None = Field(None, description="the learning rate the step used")
     samples_per_s: float | None
     layers: list[LayerStats] | None = Field(None, description="at health checks")
     warnings: list[HealthWarning] | None = Field(

@@ -86,12 +86,21 @@ class MetricRow(Base):
     val_loss: Mapped[float | None] = mapped_column(Float)
     val_accuracy: Mapped[float | None] = mapped_column(Float)
     grad_norm: Mapped[float | None] = mapped_column(Float)
+    lr: Mapped[float | None] = mapped_column(Float)  # the step's (optimizer.schedule)
     samples_per_s: Mapped[float | None] = mapped_column(Float)
     layers: Mapped[list | None] = mapped_column(JSON)
     warnings: Mapped[list | None] = mapped_column(JSON)
 
 
-POINT_FIELDS = ("epoch", "train_loss", "val_loss", "val_accuracy", "grad_norm", "samples_per_s")
+POINT_FIELDS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "grad_norm",
+    "lr",
+    "samples_per_s",
+)
 LAYER_FIELDS = ("layers", "warnings")
 
 

@@ -141,6 +141,17 @@ def write_trained_checkpoint(spec, out, steps: int):
     return model
 
 
+# AdamW, a cosine schedule with warmup and clipping: for make_spec's 18 steps.
+RECIPE = {
+    "optimizer": {
+        "type": "adamw",
+        "lr": 0.05,
+        "schedule": {"type": "cosine", "warmup_steps": 8, "min_lr": 0.001},
+    },
+    "grad_clip": {"max_norm": 0.3},
+}
+
+
 def final_params(out) -> dict:
     """The model parameters of a run's newest checkpoint."""
     from workers import checkpoint
@@ -160,6 +171,27 @@ def kill_9_after_a_checkpoint(proc, out, timeout: float = 120) -> int:
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     return checkpoint.load_latest(out).step
+
+
+_KILL_AT = """
+import os, signal, sys
+from workers.spec import TrainingSpec
+from workers.trainer import Trainer
+
+def kill(event):
+    if event["type"] == "checkpoint" and event["step"] == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+Trainer(TrainingSpec.model_validate_json(sys.argv[1]), sys.argv[2], callback=kill).run()
+"""
+
+
+def kill_9_at_checkpoint(spec, out, step: int) -> None:
+    """Run `spec` (a TrainingSpec) into `out` in another process that kill -9s itself
+    right after writing its checkpoint of `step`: a crash at a step the test chooses."""
+    args = [sys.executable, "-c", _KILL_AT, spec.model_dump_json(), str(out), str(step)]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
 
 
 # -- optional dependencies ---------------------------------------------------------------------

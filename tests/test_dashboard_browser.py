@@ -120,6 +120,23 @@ def test_loss_chart_holds_every_metric_point(page, server, api, trained, shots):
     screenshot(page, shots, "dashboard-job")
 
 
+def test_the_loss_chart_draws_each_steps_learning_rate(page, server, api):
+    schedule = {"type": "cosine", "warmup_steps": 10}
+    optimizer = {"type": "adamw", "lr": 0.05, "schedule": schedule}
+    job_id = api.post("/jobs", json=spec(name="cosine", epochs=4, optimizer=optimizer)).json()["id"]
+    page.goto(f"{server.url}/#/jobs/{job_id}")
+    expect(badge(page)).to_have_text("succeeded", timeout=120_000)
+    points = api.get(f"/jobs/{job_id}/metrics").json()["points"]
+    assert len(points) == 32 and points[0]["lr"] == pytest.approx(0.005)
+    assert points[10]["lr"] == 0.05  # warmed up, the cosine starts
+    page.wait_for_function(
+        "n => document.getElementById('loss-chart').data?.[2]?.x.length === n", arg=len(points)
+    )
+    lr = page.locator("#loss-chart").evaluate("div => div.data[2]")
+    assert (lr["name"], lr["yaxis"]) == ("learning rate", "y2")
+    assert lr["y"] == pytest.approx([p["lr"] for p in points], rel=1e-12)
+
+
 def test_the_job_page_shows_the_worker_count_auto_chose_and_why(page, server, api):
     r = api.post("/jobs", json=spec(name="auto", epochs=1, workers="auto"))
     assert r.status_code == 201, r.text

@@ -187,6 +187,23 @@ def test_health_panel_warns_of_dead_relu_units(page, server, api, dead, shots):
     screenshot(page, shots, "dashboard-health-dead")
 
 
+def test_a_warnings_advice_opens_the_jobs_spec_with_that_change_as_a_template(
+    page, server, api, dead
+):
+    job = finished(api, dead)
+    warning = next(w for w in job["health"]["warnings"] if w["kind"] == "dead")
+    change = {"model": {"bias_init": 0.0}}
+    assert warning["advice"] == {"field": "model.bias_init", "change": change}
+    open_job(page, server, dead)
+    shown = page.locator(f'#health-warnings li[data-kind="dead"][data-layer="{warning["layer"]}"]')
+    expect(shown.locator(".advice code")).to_have_text("model.bias_init")
+    shown.locator("a.advice-template").click()
+    page.wait_for_url(server.url + "/#/submit")
+    expect(page.locator("#spec-editor")).not_to_have_value("")
+    edited = json.loads(page.locator("#spec-editor").input_value())
+    assert edited == job["spec"] | {"model": job["spec"]["model"] | {"bias_init": 0.0}}
+
+
 # -- explain ------------------------------------------------------------------------------
 
 

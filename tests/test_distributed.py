@@ -8,7 +8,7 @@ import pytest
 
 import core.functional as F
 from core import Tensor
-from tests.helpers import final_params, make_spec
+from tests.helpers import RECIPE, final_params, make_spec
 from workers import checkpoint as ckpt
 from workers.data import PreparedData
 from workers.model import LOSSES, build_model, build_optimizer
@@ -196,6 +196,32 @@ def test_worker_killed_mid_run_is_replaced_bit_identically(tmp_path, exchange, u
     expected = uninterrupted[1]
     got = final_params(tmp_path)
     assert all(np.array_equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.fixture(scope="module")
+def recipe_runs(tmp_path_factory):
+    """A job with AdamW, a cosine schedule and clipping: in-process, and on 2 workers over
+    the compiled gather."""
+    outs = [tmp_path_factory.mktemp("recipe0"), tmp_path_factory.mktemp("recipe2")]
+    Trainer(make_spec(workers=0, **RECIPE), outs[0]).run()
+    Trainer(make_spec(exchange="compiled", **RECIPE), outs[1]).run()
+    return [final_params(out) for out in outs]
+
+
+@pytest.mark.parametrize(
+    ("exchange", "workers"),
+    [("replicated", 1), ("replicated", 2), ("tasks", 2)],
+    indirect=["exchange"],
+)
+def test_a_recipe_job_does_not_depend_on_workers_or_exchange(
+    tmp_path, exchange, workers, recipe_runs
+):
+    assert run(Trainer(make_spec(workers=workers, **RECIPE), tmp_path), exchange)["steps"] == 18
+    got, (in_process, compiled) = final_params(tmp_path), recipe_runs
+    same = in_process if workers == 1 else compiled  # bit for bit at the same sum order
+    assert all(np.array_equal(got[k], same[k]) for k in same)
+    for key in in_process:
+        np.testing.assert_allclose(got[key], in_process[key], rtol=0, atol=1e-9)
 
 
 @BOTH

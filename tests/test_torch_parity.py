@@ -165,6 +165,10 @@ OPTIMIZERS = {
         lambda ps: optim.Adam(ps, lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01),
         lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01),
     ),
+    "adamw": (
+        lambda ps: optim.AdamW(ps, lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05),
+        lambda ps: torch.optim.AdamW(ps, lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05),
+    ),
 }
 
 
@@ -194,3 +198,63 @@ def test_twenty_optimizer_steps_match(name):
         assert list(entries) == list(theirs["state"][i])
         for k, v in entries.items():
             np.testing.assert_allclose(v, np.asarray(theirs["state"][i][k]), rtol=1e-9, atol=1e-12)
+
+
+# Each schedule against torch's scheduler driven step by step: 200 lrs, equal to the bit.
+TS = torch.optim.lr_scheduler
+SCHEDULES = {  # name: (ours, torch's on an optimizer with lr 0.3)
+    "constant": (optim.constant_schedule(0.3), lambda o: TS.LambdaLR(o, lambda e: 1)),
+    "step": (optim.step_schedule(0.3, 7, 0.3), lambda o: TS.StepLR(o, 7, 0.3)),
+    "cosine": (
+        optim.cosine_schedule(0.3, 200, 13, 0.01),
+        lambda o: TS.SequentialLR(
+            o,
+            [TS.LinearLR(o, 1 / 13, total_iters=13), TS.CosineAnnealingLR(o, 200 - 13, 0.01)],
+            milestones=[13],
+        ),
+    ),
+    "cosine_no_warmup": (
+        optim.cosine_schedule(0.3, 200, 0, 0.0),
+        lambda o: TS.CosineAnnealingLR(o, 200),
+    ),
+    "linear": (
+        optim.linear_schedule(0.3, 200, 9, 0.0),
+        lambda o: TS.SequentialLR(
+            o,
+            [TS.LinearLR(o, 1 / 9, total_iters=9), TS.LinearLR(o, 1.0, 0.0, total_iters=191)],
+            milestones=[9],
+        ),
+    ),
+    "linear_no_warmup": (
+        optim.linear_schedule(0.3, 200, 0, 0.25),
+        lambda o: TS.LinearLR(o, 1.0, 0.25, total_iters=200),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_schedules_match_torch_to_the_bit(name):
+    schedule, make = SCHEDULES[name]
+    topt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.3)
+    sched, want = make(topt), []
+    for _ in range(200):
+        want.append(topt.param_groups[0]["lr"])
+        topt.step()
+        sched.step()
+    assert [schedule.lr_at(s) for s in range(200)] == want
+    assert schedule.lr_at(57) == want[57]  # asked out of order, as a resumed run asks
+
+
+def test_clip_grad_norm_matches_torch():
+    rng = np.random.default_rng(1)
+    grads = [rng.standard_normal(s) * 3 for s in [(4, 5), (5,), (5, 2)]]
+    for max_norm in (0.5, 1e3):
+        ps = [Tensor(np.zeros_like(g), requires_grad=True) for g in grads]
+        tps = [torch.zeros(g.shape, dtype=torch.float64, requires_grad=True) for g in grads]
+        for p, tp, g in zip(ps, tps, grads, strict=True):
+            p.grad, tp.grad = g.copy(), _t(g.copy())
+        norm = optim.clip_grad_norm_(ps, max_norm)
+        tnorm = torch.nn.utils.clip_grad_norm_(tps, max_norm)
+        assert norm == pytest.approx(tnorm.item(), rel=1e-12)
+        for p, tp in zip(ps, tps, strict=True):
+            np.testing.assert_allclose(p.grad, tp.grad.numpy(), rtol=1e-12, atol=0)

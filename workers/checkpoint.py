@@ -25,9 +25,10 @@ directory itself. Only then is it renamed to ``step-<N>`` and the parent fsynced
 Loading ignores ``.tmp-*`` and ``.old-*``; the next save deletes them. ``load_latest``
 walks from the newest step down and skips (with a warning) any checkpoint that fails
 verification. "Newest" means the highest step. Pruning keeps the ``keep`` newest
-*verified* checkpoints and deletes bad ones older than the newest good one; bad ones
-newer than it stay until that step is saved again, so a corrupt newest directory never
-costs the last good one. If saving raises, its ``.tmp-`` directory is removed at once.
+*verified* checkpoints, and the one ``<out>/best.json`` names (`write_best`), and deletes
+bad ones older than the newest good one; bad ones newer than it stay until that step is
+saved again, so a corrupt newest directory never costs the last good one. If saving
+raises, its ``.tmp-`` directory is removed at once.
 One writer per output directory.
 
 Verification is cached per process. A file whose hash matched its manifest is not hashed
@@ -82,6 +83,7 @@ __all__ = [
     "read_best",
     "resolve_checkpoint",
     "save_checkpoint",
+    "write_best",
     "verify_checkpoint",
 ]
 
@@ -212,6 +214,7 @@ def prune_checkpoints(
     out_dir: str | os.PathLike, keep: int, known_good: Path | None = None
 ) -> list[Path]:
     """Delete all but the ``keep`` newest verified checkpoints; return what was deleted.
+    The checkpoint best.json names is never deleted.
 
     Unverifiable directories older than the newest good one are deleted too. Anything
     newer than the newest good one is left alone, so the newest good one always stays.
@@ -233,6 +236,8 @@ def prune_checkpoints(
                 doomed.append(path)
             continue
         good.append(path)
+    best = read_best(out_dir)
+    doomed = [path for path in doomed if best is None or path.name != best.get("checkpoint")]
     for path in doomed:
         try:
             _remove_dir(path)
@@ -245,6 +250,27 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dic
     # safetensors copies raw memory, so views (transposes, slices) must be made contiguous
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata=metadata)
     _fsync(path)
+
+
+def write_best(out_dir: str | os.PathLike, best: dict) -> Path:
+    """Write ``<out_dir>/best.json`` atomically (a temporary file, fsynced, renamed):
+    ``{"step": N, "checkpoint": "step-N", "metric": .., "mode": .., "value": ..}``, the
+    best evaluation of a run that keeps its best checkpoint; pruning never deletes it."""
+    out = Path(out_dir)
+    tmp = out / f".{BEST_FILE}.{uuid.uuid4().hex[:8]}"
+    _write_json(tmp, best)
+    os.replace(tmp, out / BEST_FILE)
+    _fsync(out)
+    return out / BEST_FILE
+
+
+def read_best(out_dir: str | os.PathLike) -> dict | None:
+    """What ``<out_dir>/best.json`` says, or None without one (or an unreadable one)."""
+    try:
+        best = json.loads((Path(out_dir) / BEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return best if isinstance(best, dict) else None
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -410,16 +436,6 @@ def _info(path: Path, manifest: dict) -> CheckpointInfo:
         size_bytes=sum(entry["size"] for entry in files.values()),
         sha256=files[MODEL_FILE]["sha256"],
     )
-
-
-def read_best(out_dir: str | os.PathLike) -> dict | None:
-    """The run's ``best.json`` (which checkpoint is best by its metric), or None when it
-    has none or it cannot be read."""
-    try:
-        best = json.loads((Path(out_dir) / BEST_FILE).read_bytes())
-    except (OSError, ValueError):
-        return None
-    return best if isinstance(best, dict) else None
 
 
 def resolve_checkpoint(out_dir: str | os.PathLike, which: str | None = None) -> Path:

@@ -6,7 +6,8 @@ are TypedDicts: at run time plain JSON-ready dicts (a callback may log or forwar
 they are), and one definition of their keys for every side.
 
 * ``started``: once per run, after the workers are placed (and the worker count chosen).
-* ``step``: after every optimizer step; at the end of an epoch with the validation metrics.
+* ``step``: after every optimizer step, with its lr; at an evaluation step (each epoch's end,
+  or every ``eval_every`` steps, and the last) with the validation metrics.
 * ``checkpoint``: after a checkpoint is written (never for an abandoned run).
 * ``health``: after each training-health check (workers/health.py).
 * ``worker_failure``: a worker died; it was replaced and the step is recomputed.
@@ -42,9 +43,10 @@ class StepEvent(TypedDict):
     total_steps: int
     epoch: int
     train_loss: float
-    grad_norm: float
+    grad_norm: float  # of the averaged gradient, before grad_clip
+    lr: float  # the learning rate this step used (optimizer.schedule)
     samples_per_s: float | None
-    val_loss: NotRequired[float]  # the last step of an epoch only
+    val_loss: NotRequired[float]  # evaluation steps only
     val_accuracy: NotRequired[float | None]  # likewise; None for regression
 
 
@@ -62,12 +64,18 @@ class LayerStats(TypedDict):
     dead_fraction: float | None
 
 
+class Advice(TypedDict):
+    field: str  # the spec field that addresses a warning, e.g. "grad_clip.max_norm"
+    change: dict | None  # a JSON merge patch on the run's spec that sets it; None: no one edit
+
+
 class HealthWarning(TypedDict):
     kind: str  # one of workers.health.KINDS
     layer: str
     message: str
     first_step: int
     last_step: int
+    advice: Advice | None  # from a trainer (workers.health.advice_for)
 
 
 class HealthEvent(TypedDict):
@@ -111,6 +119,8 @@ class RunSummary(TypedDict):
     worker_failures: int
     resumed_from_step: int | None
     health: HealthSummary | None
+    stopped_early: bool  # early_stopping ended the run before its last epoch
+    best_step: int | None  # keep_best's best evaluation (early_stopping's by default)
     error: NotRequired[str]
 
 
@@ -131,6 +141,8 @@ def run_summary(
     worker_failures: int = 0,
     resumed_from_step: int | None = None,
     health: HealthSummary | None = None,
+    stopped_early: bool = False,
+    best_step: int | None = None,
     error: str | None = None,
 ) -> RunSummary:
     """A summary with every key of the contract; `error` only when given."""
@@ -150,6 +162,8 @@ def run_summary(
         worker_failures=worker_failures,
         resumed_from_step=resumed_from_step,
         health=health,
+        stopped_early=stopped_early,
+        best_step=best_step,
     )
     if error is not None:
         summary["error"] = error

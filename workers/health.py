@@ -10,6 +10,10 @@ units, or of dead channels for a conv (zero on the whole global batch of the ste
 * vanishing: the first layer's gradient norm below VANISHING_RATIO times the last one's.
 * dead: more than DEAD_FRACTION of a layer's relu units dead.
 
+Each warning carries `advice`: the spec field that addresses it and a change that sets it
+(a JSON merge patch on the run's spec, None where no single edit does; `advice_for`), so
+that a dashboard can offer the run's spec with that change as a template.
+
 The functions are pure; `HealthMonitor` is the trainer's record of one run (the initial
 norms and each warning once, with the steps it was first and last seen). The record
 travels in the checkpoints, so a resumed run warns exactly as an uninterrupted one.
@@ -27,6 +31,7 @@ import numpy as np
 from core import Tensor, no_grad
 from core.nn import MLP, Conv2d, Linear, ReLU, Sequential
 from workers.model import chunks, in_mode
+from workers.spec import TrainingSpec
 
 EXPLODING_FACTOR = 1e3  # gradient norm above this many times its initial value
 VANISHING_RATIO = 1e-6  # first layer's gradient norm below this times the last layer's
@@ -176,6 +181,35 @@ def _norm(arrays) -> float:
         return math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays))
 
 
+def advice_for(spec: TrainingSpec, total_steps: int) -> dict[str, dict]:
+    """Per warning kind, {"field", "change"}: the spec field that addresses it and a JSON
+    merge patch on `spec` that sets it (None where no single edit does)."""
+    model, opt = spec.model, spec.optimizer
+
+    def fix(field: str, change: dict | None) -> dict:
+        return {"field": field, "change": change}
+
+    # Gentler steps: a warmup (a tenth of the run, at least 5 steps) where the lr is
+    # constant or steps down, else a lower lr.
+    warmup = min(max(5, total_steps // 10), total_steps - 1)
+    if opt.schedule.type in ("constant", "step") and warmup >= 1:
+        cosine = {"type": "cosine", "warmup_steps": warmup}
+        gentler = fix("optimizer.schedule", {"optimizer": {"schedule": cosine}})
+    else:
+        gentler = fix("optimizer.lr", {"optimizer": {"lr": opt.lr / 10}})
+    clip = fix("grad_clip.max_norm", {"grad_clip": {"max_norm": 1.0}})
+    advice = {"exploding": gentler if spec.grad_clip else clip, "dead": gentler}
+    advice["vanishing"] = fix("model.layers", None)
+    if model.type == "mlp":
+        if model.bias_init < 0:
+            advice["dead"] = fix("model.bias_init", {"model": {"bias_init": 0.0}})
+        elif model.activation == "relu":
+            advice["dead"] = fix("model.activation", {"model": {"activation": "tanh"}})
+        relu = fix("model.activation", {"model": {"activation": "relu"}})
+        advice["vanishing"] = fix("model.sizes", None) if model.activation == "relu" else relu
+    return advice
+
+
 def new_warnings(event: dict) -> list[dict]:
     """The warnings of a "health" event that first appeared at its step."""
     return [w for w in event["warnings"] if w["first_step"] == event["step"]]
@@ -187,11 +221,17 @@ class HealthMonitor:
     A check follows the first step of a run (so the initial norms exist) and every step
     whose 1-based number is a multiple of `every`. Each (kind, layer) warning is kept
     once, with `first_step` and `last_step` (the latest check that raised it) and the
-    latest message.
+    latest message, and the run's `advice` for its kind (`advice_for`), if given.
     """
 
-    def __init__(self, model: MLP | Sequential, every: int, state: dict | None = None):
-        self.model, self.every = model, every
+    def __init__(
+        self,
+        model: MLP | Sequential,
+        every: int,
+        state: dict | None = None,
+        advice: dict[str, dict] | None = None,
+    ):
+        self.model, self.every, self.advice = model, every, advice
         state = state or {}
         self.initial: list[float] | None = state.get("initial_grad_norms")
         self.checked_steps: int = state.get("checked_steps", 0)
@@ -225,11 +265,12 @@ class HealthMonitor:
             self.initial = [s["grad_norm"] for s in stats]
         seen = {(w["kind"], w["layer"]): w for w in self.warnings}
         for w in health_warnings(stats, self.initial):
+            w["advice"] = None if self.advice is None else self.advice.get(w["kind"])
             known = seen.get((w["kind"], w["layer"]))
             if known is None:
                 self.warnings.append(w | {"first_step": step, "last_step": step})
             else:
-                known.update(message=w["message"], last_step=step)
+                known.update(w, first_step=known["first_step"], last_step=step)
         self.checked_steps += 1
         self.last_step = step
         return {"type": "health", "step": step, "layers": stats, "warnings": self._warnings()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from pydantic import TypeAdapter
@@ -115,7 +116,7 @@ def _model_spec(config: dict) -> ModelSpec:
     return _MODEL_SPEC.validate_python(config["model"])
 
 
-def build_optimizer(spec: TrainingSpec, params) -> optim.SGD | optim.Adam:
+def build_optimizer(spec: TrainingSpec, params) -> optim.SGD | optim.Adam | optim.AdamW:
     o = spec.optimizer
     if o.type == "sgd":
         return optim.SGD(
@@ -125,7 +126,36 @@ def build_optimizer(spec: TrainingSpec, params) -> optim.SGD | optim.Adam:
             weight_decay=o.weight_decay,
             nesterov=o.nesterov,
         )
-    return optim.Adam(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    adam = optim.AdamW if o.type == "adamw" else optim.Adam
+    return adam(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What happens between the averaged gradient and the optimizer's step: the step's lr
+    (`schedule.lr_at(step)`) and, with a `max_norm`, clipping of the gradient's norm."""
+
+    schedule: optim.LRSchedule
+    max_norm: float | None = None
+
+
+def build_recipe(spec: TrainingSpec, total_steps: int) -> Recipe:
+    """The spec's schedule over a run of `total_steps`, and its clipping. Each caller gets
+    its own (a schedule is fastest asked in step order)."""
+    o, s = spec.optimizer, spec.optimizer.schedule
+    warmup = getattr(s, "warmup_steps", 0)
+    if warmup >= total_steps:  # refused with the data at submission; a spec file's run here
+        msg = f"optimizer.schedule.warmup_steps ({warmup}) must be less than the "
+        raise TrainingError(msg + f"total steps ({total_steps})")
+    if s.type == "step":
+        schedule = optim.step_schedule(o.lr, s.step_size, s.gamma)
+    elif s.type == "cosine":
+        schedule = optim.cosine_schedule(o.lr, total_steps, s.warmup_steps, s.min_lr)
+    elif s.type == "linear":
+        schedule = optim.linear_schedule(o.lr, total_steps, s.warmup_steps, s.end_factor)
+    else:
+        schedule = optim.constant_schedule(o.lr)
+    return Recipe(schedule, spec.grad_clip.max_norm if spec.grad_clip else None)
 
 
 def set_parameters(model: nn.Module, arrays: list[np.ndarray]) -> None:
@@ -178,13 +208,14 @@ class Diverged(TrainingError):
     pass
 
 
-def average_and_step(params, opt, grads, n: int, loss_sum: float, step: int):
-    """Divide the batch's gradient sums by its size, check them, step the optimizer.
+def average_and_step(params, opt, grads, n: int, loss_sum: float, step: int, recipe: Recipe):
+    """Divide the batch's gradient sums by its size, check them, clip them (with a
+    `recipe.max_norm`), step the optimizer with the lr of `step` (0-based).
 
     Every step strategy ends its step here (the coordinator's, and each replica's), so
     they all perform the same floating-point operations in the same order. Returns
-    (mean loss, gradient norm) and leaves each parameter's `.grad` the averaged gradient;
-    raises Diverged with the weights unchanged."""
+    (mean loss, gradient norm before clipping) and leaves each parameter's `.grad` the
+    averaged (clipped) gradient; raises Diverged with the weights unchanged."""
     loss = loss_sum / n
     sq = 0.0
     for p, g in zip(params, grads, strict=True):
@@ -194,6 +225,11 @@ def average_and_step(params, opt, grads, n: int, loss_sum: float, step: int):
     grad_norm = float(np.sqrt(sq))
     if not (np.isfinite(loss) and np.isfinite(grad_norm)):
         raise Diverged(f"diverged at step {step + 1} (loss={loss:g})")
+    if recipe.max_norm is not None:
+        optim.clip_grad_norm_(params, recipe.max_norm, grad_norm)
+    lr = recipe.schedule.lr_at(step)
+    for group in opt.param_groups:
+        group["lr"] = lr
     opt.step()
     return loss, grad_norm
 

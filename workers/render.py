@@ -122,6 +122,8 @@ def summary_value(key: str, value) -> str:
     """One value of a run summary as text: no Python reprs."""
     if value is None or value == []:
         return "-"
+    if isinstance(value, bool):  # stopped_early
+        return "yes" if value else "no"
     if key == "health":
         warned = ", ".join(f"{w['kind']} {w['layer']}" for w in value["warnings"]) or "none"
         return f"{value['checked_steps']} checks; warnings: {warned}"

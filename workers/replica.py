@@ -15,7 +15,14 @@ import numpy as np
 
 from workers.exchange import add_in_rank_order, flatten, unflatten
 from workers.health import snapshot, step_stats
-from workers.model import Diverged, average_and_step, build_model, build_optimizer, grad_sum
+from workers.model import (
+    Diverged,
+    average_and_step,
+    build_model,
+    build_optimizer,
+    build_recipe,
+    grad_sum,
+)
 from workers.sampler import Schedule, split_batch
 
 
@@ -38,6 +45,7 @@ class Replica:
         self.loss, self.X, self.y = spec.loss, X, y
         self.rank, self.workers = rank, workers
         self.schedule = Schedule(len(X), spec.batch_size, spec.epochs, spec.seed)
+        self.recipe = build_recipe(spec, self.schedule.total_steps)  # lr and clipping
         self.end, self.fetch, self.verify, self.checked = 0, False, False, ()
         self.before = None  # rank 0, at a checked step: the health snapshot from before it
         # This block's steps: (rows, loss, gradient norm, health statistics or None).
@@ -107,7 +115,9 @@ class Replica:
             return
         grads, n, loss_sum = add_in_rank_order(sums, self.shapes)  # as the gather step adds
         try:
-            loss, norm = average_and_step(self.params, self.opt, grads, n, loss_sum, self.step)
+            loss, norm = average_and_step(
+                self.params, self.opt, grads, n, loss_sum, self.step, self.recipe
+            )
         except Diverged as err:
             self.diverged = str(err)
             return

@@ -45,6 +45,7 @@ from workers.catalogue import (
 from workers.checkpoint import CHOICE_HELP, CHOICE_PATTERN, DEFAULT_HELP
 from workers.config import ExchangeChoice
 from workers.layers import SequentialSpec, layer_flops
+from workers.sampler import Schedule
 from workers.transformer import TransformerSpec
 from workers.validation import SPEC_ERROR, raise_errors
 from workers.validation import Strict as _Strict
@@ -85,6 +86,9 @@ MATH_FIELDS = frozenset(
         "init_from",  # only its weights' sha256 and load_optimizer (see spec_hash)
     }
 )
+# Fields that came later and change the mathematics too (issue 17). They enter the hash
+# only when set, so that checkpoints written before they existed keep their hash.
+RECIPE_FIELDS = ("grad_clip", "eval_every", "early_stopping")
 
 
 Activation = Literal["relu", "tanh", "sigmoid"]
@@ -279,7 +283,58 @@ DataSpec = Annotated[BuiltinData | FileData | UploadedData, Field(discriminator=
 # ---------------------------------------------------------------- optimizer
 
 
-class SGDSpec(_Strict):
+class ConstantSchedule(_Strict):
+    type: Literal["constant"]
+
+
+class StepSchedule(_Strict):
+    """torch StepLR counted in steps: lr x gamma every `step_size` steps."""
+
+    type: Literal["step"]
+    step_size: int = Field(ge=1, le=INT64_MAX)
+    gamma: float = Field(0.1, gt=0)
+
+
+class CosineSchedule(_Strict):
+    """Linear warmup from lr/W to lr over W steps (torch LinearLR(start_factor=1/W)), then
+    CosineAnnealingLR(T_max = total steps - W, eta_min = min_lr), chained as SequentialLR."""
+
+    type: Literal["cosine"]
+    warmup_steps: int = Field(0, ge=0, le=INT64_MAX)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class LinearSchedule(_Strict):
+    """The warmup as cosine's, then LinearLR from lr to lr x end_factor at the last step."""
+
+    type: Literal["linear"]
+    warmup_steps: int = Field(0, ge=0, le=INT64_MAX)
+    end_factor: float = Field(0.0, ge=0, le=1)
+
+
+ScheduleSpec = Annotated[
+    ConstantSchedule | StepSchedule | CosineSchedule | LinearSchedule,
+    Field(discriminator="type"),
+]
+
+
+class _Optimizer(_Strict):
+    schedule: ScheduleSpec = Field(
+        default_factory=lambda: ConstantSchedule(type="constant"),
+        description="The learning rate of each step, as torch's schedulers (default: constant).",
+    )
+
+    @model_serializer(mode="wrap")
+    def _constant_schedule_unsaid(self, handler):
+        """The default schedule is left out of dumps: a spec from before schedules existed
+        dumps (and hashes) as it did."""
+        data = handler(self)
+        if data.get("schedule") == {"type": "constant"}:
+            del data["schedule"]
+        return data
+
+
+class SGDSpec(_Optimizer):
     type: Literal["sgd"]
     lr: float = Field(gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
@@ -297,7 +352,7 @@ class SGDSpec(_Strict):
 _Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
-class AdamSpec(_Strict):
+class AdamSpec(_Optimizer):
     type: Literal["adam"]
     lr: float = Field(gt=0)
     betas: tuple[_Beta, _Beta] = (0.9, 0.999)
@@ -305,7 +360,50 @@ class AdamSpec(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="L2 penalty, as torch.optim.Adam.")
 
 
-OptimizerSpec = Annotated[SGDSpec | AdamSpec, Field(discriminator="type")]
+class AdamWSpec(AdamSpec):
+    type: Literal["adamw"]
+    weight_decay: float = Field(0.01, ge=0, description="Decoupled, as torch.optim.AdamW.")
+
+
+OptimizerSpec = Annotated[SGDSpec | AdamSpec | AdamWSpec, Field(discriminator="type")]
+
+
+# ---------------------------------------------------------------- the recipe around the steps
+
+
+class GradClip(_Strict):
+    """torch's clip_grad_norm_ on the averaged gradient, before the optimizer."""
+
+    max_norm: float = Field(gt=0)
+
+
+Metric = Literal["val_loss", "val_accuracy"]
+DEFAULT_MODE = {"val_loss": "min", "val_accuracy": "max"}
+
+
+class _BestBy(_Strict):
+    metric: Metric = "val_loss"
+    mode: Literal["min", "max"] | None = Field(
+        None, description="Default: min for val_loss, max for val_accuracy."
+    )
+
+    @model_validator(mode="after")
+    def _default_mode(self):
+        if self.mode is None:
+            self.mode = DEFAULT_MODE[self.metric]
+        return self
+
+
+class EarlyStopping(_BestBy):
+    """Stop when `patience` evaluations in a row did not improve the metric by more than
+    `min_delta` on the best so far."""
+
+    patience: int = Field(5, ge=1, le=INT64_MAX)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class KeepBest(_BestBy):
+    """Keep the checkpoint of the best evaluation by `metric` (best.json names it)."""
 
 
 # ---------------------------------------------------------------- warm start (issue 17)
@@ -396,6 +494,14 @@ class TrainingSpec(_Strict):
         "plain Ray tasks, or auto (compiled, falling back to tasks; $SHARDGRAD_EXCHANGE "
         "may choose instead). Never changes the result.",
     )
+    grad_clip: GradClip | None = None
+    eval_every: int | None = Field(
+        None, ge=1, le=INT64_MAX, description="Steps between evaluations (default: each epoch)."
+    )
+    early_stopping: EarlyStopping | None = None
+    keep_best: KeepBest | None = Field(
+        None, description="Default: early_stopping's metric and mode, when it is set."
+    )
 
     @field_validator("workers", mode="wrap")
     @classmethod
@@ -426,6 +532,13 @@ class TrainingSpec(_Strict):
         if self.model.type == "transformer" and self.loss != "cross_entropy":
             msg = f"loss: a transformer is trained by next-token cross_entropy, not {self.loss}"
             errors.append(_error(("loss",), msg, self.loss))
+        for field in ("early_stopping", "keep_best"):
+            if getattr(self, field) is not None and self.validation_fraction == 0:
+                msg = f"{field} needs a validation set, but validation_fraction is 0"
+                errors.append(_error((field,), msg, getattr(self, field).model_dump()))
+        if self.keep_best is None and self.early_stopping is not None:
+            es = self.early_stopping
+            self.keep_best = KeepBest(metric=es.metric, mode=es.mode)
         describe = (info.context or {}).get(DESCRIBE_DATA)
         if describe is not None:
             errors += data_errors(self, describe)[1]
@@ -439,6 +552,11 @@ class TrainingSpec(_Strict):
         n = self.workers if workers is None else workers
         return max(1, n if n != "auto" else 1) * self.cpus_per_worker
 
+    def schedule(self, n_samples: int) -> Schedule:
+        """The steps of a run on a dataset of `n_samples` (training and validation rows)."""
+        n_train = n_samples - int(n_samples * self.validation_fraction)
+        return Schedule(max(n_train, 1), self.batch_size, self.epochs, self.seed)
+
     def spec_hash(self) -> str:
         """sha256 of the fields that change the mathematics (see MATH_FIELDS)."""
         math = self.model_dump(mode="json", include=MATH_FIELDS)
@@ -449,6 +567,7 @@ class TrainingSpec(_Strict):
         init = math.pop("init_from", None)  # absent, so older hashes stay as they were
         if init is not None:  # where the weights came from does not matter, only what they are
             math["init_from"] = {k: init[k] for k in ("sha256", "load_optimizer")}
+        math |= self.model_dump(mode="json", include=set(RECIPE_FIELDS), exclude_none=True)
         canonical = json.dumps(math, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -462,7 +581,25 @@ def data_errors(
         info = describe(spec.data, context=model_context(spec.model))
     except (OSError, ValueError) as e:
         return None, [_data_error(spec.data, e)]
-    return info, _model_errors(spec, info)
+    return info, _model_errors(spec, info) + _recipe_errors(spec, info)
+
+
+def _recipe_errors(spec: TrainingSpec, info: DatasetInfo) -> list[InitErrorDetails]:
+    """The schedule against the run's total steps; an accuracy metric needs classes."""
+    errors, sched = [], spec.optimizer.schedule
+    total = spec.schedule(info.n_samples).total_steps
+    if sched.type in ("cosine", "linear") and sched.warmup_steps >= total:
+        loc = ("optimizer", spec.optimizer.type, "schedule", sched.type, "warmup_steps")
+        msg = f"optimizer.schedule.warmup_steps ({sched.warmup_steps}) must be less than the "
+        msg += f"total steps ({total}: epochs x steps per epoch)"
+        errors.append(_error(loc, msg, sched.warmup_steps))
+    for field in ("early_stopping", "keep_best"):
+        chosen = getattr(spec, field)
+        if chosen is not None and chosen.metric == "val_accuracy" and info.task != "classification":
+            msg = f"{field}.metric: val_accuracy needs classification data, but {info.name!r} "
+            msg += "is regression (use val_loss)"
+            errors.append(_error((field, "metric"), msg, chosen.metric))
+    return errors
 
 
 def _data_error(data: FileData | UploadedData, e: Exception) -> InitErrorDetails:

@@ -2,7 +2,9 @@
 
 Each step reads like the single-process loop it is equivalent to: take the global batch,
 add the workers' gradient sums of their pieces in rank order, average, check, step the
-optimizer, report, checkpoint now and then, evaluate at the end of each epoch. See
+optimizer (with the step's lr, after clipping), report, checkpoint now and then, evaluate
+at the end of each epoch (or every `eval_every` steps), keep the best checkpoint and stop
+early when the spec asks. See
 docs/architecture.md for why this makes the result independent of the number of workers.
 Every `health_every` steps the run also measures training health (workers/health.py).
 
@@ -27,6 +29,7 @@ import numpy as np
 import ray
 
 from workers import checkpoint as ckpt
+from workers.best import best_evaluation, stops
 from workers.choose import WorkerChoice, choose_workers, measure_gradient
 from workers.cluster import ensure_ray, free_cpus
 from workers.config import WorkerSettings
@@ -41,16 +44,18 @@ from workers.events import (
     WorkerFailureEvent,
     run_summary,
 )
-from workers.health import HealthMonitor, snapshot, step_stats
+from workers.health import HealthMonitor, advice_for, snapshot, step_stats
 from workers.joblog import JobLog
 from workers.model import (
     Diverged,
+    Recipe,
     TrainingError,
     average_and_step,
     blas_limit,
     blas_threads,
     build_model,
     build_optimizer,
+    build_recipe,
     evaluate,
     grad_sum,
     worker_config,
@@ -86,9 +91,9 @@ class _CoordinatorStep:
 
     block = 1
 
-    def __init__(self, model, opt, schedule: Schedule, step: int, X: np.ndarray):
+    def __init__(self, model, opt, schedule: Schedule, step: int, X: np.ndarray, recipe: Recipe):
         self.model, self.params, self.opt = model, model.parameters(), opt
-        self.schedule, self.step, self.X = schedule, step, X
+        self.schedule, self.step, self.X, self.recipe = schedule, step, X, recipe
 
     def advance(self, end: int, fetch=True, verify=False, checked=()) -> list[tuple]:
         done = []
@@ -96,7 +101,9 @@ class _CoordinatorStep:
             idx = self.schedule.batch(self.step)
             before = snapshot(self.model, self.X[idx]) if self.step + 1 in checked else None
             n, grads, loss_sum = self._grad_sum(self.step, idx)
-            loss, norm = average_and_step(self.params, self.opt, grads, n, loss_sum, self.step)
+            loss, norm = average_and_step(
+                self.params, self.opt, grads, n, loss_sum, self.step, self.recipe
+            )
             stats = step_stats(self.model, before) if before is not None else None
             done.append((n, loss, norm, stats))
             self.step += 1
@@ -110,8 +117,8 @@ class GatherStep(OnPool, _CoordinatorStep):
     """The pool's workers return the gradient sums of their rank-order pieces of the global
     batch, the pool adds them in rank order, and the coordinator averages, checks and steps."""
 
-    def __init__(self, pool: WorkerPool, model, opt, schedule: Schedule, step: int, X):
-        super().__init__(model, opt, schedule, step, X)
+    def __init__(self, pool: WorkerPool, model, opt, schedule: Schedule, step: int, X, recipe):
+        super().__init__(model, opt, schedule, step, X, recipe)
         self.pool = pool
 
     def _grad_sum(self, step: int, idx: np.ndarray):
@@ -132,8 +139,10 @@ class LocalStep(_CoordinatorStep):
     node_ids: list[str] = []
     exchange = None
 
-    def __init__(self, model, opt, schedule, step, loss, data: PreparedData, threads, failures):
-        super().__init__(model, opt, schedule, step, data.X)
+    def __init__(
+        self, model, opt, schedule, step, loss, data: PreparedData, threads, failures, recipe
+    ):
+        super().__init__(model, opt, schedule, step, data.X, recipe)
         self.loss, self.y, self.threads = loss, data.y, threads
         self.failures = failures  # from before a resume; no worker can fail here
 
@@ -193,6 +202,8 @@ class Trainer:
         self.history: list[dict] = []  # per epoch: step, epoch, train and val metrics
         self.data: PreparedData | None = None
         self.model = self.opt = None
+        self.recipe: Recipe | None = None  # the lr of each step, and clipping
+        self.stopped_early = False
         # The step strategy, once chosen.
         self.descend: ReplicatedStep | GatherStep | LocalStep | None = None
 
@@ -238,6 +249,7 @@ class Trainer:
         self.schedule = Schedule(len(self.data.X), spec.batch_size, spec.epochs, spec.seed)
         self.model = build_model(spec)
         self.opt = build_optimizer(spec, self.model.parameters())
+        self.recipe = build_recipe(spec, self.schedule.total_steps)
         state = latest.state if latest is not None else {}
         if latest is not None:
             self.model.load_state_dict(latest.model_state)
@@ -246,7 +258,8 @@ class Trainer:
             self.history = state.get("metrics", [])
         elif spec.init_from is not None:  # a warm start: the source's weights, not random ones
             warm_start(spec, self.settings, self.model, self.opt)
-        self.health = HealthMonitor(self.model, spec.health_every, state.get("health"))
+        advice = advice_for(spec, self.schedule.total_steps)
+        self.health = HealthMonitor(self.model, spec.health_every, state.get("health"), advice)
 
     def _start_workers(self, state: dict) -> None:
         """The step strategy: in-process, or the workers (on the cluster in `settings`, or
@@ -254,11 +267,17 @@ class Trainer:
         spec, failures = self.spec, state.get("worker_failures", 0)
         choice = self._worker_count(state)
         self.n_workers, self.workers_reason = choice.workers, choice.reason
-        model, opt, schedule, step = self.model, self.opt, self.schedule, self.step
+        model, opt, schedule, step, recipe = (
+            self.model,
+            self.opt,
+            self.schedule,
+            self.step,
+            self.recipe,
+        )
         if self.n_workers == 0:
             threads = blas_threads(spec.cpus_per_worker)
             self.descend = LocalStep(
-                model, opt, schedule, step, spec.loss, self.data, threads, failures
+                model, opt, schedule, step, spec.loss, self.data, threads, failures, recipe
             )
             return
         ensure_ray(self.settings)
@@ -276,7 +295,7 @@ class Trainer:
         )
         pool, X = self.pool, self.data.X
         if pool.kind != "replicated":
-            self.descend = GatherStep(pool, model, opt, schedule, step, X)
+            self.descend = GatherStep(pool, model, opt, schedule, step, X, recipe)
             return
         try:
             self.descend = ReplicatedStep(
@@ -285,7 +304,7 @@ class Trainer:
                 opt,
                 spec,
                 step,
-                gather_step=lambda at: GatherStep(pool, model, opt, schedule, at, X),
+                gather_step=lambda at: GatherStep(pool, model, opt, schedule, at, X, recipe),
                 span=self._span(),
             )
         except BaseException:
@@ -326,7 +345,8 @@ class Trainer:
     # -- the steps -------------------------------------------------------------
 
     def _train(self) -> RunSummary | None:
-        """Step to the end of the schedule (None), or until stopped (the summary)."""
+        """Step to the end of the schedule or an early stop (None), or until stopped (the
+        summary)."""
         schedule, health = self.schedule, self.health
         self._started()
         while self.step < schedule.total_steps:
@@ -340,11 +360,13 @@ class Trainer:
                 if stats is not None:
                     self.callback(health.record(self.step, stats))
                 point = self._step_event(rows, loss, grad_norm, seconds)
-                if self.step % schedule.steps_per_epoch == 0:
+                if self._evaluates(self.step):
                     self._validate(point)
                 self.callback(point)
                 if self._checkpoint_due(self.step) and self.step < schedule.total_steps:
                     self.save()
+                if "val_loss" in point and self._after_evaluation():
+                    return None
         return None
 
     def _descend(self) -> list[tuple]:
@@ -366,16 +388,23 @@ class Trainer:
 
     def _span(self) -> int:
         """The most steps between two reads of the model (a block's natural length)."""
-        spe, every = self.schedule.steps_per_epoch, self.spec.checkpoint_every
-        return min(spe, every) if len(self.data.X_val) > 0 else every
+        every = self.spec.checkpoint_every
+        return min(self._eval_every(), every) if len(self.data.X_val) > 0 else every
 
     def _checkpoint_due(self, step: int) -> bool:
         return step % self.spec.checkpoint_every == 0 or step == self.schedule.total_steps
 
+    def _eval_every(self) -> int:
+        return self.spec.eval_every or self.schedule.steps_per_epoch
+
+    def _evaluates(self, step: int) -> bool:
+        """Whether the run evaluates after `step`: every `eval_every` steps and at the end."""
+        due = step % self._eval_every() == 0 or step == self.schedule.total_steps
+        return due and len(self.data.X_val) > 0
+
     def _needs_model(self, step: int) -> bool:
         """Whether the coordinator reads the model after `step`: evaluation, checkpoint, end."""
-        evaluates = step % self.schedule.steps_per_epoch == 0 and len(self.data.X_val) > 0
-        return evaluates or self._checkpoint_due(step)
+        return self._evaluates(step) or self._checkpoint_due(step)
 
     def _started(self) -> None:
         total, nodes = self.schedule.total_steps, self.descend.node_ids
@@ -403,11 +432,13 @@ class Trainer:
             epoch=self.schedule.epoch_of(self.step - 1),
             train_loss=loss,
             grad_norm=grad_norm,
+            lr=self.recipe.schedule.lr_at(self.step - 1),
             samples_per_s=rows / seconds if seconds > 0 else None,
         )
 
     def _validate(self, point: StepEvent) -> None:
-        """At an epoch's end: the validation metrics, on the step's event and in the history."""
+        """At an evaluation step: the validation metrics, on the step's event and in the
+        history."""
         data = self.data
         val = evaluate(self.model, self.spec.loss, data.X_val, data.y_val, data.classify)
         point.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
@@ -415,6 +446,32 @@ class Trainer:
             {k: point[k] for k in ("step", "epoch", "train_loss")}
             | {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
         )
+
+    def _after_evaluation(self) -> bool:
+        """Keep a new best checkpoint (the end of the run keeps its own in `_finish`);
+        whether early stopping ends the run here."""
+        es = self.spec.early_stopping
+        self.stopped_early = es is not None and stops(self.history, es)
+        ends = self.stopped_early or self.step == self.schedule.total_steps
+        new_best = not ends and self._best_step() == self.step
+        if new_best and (self._checkpoint_due(self.step) or self.save() is not None):
+            self._keep_best()
+        return self.stopped_early
+
+    def _best_step(self) -> int | None:
+        """The step of the best evaluation by keep_best (early_stopping's by default)."""
+        keep = self.spec.keep_best
+        best = best_evaluation(self.history, keep)[0] if keep is not None else None
+        return None if best is None else best["step"]
+
+    def _keep_best(self) -> None:
+        """best.json names the checkpoint of the current step, the best evaluation."""
+        if self.abandon_event.is_set():
+            return
+        keep, entry = self.spec.keep_best, self.history[-1]
+        best = {"step": self.step, "checkpoint": f"step-{self.step}", "metric": keep.metric}
+        ckpt.write_best(self.out, best | {"mode": keep.mode, "value": entry[keep.metric]})
+        ckpt.prune_checkpoints(self.out, self.spec.keep_checkpoints)
 
     def save(self, **extra) -> Path | None:
         """Checkpoint the current step, with `extra` in its state; nothing (None) once the
@@ -466,7 +523,9 @@ class Trainer:
         """The end of the schedule: the summary, also kept in the last checkpoint (so that
         rerunning a finished run answers with it at once)."""
         summary = self._evaluated("succeeded")
-        self.save(finished=True, summary=summary)
+        saved = self.save(finished=True, summary=summary)
+        if saved is not None and summary["best_step"] == self.step:
+            self._keep_best()
         return summary
 
     def failed(self, error: str) -> RunSummary:
@@ -517,6 +576,8 @@ class Trainer:
             worker_failures=descend.failures if descend is not None else 0,
             resumed_from_step=self.resumed_from,
             health=health.summary() if health is not None else None,
+            stopped_early=self.stopped_early,
+            best_step=self._best_step(),
             **results,
         )
 

@@ -18,7 +18,13 @@ export function plotly() {
   return loading;
 }
 
-const COLORS = { train: "#2563eb", val: "#ea580c", acc: "#16a34a", grad: "#7c3aed" };
+const COLORS = {
+  train: "#2563eb",
+  val: "#ea580c",
+  acc: "#16a34a",
+  grad: "#7c3aed",
+  lr: "#94a3b8",
+};
 const LAYERS = ["#2563eb", "#ea580c", "#16a34a", "#7c3aed", "#db2777", "#0891b2", "#ca8a04"];
 const SIGN = { positive: "#2563eb", negative: "#dc2626" };
 const GRID = "#e8ebf0";
@@ -67,6 +73,17 @@ function line(points, key, name, color, markers) {
     hovertemplate: "%{y:.4g}",
   };
 }
+
+const LR_AXIS = {
+  title: { text: "learning rate" },
+  overlaying: "y",
+  side: "right",
+  showgrid: false,
+  zeroline: false,
+  rangemode: "tozero",
+  tickformat: ".2~g",
+  automargin: true,
+};
 
 // One line per layer: its gradient norm at each health check (the points with `layers`).
 function layerLines(points) {
@@ -138,13 +155,20 @@ export class Curves {
     this.pending = null;
     this.lastDraw = Date.now();
     const pts = this.points;
+    // The learning rate of each step (optimizer.schedule) on its own axis, at the right.
+    const lr = { ...line(pts, "lr", "learning rate", COLORS.lr, false), yaxis: "y2" };
+    lr.line.dash = "dot";
     const loss = [
       line(pts, "train_loss", "train loss", COLORS.train, false),
       line(pts, "val_loss", "validation loss", COLORS.val, true),
+      lr,
     ];
     const yType = { type: this.log ? "log" : "linear" };
     const none = pts.length ? null : "No points yet: the first comes after one step";
-    await Plotly.react(this.lossDiv, loss, layout(`loss (${this.lossName})`, yType, none), CONFIG);
+    const plot = layout(`loss (${this.lossName})`, yType, none);
+    plot.yaxis2 = { ...LR_AXIS, visible: lr.x.length > 0 };
+    plot.margin.r = lr.x.length ? 58 : plot.margin.r;
+    await Plotly.react(this.lossDiv, loss, plot, CONFIG);
     if (this.classify) {
       const acc = [line(pts, "val_accuracy", "validation accuracy", COLORS.acc, true)];
       const yaxis = { tickformat: ".0%", range: [0, 1.02] };

@@ -1,8 +1,23 @@
 // The job page's training-health panel: the per-layer gradient norms over steps are drawn by
 // Curves (charts.js) from the metric points that carry `layers`; this module renders the
-// latest per-layer statistics and the warnings of GET /jobs/{id} (`health`).
+// latest per-layer statistics and the warnings of GET /jobs/{id} (`health`). A warning's
+// `advice` names the spec field that addresses it and links to the job's spec with that
+// change, as a template for a new job.
 
-import { badge, empty, h, num, pct, table } from "./ui.js";
+import { badge, empty, h, num, pct, pretty, table } from "./ui.js";
+
+const DRAFT = "shardgrad.draft"; // read by the submit page
+
+// RFC 7396: `patch` merged into `target` (null deletes a key); neither is modified.
+export function mergePatch(target, patch) {
+  if (patch === null || typeof patch !== "object" || Array.isArray(patch)) return patch;
+  const out = target && typeof target === "object" && !Array.isArray(target) ? { ...target } : {};
+  for (const [k, v] of Object.entries(patch)) {
+    if (v === null) delete out[k];
+    else out[k] = mergePatch(out[k], v);
+  }
+  return out;
+}
 
 // The newest per-layer statistics: from the job's health, or from a newer streamed point.
 function latest(points, health) {
@@ -30,7 +45,22 @@ function layersTable(stats) {
 const steps = (w) =>
   w.first_step === w.last_step ? `step ${w.first_step}` : `steps ${w.first_step}–${w.last_step}`;
 
-function warningsList(warnings) {
+// "Fix: <field>" and, where one edit does it, the job's spec with that edit as a template.
+function advice(w, spec) {
+  if (!w.advice) return "";
+  const { field, change } = w.advice;
+  const use = () => sessionStorage.setItem(DRAFT, pretty(mergePatch(spec(), change)));
+  const link =
+    change &&
+    h(
+      "a.advice-template",
+      { href: "#/submit", onclick: use, title: pretty(change) },
+      "use as template with this change",
+    );
+  return h("span.small.advice", {}, "Fix: ", h("code", {}, field), link ? " · " : "", link || "");
+}
+
+function warningsList(warnings, spec) {
   if (!warnings.length) {
     return h("p.health-ok", { id: "health-ok" }, "✓ No warnings: every layer looks healthy.");
   }
@@ -41,12 +71,14 @@ function warningsList(warnings) {
       badge(w.kind),
       h("span", {}, w.message),
       h("span.small.muted", {}, steps(w)),
+      advice(w, spec),
     );
   return h("ul.health-warnings", { id: "health-warnings" }, warnings.map(item));
 }
 
 // The table and the warnings; `update` takes the job's metric points (oldest first) and health.
-export function healthPanel() {
+// `spec()`: the job's spec, which a warning's advice changes into a template.
+export function healthPanel(spec) {
   const element = h("div.health-side");
   function update(points, health) {
     const stats = latest(points, health);
@@ -60,7 +92,7 @@ export function healthPanel() {
       h("div.small.muted", {}, `Latest check: step ${stats.step.toLocaleString()}`),
       layersTable(stats),
       h("h3", {}, "Warnings"),
-      health ? warningsList(health.warnings) : h("p.muted", {}, "Checking…"),
+      health ? warningsList(health.warnings, spec) : h("p.muted", {}, "Checking…"),
     );
   }
   return { element, update };

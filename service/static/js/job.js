@@ -148,7 +148,7 @@ export function jobView(root, id) {
   const predict = h("div");
   const explain = h("div");
   const healthDiv = h("div.chart", { id: "health-chart" });
-  const health = healthPanel();
+  const health = healthPanel(() => job.spec);
   const graph = graphView(id);
   const filters = filtersView(id);
   const filtersCard = h(
