@@ -216,6 +216,7 @@ def test_bias_init_starts_every_bias_and_hashes_only_when_set():
     # a zero bias_init hashes as specs did before the field existed
     fields = plain.model_dump(mode="json", include=MATH_FIELDS)
     del fields["model"]["bias_init"]
+    assert fields.pop("init_from") is None  # came later too: absent when not set
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     assert plain.spec_hash() == hashlib.sha256(canonical.encode()).hexdigest()
 

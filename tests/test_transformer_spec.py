@@ -12,7 +12,14 @@ from workers.checkpoint import MODEL_FILE
 from workers.data import check_data
 from workers.datasets import load_dataset
 from workers.health import snapshot, step_stats
-from workers.model import average_and_step, build_model, build_optimizer, evaluate, grad_sum
+from workers.model import (
+    average_and_step,
+    build_model,
+    build_optimizer,
+    build_recipe,
+    evaluate,
+    grad_sum,
+)
 from workers.spec import TrainingSpec, model_size
 from workers.trainer import Trainer
 
@@ -179,7 +186,7 @@ def test_health_checks_see_every_layer():
     opt = build_optimizer(s, params)
     before = snapshot(model, X)
     grads, loss_sum = grad_sum(model, s.loss, X, None)
-    average_and_step(params, opt, grads, len(X), loss_sum, 0)
+    average_and_step(params, opt, grads, len(X), loss_sum, 0, build_recipe(s, 1))
     stats = step_stats(model, before)
     last = ["self_attn", "self_attn.out_proj", "linear1", "linear2", "norm1", "norm2"]
     expected = [f"blocks.1.{k}" for k in last] + ["norm", "head"]
