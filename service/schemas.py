@@ -27,15 +27,28 @@ from workers.spec import TrainingSpec
 # at the first one); values are any printable text up to MAX_TAG_VALUE characters.
 MAX_TAGS, MAX_TAG_KEY, MAX_TAG_VALUE = 32, 64, 256
 TAG_KEY_PATTERN = r"^[A-Za-z0-9_.\-/]+$"
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"  # no control characters (PostgreSQL refuses NUL)
+# A tag=key:value filter; the value is what follows the first colon.
+TAG_FILTER = rf"^[A-Za-z0-9_.\-/]{{1,{MAX_TAG_KEY}}}:[^\x00-\x1f\x7f]{{0,{MAX_TAG_VALUE}}}$"
+TagFilter = Annotated[str, StringConstraints(pattern=TAG_FILTER)]
 TagKey = Annotated[
     str, StringConstraints(min_length=1, max_length=MAX_TAG_KEY, pattern=TAG_KEY_PATTERN)
 ]
-TagValue = Annotated[
-    str, StringConstraints(max_length=MAX_TAG_VALUE, pattern=r"^[^\x00-\x1f\x7f]*$")
-]
+TagValue = Annotated[str, StringConstraints(max_length=MAX_TAG_VALUE, pattern=PRINTABLE)]
+
+
+def _keys_by_pattern(schema: dict) -> None:
+    """Pydantic writes a dict with patterned keys as patternProperties, which leaves other
+    keys unchecked; JSON Schema's own way is propertyNames and additionalProperties."""
+    [(pattern, value)] = schema.pop("patternProperties").items()
+    schema["propertyNames"] = schema.get("propertyNames", {}) | {"pattern": pattern}
+    schema["additionalProperties"] = value
+
+
 Tags = Annotated[
     dict[TagKey, TagValue],
     Field(
+        json_schema_extra=_keys_by_pattern,
         max_length=MAX_TAGS,
         description=f"at most {MAX_TAGS}; keys: 1-{MAX_TAG_KEY} of A-Z a-z 0-9 _ . - /; "
         f"values: up to {MAX_TAG_VALUE} printable characters. `sweep: <id>` marks a "
@@ -55,9 +68,10 @@ class JobPatch(BaseModel):
     """PATCH /jobs/{id}: a JSON merge patch of the job's tags."""
 
     model_config = ConfigDict(extra="forbid")
-    tags: Annotated[dict[TagKey, TagValue | None], Field(max_length=MAX_TAGS)] = Field(
-        description="keys to set; a null value removes its key; keys not named stay"
-    )
+    tags: Annotated[
+        dict[TagKey, TagValue | None],
+        Field(max_length=MAX_TAGS, json_schema_extra=_keys_by_pattern),
+    ] = Field(description="keys to set; a null value removes its key; keys not named stay")
 
 
 def utc(value: datetime | None) -> datetime | None:
@@ -196,7 +210,7 @@ class JobPage(BaseModel):
 
 
 class GcRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     older_than_s: Annotated[float, Field(ge=0, le=100 * 365 * 86400, allow_inf_nan=False)] = Field(
         description="delete jobs that finished at least this many seconds ago"
     )

@@ -64,10 +64,6 @@ class Conflict(Exception):
     """The job is not in a state that allows the request; the message says why."""
 
 
-class TooManyTags(ValueError):
-    pass
-
-
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)  # stored naive, always UTC
 
@@ -424,14 +420,15 @@ class JobStore:
 
     def patch_tags(self, job_id: str, patch: dict[str, str | None], most: int) -> JobRow:
         """Merge `patch` into the job's tags (RFC 7396: a null value removes its key, keys
-        not named stay). TooManyTags if the job would carry more than `most`."""
+        not named stay). Conflict if the job would carry more than `most`."""
         with self._tx() as s:
             job = s.scalar(select(JobRow).where(JobRow.id == job_id).with_for_update())
             if job is None:
                 raise JobNotFound(job_id)
             tags = {k: v for k, v in (job.tags | patch).items() if v is not None}
             if len(tags) > most:
-                raise TooManyTags(f"the job would carry {len(tags)} tags; at most {most}")
+                msg = f"job {job_id} would carry {len(tags)} tags; at most {most}: remove some"
+                raise Conflict(msg + " (a null value removes a key)")
             s.execute(delete(TagRow).where(TagRow.job_id == job_id))
             if tags:
                 s.execute(

@@ -27,6 +27,7 @@ from service.limits import check_admission
 from service.offload import OffloadedRoute
 from service.schemas import (
     MAX_TAGS,
+    PRINTABLE,
     GcRequest,
     GcResult,
     Job,
@@ -36,8 +37,9 @@ from service.schemas import (
     MetricPoint,
     Metrics,
     Status,
+    TagFilter,
 )
-from service.store import JobStore, TooManyTags
+from service.store import JobStore
 from service.tables import CANCELLING, QUEUED, JobRow
 from workers.data import with_data
 from workers.datasets import describe
@@ -136,12 +138,16 @@ def list_jobs(
     dispatcher: DispatcherDep,
     status: Status | None = None,
     tag: Annotated[
-        list[str], Query(max_length=MAX_TAGS, description="key:value; repeat to require several")
+        list[TagFilter],
+        Query(max_length=MAX_TAGS, description="key:value; repeat to require several"),
     ] = [],  # noqa: B006 - FastAPI copies a query default
     name: Annotated[
-        str | None, Query(max_length=200, description="a part of the name, any case")
+        str | None,
+        Query(max_length=200, pattern=PRINTABLE, description="a part of the name, any case"),
     ] = None,
-    sweep: Annotated[str | None, Query(max_length=256, description="= tag=sweep:<id>")] = None,
+    sweep: Annotated[
+        str | None, Query(max_length=256, pattern=PRINTABLE, description="= tag=sweep:<id>")
+    ] = None,
     sort: Annotated[
         listing.Sort, Query(description="- is descending; jobs without the key come last")
     ] = listing.DEFAULT_SORT,
@@ -184,14 +190,12 @@ def get_job(job: JobDep, store: StoreDep, dispatcher: DispatcherDep) -> Job:
     return present(job, store, dispatcher, events=store.events(job.id))
 
 
-@router.patch("/{job_id}", responses=NOT_FOUND | BODY)
+@router.patch("/{job_id}", responses=NOT_FOUND | BODY | CONFLICT)
 def patch_job(job_id: str, body: JobPatch, store: StoreDep, dispatcher: DispatcherDep) -> Job:
     """Edit a job's tags, as a JSON merge patch: `{"tags": {"a": "1", "b": null}}` sets a,
-    removes b and keeps the others. Any status; the run never sees its tags."""
-    try:
-        job = store.patch_tags(job_id, body.tags, MAX_TAGS)  # JobNotFound: 404
-    except TooManyTags as err:
-        raise field_error(("body", "tags"), str(err), None) from None
+    removes b and keeps the others. Any status; the run never sees its tags. 409 if the job
+    would then carry more than MAX_TAGS (32): that depends on the tags it has."""
+    job = store.patch_tags(job_id, body.tags, MAX_TAGS)  # JobNotFound: 404, Conflict: 409
     return present(job, store, dispatcher)
 
 
