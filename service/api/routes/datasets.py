@@ -6,7 +6,7 @@ from __future__ import annotations
 import tempfile
 from typing import Annotated
 
-from fastapi import APIRouter, File, HTTPException, Request, UploadFile, status
+from fastapi import APIRouter, File, HTTPException, Request, Response, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 
 from service.api.deps import BODY, ERROR, SettingsDep, StoreDep
@@ -55,6 +55,7 @@ def datasets(settings: SettingsDep) -> list[DatasetOut]:
 @router.delete(
     "/{dataset_id}",
     status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
     responses={
         404: {"description": "no such upload", **ERROR},
         409: {"description": "a queued or running job trains on it", **ERROR},

@@ -199,7 +199,12 @@ def patch_job(job_id: str, body: JobPatch, store: StoreDep, dispatcher: Dispatch
     return present(job, store, dispatcher)
 
 
-@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, responses=NOT_FOUND | CONFLICT)
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,  # no body, and no content-type that promises one
+    responses=NOT_FOUND | CONFLICT,
+)
 def delete_job(job_id: str, store: StoreDep, settings: SettingsDep) -> None:
     """Delete a finished job (succeeded, failed or cancelled; 409 otherwise): its checkpoints
     and logs, its metric points and timeline, the job, and the upload it trained on if no
