@@ -37,6 +37,7 @@ const SORTS = [
   ["duration", "shortest run first"],
   ["-priority", "priority, highest first"],
   ["name", "name, A to Z"],
+  ["-name", "name, Z to A"],
 ];
 // Sortable column heads: a click sorts by the column, a second click reverses it.
 const HEADS = [
