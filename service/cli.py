@@ -2,7 +2,9 @@
 
 shardgrad serve [--host 127.0.0.1] [--port 8000] [--data-dir ./var] [--ray-address ADDR]
 shardgrad submit SPEC.json [--follow]
-shardgrad jobs | status ID | cancel ID | resume ID | predict ID --input 0.3,-0.2
+shardgrad jobs [--status S] [--tag k:v]... [--name PART] [--sweep ID] [--sort -val_accuracy]
+shardgrad status ID | cancel ID | resume ID | delete ID | predict ID --input 0.3,-0.2
+shardgrad gc --older-than 30d [--status failed,cancelled] [--dry-run]
 shardgrad predict ID --images IMAGES.npy         (a CNN: N x C x H x W, or one C x H x W)
 shardgrad explain ID --input 0.3,-0.2 [--method integrated_gradients] [--target N]
 shardgrad explain ID --images IMAGES.npy [...]
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from service.client import Client, ClientError, Job
+from service.listing import SORTS
 from workers import render
 from workers.checkpoint import CHOICE_HELP, DEFAULT_HELP
 from workers.cli import build_parser as build_command_tree
@@ -34,6 +37,7 @@ _NEGATIVE = re.compile(r"-\.?\d")  # a value, not an option: "-1,0.5", "-.5,0"
 ROW_HELP = "one comma-separated row (repeatable)"
 IMAGES_HELP = "a .npy of images, N x C x H x W (or one C x H x W), for a CNN"
 CHECKPOINT_HELP = f"the checkpoint that answers: {CHOICE_HELP} (default: {DEFAULT_HELP})"
+FINISHED = ("succeeded", "failed", "cancelled")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,13 +88,22 @@ def add_client_commands(sub) -> None:
     p = command("submit", cmd_submit, "submit a training spec to the service")
     p.add_argument("spec", type=Path, help="training spec (JSON)")
     p.add_argument("--follow", action="store_true", help="show progress until the job ends")
-    p = command("jobs", cmd_jobs, "list jobs, newest first")
+    p = command("jobs", cmd_jobs, "list jobs, newest first (or in --sort order)")
     p.add_argument("--status", help="only jobs in this status")
+    p.add_argument("--tag", action="append", default=[], help="key:value (repeat: all of them)")
+    p.add_argument("--name", help="only jobs whose name holds this (any case)")
+    p.add_argument("--sweep", help="only the trials of this sweep (= --tag sweep:ID)")
+    p.add_argument("--sort", choices=SORTS, metavar="SORT", help=f"one of {', '.join(SORTS)}")
     p.add_argument("--limit", type=int, default=50)
+    p = command("gc", cmd_gc, "delete finished jobs that ended long ago, with their files")
+    p.add_argument("--older-than", required=True, type=duration, help="e.g. 30d, 12h, 90m")
+    p.add_argument("--status", type=statuses, help="comma-separated (default: all finished)")
+    p.add_argument("--dry-run", action="store_true", help="list them; delete nothing")
     for name, func, text in (
         ("status", cmd_status, "show one job"),
         ("cancel", cmd_cancel, "cancel a queued or running job (it checkpoints first)"),
         ("resume", cmd_resume, "re-queue a failed or cancelled job from its newest checkpoint"),
+        ("delete", cmd_delete, "delete a finished job: its checkpoints, logs and metrics"),
     ):
         command(name, func, text).add_argument("id", help="job id")
     p = command("predict", cmd_predict, "model outputs from one of a job's checkpoints")
@@ -211,8 +224,56 @@ def show(args, doc: dict, print_human) -> None:
 
 
 def cmd_jobs(client: Client, args) -> int:
-    page = client.job_page(limit=args.limit, status=args.status).model_dump(mode="json")
+    filters = {key: getattr(args, key) for key in ("status", "name", "sweep", "sort")}
+    page = client.job_page(limit=args.limit, tag=args.tag or None, **filters)
+    page = page.model_dump(mode="json")
     show(args, page, lambda page: render.print_jobs(page, args.limit))
+    return 0
+
+
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def duration(text: str) -> float:
+    """`30d`, `12h`, `90m`, `45s`, `2w` (or plain seconds) in seconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw]?)", text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 30d, 12h, 90m)")
+    return float(match[1]) * UNITS[match[2] or "s"]
+
+
+def statuses(text: str) -> list[str]:
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    if not chosen or set(chosen) - set(FINISHED):
+        raise argparse.ArgumentTypeError(f"{text!r}: one or more of {', '.join(FINISHED)}")
+    return chosen
+
+
+def cmd_gc(client: Client, args) -> int:
+    """POST /jobs/gc until no more match (a request deletes a batch); one batch on --dry-run."""
+    body = {"older_than_s": args.older_than, "dry_run": args.dry_run}
+    if args.status:
+        body["status"] = args.status
+    deleted, more = [], True
+    while more:
+        answer = client.request("POST", "/jobs/gc", json=body)
+        deleted += answer["deleted"]
+        more = answer["more"] and not args.dry_run and bool(answer["deleted"])
+    doc = {"deleted": deleted, "dry_run": args.dry_run, "more": answer["more"]}
+    show(args, doc, _print_gc)
+    return 0
+
+
+def _print_gc(doc: dict) -> None:
+    verb = "would delete" if doc["dry_run"] else "deleted"
+    print(f"{verb} {len(doc['deleted'])} jobs" + (" (and more)" if doc["more"] else ""))
+    for job_id in doc["deleted"]:
+        print(f"  {job_id}")
+
+
+def cmd_delete(client: Client, args) -> int:
+    client.send("DELETE", f"/jobs/{args.id}")
+    show(args, {"deleted": args.id}, lambda doc: print(f"deleted {doc['deleted']}"))
     return 0
 
 

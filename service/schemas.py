@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     AfterValidator,
@@ -14,6 +14,7 @@ from pydantic import (
     Discriminator,
     Field,
     Strict,
+    StringConstraints,
     Tag,
     ValidationError,
     field_validator,
@@ -23,6 +24,57 @@ from service.tables import EventRow, JobRow, Status
 from workers.checkpoint import CHOICE_HELP, CHOICE_PATTERN, DEFAULT_HELP
 from workers.explain import Method, nesting
 from workers.health import WarningKind
+from workers.spec import TrainingSpec
+
+# Tags: a few short labels per job. Keys are identifiers (no colon: `tag=key:value` splits
+# at the first one); values are any printable text up to MAX_TAG_VALUE characters.
+MAX_TAGS, MAX_TAG_KEY, MAX_TAG_VALUE = 32, 64, 256
+TAG_KEY_PATTERN = r"^[A-Za-z0-9_.\-/]+$"
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"  # no control characters (PostgreSQL refuses NUL)
+# A tag=key:value filter; the value is what follows the first colon.
+TAG_FILTER = rf"^[A-Za-z0-9_.\-/]{{1,{MAX_TAG_KEY}}}:[^\x00-\x1f\x7f]{{0,{MAX_TAG_VALUE}}}$"
+TagFilter = Annotated[str, StringConstraints(pattern=TAG_FILTER)]
+TagKey = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_TAG_KEY, pattern=TAG_KEY_PATTERN)
+]
+TagValue = Annotated[str, StringConstraints(max_length=MAX_TAG_VALUE, pattern=PRINTABLE)]
+
+
+def _keys_by_pattern(schema: dict) -> None:
+    """Pydantic writes a dict with patterned keys as patternProperties, which leaves other
+    keys unchecked; JSON Schema's own way is propertyNames and additionalProperties."""
+    [(pattern, value)] = schema.pop("patternProperties").items()
+    schema["propertyNames"] = schema.get("propertyNames", {}) | {"pattern": pattern}
+    schema["additionalProperties"] = value
+
+
+Tags = Annotated[
+    dict[TagKey, TagValue],
+    Field(
+        json_schema_extra=_keys_by_pattern,
+        max_length=MAX_TAGS,
+        description=f"at most {MAX_TAGS}; keys: 1-{MAX_TAG_KEY} of A-Z a-z 0-9 _ . - /; "
+        f"values: up to {MAX_TAG_VALUE} printable characters. `sweep: <id>` marks a "
+        "sweep's trials",
+    ),
+]
+
+
+class JobSubmission(TrainingSpec):
+    """What POST /jobs takes: a TrainingSpec, and the job's tags (not part of the spec:
+    they change nothing of the run, and stay out of its hash and of the stored spec)."""
+
+    tags: Tags = Field(default_factory=dict)
+
+
+class JobPatch(BaseModel):
+    """PATCH /jobs/{id}: a JSON merge patch of the job's tags."""
+
+    model_config = ConfigDict(extra="forbid")
+    tags: Annotated[
+        dict[TagKey, TagValue | None],
+        Field(max_length=MAX_TAGS, json_schema_extra=_keys_by_pattern),
+    ] = Field(description="keys to set; a null value removes its key; keys not named stay")
 
 
 def utc(value: datetime | None) -> datetime | None:
@@ -121,6 +173,10 @@ class Job(BaseModel):
     best_step: int | None = Field(
         None, description="the step of the best evaluation by keep_best, once finished"
     )
+    tags: dict[str, str] = Field(default_factory=dict)
+    duration_s: float | None = Field(
+        None, description="seconds from its first start to its finish; null until finished"
+    )
     events: list[JobEvent] | None = Field(
         None, description="status timeline, oldest first; only in GET /jobs/{id}"
     )
@@ -157,6 +213,8 @@ class Job(BaseModel):
             health=row.health,
             stopped_early=(row.summary or {}).get("stopped_early"),
             best_step=(row.summary or {}).get("best_step"),
+            tags=row.tags,
+            duration_s=row.duration_s,
             events=None if events is None else [JobEvent.of(e) for e in events],
         )
 
@@ -169,6 +227,23 @@ def _count(workers) -> int | None:
 class JobPage(BaseModel):
     items: list[Job]
     next_cursor: str | None = Field(description="pass as ?cursor= for the next (older) page")
+
+
+class GcRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    older_than_s: Annotated[float, Field(ge=0, le=100 * 365 * 86400, allow_inf_nan=False)] = Field(
+        description="delete jobs that finished at least this many seconds ago"
+    )
+    status: list[Literal["succeeded", "failed", "cancelled"]] = Field(
+        ["succeeded", "failed", "cancelled"], min_length=1, description="only jobs in these"
+    )
+    dry_run: bool = Field(False, description="list what would be deleted; delete nothing")
+
+
+class GcResult(BaseModel):
+    deleted: list[str] = Field(description="job ids, oldest first (would be, on a dry run)")
+    dry_run: bool
+    more: bool = Field(description="more jobs match: ask again (a request deletes a batch)")
 
 
 class MetricPoint(BaseModel):

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import (
+    Text,
     bindparam,
+    cast,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -31,7 +34,7 @@ from sqlalchemy.engine import Row, make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
-from service import migrations
+from service import listing, migrations
 from service.batching import GroupCommit
 from service.feed import ChangeFeed
 from service.tables import (
@@ -40,13 +43,16 @@ from service.tables import (
     CANCELLING,
     FAILED,
     LAYER_FIELDS,
+    METRIC_COLUMNS,
     POINT_FIELDS,
     QUEUED,
     RUNNING,
     SUCCEEDED,
+    TERMINAL,
     EventRow,
     JobRow,
     MetricRow,
+    TagRow,
 )
 
 
@@ -117,23 +123,30 @@ class JobStore:
 
     # -- submit, read ----------------------------------------------------------------
 
-    def create(self, spec: dict, *, name: str, priority: int, cpus: float) -> JobRow:
-        return self.submit_many([dict(spec=spec, name=name, priority=priority, cpus=cpus)])[0][0]
+    def create(
+        self, spec: dict, *, name: str, priority: int, cpus: float, tags: dict | None = None
+    ) -> JobRow:
+        job = dict(spec=spec, name=name, priority=priority, cpus=cpus, tags=tags or {})
+        return self.submit_many([job])[0][0]
 
     async def submit(
-        self, spec: dict, *, name: str, priority: int, cpus: float
+        self, spec: dict, *, name: str, priority: int, cpus: float, tags: dict | None = None
     ) -> tuple[JobRow, int]:
         """Queue a new job from an event loop, with its queue position: the submissions
         that arrive together are written by submit_many in one transaction."""
-        return await self._submits(dict(spec=spec, name=name, priority=priority, cpus=cpus))
+        job = dict(spec=spec, name=name, priority=priority, cpus=cpus, tags=tags or {})
+        return await self._submits(job)
 
     def submit_many(self, jobs: list[dict]) -> list[tuple[JobRow, int]]:
-        """Queue new jobs (dicts of spec, name, priority, cpus) in one transaction, in order;
-        returns each with its queue position. The API's hot path: prebuilt Core statements
-        (no unit of work), and one commit for every submission that arrived together."""
+        """Queue new jobs (dicts of spec, name, priority, cpus, and optionally tags) in one
+        transaction, in order; returns each with its queue position. The API's hot path:
+        prebuilt Core statements (no unit of work), and one commit for every submission that
+        arrived together."""
         out = []
         with self._tx() as s:
             for job in jobs:
+                job = dict(job)
+                tags = job.pop("tags", None) or {}
                 now = utcnow()
                 values = dict(
                     id=uuid.uuid4().hex[:12],
@@ -151,8 +164,11 @@ class JobStore:
                 seq = s.execute(_INSERT_JOB, values).inserted_primary_key[0]
                 event = dict(job_id=values["id"], at=now, status=QUEUED, attempt=0)
                 s.execute(_INSERT_EVENT, {**event, "message": "submitted"})
+                tag_rows = [TagRow(job_id=values["id"], key=k, value=v) for k, v in tags.items()]
+                if tag_rows:
+                    s.execute(_INSERT_TAG, [_columns(t) for t in tag_rows])
                 position = s.scalar(_AHEAD, {"priority": job["priority"], "seq": seq}) + 1
-                out.append((JobRow(seq=seq, **values), position))
+                out.append((JobRow(seq=seq, **values, tag_rows=tag_rows), position))
         return out
 
     def get(self, job_id: str) -> JobRow:
@@ -162,15 +178,25 @@ class JobStore:
             raise JobNotFound(job_id)
         return job
 
-    def list(self, *, status: str | None = None, limit: int = 50, before: int | None = None):
-        """Newest first; `before` is the seq of the last row of the previous page."""
-        stmt = select(JobRow).order_by(JobRow.seq.desc()).limit(limit)
-        if status:
-            stmt = stmt.where(JobRow.status == status)
-        if before is not None:
-            stmt = stmt.where(JobRow.seq < before)
+    def list(
+        self,
+        *,
+        status: str | None = None,
+        tags: Iterable[tuple[str, str]] = (),
+        name: str | None = None,
+        sort: str = listing.DEFAULT_SORT,
+        limit: int = 50,
+        after: listing.Cursor | None = None,
+    ) -> list[JobRow]:
+        """Up to `limit` jobs that pass the filters (service/listing.py), in `sort` order,
+        after the row `after` names (the last of the previous page)."""
+        rows: list[JobRow] = []
         with self._read() as s:
-            return list(s.scalars(stmt))
+            for stmt in listing.scans(listing.filtered(status, tags, name), sort, after):
+                rows += s.scalars(stmt.limit(limit - len(rows)))
+                if len(rows) >= limit:
+                    break
+        return rows
 
     def queue_positions(self) -> dict[str, int]:
         with self._read() as s:
@@ -268,6 +294,8 @@ class JobStore:
         """Persist a Trainer event: progress columns of the job, and its metric point. Only
         while `owner` holds the job: a run that lost its lease writes over nothing of the
         run that took the job over, neither its progress nor its metric points."""
+        if "metrics" in values:  # the sortable ones also as columns
+            values = {**values, **{m: values["metrics"].get(m) for m in METRIC_COLUMNS}}
         with self._tx() as s:
             held = s.execute(
                 update(JobRow)
@@ -285,9 +313,10 @@ class JobStore:
 
     def finish(self, job_id: str, owner: str, status: str, error=None, **values) -> bool:
         now = utcnow()
-        values = dict(status=status, error=error, finished_at=now, owner=None, **values)
+        values = dict(status=status, error=error, owner=None, **values)
         with self._tx() as s:
             job = s.scalar(select(JobRow).where(JobRow.id == job_id))
+            values |= _finished(job, now)
             if not _cas(s, job_id, ACTIVE, {**values, **_touch(now)}, owner=owner):
                 return False
             s.add(_event(job, status, error))
@@ -344,7 +373,7 @@ class JobStore:
                             "kills the service; resume it to try again"
                         )
                 if status != QUEUED:
-                    values["finished_at"] = utcnow()
+                    values |= _finished(job, utcnow())
                 if _cas(s, job.id, (job.status,), values, owner=old):
                     s.add(_event(job, status, msg))
                     reclaimed.append(job.id)
@@ -382,12 +411,80 @@ class JobStore:
             if job.status not in (FAILED, CANCELLED):
                 msg = f"job {job_id} is {job.status}; only failed or cancelled jobs resume"
                 raise Conflict(msg)
-            values = dict(status=QUEUED, error=None, finished_at=None, eta_s=None)
+            values = dict(status=QUEUED, error=None, finished_at=None, duration_s=None, eta_s=None)
             if not _cas(s, job_id, (job.status,), {**values, **_touch(utcnow())}):
                 raise Conflict(f"job {job_id} changed state; try again")
             s.add(_event(job, QUEUED, "resume requested; continues from the newest checkpoint"))
             s.refresh(job)
         return job
+
+    def patch_tags(self, job_id: str, patch: dict[str, str | None], most: int) -> JobRow:
+        """Merge `patch` into the job's tags (RFC 7396: a null value removes its key, keys
+        not named stay). Conflict if the job would carry more than `most`."""
+        with self._tx() as s:
+            job = s.scalar(select(JobRow).where(JobRow.id == job_id).with_for_update())
+            if job is None:
+                raise JobNotFound(job_id)
+            tags = {k: v for k, v in (job.tags | patch).items() if v is not None}
+            if len(tags) > most:
+                msg = f"job {job_id} would carry {len(tags)} tags; at most {most}: remove some"
+                raise Conflict(msg + " (a null value removes a key)")
+            s.execute(delete(TagRow).where(TagRow.job_id == job_id))
+            if tags:
+                s.execute(
+                    _INSERT_TAG, [dict(job_id=job_id, key=k, value=v) for k, v in tags.items()]
+                )
+            s.execute(update(JobRow).where(JobRow.id == job_id).values(**_touch(utcnow())))
+            s.expire(job)
+            s.refresh(job)
+        return job
+
+    def delete(self, job_id: str) -> JobRow:
+        """Remove a finished job's rows: its timeline, metric points, tags and the job. One
+        transaction, conditional on the job still being finished: a resume or a claim that
+        gets there first makes it a Conflict, and one that comes later finds no job."""
+        with self._tx() as s:
+            job = s.scalar(select(JobRow).where(JobRow.id == job_id).with_for_update())
+            if job is None:
+                raise JobNotFound(job_id)
+            if job.status not in TERMINAL:
+                msg = f"job {job_id} is {job.status}; only finished jobs (succeeded, failed, "
+                raise Conflict(msg + "cancelled) are deleted; cancel it first")
+            for table in (MetricRow, EventRow, TagRow):
+                s.execute(delete(table).where(table.job_id == job_id))
+            gone = delete(JobRow).where(JobRow.id == job_id, JobRow.status.in_(TERMINAL))
+            if s.execute(gone).rowcount != 1:
+                raise Conflict(f"job {job_id} changed state; try again")
+        return job
+
+    def dataset_users(self, dataset_id: str, statuses: Collection[str] | None = None) -> list[str]:
+        """The jobs (in `statuses`, default any) whose spec trains on the upload."""
+        # The spec's text holding the id narrows to the few candidates; their data decides.
+        stmt = select(JobRow.id, JobRow.spec).where(cast(JobRow.spec, Text).contains(dataset_id))
+        if statuses is not None:
+            stmt = stmt.where(JobRow.status.in_(statuses))
+        with self._read() as s:
+            return [job_id for job_id, spec in s.execute(stmt) if uses_upload(spec) == dataset_id]
+
+    def finished_before(self, cutoff: datetime, statuses: Collection[str], limit: int) -> list[str]:
+        """Finished jobs in `statuses` that ended before `cutoff`, oldest first."""
+        ended = func.coalesce(JobRow.finished_at, JobRow.created_at)
+        stmt = (
+            select(JobRow.id)
+            .where(JobRow.status.in_(set(statuses) & TERMINAL), ended < cutoff)
+            .order_by(JobRow.seq)
+            .limit(limit)
+        )
+        with self._read() as s:
+            return list(s.scalars(stmt))
+
+
+def uses_upload(spec: dict) -> str | None:
+    """The id of the uploaded dataset a stored spec trains on, if it trains on one."""
+    data = spec.get("data") if isinstance(spec, dict) else None
+    if isinstance(data, dict) and data.get("type") == "dataset":
+        return data.get("id")
+    return None
 
 
 _QUEUE = (JobRow.priority.desc(), JobRow.seq.asc())
@@ -399,6 +496,20 @@ _QUEUE_HEAD = (
 )
 _INSERT_JOB = insert(JobRow.__table__)
 _INSERT_EVENT = insert(EventRow.__table__)
+_INSERT_TAG = insert(TagRow.__table__)
+
+
+def _columns(tag: TagRow) -> dict:
+    return {"job_id": tag.job_id, "key": tag.key, "value": tag.value}
+
+
+def _finished(job: JobRow, now: datetime) -> dict:
+    """The columns of a job that ends now: when, and how long since it first started."""
+    started = job.started_at
+    return {
+        "finished_at": now,
+        "duration_s": None if started is None else (now - started).total_seconds(),
+    }
 
 
 def _count_queued(*where):

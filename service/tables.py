@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Literal, get_args
 
 from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 Status = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 STATUSES = get_args(Status)
@@ -61,12 +61,55 @@ class JobRow(Base):
     owner: Mapped[str | None] = mapped_column(String(200))  # the dispatcher running it
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
 
+    # The list's sort keys that are not columns above: the latest value of three metrics
+    # (copies of `metrics`) and the seconds from start to finish, once finished.
+    train_loss: Mapped[float | None] = mapped_column(Float)
+    val_loss: Mapped[float | None] = mapped_column(Float)
+    val_accuracy: Mapped[float | None] = mapped_column(Float)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+
+    # Loaded with the job (one query per batch of jobs), so every job read has its tags.
+    tag_rows: Mapped[list[TagRow]] = relationship(lazy="selectin", order_by="TagRow.key")
+
     __table_args__ = (Index("ix_jobs_updated", "updated_at"),)
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {t.key: t.value for t in self.tag_rows}
 
 
 # The queue in its own order (priority DESC, seq ASC): the dispatcher reads the head of the
 # queue and the API counts the jobs ahead of one without sorting the queue each time.
 Index("ix_jobs_queue_order", JobRow.status, JobRow.priority.desc(), JobRow.seq)
+
+# One index per sort of the job list (service/listing.py): (key, seq) serves both
+# directions, and the rows without the key (a null key) in seq order.
+SORT_COLUMNS = {
+    "created": JobRow.seq,
+    "name": JobRow.name,
+    "priority": JobRow.priority,
+    "duration": JobRow.duration_s,
+    "train_loss": JobRow.train_loss,
+    "val_loss": JobRow.val_loss,
+    "val_accuracy": JobRow.val_accuracy,
+}
+for _key, _column in SORT_COLUMNS.items():
+    if _column is not JobRow.seq:
+        Index(f"ix_jobs_sort_{_key}", _column, JobRow.seq)
+METRIC_COLUMNS = ("train_loss", "val_loss", "val_accuracy")  # copied from `metrics`
+
+
+class TagRow(Base):
+    """A job's tag: free-form key and value (`sweep: <id>` marks a sweep's trials)."""
+
+    __tablename__ = "job_tags"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+
+    # `tag=k:v` finds its jobs from (key, value).
+    __table_args__ = (Index("ix_job_tags_key_value", "key", "value", "job_id"),)
 
 
 class MetricRow(Base):

@@ -603,7 +603,7 @@ def test_an_unparseable_body_is_a_documented_400(tmp_path):
     "method, path, allow",
     [
         ("OPTIONS", "/api/v1/jobs", "GET, POST"),
-        ("DELETE", "/api/v1/jobs/abc", "GET"),
+        ("PUT", "/api/v1/jobs/abc", "DELETE, GET, PATCH"),  # DELETE and PATCH: issue 18
         ("PUT", "/api/v1/datasets", "GET, POST"),
         ("GET", "/api/v1/jobs/abc/cancel", "POST"),
     ],

@@ -491,6 +491,14 @@ def save_uploaded(
     return get_uploaded(dataset_id, root)
 
 
+def delete_uploaded(dataset_id: str, root: Path | None = None) -> bool:
+    """Remove an upload; False if there was none with this id."""
+    path = _uploaded_path(dataset_id, dataset_root(root))
+    existed = path.is_file()
+    path.unlink(missing_ok=True)
+    return existed
+
+
 def save_uploaded_file(
     path: str, filename: str, root: Path | None = None, max_values: int = MAX_DATASET_VALUES
 ) -> UploadedDataset:

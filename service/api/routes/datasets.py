@@ -1,4 +1,5 @@
-"""/datasets: upload a .csv, .npz or .txt once, train on it by id (`data: {"type": "dataset"}`).
+"""/datasets: upload a .csv, .npz or .txt once, train on it by id (`data: {"type": "dataset"}`),
+delete it when no job waits or runs on it.
 
 A .txt upload is UTF-8 text for a character-level language model: its description counts
 characters as samples (one feature each) until a model's context cuts it into windows."""
@@ -8,11 +9,12 @@ from __future__ import annotations
 import tempfile
 from typing import Annotated
 
-from fastapi import APIRouter, File, Request, UploadFile, status
+from fastapi import APIRouter, File, HTTPException, Request, Response, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import BODY, SettingsDep
+from service.api.deps import BODY, ERROR, SettingsDep, StoreDep
 from service.api.errors import field_error
+from service.cleanup import delete_dataset
 from service.schemas import DatasetOut
 from workers.datasets import TooManyValues, list_uploaded, save_uploaded_file
 
@@ -53,3 +55,22 @@ async def upload(
 def datasets(settings: SettingsDep) -> list[DatasetOut]:
     """Every uploaded dataset, oldest first."""
     return [DatasetOut.model_validate(d) for d in list_uploaded(settings.uploads_dir)]
+
+
+@router.delete(
+    "/{dataset_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses={
+        404: {"description": "no such upload", **ERROR},
+        409: {"description": "a queued or running job trains on it", **ERROR},
+    },
+)
+def delete(dataset_id: str, store: StoreDep, settings: SettingsDep) -> None:
+    """Delete an upload; 409 while a queued or running job trains on it. A finished job
+    that trained on it keeps its checkpoints (predict works), but its resume then fails
+    saying the upload is gone."""
+    try:
+        delete_dataset(store, settings.uploads_dir, dataset_id)
+    except (FileNotFoundError, ValueError):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dataset {dataset_id!r}") from None

@@ -1,9 +1,8 @@
-"""/jobs: submit, list, read, cancel, resume, and the metric points of a job."""
+"""/jobs: submit, list (filter, sort, page), read, tag, cancel, resume, delete, and the
+metric points of a job."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from typing import Annotated, Any
 
@@ -11,6 +10,7 @@ from fastapi import APIRouter, Body, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import SkipValidation, ValidationError
 
+from service import cleanup, listing
 from service.api.deps import (
     BODY,
     CONFLICT,
@@ -25,11 +25,23 @@ from service.config import Settings
 from service.dispatcher import EPS, Dispatcher
 from service.limits import check_admission
 from service.offload import OffloadedRoute
-from service.schemas import Job, JobPage, MetricPoint, Metrics, Status
+from service.schemas import (
+    MAX_TAGS,
+    PRINTABLE,
+    GcRequest,
+    GcResult,
+    Job,
+    JobPage,
+    JobPatch,
+    JobSubmission,
+    MetricPoint,
+    Metrics,
+    Status,
+    TagFilter,
+)
 from service.store import JobStore
 from service.tables import CANCELLING, QUEUED, JobRow
 from workers.data import describe_data, with_data
-from workers.spec import INT64_MAX, TrainingSpec
 from workers.warmstart import InitFromError, pin
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=OffloadedRoute)
@@ -52,18 +64,18 @@ def present_all(rows: list[JobRow], store: JobStore, dispatcher: Dispatcher) -> 
     return [present(r, store, dispatcher, positions) for r in rows]
 
 
-# The body as OpenAPI documents it (the TrainingSpec schema), handed to the route as parsed
-# JSON, unvalidated: FastAPI validates a body without a validation context, and the spec's
-# checks need the server's (file datasets allowed or not, where uploads are).
-SpecBody = Annotated[TrainingSpec, SkipValidation, Body(title="TrainingSpec")]
+# The body as OpenAPI documents it (the TrainingSpec schema and tags), handed to the route
+# as parsed JSON, unvalidated: FastAPI validates a body without a validation context, and
+# the spec's checks need the server's (file datasets allowed or not, where uploads are).
+SpecBody = Annotated[JobSubmission, SkipValidation, Body(title="JobSubmission")]
 
 
-def validate_spec(body: Any, settings: Settings) -> TrainingSpec:
+def validate_spec(body: Any, settings: Settings) -> JobSubmission:
     """The TrainingSpec, checked against its data and the server's admission limits, or
     FastAPI's standard 422 with every error's loc under "body"."""
     context = with_data(settings.uploads_dir, allow_files=settings.allow_file_data)
     try:
-        spec = TrainingSpec.model_validate(body, context=context)
+        spec = JobSubmission.model_validate(body, context=context)
     except ValidationError as err:
         raise body_errors(err) from None
     check_admission(spec, describe_data(spec, settings.uploads_dir), settings)
@@ -73,7 +85,7 @@ def validate_spec(body: Any, settings: Settings) -> TrainingSpec:
         raise field_error(("body", *err.loc), str(err), err.value) from None
 
 
-def _check_fits(spec: TrainingSpec, dispatcher: Dispatcher, settings: Settings) -> float:
+def _check_fits(spec: JobSubmission, dispatcher: Dispatcher, settings: Settings) -> float:
     """The CPUs the job's claim reserves (see TrainingSpec.reserved_cpus); 422 when the
     whole cluster has fewer (no autoscaler). An auto or in-process job fits if one worker
     does."""
@@ -95,7 +107,8 @@ def _check_fits(spec: TrainingSpec, dispatcher: Dispatcher, settings: Settings) 
 async def submit(
     body: SpecBody, store: StoreDep, dispatcher: DispatcherDep, settings: SettingsDep
 ) -> Job:
-    """Queue a training job. The body is the TrainingSpec (see `shardgrad schema`)."""
+    """Queue a training job. The body is the TrainingSpec (see `shardgrad schema`), and
+    optionally the job's `tags`."""
     data = body.get("data") if isinstance(body, dict) else None
     warm = isinstance(body, dict) and body.get("init_from") is not None  # reads a checkpoint
     if isinstance(data, dict) and data.get("type") == "builtin" and not warm:
@@ -104,25 +117,23 @@ async def submit(
         spec = await run_in_threadpool(validate_spec, body, settings)
     need = _check_fits(spec, dispatcher, settings)
     job, position = await store.submit(
-        spec.model_dump(mode="json"), name=spec.name, priority=spec.priority, cpus=need
+        spec.model_dump(mode="json", exclude={"tags"}),
+        name=spec.name,
+        priority=spec.priority,
+        cpus=need,
+        tags=spec.tags,
     )
     dispatcher.wake()
     return present(job, store, dispatcher, positions={job.id: position})
 
 
-def _decode_cursor(cursor: str) -> int:
-    try:
-        seq = int(base64.urlsafe_b64decode(cursor.encode() + b"==").decode())
-    except (ValueError, binascii.Error, UnicodeError):
-        seq = -1
-    if not 0 <= seq <= INT64_MAX:  # a row's seq is a 64-bit integer in the store
-        msg = "not a cursor returned by GET /jobs"
-        raise field_error(("query", "cursor"), msg, cursor) from None
-    return seq
+def _query_error(err: listing.BadQuery):
+    return field_error(("query", err.param), str(err), err.value)
 
 
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(str(seq).encode()).decode().rstrip("=")
+def _tags(tag: list[str], sweep: str | None) -> list[tuple[str, str]]:
+    """tag=k:v, each one required (AND), and sweep=<id> as tag=sweep:<id>."""
+    return [listing.parse_tag(t) for t in tag] + ([("sweep", sweep)] if sweep else [])
 
 
 @router.get("")
@@ -130,23 +141,79 @@ def list_jobs(
     store: StoreDep,
     dispatcher: DispatcherDep,
     status: Status | None = None,
+    tag: Annotated[
+        list[TagFilter],
+        Query(max_length=MAX_TAGS, description="key:value; repeat to require several"),
+    ] = [],  # noqa: B006 - FastAPI copies a query default
+    name: Annotated[
+        str | None,
+        Query(max_length=200, pattern=PRINTABLE, description="a part of the name, any case"),
+    ] = None,
+    sweep: Annotated[
+        str | None, Query(max_length=256, pattern=PRINTABLE, description="= tag=sweep:<id>")
+    ] = None,
+    sort: Annotated[
+        listing.Sort, Query(description="- is descending; jobs without the key come last")
+    ] = listing.DEFAULT_SORT,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> JobPage:
-    """Jobs, newest first, one page at a time (keyset pagination)."""
-    before = _decode_cursor(cursor) if cursor else None
-    rows = store.list(status=status, limit=limit + 1, before=before)
+    """Jobs that pass the filters, in `sort` order (default newest first), one page at a time
+    (keyset pagination: a page never repeats or skips a job, however many tie)."""
+    try:
+        tags = _tags(tag, sweep)
+        after = listing.decode_cursor(cursor, sort) if cursor else None
+    except listing.BadQuery as err:
+        raise _query_error(err) from None
+    rows = store.list(status=status, tags=tags, name=name, sort=sort, limit=limit + 1, after=after)
     page, more = rows[:limit], len(rows) > limit
     return JobPage(
         items=present_all(page, store, dispatcher),
-        next_cursor=_encode_cursor(page[-1].seq) if more else None,
+        next_cursor=listing.encode_cursor(sort, page[-1]) if more else None,
     )
+
+
+@router.post("/gc", responses=BODY)
+def gc(body: GcRequest, store: StoreDep, settings: SettingsDep) -> GcResult:
+    """Delete finished jobs that ended over `older_than_s` ago (as DELETE /jobs/{id} does),
+    oldest first, a batch per request: ask again while `more` is true."""
+    deleted, more = cleanup.collect(
+        store,
+        settings.jobs_dir,
+        settings.uploads_dir,
+        older_than_s=body.older_than_s,
+        statuses=body.status,
+        dry_run=body.dry_run,
+    )
+    return GcResult(deleted=deleted, dry_run=body.dry_run, more=more)
 
 
 @router.get("/{job_id}", responses=NOT_FOUND)
 def get_job(job: JobDep, store: StoreDep, dispatcher: DispatcherDep) -> Job:
     """A job with its progress, latest metrics and status timeline (`events`)."""
     return present(job, store, dispatcher, events=store.events(job.id))
+
+
+@router.patch("/{job_id}", responses=NOT_FOUND | BODY | CONFLICT)
+def patch_job(job_id: str, body: JobPatch, store: StoreDep, dispatcher: DispatcherDep) -> Job:
+    """Edit a job's tags, as a JSON merge patch: `{"tags": {"a": "1", "b": null}}` sets a,
+    removes b and keeps the others. Any status; the run never sees its tags. 409 if the job
+    would then carry more than MAX_TAGS (32): that depends on the tags it has."""
+    job = store.patch_tags(job_id, body.tags, MAX_TAGS)  # JobNotFound: 404, Conflict: 409
+    return present(job, store, dispatcher)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,  # no body, and no content-type that promises one
+    responses=NOT_FOUND | CONFLICT,
+)
+def delete_job(job_id: str, store: StoreDep, settings: SettingsDep) -> None:
+    """Delete a finished job (succeeded, failed or cancelled; 409 otherwise): its checkpoints
+    and logs, its metric points and timeline, the job, and the upload it trained on if no
+    other job names it."""
+    cleanup.delete_job(store, settings.jobs_dir, settings.uploads_dir, job_id)
 
 
 @router.post(

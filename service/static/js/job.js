@@ -10,6 +10,7 @@ import { explainBox } from "./explain.js";
 import { graphView } from "./graph.js";
 import { healthPanel } from "./health.js";
 import { filtersView, imagePicker, takesImages } from "./images.js";
+import { confirmDelete } from "./jobs.js";
 import { logsPanel } from "./logs.js";
 import { imagePredictBox, predictBox } from "./predict.js";
 import {
@@ -224,6 +225,14 @@ export function jobView(root, id) {
     if (job.status === "failed" || job.status === "cancelled") {
       const attrs = { id: "resume", onclick: () => act("resume") };
       actions.push(h("button.btn.primary", attrs, "Resume"));
+    }
+    if (TERMINAL.has(job.status)) {
+      const remove = () =>
+        confirmDelete(job).then(
+          (gone) => gone && (location.hash = "#/"),
+          (err) => problem.replaceChildren(alert(`Could not delete: ${errorText(err)}`)),
+        );
+      actions.push(h("button.btn.danger", { id: "delete", onclick: remove }, "Delete"));
     }
     const reuse = () => sessionStorage.setItem(DRAFT, pretty(job.spec));
     actions.push(h("a.btn", { href: "#/submit", onclick: reuse }, "Use as template"));

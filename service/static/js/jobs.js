@@ -1,5 +1,7 @@
-// #/ — the jobs list: one page (cursor pagination), filtered by status, kept live by the
-// all-jobs SSE stream. Rows are keyed by job id and updated in place.
+// #/ — the jobs list: one page (cursor pagination), filtered by status, tags and name,
+// sorted by a column, kept live by the all-jobs SSE stream. Rows are keyed by job id and
+// updated in place. The filters live in the URL (#/?status=&tag=k:v&name=&sort=), so a
+// filtered list is a link. Also the delete action with its confirmation (used by job.js).
 
 import { api, stream } from "./api.js";
 import { clusterStrip } from "./cluster.js";
@@ -23,16 +25,80 @@ import {
 } from "./ui.js";
 
 const LIMIT = 50;
+const DEFAULT_SORT = "-created";
+// The API's sorts (GET /jobs?sort=), as the sort menu names them.
+const SORTS = [
+  ["-created", "newest first"],
+  ["created", "oldest first"],
+  ["val_loss", "val loss, lowest first"],
+  ["-val_accuracy", "val accuracy, highest first"],
+  ["train_loss", "train loss, lowest first"],
+  ["-duration", "longest run first"],
+  ["duration", "shortest run first"],
+  ["-priority", "priority, highest first"],
+  ["name", "name, A to Z"],
+  ["-name", "name, Z to A"],
+];
+// Sortable column heads: a click sorts by the column, a second click reverses it.
+const HEADS = [
+  ["Job", "name"],
+  ["Progress", null],
+  ["Train loss", "train_loss"],
+  ["Val accuracy", "-val_accuracy"],
+  ["Workers", null],
+  ["Created · ran", "-created"],
+];
+const flip = (sort) => (sort.startsWith("-") ? sort.slice(1) : `-${sort}`);
 
-const pageHash = (status, cursor, from, limit = LIMIT) => {
+// The list's URL: the filters, and the page (cursor, from) within them.
+const pageHash = (f, cursor, from) => {
   const q = new URLSearchParams();
-  if (status) q.set("status", status);
-  if (limit !== LIMIT) q.set("limit", limit);
+  if (f.status) q.set("status", f.status);
+  for (const t of f.tags) q.append("tag", t);
+  if (f.name) q.set("name", f.name);
+  if (f.sort !== DEFAULT_SORT) q.set("sort", f.sort);
+  if (f.limit !== LIMIT) q.set("limit", f.limit);
   if (cursor) q.set("cursor", cursor);
   if (from > 1) q.set("from", from);
   const s = q.toString();
   return s ? `#/?${s}` : "#/";
 };
+
+const isDefault = (f) => !f.status && !f.tags.length && !f.name && f.sort === DEFAULT_SORT;
+
+// Ask, then DELETE /jobs/{id}; true once deleted. A <dialog> like the token prompt.
+export function confirmDelete(job) {
+  return new Promise((resolve, reject) => {
+    const dialog = h(
+      "dialog.dialog",
+      { id: "delete-dialog" },
+      h(
+        "form",
+        { method: "dialog" },
+        h("h2", {}, `Delete ${job.name}?`),
+        h("p", {}, "Its checkpoints, logs and metrics go too. This cannot be undone."),
+        h(
+          "div.dialog-actions",
+          {},
+          h("button.btn", { value: "keep", id: "delete-keep" }, "Keep"),
+          h("button.btn.danger", { value: "delete", id: "delete-confirm" }, "Delete"),
+        ),
+      ),
+    );
+    dialog.addEventListener("close", async () => {
+      dialog.remove();
+      if (dialog.returnValue !== "delete") return resolve(false);
+      try {
+        await api(`/jobs/${job.id}`, { method: "DELETE" });
+        resolve(true);
+      } catch (err) {
+        reject(err);
+      }
+    });
+    document.body.append(dialog);
+    dialog.showModal();
+  });
+}
 
 function cells(job, nodeNames) {
   const sub = [h("span.mono", { title: job.id }, job.id)];
@@ -43,11 +109,12 @@ function cells(job, nodeNames) {
   }
   const [workers, nodes] = workersText(job, nodeNames);
   const m = job.metrics || {};
+  const tags = Object.entries(job.tags || {}).map(([k, v]) => h("span.tag", {}, `${k}:${v}`));
   return [
     h(
       "div.c-name",
       {},
-      h("div.name-line", {}, badge(job.status), h("span.job-name", {}, job.name)),
+      h("div.name-line", {}, badge(job.status), h("span.job-name", {}, job.name), ...tags),
       h("div.sub", {}, ...sub),
     ),
     h("div.c-progress", {}, progressBar(job), h("div.sub", {}, stepText(job))),
@@ -63,11 +130,61 @@ function cells(job, nodeNames) {
   ];
 }
 
+function searchForm(f) {
+  const name = h("input", {
+    type: "search",
+    id: "name-filter",
+    placeholder: "name contains…",
+    value: f.name || "",
+  });
+  const tag = h("input", { type: "search", id: "tag-filter", placeholder: "tag key:value" });
+  const sort = h(
+    "select",
+    { id: "sort", "aria-label": "sort" },
+    (SORTS.some(([v]) => v === f.sort) ? SORTS : [...SORTS, [f.sort, f.sort]]).map(
+      ([value, text]) => h("option", { value, selected: value === f.sort }, text),
+    ),
+  );
+  const go = (changes) => {
+    location.hash = pageHash({ ...f, ...changes }, null, 1);
+  };
+  sort.addEventListener("change", () => go({ sort: sort.value }));
+  const form = h(
+    "form.search",
+    {
+      onsubmit: (e) => {
+        e.preventDefault();
+        const t = tag.value.trim();
+        go({ name: name.value.trim(), tags: t ? [...f.tags, t] : f.tags });
+      },
+    },
+    name,
+    tag,
+    sort,
+    h("button.btn", { type: "submit" }, "Search"),
+    ...f.tags.map((t) =>
+      h(
+        "a.chip.tag-chip",
+        {
+          href: pageHash({ ...f, tags: f.tags.filter((x) => x !== t) }, null, 1),
+          title: "remove this filter",
+        },
+        `${t} ×`,
+      ),
+    ),
+  );
+  return form;
+}
+
 export function jobsView(root, query) {
   const status = STATUSES.includes(query.get("status")) ? query.get("status") : null;
   const cursor = query.get("cursor");
   const from = Math.max(1, Number(query.get("from")) || 1);
   const limit = Math.min(500, Math.max(1, Number(query.get("limit")) || LIMIT));
+  const asked = query.get("sort");
+  const known = SORTS.some(([s]) => s === asked) || HEADS.some(([, s]) => s && flip(s) === asked);
+  const sort = known ? asked : DEFAULT_SORT;
+  const f = { status, tags: query.getAll("tag"), name: query.get("name"), sort, limit };
   const rows = new Map(); // job id -> {job, el}
   let nodeNames = new Map();
   let alive = true;
@@ -81,7 +198,11 @@ export function jobsView(root, query) {
     [null, ...STATUSES].map((s) =>
       h(
         `a.chip${s === status ? ".active" : ""}${s ? `.s-${s}` : ""}`,
-        { href: pageHash(s, null, 1, limit), role: "tab", "aria-selected": String(s === status) },
+        {
+          href: pageHash({ ...f, status: s }, null, 1),
+          role: "tab",
+          "aria-selected": String(s === status),
+        },
         s || "all",
       ),
     ),
@@ -100,21 +221,20 @@ export function jobsView(root, query) {
     ),
     strip.el,
     filters,
+    searchForm(f),
     message,
-    h(
-      "div.card.list-card",
-      {},
-      h(
-        "div.job-head",
-        { "aria-hidden": "true" },
-        ...["Job", "Progress", "Train loss", "Val accuracy", "Workers", "Created · ran"].map((t) =>
-          h("div", {}, t),
-        ),
-      ),
-      list,
-    ),
+    h("div.card.list-card", {}, h("div.job-head", {}, ...HEADS.map(head)), list),
     pager,
   );
+
+  function head([text, by]) {
+    if (!by) return h("div", {}, text);
+    const on = sort === by || sort === flip(by);
+    const next = sort === by ? flip(by) : by;
+    const arrow = on ? (sort.startsWith("-") ? " ↓" : " ↑") : "";
+    const attrs = { href: pageHash({ ...f, sort: next }, null, 1), "data-sort": by };
+    return h("div", {}, h(`a.sort${on ? ".active" : ""}`, attrs, text + arrow));
+  }
 
   function put(job) {
     let entry = rows.get(job.id);
@@ -131,7 +251,9 @@ export function jobsView(root, query) {
 
   function showEmpty() {
     if (rows.size) return;
-    const text = status
+    const text = f.tags.length || f.name
+      ? empty("No jobs match", null, h("a.btn", { href: "#/" }, "Show all jobs"))
+      : status
       ? empty(`No ${status} jobs`, null, h("a.btn", { href: "#/" }, "Show all jobs"))
       : cursor
         ? empty("No older jobs", null, h("a.btn", { href: "#/" }, "Back to the newest"))
@@ -144,9 +266,8 @@ export function jobsView(root, query) {
   }
 
   async function load() {
-    const q = new URLSearchParams({ limit });
-    if (status) q.set("status", status);
-    if (cursor) q.set("cursor", cursor);
+    const q = new URLSearchParams(pageHash(f, cursor, 1).slice(3));
+    q.set("limit", limit);
     try {
       const page = await api(`/jobs?${q}`);
       if (!alive) return;
@@ -163,14 +284,15 @@ export function jobsView(root, query) {
 
   function renderPager(page) {
     const to = from + page.items.length - 1;
-    const older = page.next_cursor && pageHash(status, page.next_cursor, from + limit, limit);
+    const older = page.next_cursor && pageHash(f, page.next_cursor, from + limit);
+    const byAge = sort === DEFAULT_SORT;
     pager.replaceChildren(
       h("span.muted", {}, page.items.length ? `jobs ${from}–${to}` : ""),
       h(
         "span.pager-links",
         {},
-        cursor && h("a.btn", { href: pageHash(status, null, 1, limit) }, "← Newest"),
-        older && h("a.btn", { href: older }, "Older →"),
+        cursor && h("a.btn", { href: pageHash(f, null, 1) }, byAge ? "← Newest" : "← First"),
+        older && h("a.btn", { href: older }, byAge ? "Older →" : "Next →"),
       ),
     );
   }
@@ -192,6 +314,8 @@ export function jobsView(root, query) {
     }, 500);
   };
 
+  // Only the unfiltered newest-first list shows a new job at once; others re-read the page.
+  const newestFirst = !cursor && isDefault({ ...f, status: null });
   const live = stream(
     "/events",
     {
@@ -204,7 +328,7 @@ export function jobsView(root, query) {
             queue_position: queued ? entry.job.queue_position : null,
             pending_reason: queued ? entry.job.pending_reason : null,
           });
-        } else if (!cursor && (!status || job.status === status) && isNewest(job)) {
+        } else if (newestFirst && (!status || job.status === status) && isNewest(job)) {
           const { el } = put(job);
           list.querySelector(".empty")?.remove();
           list.prepend(el);
