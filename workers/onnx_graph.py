@@ -52,20 +52,20 @@ class Graph:
         out = self.op("MatMul", x, self.const(layer.weight.data.T))
         return out if layer.bias is None else self.op("Add", out, self.const(layer.bias.data))
 
-    def serialize(self, x: str, output: str, in_shape: list, in_type, out_rank: int) -> bytes:
-        """The model whose input is `x` and whose output, the last node's, is `output`."""
+    def serialize(self, in_shape: list, in_type, out_rank: int) -> bytes:
+        """The model from `input` to the last node's output, renamed `output`."""
         h = self.helper
         from onnx import TensorProto, checker
 
-        assert self.nodes[-1].output[0] == output
-        self.nodes[-1].output[0] = output = "output"
-
+        if not self.nodes:  # a model of dropout alone
+            self.op("Identity", "input")
+        self.nodes[-1].output[0] = "output"
         out_shape = ["batch", *([None] * (out_rank - 1))]
         graph = h.make_graph(
             self.nodes,
             "shardgrad",
-            [h.make_tensor_value_info(x, in_type, in_shape)],
-            [h.make_tensor_value_info(output, TensorProto.FLOAT, out_shape)],
+            [h.make_tensor_value_info("input", in_type, in_shape)],
+            [h.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)],
             self.initializers,
         )
         opsets = [h.make_opsetid("", OPSET)]
@@ -81,13 +81,15 @@ def onnx_bytes(model: nn.MLP | nn.Sequential | TransformerLM) -> bytes:
 
     g = Graph()
     if isinstance(model, TransformerLM):
-        out = _lm(g, model)
-        return g.serialize("input", out, ["batch", "tokens"], TensorProto.INT64, 3)
+        _lm(g, model)
+        return g.serialize(["batch", "tokens"], TensorProto.INT64, 3)
     if isinstance(model, nn.MLP):
-        out, shape = _mlp(g, model), [model.sizes[0]]
+        _mlp(g, model)
+        shape = [model.sizes[0]]
     else:
-        out, shape = _sequential(g, model), list(model.input_shape)
-    return g.serialize("input", out, ["batch", *shape], TensorProto.FLOAT, 2)
+        _sequential(g, model)
+        shape = list(model.input_shape)
+    return g.serialize(["batch", *shape], TensorProto.FLOAT, 2)
 
 
 def _mlp(g: Graph, model: nn.MLP) -> str:
