@@ -6,6 +6,7 @@ and `shardgrad export`, for a job and for a run directory."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -182,6 +183,14 @@ def test_the_export_route(job):
     assert wrong.status_code == 422 and wrong.json()["detail"][0]["loc"] == ["query", "format"]
     missing = client.get(url, params={"format": "onnx", "checkpoint": "step-99"})
     assert missing.status_code == 404 and "step-99" in missing.json()["detail"]
+
+
+def test_without_the_onnx_package_the_route_says_what_to_install(job, monkeypatch):
+    client, job_id, _ = job
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
+    r = client.get(f"/api/v1/jobs/{job_id}/export", params={"format": "onnx"})
+    assert r.status_code == 501 and "shardgrad[export]" in r.json()["detail"]
+    assert client.get(f"/api/v1/jobs/{job_id}/export?format=torch").status_code == 200
 
 
 def test_cli_exports_a_job_through_the_service(job, tmp_path, monkeypatch, capsys):

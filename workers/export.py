@@ -73,11 +73,12 @@ def export_model(spec: TrainingSpec, model, fmt: str) -> bytes:
     if fmt == "torch":
         return torch_safetensors(spec, model)
     try:
-        from workers.onnx_graph import onnx_bytes
-    except ImportError:  # pragma: no cover - the extra is in the dev environment
-        raise ExportUnavailable(
-            "ONNX export needs the onnx package: pip install 'shardgrad[export]'"
-        ) from None
+        import onnx  # noqa: F401 (the `export` extra; workers.onnx_graph builds with it)
+    except ImportError:
+        msg = "ONNX export needs the onnx package: pip install 'shardgrad[export]'"
+        raise ExportUnavailable(msg) from None
+    from workers.onnx_graph import onnx_bytes
+
     return onnx_bytes(model)
 
 
