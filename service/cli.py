@@ -10,7 +10,9 @@ shardgrad explain ID --input 0.3,-0.2 [--method integrated_gradients] [--target 
 shardgrad explain ID --images IMAGES.npy [...]
 shardgrad graph ID [--format json|dot]
 shardgrad logs [-f] ID [--since TIME]
-(predict, explain, graph: [--checkpoint best|latest|step-N])
+shardgrad export ID --format onnx|torch --out FILE
+shardgrad export RUN_DIR --spec SPEC.json --format onnx|torch --out FILE   (offline)
+(predict, explain, graph, export: [--checkpoint best|latest|step-N])
 
 Every client command takes --json: one JSON document on stdout, the data it shows.
 """
@@ -28,9 +30,12 @@ import numpy as np
 from service.client import Client, ClientError, Job
 from service.listing import SORTS
 from workers import render
-from workers.checkpoint import CHOICE_HELP, DEFAULT_HELP
+from workers.checkpoint import CHOICE_HELP, DEFAULT_HELP, UnknownCheckpoint
+from workers.cli import UsageError
 from workers.cli import build_parser as build_command_tree
 from workers.explain import METHODS
+from workers.export import FORMATS, ExportUnavailable, export_run
+from workers.spec import SpecError, load_spec
 
 ROW_FLAGS = ("--input", "--baseline")  # options whose value is a comma-separated row
 _NEGATIVE = re.compile(r"-\.?\d")  # a value, not an option: "-1,0.5", "-.5,0"
@@ -128,6 +133,13 @@ def add_client_commands(sub) -> None:
     p.add_argument("id", help="job id")
     p.add_argument("-f", "--follow", action="store_true", help="print new lines until it ends")
     p.add_argument("--since", help="only records after this time (ISO 8601; UTC if no zone)")
+    p = command("export", cmd_export, "a job's (or run directory's) model as ONNX or for torch")
+    p.set_defaults(func=cmd_export)  # a run directory needs no service
+    p.add_argument("target", metavar="JOB_OR_RUN_DIR", help="job id, or a run directory")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, type=Path, help="the file to write")
+    p.add_argument("--spec", type=Path, help="a run directory's spec (JSON), as trained")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
 
 
 def add_inputs(p: argparse.ArgumentParser) -> None:
@@ -363,6 +375,42 @@ def cmd_graph(client: Client, args) -> int:
     else:
         render.print_json(r.json())
     return 0
+
+
+def cmd_export(args) -> int:
+    """Write the export to --out: from the service for a job id, else from the run
+    directory and its --spec without one."""
+    try:
+        if Path(args.target).is_dir():
+            data, name = _export_run_dir(args)
+        else:
+            with Client(args.url) as client:
+                params = {"format": args.format, **chosen(args)}
+                r = client.send("GET", f"/jobs/{args.target}/export", params=params)
+            data, name = r.content, r.headers.get("x-checkpoint", "")
+        args.out.write_bytes(data)
+    except (ClientError, OSError, UsageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, UsageError) else 1
+    done = {"out": str(args.out), "format": args.format, "checkpoint": name, "bytes": len(data)}
+    if args.json:
+        render.print_json(done)
+    else:
+        print(f"wrote {args.out}: {args.format} export of {name} ({len(data):,} bytes)")
+    return 0
+
+
+def _export_run_dir(args) -> tuple[bytes, str]:
+    if args.spec is None:
+        raise UsageError(f"{args.target} is a run directory: give --spec, the spec it trained")
+    try:
+        spec = load_spec(args.spec)
+        exported = export_run(spec, args.target, args.format, args.checkpoint)
+    except UnknownCheckpoint as err:
+        raise ClientError(f"{args.target}: {err}") from None
+    except (SpecError, ValueError, ExportUnavailable) as err:  # ValueError: another model
+        raise UsageError(str(err)) from None
+    return exported.data, exported.checkpoint
 
 
 def cmd_logs(client: Client, args) -> int:
