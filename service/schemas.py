@@ -254,6 +254,11 @@ class MetricPoint(BaseModel):
     train_loss: float | None
     val_loss: float | None
     val_accuracy: float | None
+    val_exact_match: float | None = Field(
+        None,
+        description="builtin sequence tasks: the share of validation questions whose greedy "
+        "answer is exactly right",
+    )
     grad_norm: float | None = Field(description="of the averaged gradient, before grad_clip")
     lr: float | None = Field(None, description="the learning rate the step used")
     samples_per_s: float | None
