@@ -4,10 +4,13 @@ each evaluation, in the history and the service's metric points; the generate ro
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
-from tests.fakes import make_client, submit
+from tests.fakes import locs, make_client, submit
+from workers.catalogue import DIGITS_VOCAB as DIGITS
 from workers.spec import TrainingSpec
 from workers.trainer import Trainer
 
@@ -100,3 +103,94 @@ def test_the_service_stores_exact_match_on_its_metric_points(tmp_path):
     store.progress(job_id, "fake", {"step": 3}, point)
     (stored,) = client.get(f"/api/v1/jobs/{job_id}/metrics").json()["points"]
     assert stored["val_exact_match"] == 0.25
+
+
+# -- the route, the client and the CLI ----------------------------------------------------
+
+
+def post(client, job_id, **body):
+    return client.post(f"/api/v1/jobs/{job_id}/generate", json={"prompt": "12+34=", **body})
+
+
+def answer(client, job_id, **body) -> dict:
+    r = post(client, job_id, **body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_greedy_generation_is_the_engines_on_the_chosen_checkpoint(served):
+    from workers.checkpoint import load_model_state, resolve_checkpoint
+    from workers.generate import generate
+    from workers.model import build_model, lm_logits
+    from workers.sequences import decode, encode
+
+    client, _, job_id, _ = served
+    got = answer(client, job_id, max_tokens=5)
+    run_dir = client.app.state.settings.jobs_dir / job_id
+    assert got["checkpoint"] == resolve_checkpoint(run_dir, None).name  # the best
+    model = build_model(TrainingSpec.model_validate(lm_spec()))
+    model.load_state_dict(load_model_state(resolve_checkpoint(run_dir, "best")))
+    tokens, logprobs = generate(lm_logits(model), encode("12+34=", DIGITS), 5, context=9)
+    assert got["tokens"] == tokens.tolist() and got["text"] == decode(tokens, DIGITS)
+    assert got["logprobs"] == pytest.approx(logprobs.tolist(), abs=1e-12)
+    assert all(lp <= 0 for lp in got["logprobs"])
+
+
+def test_sampling_is_reproducible_from_the_seed(served):
+    client, _, job_id, _ = served
+    hot = {"max_tokens": 24, "temperature": 5.0}
+    first = [answer(client, job_id, seed=s, **hot)["tokens"] for s in range(3)]
+    assert first == [answer(client, job_id, seed=s, **hot)["tokens"] for s in range(3)]
+    assert len({tuple(t) for t in first}) > 1  # the seed is what chooses
+    greedy = answer(client, job_id, max_tokens=6)["tokens"]
+    assert answer(client, job_id, max_tokens=6, temperature=2.0, top_k=1)["tokens"] == greedy
+
+
+@pytest.mark.parametrize(
+    "body, loc",
+    [
+        ({"prompt": "12x4="}, ("body", "prompt", 2)),
+        ({"max_tokens": 0}, ("body", "max_tokens")),
+        ({"max_tokens": 257}, ("body", "max_tokens")),
+        ({"temperature": -1}, ("body", "temperature")),
+        ({"top_k": 0}, ("body", "top_k")),
+        ({"prompt": ""}, ("body", "prompt")),
+    ],
+)
+def test_bad_requests_get_a_422_naming_the_field(served, body, loc):
+    client, _, job_id, _ = served
+    r = post(client, job_id, **body)
+    assert locs(r) == [loc]
+    if loc[-1] == 2:
+        assert "'x' at position 2 is not in the vocabulary" in r.json()["detail"][0]["msg"]
+
+
+def test_a_job_without_checkpoint_is_a_409_and_one_not_a_transformer_a_422(served):
+    client, _, _, _ = served
+    waiting = submit(client, **lm_spec(name="waiting"))["id"]
+    r = post(client, waiting)
+    assert r.status_code == 409 and "checkpoint" in r.json()["detail"]
+    moons = submit(client)["id"]
+    r = post(client, moons)
+    assert locs(r) == [("path", "job_id")] and "needs a transformer" in r.text
+
+
+def test_the_client_and_the_cli_print_the_completion(served, capsys, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from service import cli
+    from service.client import Client, Job
+
+    client, _, job_id, _ = served
+    api = Client("http://testserver")
+    api.http = TestClient(client.app, base_url="http://testserver/api/v1")
+    expected = answer(client, job_id, max_tokens=4, temperature=1.0, seed=7)
+    got = Job.of(api, job_id).generate("12+34=", max_tokens=4, temperature=1.0, seed=7)
+    assert got.model_dump() == expected
+
+    monkeypatch.setattr(cli, "Client", lambda url=None: api)
+    argv = ["generate", job_id, "--prompt", "12+34=", "--max-tokens", "4"]
+    assert cli.main([*argv, "--temperature", "1", "--seed", "7"]) == 0
+    assert capsys.readouterr().out == expected["text"] + "\n"
+    assert cli.main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == answer(client, job_id, max_tokens=4)
