@@ -9,8 +9,13 @@
    blocks, so the gap between two step events means nothing on its own. Median over rounds,
    the modes alternating. Targets (issue 13): <= 0.3 ms with 2 workers, <= 0.15 ms
    in-process. Also shown: a bare Ray round trip with the parameters' payload, for scale.
-2. Scaling: MLP 784-512-512-10 on random data, global batch 4096, float32, 1 CPU per
-   worker; throughput with 2 workers over 1 worker, on the default exchange. Target >= 1.85.
+2. Scaling: throughput with 2 workers over 1 worker (1 CPU each), on the default exchange,
+   for three compute-heavy models in float32 (`--scaling mlp,cnn,transformer`):
+   - mlp: MLP 784-512-512-10 on random data, global batch 4096. Target >= 1.85 (issue 13).
+   - cnn: issue 14's CNN (conv 1->16 3x3 pad 1, relu, pool 2, conv 16->32, relu, pool 2,
+     flatten, linear 10) on random 1x28x28 images, global batch 512. Target >= 1.8.
+   - transformer: issue 15's model (d_model 128, 4 heads, ff 512, 2 layers, context 64,
+     vocabulary 64) on an uploaded random text of 64 symbols, global batch 32. Target >= 1.8.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from workers.config import WorkerSettings
+from workers.datasets import save_uploaded
 from workers.spec import TrainingSpec
 from workers.trainer import Trainer
 
@@ -92,16 +99,16 @@ def small_spec(epochs: int, workers: int = 2, exchange: str = "auto") -> Trainin
     )
 
 
-def heavy_spec(path: Path, workers: int, steps: int) -> TrainingSpec:
+def heavy_spec(data: dict, model: dict, batch: int, workers: int, steps: int) -> TrainingSpec:
     return TrainingSpec.model_validate(
         {
             "name": "scaling",
-            "model": {"type": "mlp", "sizes": [784, 512, 512, 10], "activation": "relu"},
-            "data": {"type": "file", "path": str(path)},
+            "model": model,
+            "data": data,
             "loss": "cross_entropy",
             "optimizer": {"type": "sgd", "lr": 0.01},
-            "epochs": steps,
-            "batch_size": 4096,
+            "epochs": steps,  # one step an epoch: the data is one global batch
+            "batch_size": batch,
             "health_every": 10**6,
             "workers": workers,
             "cpus_per_worker": 1,
@@ -110,6 +117,49 @@ def heavy_spec(path: Path, workers: int, steps: int) -> TrainingSpec:
             "checkpoint_every": 10**6,
         }
     )
+
+
+CNN = {
+    "type": "sequential",
+    "input_shape": [1, 28, 28],
+    "layers": [
+        {"type": "conv2d", "out_channels": 16, "kernel_size": 3, "padding": 1},
+        {"type": "relu"},
+        {"type": "max_pool2d", "kernel_size": 2},
+        {"type": "conv2d", "out_channels": 32, "kernel_size": 3, "padding": 1},
+        {"type": "relu"},
+        {"type": "max_pool2d", "kernel_size": 2},
+        {"type": "flatten"},
+        {"type": "linear", "out_features": 10},
+    ],
+}
+TRANSFORMER = {
+    "type": "transformer",
+    "vocab_size": 64,
+    "context": 64,
+    "d_model": 128,
+    "heads": 4,
+    "layers": 2,
+    "dim_feedforward": 512,
+}
+
+
+def workloads(tmp: Path) -> dict[str, tuple[dict, dict, int, float]]:
+    """name -> (data, model, global batch, target) of the scaling runs; the text is an
+    upload in `tmp` (WorkerSettings.datasets_dir)."""
+    rng = np.random.default_rng(0)
+    flat, images = tmp / "random.npz", tmp / "images.npz"
+    np.savez(flat, X=rng.random((4096, 784)), y=rng.integers(0, 10, 4096))
+    np.savez(images, X=rng.random((512, 1, 28, 28)), y=rng.integers(0, 10, 512))
+    mlp = {"type": "mlp", "sizes": [784, 512, 512, 10], "activation": "relu"}
+    symbols = np.array(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;"))
+    text = "".join(rng.choice(symbols[:64], 32 * 64 + 1))  # 32 windows of context + 1
+    upload = save_uploaded(text.encode(), "random.txt", tmp)
+    return {
+        "mlp": ({"type": "file", "path": str(flat)}, mlp, 4096, 1.85),
+        "cnn": ({"type": "file", "path": str(images)}, CNN, 512, 1.8),
+        "transformer": ({"type": "dataset", "id": upload.id}, TRANSFORMER, 32, 1.8),
+    }
 
 
 TINY_MODES = {  # label -> (workers, exchange)
@@ -148,38 +198,45 @@ def tiny(tmp: Path, rounds: int, epochs: int) -> None:
     )
 
 
-def scaling(tmp: Path, rounds: int, steps: int) -> None:
-    rng = np.random.default_rng(0)
-    data = tmp / "random.npz"
-    np.savez(data, X=rng.random((4096, 784)), y=rng.integers(0, 10, 4096))
-    per_step: dict[int, list[float]] = {1: [], 2: []}
-    for r in range(rounds):
-        for workers in (1, 2) if r % 2 == 0 else (2, 1):
-            spec = heavy_spec(data, workers, steps)
-            per_step[workers].append(step_time(spec, tmp / f"heavy-{r}-{workers}", warmup=4))
-    ratios = [one / two for one, two in zip(per_step[1], per_step[2], strict=True)]
-    for workers, values in per_step.items():
-        median = statistics.median(values)
+def scaling(tmp: Path, rounds: int, steps: int, names: list[str]) -> None:
+    chosen = workloads(tmp)
+    for name in names:
+        data, model, batch, target = chosen[name]
+        per_step: dict[int, list[float]] = {1: [], 2: []}
+        for r in range(rounds):
+            for workers in (1, 2) if r % 2 == 0 else (2, 1):
+                spec = heavy_spec(data, model, batch, workers, steps)
+                out = tmp / f"{name}-{r}-{workers}"
+                settings = WorkerSettings(datasets_dir=tmp)
+                per_step[workers].append(step_time(spec, out, warmup=20, settings=settings))
+        ratios = [one / two for one, two in zip(per_step[1], per_step[2], strict=True)]
+        for workers, values in per_step.items():
+            median = statistics.median(values)
+            print(
+                f"scaling {name}: {workers} worker(s): {batch / median:.0f} samples/s "
+                f"(median step {median * 1e3:.1f} ms)"
+            )
+        ratio = statistics.median(ratios)
         print(
-            f"scaling: {workers} worker(s): {4096 / median:.0f} samples/s "
-            f"(median step {median * 1e3:.1f} ms)"
+            f"scaling {name}: 2 workers / 1 worker = {ratio:.2f} (rounds {min(ratios):.2f}-"
+            f"{max(ratios):.2f}; target >= {target}: {'ok' if ratio >= target else 'MISSED'})"
         )
-    print(
-        f"scaling: 2 workers / 1 worker = {statistics.median(ratios):.2f} "
-        f"(rounds {min(ratios):.2f}-{max(ratios):.2f}; target >= 1.85)"
-    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--scaling", default="mlp,cnn,transformer", help="workloads, or none")
+    parser.add_argument("--no-tiny", action="store_true", help="only the scaling runs")
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = Path(tempfile.mkdtemp(prefix="sg-bench-"))
-    tiny(tmp, rounds, epochs=20 if args.quick else 80)
-    scaling(tmp, rounds, steps=12 if args.quick else 40)
+    if not args.no_tiny:
+        tiny(tmp, rounds, epochs=20 if args.quick else 80)
+    names = [n for n in args.scaling.split(",") if n and n != "none"]
+    scaling(tmp, rounds, steps=40 if args.quick else 60, names=names)  # > the first block
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ shardgrad explain ID --images IMAGES.npy [...]
 shardgrad graph ID [--format json|dot]
 shardgrad generate ID --prompt "12+34=" [--max-tokens N] [--temperature T] [--top-k K] [--seed S]
 shardgrad logs [-f] ID [--since TIME]
-(predict, explain, graph, generate: [--checkpoint best|latest|step-N])
+shardgrad export ID --format onnx|torch --out FILE
+shardgrad export RUN_DIR --spec SPEC.json --format onnx|torch --out FILE   (offline)
+(predict, explain, graph, export, generate: [--checkpoint best|latest|step-N])
 
 Every client command takes --json: one JSON document on stdout, the data it shows.
 """
@@ -29,9 +31,12 @@ import numpy as np
 from service.client import Client, ClientError, Job
 from service.listing import SORTS
 from workers import render
-from workers.checkpoint import CHOICE_HELP, DEFAULT_HELP
+from workers.checkpoint import CHOICE_HELP, DEFAULT_HELP, UnknownCheckpoint
+from workers.cli import UsageError
 from workers.cli import build_parser as build_command_tree
 from workers.explain import METHODS
+from workers.export import FORMATS, ExportUnavailable, export_run
+from workers.spec import SpecError, load_spec
 
 ROW_FLAGS = ("--input", "--baseline")  # options whose value is a comma-separated row
 _NEGATIVE = re.compile(r"-\.?\d")  # a value, not an option: "-1,0.5", "-.5,0"
@@ -121,14 +126,7 @@ def add_client_commands(sub) -> None:
         action="append",
         help="one row for all inputs, or one per input (default 0)",
     )
-    p = command("generate", cmd_generate, "continue a prompt with a transformer job's model")
-    p.add_argument("id", help="job id")
-    p.add_argument("--prompt", required=True, help="text in the job's vocabulary")
-    p.add_argument("--max-tokens", type=int, default=8, help="tokens to add (1..256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
-    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
-    p.add_argument("--seed", type=int, default=0, help="the same seed samples the same text")
-    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+    add_generate(command("generate", cmd_generate, "continue a prompt with a transformer job"))
     p = command("graph", cmd_graph, "the loss graph on the first training example", "--format json")
     p.add_argument("id", help="job id")
     p.add_argument("--format", choices=("json", "dot"), default="json", help="dot: Graphviz")
@@ -137,6 +135,23 @@ def add_client_commands(sub) -> None:
     p.add_argument("id", help="job id")
     p.add_argument("-f", "--follow", action="store_true", help="print new lines until it ends")
     p.add_argument("--since", help="only records after this time (ISO 8601; UTC if no zone)")
+    p = command("export", cmd_export, "a job's (or run directory's) model as ONNX or for torch")
+    p.set_defaults(func=cmd_export)  # a run directory needs no service
+    p.add_argument("target", metavar="JOB_OR_RUN_DIR", help="job id, or a run directory")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, type=Path, help="the file to write")
+    p.add_argument("--spec", type=Path, help="a run directory's spec (JSON), as trained")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+
+
+def add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id", help="job id")
+    p.add_argument("--prompt", required=True, help="text in the job's vocabulary")
+    p.add_argument("--max-tokens", type=int, default=8, help="tokens to add (1..256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
+    p.add_argument("--seed", type=int, default=0, help="the same seed samples the same text")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
 
 
 def add_inputs(p: argparse.ArgumentParser) -> None:
@@ -386,6 +401,42 @@ def cmd_graph(client: Client, args) -> int:
     else:
         render.print_json(r.json())
     return 0
+
+
+def cmd_export(args) -> int:
+    """Write the export to --out: from the service for a job id, else from the run
+    directory and its --spec without one."""
+    try:
+        if Path(args.target).is_dir():
+            data, name = _export_run_dir(args)
+        else:
+            with Client(args.url) as client:
+                params = {"format": args.format, **chosen(args)}
+                r = client.send("GET", f"/jobs/{args.target}/export", params=params)
+            data, name = r.content, r.headers.get("x-checkpoint", "")
+        args.out.write_bytes(data)
+    except (ClientError, OSError, UsageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, UsageError) else 1
+    done = {"out": str(args.out), "format": args.format, "checkpoint": name, "bytes": len(data)}
+    if args.json:
+        render.print_json(done)
+    else:
+        print(f"wrote {args.out}: {args.format} export of {name} ({len(data):,} bytes)")
+    return 0
+
+
+def _export_run_dir(args) -> tuple[bytes, str]:
+    if args.spec is None:
+        raise UsageError(f"{args.target} is a run directory: give --spec, the spec it trained")
+    try:
+        spec = load_spec(args.spec)
+        exported = export_run(spec, args.target, args.format, args.checkpoint)
+    except UnknownCheckpoint as err:
+        raise ClientError(f"{args.target}: {err}") from None
+    except (SpecError, ValueError, ExportUnavailable) as err:  # ValueError: another model
+        raise UsageError(str(err)) from None
+    return exported.data, exported.checkpoint
 
 
 def cmd_logs(client: Client, args) -> int:

@@ -26,6 +26,7 @@ from service.api.routes import (
     dashboard,
     datasets,
     events,
+    export,
     generate,
     interpret,
     jobs,
@@ -174,8 +175,15 @@ def _include_routes(app: FastAPI, token: bool) -> None:
     """With a token, the API routes need it, and the schema says so (an HTTP bearer scheme
     and their 401); without one, they are open and the schema claims no security."""
     guard = {"responses": AUTH} if token else {}
-    routers = (jobs.router, checkpoints.router, interpret.router, generate.router)
-    routers += (datasets.router, cluster.router)
+    routers = (
+        jobs.router,
+        checkpoints.router,
+        export.router,
+        generate.router,
+        interpret.router,
+        datasets.router,
+        cluster.router,
+    )
     for router in (*routers, dashboard.api):
         deps = [Depends(require_token)] if token else []
         app.include_router(router, prefix=API, dependencies=deps, **guard)

@@ -44,7 +44,9 @@ def kuberay_crd() -> dict:
     for parent in REPO.parents:
         if (parent / CRD).is_file():
             return yaml.load((parent / CRD).read_text(), Loader=LOADER)
-    unavailable(f"{CRD} not found beside the repo or any parent folder")
+    # Not a dependency the project can install: the issue keeps it outside the repo (and
+    # asks not to copy it), so a checkout without it skips this one check, CI included.
+    pytest.skip(f"{CRD} not found beside the repo or any parent folder")
 
 
 @pytest.fixture(scope="module")
