@@ -9,10 +9,11 @@ shardgrad predict ID --images IMAGES.npy         (a CNN: N x C x H x W, or one C
 shardgrad explain ID --input 0.3,-0.2 [--method integrated_gradients] [--target N]
 shardgrad explain ID --images IMAGES.npy [...]
 shardgrad graph ID [--format json|dot]
+shardgrad generate ID --prompt "12+34=" [--max-tokens N] [--temperature T] [--top-k K] [--seed S]
 shardgrad logs [-f] ID [--since TIME]
 shardgrad export ID --format onnx|torch --out FILE
 shardgrad export RUN_DIR --spec SPEC.json --format onnx|torch --out FILE   (offline)
-(predict, explain, graph, export: [--checkpoint best|latest|step-N])
+(predict, explain, graph, export, generate: [--checkpoint best|latest|step-N])
 
 Every client command takes --json: one JSON document on stdout, the data it shows.
 """
@@ -125,6 +126,7 @@ def add_client_commands(sub) -> None:
         action="append",
         help="one row for all inputs, or one per input (default 0)",
     )
+    add_generate(command("generate", cmd_generate, "continue a prompt with a transformer job"))
     p = command("graph", cmd_graph, "the loss graph on the first training example", "--format json")
     p.add_argument("id", help="job id")
     p.add_argument("--format", choices=("json", "dot"), default="json", help="dot: Graphviz")
@@ -139,6 +141,16 @@ def add_client_commands(sub) -> None:
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, type=Path, help="the file to write")
     p.add_argument("--spec", type=Path, help="a run directory's spec (JSON), as trained")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+
+
+def add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id", help="job id")
+    p.add_argument("--prompt", required=True, help="text in the job's vocabulary")
+    p.add_argument("--max-tokens", type=int, default=8, help="tokens to add (1..256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
+    p.add_argument("--seed", type=int, default=0, help="the same seed samples the same text")
     p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
 
 
@@ -341,6 +353,20 @@ def inputs_of(args) -> list:
 def cmd_predict(client: Client, args) -> int:
     result = Job.of(client, args.id).predict(inputs_of(args), checkpoint=args.checkpoint)
     show(args, result.model_dump(mode="json"), render.print_outputs)
+    return 0
+
+
+def cmd_generate(client: Client, args) -> int:
+    """The completion alone on stdout (with --json: the whole answer)."""
+    result = Job.of(client, args.id).generate(
+        args.prompt,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        checkpoint=args.checkpoint,
+    )
+    show(args, result.model_dump(mode="json"), lambda doc: print(doc["text"]))
     return 0
 
 

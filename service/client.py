@@ -368,6 +368,21 @@ class Job:
         answer = self.client.request("POST", f"/jobs/{self.id}/predict", json=body)
         return schemas.PredictResponse.model_validate(answer)
 
+    def generate(
+        self,
+        prompt: str,
+        max_tokens: int = 8,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int = 0,
+        checkpoint: str | None = None,
+    ) -> schemas.GenerateResponse:
+        """The prompt's continuation by a transformer job (temperature 0: greedy)."""
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
+        body = _with_checkpoint(body | {"top_k": top_k, "seed": seed}, checkpoint)
+        answer = self.client.request("POST", f"/jobs/{self.id}/generate", json=body)
+        return schemas.GenerateResponse.model_validate(answer)
+
     def explain(
         self,
         rows,

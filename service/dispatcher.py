@@ -27,7 +27,7 @@ from service.cluster import Capacity, RayCluster
 from service.config import Settings
 from service.schemas import JobHealth, finite
 from service.store import JobStore
-from service.tables import JobRow
+from service.tables import POINT_FIELDS, JobRow
 from workers.events import (
     CheckpointEvent,
     Event,
@@ -421,4 +421,5 @@ class Dispatcher:
     }
 
 
-POINT_KEYS = ("train_loss", "val_loss", "val_accuracy", "grad_norm", "lr", "samples_per_s")
+# A StepEvent's metrics, as a metric point stores them (its epoch is copied apart).
+POINT_KEYS = tuple(field for field in POINT_FIELDS if field != "epoch")

@@ -19,6 +19,7 @@ from workers.checkpoint import (
     resolve_checkpoint,
 )
 from workers.config import WorkerSettings
+from workers.generate import Generation
 from workers.spec import TrainingSpec
 
 __all__ = ["NoCheckpoint", "Predictor", "model_spec"]
@@ -98,6 +99,17 @@ class Predictor:
 
         model, name = self._model(spec, out_dir, which)
         return explain(model, inputs, **options), name
+
+    def generate(
+        self, spec: TrainingSpec, out_dir: Path, prompt_ids, which=None, **options
+    ) -> tuple[Generation, str]:
+        """workers.generate.generate on the checkpoint's transformer; `options` are its
+        keywords (max_tokens, temperature, top_k, seed)."""
+        from workers.generate import generate
+        from workers.model import lm_logits
+
+        model, name = self._model(spec, out_dir, which)
+        return generate(lm_logits(model), prompt_ids, context=spec.model.context, **options), name
 
     def graph(
         self, spec: TrainingSpec, out_dir: Path, settings: WorkerSettings, which=None

@@ -254,6 +254,11 @@ class MetricPoint(BaseModel):
     train_loss: float | None
     val_loss: float | None
     val_accuracy: float | None
+    val_exact_match: float | None = Field(
+        None,
+        description="builtin sequence tasks: the share of validation questions whose greedy "
+        "answer is exactly right",
+    )
     grad_norm: float | None = Field(description="of the averaged gradient, before grad_clip")
     lr: float | None = Field(None, description="the learning rate the step used")
     samples_per_s: float | None
@@ -351,6 +356,37 @@ def _integral(value: Any) -> Any:
 # An integer as JSON Schema has it: 3 or 3.0, never true or "3" (strict refuses those). Its
 # bounds go before it (Annotated[int, Field(ge=0), *INTEGER]), so the schema shows them.
 INTEGER = (Strict(), BeforeValidator(_integral))
+
+
+MAX_GENERATE_TOKENS = 256  # of one generate request: one forward pass each
+MAX_PROMPT_CHARS = 10_000  # the model reads only its last `context` tokens
+
+
+class GenerateRequest(BaseModel):
+    """A prompt to continue, one character a token, in the job's vocabulary."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_GENERATE_TOKENS), *INTEGER] = 8
+    temperature: float = Field(
+        0.0, ge=0, le=100, description="0: greedy (argmax); above 0: sample softmax(logits / T)"
+    )
+    top_k: Annotated[int, Field(ge=1), *INTEGER] | None = Field(
+        None, description="sample from the k most likely tokens only; null: from all"
+    )
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1), *INTEGER] = Field(
+        0, description="the same seed samples the same tokens"
+    )
+    checkpoint: str | None = Field(None, **CHECKPOINT)
+
+
+class GenerateResponse(BaseModel):
+    text: str = Field(description="the completion, without the prompt")
+    tokens: list[int] = Field(description="the completion's token ids")
+    logprobs: list[float] = Field(
+        description="the model's log-probability of each token (softmax at temperature 1)"
+    )
+    checkpoint: str = Field(description="the checkpoint that answered")
 
 
 class ExplainRequest(BaseModel):

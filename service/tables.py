@@ -128,6 +128,7 @@ class MetricRow(Base):
     train_loss: Mapped[float | None] = mapped_column(Float)
     val_loss: Mapped[float | None] = mapped_column(Float)
     val_accuracy: Mapped[float | None] = mapped_column(Float)
+    val_exact_match: Mapped[float | None] = mapped_column(Float)  # builtin sequence tasks
     grad_norm: Mapped[float | None] = mapped_column(Float)
     lr: Mapped[float | None] = mapped_column(Float)  # the step's (optimizer.schedule)
     samples_per_s: Mapped[float | None] = mapped_column(Float)
@@ -140,6 +141,7 @@ POINT_FIELDS = (
     "train_loss",
     "val_loss",
     "val_accuracy",
+    "val_exact_match",
     "grad_norm",
     "lr",
     "samples_per_s",

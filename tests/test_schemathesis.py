@@ -43,6 +43,10 @@ EXCEPTIONS = {
         "rows as wide as the job's model takes, a target below its output count, a baseline "
         "as wide as the rows (or one per row), rows x steps x width within the cost cap"
     ),
+    ("ST202", "POST /api/v1/jobs/{job_id}/generate"): (
+        "only a transformer job generates, and only from characters of its data's "
+        "vocabulary, which the job's spec fixes (the job here is an MLP's: a 422)"
+    ),
     ("ST202", "GET /api/v1/jobs"): (
         "`cursor` is opaque: only the strings the server handed out as next_cursor are "
         "cursors, which no schema can enumerate"
@@ -60,7 +64,7 @@ EXCLUDED_PATHS = r"/(events|logs)$"
 # they would only ever answer 404.
 JOB_ROUTES = (
     r"^/api/v1/jobs/\{job_id\}"
-    r"(/(cancel|resume|metrics|checkpoints|predict|explain|graph|filters|samples))?$"
+    r"(/(cancel|resume|metrics|checkpoints|predict|explain|generate|graph|filters|samples))?$"
 )
 
 

@@ -48,6 +48,9 @@ class StepEvent(TypedDict):
     samples_per_s: float | None
     val_loss: NotRequired[float]  # evaluation steps only
     val_accuracy: NotRequired[float | None]  # likewise; None for regression
+    # likewise, for the builtin sequence tasks only: the share of validation questions
+    # whose greedy answer is exactly right (workers.generate.val_exact_match)
+    val_exact_match: NotRequired[float | None]
 
 
 class CheckpointEvent(TypedDict):

@@ -347,6 +347,17 @@ def _evaluate_lm(model: TransformerLM, X: np.ndarray, classify: bool) -> dict:
     return {"loss": loss_sum / n_tokens, "accuracy": hits / n_tokens if classify else None}
 
 
+def lm_logits(model: TransformerLM):
+    """The model as a `logits_fn` for workers.generate: token ids (N, T) in, logits
+    (N, T, V) out as an array, with no graph and in eval mode (no dropout)."""
+
+    def logits(tokens: np.ndarray) -> np.ndarray:
+        with no_grad(), in_mode(model, training=False):
+            return model(np.asarray(tokens, dtype=np.int64)).data
+
+    return logits
+
+
 def predict_classes(outputs: np.ndarray, loss: str) -> np.ndarray:
     """Class index per row: argmax of the logits, or a threshold on a single output."""
     if outputs.shape[1] > 1:

@@ -377,14 +377,14 @@ class GradClip(_Strict):
     max_norm: float = Field(gt=0)
 
 
-Metric = Literal["val_loss", "val_accuracy"]
-DEFAULT_MODE = {"val_loss": "min", "val_accuracy": "max"}
+Metric = Literal["val_loss", "val_accuracy", "val_exact_match"]
+DEFAULT_MODE = {"val_loss": "min", "val_accuracy": "max", "val_exact_match": "max"}
 
 
 class _BestBy(_Strict):
     metric: Metric = "val_loss"
     mode: Literal["min", "max"] | None = Field(
-        None, description="Default: min for val_loss, max for val_accuracy."
+        None, description="Default: min for val_loss, max for val_accuracy and val_exact_match."
     )
 
     @model_validator(mode="after")
@@ -595,11 +595,21 @@ def _recipe_errors(spec: TrainingSpec, info: DatasetInfo) -> list[InitErrorDetai
         errors.append(_error(loc, msg, sched.warmup_steps))
     for field in ("early_stopping", "keep_best"):
         chosen = getattr(spec, field)
-        if chosen is not None and chosen.metric == "val_accuracy" and info.task != "classification":
+        metric = None if chosen is None else chosen.metric
+        if metric == "val_accuracy" and info.task != "classification":
             msg = f"{field}.metric: val_accuracy needs classification data, but {info.name!r} "
             msg += "is regression (use val_loss)"
-            errors.append(_error((field, "metric"), msg, chosen.metric))
+            errors.append(_error((field, "metric"), msg, metric))
+        if metric == "val_exact_match" and not scores_exact_match(spec):
+            msg = f"{field}.metric: val_exact_match scores the builtin tasks {sorted(TASKS)}, "
+            msg += f"not {info.name!r} (use val_loss)"
+            errors.append(_error((field, "metric"), msg, metric))
     return errors
+
+
+def scores_exact_match(spec: TrainingSpec) -> bool:
+    """Whether the run's evaluations include val_exact_match: a builtin sequence task's."""
+    return spec.data.type == "builtin" and spec.data.name in TASKS
 
 
 def _data_error(data: FileData | UploadedData, e: Exception) -> InitErrorDetails:

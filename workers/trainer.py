@@ -44,6 +44,7 @@ from workers.events import (
     WorkerFailureEvent,
     run_summary,
 )
+from workers.generate import val_exact_match
 from workers.health import HealthMonitor, advice_for, snapshot, step_stats
 from workers.joblog import JobLog
 from workers.model import (
@@ -58,12 +59,13 @@ from workers.model import (
     build_recipe,
     evaluate,
     grad_sum,
+    lm_logits,
     worker_config,
 )
 from workers.pool import ClusterTooSmall, OnPool, Stopped, WorkerFailure, WorkerPool
 from workers.replicated import ReplicatedStep
 from workers.sampler import Schedule, split_batch
-from workers.spec import TrainingSpec
+from workers.spec import TrainingSpec, scores_exact_match
 from workers.warmstart import InitFromError, warm_start
 
 __all__ = ["Diverged", "SpecMismatch", "Trainer", "TrainingError", "run_summary", "train"]
@@ -441,11 +443,12 @@ class Trainer:
         history."""
         data = self.data
         val = evaluate(self.model, self.spec.loss, data.X_val, data.y_val, data.classify)
-        point.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-        self.history.append(
-            {k: point[k] for k in ("step", "epoch", "train_loss")}
-            | {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
-        )
+        metrics = {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+        if scores_exact_match(self.spec):  # greedy answers to the validation questions
+            exact = val_exact_match(lm_logits(self.model), data.info, data.X_val)
+            metrics["val_exact_match"] = exact
+        point.update(metrics)
+        self.history.append({k: point[k] for k in ("step", "epoch", "train_loss")} | metrics)
 
     def _after_evaluation(self) -> bool:
         """Keep a new best checkpoint (the end of the run keeps its own in `_finish`);

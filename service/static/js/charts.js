@@ -22,6 +22,7 @@ const COLORS = {
   train: "#2563eb",
   val: "#ea580c",
   acc: "#16a34a",
+  exact: "#db2777",
   grad: "#7c3aed",
   lr: "#94a3b8",
 };
@@ -170,9 +171,13 @@ export class Curves {
     plot.margin.r = lr.x.length ? 58 : plot.margin.r;
     await Plotly.react(this.lossDiv, loss, plot, CONFIG);
     if (this.classify) {
-      const acc = [line(pts, "val_accuracy", "validation accuracy", COLORS.acc, true)];
+      // A builtin sequence task's exact match (issue 15) shares the accuracy chart.
+      const acc = [
+        line(pts, "val_accuracy", "validation accuracy", COLORS.acc, true),
+        line(pts, "val_exact_match", "validation exact match", COLORS.exact, true),
+      ].filter((trace, i) => i === 0 || trace.x.length);
       const yaxis = { tickformat: ".0%", range: [0, 1.02] };
-      const noVal = acc[0].x.length ? null : "Validated at the end of each epoch";
+      const noVal = acc.some((t) => t.x.length) ? null : "Validated at the end of each epoch";
       await Plotly.react(this.sideDiv, acc, layout("accuracy", yaxis, noVal), CONFIG);
     } else {
       const grad = [line(pts, "grad_norm", "gradient norm", COLORS.grad, false)];
