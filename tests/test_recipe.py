@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from core import optim
 from tests.fakes import make_client
 from tests.fakes import spec as fake_spec
-from tests.helpers import RECIPE, final_params, kill_9_at_checkpoint, make_spec
+from tests.helpers import RECIPE, final_params, kill_9_at_checkpoint, make_spec, small_moons
 from workers import checkpoint as ckpt
 from workers.data import with_data
 from workers.health import advice_for
@@ -99,6 +99,31 @@ def test_early_stopping_keeps_the_best_and_a_resumed_run_stops_at_the_same_step(
         k: summary[k] for k in ("steps", "stopped_early", "best_step", "val_loss")
     }
     assert ckpt.read_best(again) == ckpt.read_best(out)
+
+
+def test_predict_answers_from_the_best_step_of_an_early_stopped_job(tmp_path):
+    """The service's default checkpoint of a job that stopped early is its best step's:
+    predict's outputs are the model's with that step's model.safetensors."""
+    from core import Tensor, no_grad
+    from workers.model import build_model
+
+    client, _, _ = make_client(tmp_path)
+    body = small_moons(name="t", batch_size=30, **{**EARLY, "workers": 0})
+    r = client.post("/api/v1/jobs", json=body)
+    assert r.status_code == 201, r.text
+    job_id, spec = r.json()["id"], TrainingSpec.model_validate(body)
+    summary = Trainer(spec, tmp_path / "jobs" / job_id).run()
+    assert summary["stopped_early"] is True and summary["best_step"] < summary["steps"]
+
+    rows = [[-1.0, 0.5], [1.0, 0.0], [0.5, -0.4]]
+    r = client.post(f"/api/v1/jobs/{job_id}/predict", json={"inputs": rows})
+    assert r.status_code == 200, r.text
+    assert r.json()["checkpoint"] == f"step-{summary['best_step']}"
+    best = ckpt.checkpoint_dir(tmp_path / "jobs" / job_id, f"step-{summary['best_step']}")
+    model = build_model(spec)
+    model.load_state_dict(ckpt.load_model_state(best))
+    with no_grad():
+        np.testing.assert_array_equal(r.json()["outputs"], model(Tensor(np.array(rows))).data)
 
 
 def describe_data(spec: dict):
