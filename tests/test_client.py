@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 
 from service import schemas
 from shardgrad import Client, ClientError, Job
-from tests.helpers import Server, small_moons
+from tests.helpers import Server, require, small_moons
 from workers.checkpoint import checkpoint_dir, load_checkpoint
 
 
@@ -45,7 +45,7 @@ def test_submit_wait_and_read_a_job(client, trained, tmp_path):
     assert points[-1].val_accuracy is not None
     assert client.job(trained.id).info == trained.info
 
-    pd = pytest.importorskip("pandas")
+    pd = require("pandas")
     frame = points.to_pandas()
     assert isinstance(frame, pd.DataFrame) and list(frame.index) == list(range(1, total + 1))
     assert frame["train_loss"].iloc[-1] == points[-1].train_loss
