@@ -34,26 +34,39 @@ from core.tensor import Tensor, topological_order
 __all__ = ["backward_with_graph", "export_graph", "to_dot"]
 
 
-def export_graph(root, *, max_values: int = 64, parameters=()) -> dict:
+def export_graph(root, *, max_values: int = 64, parameters=(), layers=None) -> dict:
     """The graph that produced `root` (a Tensor or Value), with current outputs and grads.
 
     Iterative, so graphs 100k nodes deep work. Gradients are whatever `.grad` holds
     now: null for Tensor intermediates whose gradient backward freed. `parameters` may
     be a mapping of names to parameters (`dict(model.named_parameters())`): their nodes
     then also carry a "name".
+
+    `layers`, a mapping of names to intermediate results (a model's sub-layer outputs),
+    groups the graph by them: only leaves, those results and the root stay nodes, named;
+    every other op joins the first kept node it feeds, whose "operation" then lists the
+    ops in order ("linear+attention+linear"), and whose inputs are the kept nodes and
+    leaves it was computed from.
     """
     if max_values < 0:
         raise ValueError(f"max_values must be >= 0, got {max_values}")
     topo = topological_order(root)
-    ids = {id(node): i for i, node in enumerate(topo)}
     named = (
         parameters.items() if isinstance(parameters, Mapping) else ((None, p) for p in parameters)
     )
     chosen = {id(p): name for name, p in named}
+    ops, inputs = {id(n): n._op for n in topo}, {id(n): list(n._prev) for n in topo}
+    if layers is not None:
+        chosen |= {id(t): name for name, t in layers.items()}
+        topo = [n for n in topo if not n._prev or id(n) in chosen or n is root]
+        for node in topo:
+            if node._prev:
+                ops[id(node)], inputs[id(node)] = _grouped(node, chosen)
+    ids = {id(node): i for i, node in enumerate(topo)}
     nodes = []
     for i, node in enumerate(topo):
         if node._prev:
-            op = node._op
+            op = ops[id(node)]
         else:
             parameter = id(node) in chosen or getattr(node, "requires_grad", False)
             op = "parameter" if parameter else "source"
@@ -64,7 +77,7 @@ def export_graph(root, *, max_values: int = 64, parameters=()) -> dict:
                 "shape": list(np.shape(node.data)),
                 "output": _values(node.data, max_values),
                 "gradient": _values(node.grad, max_values),
-                "inputs": [ids[id(p)] for p in node._prev],
+                "inputs": [ids[id(p)] for p in inputs[id(node)]],
             }
         )
         if chosen.get(id(node)) is not None:
@@ -72,7 +85,26 @@ def export_graph(root, *, max_values: int = 64, parameters=()) -> dict:
     return {"root": len(topo) - 1, "nodes": nodes}
 
 
-def backward_with_graph(loss, *, max_values: int = 64, parameters=()) -> dict:
+def _grouped(node, kept: dict) -> tuple[str, list]:
+    """The ops that made `node` since the kept nodes and leaves it reads, joined by "+" in
+    topological order, and those kept nodes and leaves (each once, in order of use)."""
+    ops, inputs, seen = [node._op], [], {id(node)}
+    order = []  # absorbed ops, outputs before their inputs
+    stack = list(reversed(node._prev))
+    while stack:
+        p = stack.pop()
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if not p._prev or id(p) in kept:
+            inputs.append(p)
+        else:
+            order.append(p._op)
+            stack.extend(reversed(p._prev))
+    return "+".join([*reversed(order), *ops]), inputs
+
+
+def backward_with_graph(loss, *, max_values: int = 64, parameters=(), layers=None) -> dict:
     """`loss.backward()`, then `export_graph(loss)` with every node's gradient filled in.
 
     Tensor intermediates get `retain_grad()` first, so they keep their `.grad`
@@ -83,7 +115,7 @@ def backward_with_graph(loss, *, max_values: int = 64, parameters=()) -> dict:
             if not node.is_leaf:
                 node.retain_grad()
     loss.backward()
-    return export_graph(loss, max_values=max_values, parameters=parameters)
+    return export_graph(loss, max_values=max_values, parameters=parameters, layers=layers)
 
 
 # --- numbers as JSON -------------------------------------------------------------------------

@@ -56,20 +56,36 @@ class TransformerLM(Module):
         *_, (_, logits) = self.layer_outputs(tokens)
         return logits
 
-    def layer_outputs(self, tokens):
-        """Yield (name, output) after the embeddings ("embed"), each block ("blocks.<i>"),
-        the final norm and the head: the one forward pass, for callers that inspect it."""
+    def embed(self, tokens) -> Tensor:
+        """The token plus position embeddings of (N, T) tokens, 1 <= T <= context."""
         tokens = np.asarray(tokens.data if isinstance(tokens, Tensor) else tokens)
         if tokens.ndim != 2 or not 1 <= tokens.shape[1] <= self.context:
             raise ValueError(
                 f"TransformerLM expects (N, T) tokens with 1 <= T <= {self.context}, "
                 f"got shape {tokens.shape}"
             )
-        x = self.tok_emb(tokens) + self.pos_emb(np.arange(tokens.shape[1]))
+        return self.tok_emb(tokens) + self.pos_emb(np.arange(tokens.shape[1]))
+
+    def layer_outputs(self, tokens, *, sublayers: bool = False, weights: list | None = None):
+        """Yield (name, output) after the embeddings ("embed"), each block ("blocks.<i>"),
+        the final norm and the head: the one forward pass, for callers that inspect it.
+        With `sublayers`, each block's sub-layers instead ("blocks.<i>.norm1", ...; see
+        TransformerEncoderLayer.sublayers); `weights`, a list, receives every block's
+        attention weights (N, heads, T, T) in order."""
+        x = self.embed(tokens)
         yield "embed", x
+        yield from self.after_embedding(x, sublayers=sublayers, weights=weights)
+
+    def after_embedding(self, x, *, sublayers: bool = False, weights: list | None = None):
+        """`layer_outputs` from given (N, T, d_model) embeddings on: the blocks, the norm
+        and the head (integrated gradients walks a path of embeddings)."""
         for i, block in enumerate(self.blocks):
-            x = block(x, causal=True)
-            yield f"blocks.{i}", x
+            for name, out in block.sublayers(x, causal=True, weights=weights):
+                if sublayers:
+                    yield f"blocks.{i}.{name}", out
+            x = out  # the block's output: its last sub-layer's
+            if not sublayers:
+                yield f"blocks.{i}", x
         x = self.norm(x)
         yield "norm", x
         yield "head", self.head(x)

@@ -514,19 +514,36 @@ class TransformerEncoderLayer(Module):
         self.dropout2 = Dropout(dropout, seed, site + 3)
 
     def forward(self, x, causal: bool = False) -> Tensor:
+        *_, (_, out) = self.sublayers(x, causal)
+        return out
+
+    def sublayers(self, x, causal: bool = False, weights: list | None = None):
+        """Yield (name, output) of each sub-layer in order, the last being the layer's
+        output: pre-LN norm1, self_attn, add1 (the residual), norm2, linear1, gelu (or
+        relu), linear2, add2; post-LN self_attn, add1, norm1, linear1, ..., add2, norm2.
+        Dropouts belong to the sub-layer they follow. The one forward pass, for callers
+        that look inside it; `weights`, a list, receives the attention's softmax weights
+        (N, heads, T, T)."""
         x = as_tensor(x)
+        a = self.norm1(x) if self.norm_first else x
         if self.norm_first:
-            x = x + self._attention(self.norm1(x), causal)
-            return x + self._feedforward(self.norm2(x))
-        x = self.norm1(x + self._attention(x, causal))
-        return self.norm2(x + self._feedforward(x))
-
-    def _attention(self, x, causal: bool) -> Tensor:
-        return self.dropout1(self.self_attn(x, causal))
-
-    def _feedforward(self, x) -> Tensor:
-        if self.activation == "relu":
-            h = self.linear1(x, activation="relu")
+            yield "norm1", a
+        a, p = self.self_attn(a, causal, need_weights=True)
+        if weights is not None:
+            weights.append(p)
+        yield "self_attn", (a := self.dropout1(a))
+        yield "add1", (x := x + a)
+        if not self.norm_first:
+            yield "norm1", (x := self.norm1(x))
+        h = self.norm2(x) if self.norm_first else x
+        if self.norm_first:
+            yield "norm2", h
+        if self.activation == "relu":  # one fused node
+            yield "linear1+relu", (h := self.linear1(h, activation="relu"))
         else:
-            h = F.gelu(self.linear1(x))
-        return self.dropout2(self.linear2(self.dropout(h)))
+            yield "linear1", (h := self.linear1(h))
+            yield "gelu", (h := F.gelu(h))
+        yield "linear2", (h := self.dropout2(self.linear2(self.dropout(h))))
+        yield "add2", (x := x + h)
+        if not self.norm_first:
+            yield "norm2", self.norm2(x)

@@ -104,7 +104,8 @@ def _validate(model: type[BaseModel], raw: bytes, as_json: bool, context: dict):
     try:
         value = model.model_validate_json(raw, context=context)
     except ValidationError as err:
-        return "errors", *bounded(body_errors(err).errors())
+        tagged = bool(getattr(model, "__pydantic_root_model__", False))  # a union's tag
+        return "errors", *bounded(body_errors(err, tagged).errors())
     if as_json:
         return "ok", value.model_dump(mode="json"), 0
     return "ok", {name: _pack(getattr(value, name)) for name in value.model_fields_set}, 0

@@ -111,6 +111,23 @@ class Predictor:
         model, name = self._model(spec, out_dir, which)
         return generate(lm_logits(model), prompt_ids, context=spec.model.context, **options), name
 
+    def explain_tokens(
+        self, spec: TrainingSpec, out_dir: Path, prompt_ids, which=None, **options
+    ) -> tuple[dict, str]:
+        """workers.lm_views.explain_tokens on the checkpoint's transformer (a frozen copy);
+        `options` are its keywords (target, steps)."""
+        from workers.lm_views import explain_tokens
+
+        model, name = self._model(spec, out_dir, which)
+        return explain_tokens(model, prompt_ids, **options), name
+
+    def attention(self, spec: TrainingSpec, out_dir: Path, prompt_ids, which=None):
+        """The prompt's attention weights, [layer][head][query][key], and the checkpoint."""
+        from workers.lm_views import attention_weights
+
+        model, name = self._model(spec, out_dir, which)
+        return attention_weights(model, prompt_ids), name
+
     def graph(
         self, spec: TrainingSpec, out_dir: Path, settings: WorkerSettings, which=None
     ) -> tuple[dict, str]:
@@ -123,13 +140,21 @@ class Predictor:
         from core import Tensor
         from core.graph import backward_with_graph
         from workers.data import PreparedData
-        from workers.model import LOSSES
+        from workers.model import LOSSES, next_token_loss_of
 
         model, name = self._model(spec, out_dir, which)
         model = copy.deepcopy(model)
         data = PreparedData(spec, settings)
-        loss = LOSSES[spec.loss](model(Tensor(data.X[:1])), data.y[:1])
-        return backward_with_graph(loss, parameters=dict(model.named_parameters())), name
+        parameters = dict(model.named_parameters())
+        if spec.model.type != "transformer":
+            loss = LOSSES[spec.loss](model(Tensor(data.X[:1])), data.y[:1])
+            return backward_with_graph(loss, parameters=parameters), name
+        # One node per sub-layer, not per op: the blocks' insides, grouped by name.
+        tokens = np.asarray(data.X[:1]).astype(np.int64)
+        layers = dict(model.layer_outputs(tokens[:, :-1], sublayers=True))
+        layers["loss"] = next_token_loss_of(layers["head"], tokens).sum()
+        graph = backward_with_graph(layers["loss"], parameters=parameters, layers=layers)
+        return graph, name
 
     def filters(
         self, spec: TrainingSpec, out_dir: Path, most_values: int, which: str | None = None

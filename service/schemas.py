@@ -13,6 +13,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    RootModel,
     Strict,
     StringConstraints,
     Tag,
@@ -427,6 +428,73 @@ class ExplainResponse(BaseModel):
         description="integrated gradients: sum(attributions) - (f(x) - f(baseline)) per row"
     )
     checkpoint: str = Field(description="the checkpoint that answered")
+
+
+class TokenExplainRequest(BaseModel):
+    """A transformer job's explain: integrated gradients of one next-token logit over the
+    prompt's embeddings (token plus position), baseline all zeros."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="at most context")
+    target: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1,
+        description="the next token to explain, a character of the vocabulary; default: the "
+        "greedy next token",
+    )
+    steps: Annotated[int, Field(ge=1, le=1024), *INTEGER] = Field(
+        64, description="intervals of the path (refined where the logit bends)"
+    )
+    checkpoint: str | None = Field(None, **CHECKPOINT)
+
+
+class TokenExplainResponse(BaseModel):
+    tokens: list[str] = Field(description="the prompt, one character a token")
+    attributions: list[float] = Field(
+        description="per prompt token: its integrated gradient summed over the embedding"
+    )
+    target: str = Field(description="the next token explained")
+    target_id: int
+    logit: float = Field(description="the target's logit after the prompt")
+    baseline_logit: float = Field(description="the target's logit from zero embeddings")
+    completeness_gap: float = Field(description="sum(attributions) - (logit - baseline_logit)")
+    method: Literal["integrated_gradients"] = "integrated_gradients"
+    checkpoint: str = Field(description="the checkpoint that answered")
+
+
+class AttentionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="at most context")
+    checkpoint: str | None = Field(None, **CHECKPOINT)
+
+
+class AttentionResponse(BaseModel):
+    tokens: list[str] = Field(description="the prompt, one character a token")
+    weights: list[list[list[list[float]]]] = Field(
+        description="[layer][head][query][key]: the softmax attention weights, T x T per "
+        "head; causal, so row i weighs tokens 0..i and each row sums to 1"
+    )
+    checkpoint: str = Field(description="the checkpoint that answered")
+
+
+def _explain_kind(value: Any) -> str:
+    has_prompt = isinstance(value, TokenExplainRequest) or (
+        isinstance(value, dict) and "prompt" in value
+    )
+    return "prompt" if has_prompt else "rows"
+
+
+class ExplainBody(
+    RootModel[
+        Annotated[
+            Annotated[ExplainRequest, Tag("rows")] | Annotated[TokenExplainRequest, Tag("prompt")],
+            Discriminator(_explain_kind),
+        ]
+    ]
+):
+    """POST /jobs/{id}/explain's body: rows (an MLP's or a CNN's job) or a prompt (a
+    transformer's). The route validates it again as its job's model type takes it."""
 
 
 class FiltersResponse(BaseModel):

@@ -7,7 +7,7 @@ how much each input feature contributes:
 * "gradient_x_input": (x - baseline) * df/dx at x.
 * "integrated_gradients": (x - baseline) * the mean of df/dx along the straight path
   from the baseline to x (midpoint rule on `steps` intervals, refined where f bends,
-  see `_path_mean_gradients`). Its attributions add up to f(x) - f(baseline)
+  see `path_mean_gradients`). Its attributions add up to f(x) - f(baseline)
   ("completeness"); `completeness_gap` reports, per row, how far the quadrature is
   from that: sum(attributions) - (f(x) - f(baseline)), signed, in the output's units.
 
@@ -38,6 +38,7 @@ __all__ = [
     "explain",
     "input_shape",
     "nesting",
+    "path_mean_gradients",
     "predict",
     "samples",
 ]
@@ -104,7 +105,7 @@ def explain(
     else:
         rows = np.arange(len(X))
         change = outputs[rows, targets] - predict(model, B)[rows, targets]
-        attributions = (X - B) * _path_mean_gradients(frozen, X, B, targets, change, steps)
+        attributions = (X - B) * path_mean_gradients(frozen, X, B, targets, change, steps)
         gap = attributions.sum(axis=1, dtype=np.float64) - change
     return {
         "outputs": _json_rows(outputs),
@@ -146,15 +147,13 @@ def _target_outputs(frozen: MLP, X: np.ndarray, targets: np.ndarray) -> np.ndarr
 
 
 def _batched(fn, frozen: MLP, X: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """`fn` over at most PATH_BATCH rows at a time."""
-    parts = [
-        fn(frozen, X[i : i + PATH_BATCH], targets[i : i + PATH_BATCH])
-        for i in range(0, len(X), PATH_BATCH)
-    ]
+    """`fn` over at most PATH_BATCH rows at a time (or the model's own `path_batch`)."""
+    size = getattr(frozen, "path_batch", PATH_BATCH)
+    parts = [fn(frozen, X[i : i + size], targets[i : i + size]) for i in range(0, len(X), size)]
     return np.concatenate(parts)
 
 
-def _path_mean_gradients(frozen, X, B, targets, change, steps: int) -> np.ndarray:
+def path_mean_gradients(frozen, X, B, targets, change, steps: int) -> np.ndarray:
     """Mean of df/dx along the straight path from each baseline row to its input row.
 
     The midpoint rule on `steps` equal intervals of alpha, refined where it is wrong.

@@ -196,7 +196,12 @@ def next_token_losses(model: TransformerLM, X: np.ndarray) -> Tensor:
     X (N, T + 1) from the ones before. Summed over samples, the gradient sums of pieces
     add up as they do for any other model."""
     tokens = np.asarray(X).astype(np.int64)
-    logits = model(tokens[:, :-1])
+    return next_token_loss_of(model(tokens[:, :-1]), tokens)
+
+
+def next_token_loss_of(logits: Tensor, tokens: np.ndarray) -> Tensor:
+    """Each sample's mean cross-entropy of `logits` (N, T, V), read from tokens[:, :-1],
+    against the tokens after them, tokens[:, 1:]."""
     return F.cross_entropy(logits, tokens[:, 1:], reduction="none").mean(axis=1)
 
 

@@ -43,10 +43,14 @@ def value_at(value: Any, index: Iterable[int]) -> Any:
     return value
 
 
-def body_errors(err: ValidationError) -> RequestValidationError:
-    """Pydantic's errors of a model validated by hand from the body, each loc under "body"."""
+def body_errors(err: ValidationError, tagged: bool = False) -> RequestValidationError:
+    """Pydantic's errors of a model validated by hand from the body, each loc under "body".
+    `tagged`: the model is a tagged union, whose tag pydantic puts first in every loc; it is
+    left out, so the loc is the one the chosen member itself gives."""
     errors = err.errors(include_url=False)
-    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors])
+    return RequestValidationError(
+        [{**e, "loc": ("body", *e["loc"][1 if tagged else 0 :])} for e in errors]
+    )
 
 
 class BoundedErrors(RequestValidationError):

@@ -1,6 +1,7 @@
-"""Text from a transformer job's checkpoint: the prompt continued token by token, greedily or
-sampled reproducibly from a seed (workers/generate.py). Runs in the thread pool, as
-predictions do."""
+"""A transformer job's checkpoint on a prompt: the prompt continued token by token, greedily
+or sampled reproducibly from a seed (workers/generate.py); its attention weights; and (for
+POST /jobs/{id}/explain, see interpret.py) its tokens' attributions to the next token
+(workers/lm_views.py). Run in the thread pool, as predictions do."""
 
 from __future__ import annotations
 
@@ -9,10 +10,17 @@ from fastapi import APIRouter, HTTPException, status
 from service.api.deps import BODY, CONFLICT, NOT_FOUND, JobDep, PredictorDep, SettingsDep
 from service.api.errors import field_error
 from service.config import Settings
-from service.limits import over
+from service.limits import check_request_cost, over
 from service.offload import OffloadedRoute
-from service.predict import model_spec
-from service.schemas import GenerateRequest, GenerateResponse
+from service.predict import Predictor, model_spec
+from service.schemas import (
+    AttentionRequest,
+    AttentionResponse,
+    GenerateRequest,
+    GenerateResponse,
+    TokenExplainRequest,
+    TokenExplainResponse,
+)
 from workers.data import describe_data
 from workers.sequences import UnknownSymbol, decode, encode
 from workers.spec import TrainingSpec, model_size
@@ -30,16 +38,11 @@ def generate(
     `top_k` most likely tokens if given, the same tokens for the same `seed`. A prompt
     character outside the job's vocabulary is a 422 at its position; a job that is not a
     transformer's, a 422; a job without a checkpoint yet, a 409."""
-    spec = model_spec(job.spec)
-    if spec.model.type != "transformer":
-        msg = f"generation needs a transformer; job {job.id}'s model is {spec.model.type!r}"
-        raise field_error(("path", "job_id"), msg, job.id)
+    spec = transformer_spec(job, "generation")
     vocab = _vocabulary(job.id, spec, settings)
-    try:
-        prompt_ids = encode(body.prompt, vocab)
-    except UnknownSymbol as err:
-        raise field_error(("body", "prompt", err.position), str(err), body.prompt) from None
-    _check_cost(spec, settings, body.max_tokens)
+    prompt_ids = _encode(body.prompt, vocab, "prompt")
+    what = f"{body.max_tokens} tokens"
+    _check_cost(spec, settings, body.max_tokens, ("max_tokens", body.max_tokens), what)
     options = body.model_dump(include={"max_tokens", "temperature", "top_k", "seed"})
     run_dir = settings.jobs_dir / job.id
     out, name = predictor.generate(spec, run_dir, prompt_ids, body.checkpoint, **options)
@@ -49,6 +52,70 @@ def generate(
         logprobs=out.logprobs.tolist(),
         checkpoint=name,
     )
+
+
+@router.post(
+    "/{job_id}/attention", responses=BODY | NOT_FOUND | CONFLICT, tags=["interpretability"]
+)
+def attention(
+    job: JobDep, body: AttentionRequest, predictor: PredictorDep, settings: SettingsDep
+) -> AttentionResponse:
+    """The softmax attention weights of every layer and head on `prompt` (at most
+    `context` characters of the job's vocabulary), [layer][head][query][key], from the
+    checkpoint `checkpoint` names: causal, so row i weighs tokens 0..i and sums to 1.
+    422s as generate's; a prompt longer than the context, a 422."""
+    spec = transformer_spec(job, "the attention view")
+    vocab = _vocabulary(job.id, spec, settings)
+    prompt_ids = _fitting(body.prompt, vocab, spec)
+    _check_cost(spec, settings, 1, ("prompt", body.prompt), "one forward pass")
+    run_dir = settings.jobs_dir / job.id
+    weights, name = predictor.attention(spec, run_dir, prompt_ids, body.checkpoint)
+    return AttentionResponse(tokens=list(body.prompt), weights=weights, checkpoint=name)
+
+
+def explain_prompt(
+    job, body: TokenExplainRequest, predictor: Predictor, settings: Settings
+) -> TokenExplainResponse:
+    """POST /jobs/{id}/explain on a transformer job (see interpret.explain)."""
+    spec = transformer_spec(job, "explaining a prompt")
+    vocab = _vocabulary(job.id, spec, settings)
+    prompt_ids = _fitting(body.prompt, vocab, spec)
+    target = None if body.target is None else int(_encode(body.target, vocab, "target")[0])
+    check_request_cost(spec, settings, [body.prompt], "integrated_gradients", body.steps)
+    run_dir = settings.jobs_dir / job.id
+    result, name = predictor.explain_tokens(
+        spec, run_dir, prompt_ids, body.checkpoint, target=target, steps=body.steps
+    )
+    target = result.pop("target")
+    return TokenExplainResponse(
+        tokens=list(body.prompt), target=vocab[target], target_id=target, **result, checkpoint=name
+    )
+
+
+def transformer_spec(job, what: str) -> TrainingSpec:
+    """The job's spec; a 422 at the job id unless its model is a transformer."""
+    spec = model_spec(job.spec)
+    if spec.model.type != "transformer":
+        msg = f"{what} needs a transformer; job {job.id}'s model is {spec.model.type!r}"
+        raise field_error(("path", "job_id"), msg, job.id)
+    return spec
+
+
+def _encode(text: str, vocab: tuple[str, ...], field: str):
+    """The token ids of a body's field; a 422 at the position of a character outside
+    the vocabulary."""
+    try:
+        return encode(text, vocab)
+    except UnknownSymbol as err:
+        raise field_error(("body", field, err.position), str(err), text) from None
+
+
+def _fitting(prompt: str, vocab: tuple[str, ...], spec: TrainingSpec):
+    """The prompt's ids, whose attention or attributions are asked: at most `context`."""
+    if len(prompt) > spec.model.context:
+        msg = f"prompt has {len(prompt)} characters; the model reads at most {spec.model.context}"
+        raise field_error(("body", "prompt"), msg, prompt)
+    return _encode(prompt, vocab, "prompt")
 
 
 def _vocabulary(job_id: str, spec: TrainingSpec, settings: Settings) -> tuple[str, ...]:
@@ -61,10 +128,11 @@ def _vocabulary(job_id: str, spec: TrainingSpec, settings: Settings) -> tuple[st
         raise HTTPException(status.HTTP_409_CONFLICT, detail) from None
 
 
-def _check_cost(spec: TrainingSpec, settings: Settings, max_tokens: int) -> None:
-    """A 422 on max_tokens when its forward passes (one per token, each of at most a
+def _check_cost(spec: TrainingSpec, settings: Settings, passes: int, field: tuple, what: str):
+    """A 422 on `field` (its name and value) when `passes` forward passes (each of at most a
     context of tokens) would cost more multiply-adds than a predict request may."""
-    what = f"the request's multiply-adds ({max_tokens} tokens on this model)"
-    flops = max_tokens * model_size(spec.model).flops
-    if msg := over("max_predict_flops", settings, what, flops):
-        raise field_error(("body", "max_tokens"), f"max_tokens: {msg}", max_tokens)
+    flops = passes * model_size(spec.model).flops
+    message = f"the request's multiply-adds ({what} on this model)"
+    name, value = field
+    if msg := over("max_predict_flops", settings, message, flops):
+        raise field_error(("body", name), f"{name}: {msg}", value)

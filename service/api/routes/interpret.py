@@ -8,24 +8,28 @@ run in the thread pool (plain `def` routes), as predictions do.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, Body, HTTPException, Query, Response, status
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, SkipValidation, ValidationError
 
 from core.graph import to_dot
 from service.api.deps import BODY, CONFLICT, NOT_FOUND, JobDep, PredictorDep, SettingsDep
-from service.api.errors import field_error, value_at
+from service.api.errors import body_errors, field_error, value_at
+from service.api.routes.generate import explain_prompt
 from service.limits import check_request_cost
 from service.offload import OffloadedRoute
 from service.predict import NoFilters, model_spec
 from service.schemas import (
     CHECKPOINT,
+    ExplainBody,
     ExplainRequest,
     ExplainResponse,
     FiltersResponse,
     SamplesResponse,
+    TokenExplainRequest,
+    TokenExplainResponse,
 )
 from workers.data import check_data
 from workers.explain import ExplainError
@@ -70,14 +74,27 @@ def graph(
     return JSONResponse(result, headers=headers)
 
 
+# The body as OpenAPI documents it (rows or a prompt), handed to the route as parsed JSON and
+# validated there as the job's model takes it, so that its errors name the fields as the
+# one request model does.
+Explained = Annotated[ExplainBody, SkipValidation, Body(title="ExplainRequest")]
+
+
 @router.post("/{job_id}/explain", responses=BODY | NOT_FOUND | CONFLICT)
 def explain(
-    job: JobDep, body: ExplainRequest, predictor: PredictorDep, settings: SettingsDep
-) -> ExplainResponse:
+    job: JobDep, body: Explained, predictor: PredictorDep, settings: SettingsDep
+) -> ExplainResponse | TokenExplainResponse:
     """Attributions of one output to every input feature, row by row, from the checkpoint
     `checkpoint` names (as predict): the gradient, (x - baseline) * gradient, or integrated
-    gradients with its completeness gap. Outputs are the full rows predict gives."""
+    gradients with its completeness gap. Outputs are the full rows predict gives.
+
+    On a transformer job the body is {"prompt", "target", "steps", "checkpoint"}: integrated
+    gradients of the target's next-token logit over the prompt's embeddings, one
+    attribution per token (see TokenExplainRequest)."""
     spec = model_spec(job.spec)
+    if spec.model.type == "transformer":
+        return explain_prompt(job, _validated(TokenExplainRequest, body), predictor, settings)
+    body = _validated(ExplainRequest, body)
     _check_cost(body, width=spec.model.in_width)
     check_request_cost(spec, settings, body.inputs, body.method, body.steps)
     options = body.model_dump(exclude={"inputs", "checkpoint"})
@@ -127,6 +144,14 @@ def samples(
     spec = _spec_with_data(job, settings)
     page, total = predictor.samples.page(spec, settings.uploads_dir, offset, limit)
     return SamplesResponse(total=total, samples=page)
+
+
+def _validated(model: type[BaseModel], body: Any):
+    """The body as `model`, or FastAPI's standard 422 with each loc under "body"."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as err:
+        raise body_errors(err) from None
 
 
 def _spec_with_data(job, settings) -> TrainingSpec:
