@@ -11,6 +11,7 @@ import { graphView } from "./graph.js";
 import { healthPanel } from "./health.js";
 import { filtersView, imagePicker, takesImages } from "./images.js";
 import { confirmDelete } from "./jobs.js";
+import { attentionView, generateBox, tokenExplainBox } from "./lm.js";
 import { logsPanel } from "./logs.js";
 import { imagePredictBox, predictBox } from "./predict.js";
 import {
@@ -147,7 +148,15 @@ export function jobView(root, id) {
   const checkpoints = h("div", {}, h("p.muted", {}, "Loading…"));
   const events = h("div");
   const predict = h("div");
+  const predictTitle = h("h2", {}, "Predict");
   const explain = h("div");
+  const attention = h("div");
+  const attentionCard = h(
+    "section.card.wide",
+    { id: "attention", hidden: true },
+    h("h2", {}, "Attention"),
+    attention,
+  );
   const healthDiv = h("div.chart", { id: "health-chart" });
   const health = healthPanel(() => job.spec);
   const graph = graphView(id);
@@ -197,7 +206,13 @@ export function jobView(root, id) {
       graph.element,
     ),
     filtersCard,
-    h("div.grid-2", {}, card("Predict", predict), card("Explain", explain)),
+    h(
+      "div.grid-2",
+      {},
+      h("section.card", { id: "predict" }, predictTitle, predict),
+      card("Explain", explain),
+    ),
+    attentionCard,
     h("div.grid-2", {}, card("Checkpoints", checkpoints), card("Timeline", events)),
     logs.element,
     h("section.card.wide", {}, h("h2", {}, "Spec"), spec),
@@ -364,11 +379,21 @@ export function jobView(root, id) {
     curves = new Curves(lossDiv, sideDiv, { classify, lossName: job.spec.loss, healthDiv });
     spec.replaceChildren(h("pre.spec", {}, pretty(job.spec)));
     const picker = takesImages(job.spec) ? imagePicker(id, job.spec) : null;
-    filtersCard.hidden = !job.spec.model.layers?.some((layer) => layer.type === "conv2d");
-    const box = picker ? imagePredictBox(id, job.spec, picker) : predictBox(id, job.spec);
-    predict.replaceChildren(box);
-    explainer = explainBox(id, job.spec, picker);
-    explain.replaceChildren(explainer.element);
+    const layers = Array.isArray(job.spec.model.layers) ? job.spec.model.layers : []; // a count for an LM
+    filtersCard.hidden = !layers.some((layer) => layer.type === "conv2d");
+    if (job.spec.model.type === "transformer") {
+      predictTitle.textContent = "Generate";
+      predict.replaceChildren(generateBox(id, job.spec));
+      explain.replaceChildren(tokenExplainBox(id, job.spec));
+      explainer = attentionView(id, job.spec);
+      attentionCard.hidden = false;
+      attention.replaceChildren(explainer.element);
+    } else {
+      const box = picker ? imagePredictBox(id, job.spec, picker) : predictBox(id, job.spec);
+      predict.replaceChildren(box);
+      explainer = explainBox(id, job.spec, picker);
+      explain.replaceChildren(explainer.element);
+    }
     addPoints(metrics.points);
     loadCheckpoints();
     connect();
