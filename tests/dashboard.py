@@ -4,6 +4,7 @@ imports the fixtures it uses (each module gets its own server and browser)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -59,11 +60,18 @@ def server(tmp_path_factory, browser):
 def locked(tmp_path_factory):
     """The app with an API token and a paused fake dispatcher (no Ray), served by uvicorn on
     a thread: enough for the token's round trip through the page."""
+    client, _, _ = make_client(tmp_path_factory.mktemp("locked"), api_token=TOKEN, paused=True)
+    with on_a_thread(client.app) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def on_a_thread(app):
+    """`app` served by uvicorn on a thread of this process, at the URL yielded."""
     import uvicorn
 
-    client, _, _ = make_client(tmp_path_factory.mktemp("locked"), api_token=TOKEN, paused=True)
     port = free_port()
-    config = uvicorn.Config(client.app, port=port, log_level="warning", timeout_graceful_shutdown=1)
+    config = uvicorn.Config(app, port=port, log_level="warning", timeout_graceful_shutdown=1)
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
@@ -71,9 +79,11 @@ def locked(tmp_path_factory):
     while not uv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ The screenshot is docs/dashboard-lm.png."""
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,6 @@ import pytest
 from tests import dashboard
 from tests.dashboard import WIDE, badge, expect
 from tests.fakes import make_client, submit
-from tests.helpers import free_port
 from tests.test_generate import lm_spec
 from workers.spec import TrainingSpec
 from workers.trainer import Trainer
@@ -28,10 +25,8 @@ allowed_statuses = dashboard.allowed_statuses
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, browser):
-    """The app served by uvicorn on a thread, with one trained addition job marked
-    succeeded; (url, api client, job id)."""
-    import uvicorn
-
+    """The app on a thread (a fake dispatcher, no Ray) with one trained addition job marked
+    succeeded: (url, api client, job id)."""
     tmp_path = tmp_path_factory.mktemp("lm-dashboard")
     client, store, _ = make_client(tmp_path, paused=True)
     job_id = submit(client, **lm_spec())["id"]
@@ -39,18 +34,8 @@ def site(tmp_path_factory, browser):
     assert summary["status"] == "succeeded", summary
     store.claim("fake", lambda job: job.id == job_id or False)
     assert store.finish(job_id, "fake", "succeeded", None, step=6)
-    port = free_port()
-    config = uvicorn.Config(client.app, port=port, log_level="warning", timeout_graceful_shutdown=1)
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", client, job_id
-    uv.should_exit = True
-    thread.join(10)
+    with dashboard.on_a_thread(client.app) as url:
+        yield url, client, job_id
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import { api } from "./api.js";
 import { drawAttributions, drawHeatmap } from "./charts.js";
 import { shapeText } from "./images.js";
 import { inputWidth, outputMeaning, parseRow } from "./predict.js";
-import { errorText, h, num, readable } from "./ui.js";
+import { formErrors, h, num } from "./ui.js";
 
 const METHODS = {
   gradient: "gradient",
@@ -119,28 +119,14 @@ export function explainBox(jobId, spec, picker = null) {
   method.control.addEventListener("change", syncSteps);
   syncSteps();
 
-  function clearErrors() {
-    for (const f of [...fields, { error: formError, control: null }]) {
-      f.error.hidden = true;
-      f.error.replaceChildren();
-      f.control?.removeAttribute("aria-invalid");
-    }
-  }
-
-  function showError(name, message) {
-    const f = fields.find((x) => x.name === name);
-    const error = f ? f.error : formError;
-    error.append(error.childNodes.length ? `; ${message}` : message);
-    error.hidden = false;
-    f?.control.setAttribute("aria-invalid", "true");
-  }
+  const errors = formErrors(fields, formError);
 
   async function run(event) {
     event.preventDefault();
-    clearErrors();
+    errors.clear();
     const row = picker ? picker.picked()?.image : parseRow(inputs.control.value.trim());
     if (!row?.length) {
-      showError("inputs", picker ? "pick or upload an image" : `type ${inputWidth(spec)} numbers`);
+      errors.put("inputs", picker ? "pick or upload an image" : `type ${inputWidth(spec)} numbers`);
       return;
     }
     // The width is not checked here: the server's 422 says what the model takes.
@@ -156,13 +142,7 @@ export function explainBox(jobId, spec, picker = null) {
       if (picker) await drawHeatmap(chart, row, r.attributions[0]);
       else await drawAttributions(chart, r.attributions[0]);
     } catch (err) {
-      if (err.status === 422 && Array.isArray(err.detail)) {
-        for (const e of err.detail) {
-          showError(e.loc?.[0] === "body" ? e.loc[1] : null, readable(e.msg));
-        }
-      } else {
-        showError(null, errorText(err));
-      }
+      errors.show(err);
     } finally {
       button.disabled = false;
     }

@@ -6,7 +6,7 @@
 
 import { api } from "./api.js";
 import { plotly } from "./charts.js";
-import { errorText, h, num, readable } from "./ui.js";
+import { formErrors, h, num } from "./ui.js";
 
 const SIGN = { positive: "37, 99, 235", negative: "220, 38, 38" }; // as the attribution bars
 
@@ -26,21 +26,11 @@ function form(prefix, fields, buttonText, send, placed = null) {
   const out = h("div", { id: `${prefix}-output`, "aria-live": "polite", hidden: true });
   const button = h("button.btn.primary", { id: `${prefix}-run`, type: "submit" }, buttonText);
 
-  function show(name, message) {
-    const f = made.find((x) => x.name === name);
-    const error = f ? f.error : formError;
-    error.append(error.childNodes.length ? `; ${message}` : message);
-    error.hidden = false;
-    f?.control.setAttribute("aria-invalid", "true");
-  }
+  const errors = formErrors(made, formError);
 
   async function run(event) {
     event.preventDefault();
-    for (const f of [...made, { error: formError }]) {
-      f.error.hidden = true;
-      f.error.replaceChildren();
-      f.control?.removeAttribute("aria-invalid");
-    }
+    errors.clear();
     button.disabled = true;
     try {
       const values = Object.fromEntries(made.map((f) => [f.name, f.control.value]));
@@ -48,11 +38,7 @@ function form(prefix, fields, buttonText, send, placed = null) {
       out.hidden = false;
       await placed?.();
     } catch (err) {
-      if (err.status === 422 && Array.isArray(err.detail)) {
-        for (const e of err.detail) show(e.loc?.[0] === "body" ? e.loc[1] : null, readable(e.msg));
-      } else {
-        show(null, errorText(err));
-      }
+      errors.show(err);
     } finally {
       button.disabled = false;
     }

@@ -37,6 +37,34 @@ export function errorText(err) {
   return err?.message || String(err);
 }
 
+// A form's errors: each field's paragraph under it (`fields`: [{name, control, error}]) and
+// one for the form. `show(err)` puts a 422's errors under the fields their locs name
+// (["body", name, ...]), any other error under the form.
+export function formErrors(fields, formError) {
+  function clear() {
+    for (const f of [...fields, { error: formError }]) {
+      f.error.hidden = true;
+      f.error.replaceChildren();
+      f.control?.removeAttribute("aria-invalid");
+    }
+  }
+  function put(name, message) {
+    const f = fields.find((x) => x.name === name);
+    const error = f ? f.error : formError;
+    error.append(error.childNodes.length ? `; ${message}` : message);
+    error.hidden = false;
+    f?.control.setAttribute("aria-invalid", "true");
+  }
+  function show(err) {
+    if (err.status === 422 && Array.isArray(err.detail)) {
+      for (const e of err.detail) put(e.loc?.[0] === "body" ? e.loc[1] : null, readable(e.msg));
+    } else {
+      put(null, errorText(err));
+    }
+  }
+  return { clear, put, show };
+}
+
 // -- numbers and times -------------------------------------------------------------------
 
 export function num(x, digits = 4) {
