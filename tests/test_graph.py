@@ -266,3 +266,20 @@ def test_dot_escapes_label_syntax():
     assert_valid_dot(dot)
     assert r"odd \"name\" \{x\|y\} \<p\> \\" in dot
     assert 'fillcolor="red"' in dot  # non-finite gradient
+
+
+def test_layers_group_the_ops_between_named_results():
+    w = Tensor(np.ones((2, 3)), requires_grad=True)
+    h = Tensor(np.ones((1, 2))) @ w
+    loss = (h * 2.0 + 1.0).sum()
+    graph = backward_with_graph(loss, parameters={"w": w}, layers={"proj": h, "loss": loss})
+    ops = [(n["operation"], n.get("name"), n["inputs"]) for n in graph["nodes"]]
+    assert ops == [  # leaves stay: the constants 1 and 2, w, the data
+        ("source", None, []),
+        ("source", None, []),
+        ("parameter", "w", []),
+        ("source", None, []),
+        ("matmul", "proj", [3, 2]),
+        ("mul+add+sum", "loss", [4, 1, 0]),  # h * 2 + 1, summed: one node
+    ]
+    assert graph["nodes"][4]["gradient"] == [[2.0, 2.0, 2.0]]
