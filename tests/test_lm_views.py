@@ -169,3 +169,13 @@ def test_the_graph_has_one_node_per_sub_layer(served):
     assert inputs[0] == "blocks.0.norm1" and "blocks.0.self_attn.in_proj_weight" in inputs
     assert [nodes[i]["name"] for i in computed[3]["inputs"]] == ["embed", "blocks.0.self_attn"]
     assert all(n["gradient"] is not None for n in graph["nodes"])
+
+
+def test_the_attention_answer_is_bounded(served, monkeypatch):
+    from service.api.routes import generate
+
+    client, job_id = served
+    monkeypatch.setattr(generate, "MAX_ATTENTION_VALUES", 50)  # 1 layer x 2 heads x 6^2 = 72
+    r = post(client, job_id, "attention")
+    assert locs(r) == [("body", "prompt")] and "72 values, over the limit of 50" in r.text
+    assert answer(client, job_id, "attention", prompt="12+3")["tokens"] == list("12+3")  # 32

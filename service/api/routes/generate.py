@@ -25,6 +25,9 @@ from workers.data import describe_data
 from workers.sequences import UnknownSymbol, decode, encode
 from workers.spec import TrainingSpec, model_size
 
+# The attention view's answer: layers x heads x T x T numbers, as JSON (~20 bytes each).
+MAX_ATTENTION_VALUES = 2**20
+
 router = APIRouter(prefix="/jobs", tags=["generation"], route_class=OffloadedRoute)
 
 
@@ -68,6 +71,13 @@ def attention(
     vocab = _vocabulary(job.id, spec, settings)
     prompt_ids = _fitting(body.prompt, vocab, spec)
     _check_cost(spec, settings, 1, ("prompt", body.prompt), "one forward pass")
+    model = spec.model
+    if (values := model.layers * model.heads * len(body.prompt) ** 2) > MAX_ATTENTION_VALUES:
+        msg = (
+            f"prompt: its attention weights (layers x heads x {len(body.prompt)}^2) are "
+            f"{values:,} values, over the limit of {MAX_ATTENTION_VALUES:,}; ask a shorter prompt"
+        )
+        raise field_error(("body", "prompt"), msg, body.prompt)
     run_dir = settings.jobs_dir / job.id
     weights, name = predictor.attention(spec, run_dir, prompt_ids, body.checkpoint)
     return AttentionResponse(tokens=list(body.prompt), weights=weights, checkpoint=name)
