@@ -179,3 +179,22 @@ def test_the_attention_answer_is_bounded(served, monkeypatch):
     r = post(client, job_id, "attention")
     assert locs(r) == [("body", "prompt")] and "72 values, over the limit of 50" in r.text
     assert answer(client, job_id, "attention", prompt="12+3")["tokens"] == list("12+3")  # 32
+
+
+def test_a_large_explain_body_is_checked_off_the_loop_with_the_same_locs():
+    """Bodies over OFFLOAD_BYTES are validated in another process against the union of the
+    two bodies; its errors name the fields as the chosen body's own would (no union tag)."""
+    import json
+
+    from service.offload import OFFLOAD_BYTES, _validate
+    from service.schemas import ExplainBody
+
+    rows = json.dumps({"inputs": [[0.25, 0.5]] * 900 + [[0.1, "x"]]}).encode()
+    assert len(rows) > OFFLOAD_BYTES
+    kind, errors, _ = _validate(ExplainBody, rows, True, {})
+    assert kind == "errors" and [e["loc"] for e in errors] == [["body", "inputs", 900, 1]]
+    prompt = json.dumps({"prompt": "1" * 9000, "steps": 0}).encode()
+    kind, errors, _ = _validate(ExplainBody, prompt, True, {})
+    assert kind == "errors" and [e["loc"] for e in errors] == [["body", "steps"]]
+    kind, value, _ = _validate(ExplainBody, json.dumps({"prompt": "1" * 9000}).encode(), True, {})
+    assert kind == "ok" and value["prompt"] == "1" * 9000 and value["steps"] == 64
