@@ -18,6 +18,8 @@ from tests.test_generate import lm_spec
 from workers.spec import TrainingSpec
 from workers.trainer import Trainer
 
+pytestmark = pytest.mark.slow
+
 browser = dashboard.browser
 shots = dashboard.shots
 allowed_statuses = dashboard.allowed_statuses
