@@ -451,14 +451,16 @@ class TokenExplainRequest(BaseModel):
 
 class TokenExplainResponse(BaseModel):
     tokens: list[str] = Field(description="the prompt, one character a token")
-    attributions: list[float] = Field(
+    attributions: list[float | None] = Field(
         description="per prompt token: its integrated gradient summed over the embedding"
     )
     target: str = Field(description="the next token explained")
     target_id: int
-    logit: float = Field(description="the target's logit after the prompt")
-    baseline_logit: float = Field(description="the target's logit from zero embeddings")
-    completeness_gap: float = Field(description="sum(attributions) - (logit - baseline_logit)")
+    logit: float | None = Field(description="the target's logit after the prompt")
+    baseline_logit: float | None = Field(description="the target's logit from zero embeddings")
+    completeness_gap: float | None = Field(
+        description="sum(attributions) - (logit - baseline_logit); null where not finite"
+    )
     method: Literal["integrated_gradients"] = "integrated_gradients"
     checkpoint: str = Field(description="the checkpoint that answered")
 
@@ -471,7 +473,7 @@ class AttentionRequest(BaseModel):
 
 class AttentionResponse(BaseModel):
     tokens: list[str] = Field(description="the prompt, one character a token")
-    weights: list[list[list[list[float]]]] = Field(
+    weights: list[list[list[list[float | None]]]] = Field(
         description="[layer][head][query][key]: the softmax attention weights, T x T per "
         "head; causal, so row i weighs tokens 0..i and each row sums to 1"
     )

@@ -198,3 +198,18 @@ def test_a_large_explain_body_is_checked_off_the_loop_with_the_same_locs():
     assert kind == "errors" and [e["loc"] for e in errors] == [["body", "steps"]]
     kind, value, _ = _validate(ExplainBody, json.dumps({"prompt": "1" * 9000}).encode(), True, {})
     assert kind == "ok" and value["prompt"] == "1" * 9000 and value["steps"] == 64
+
+
+def test_a_diverged_models_views_are_json_with_nulls():
+    import json
+
+    from core.lm import TransformerLM
+    from workers.lm_views import attention_weights, explain_tokens
+
+    model = TransformerLM(13, 9, 8, 2, 1, 16, seed=0)
+    model.blocks[0].self_attn.in_proj_weight.data[:] = np.nan
+    got = explain_tokens(model, [1, 2, 10], target=3, steps=2)
+    assert got["logit"] is None and got["completeness_gap"] is None
+    weights = attention_weights(model, [1, 2, 10])
+    assert weights[0][0][0][0] is None
+    json.dumps([got, weights], allow_nan=False)

@@ -37,6 +37,7 @@ __all__ = [
     "Method",
     "explain",
     "input_shape",
+    "json_values",
     "nesting",
     "path_mean_gradients",
     "predict",
@@ -108,13 +109,13 @@ def explain(
         attributions = (X - B) * path_mean_gradients(frozen, X, B, targets, change, steps)
         gap = attributions.sum(axis=1, dtype=np.float64) - change
     return {
-        "outputs": _json_rows(outputs),
-        "attributions": _json_rows(
+        "outputs": json_values(outputs),
+        "attributions": json_values(
             attributions.reshape(-1, *input_shape(model)) if images else attributions
         ),
         "method": method,
         "targets": targets.tolist(),
-        "completeness_gap": None if gap is None else _json_rows(gap),
+        "completeness_gap": None if gap is None else json_values(gap),
     }
 
 
@@ -385,8 +386,10 @@ def _targets(target, outputs: np.ndarray) -> np.ndarray:
     return np.full(len(outputs), int(target))
 
 
-def _json_rows(a: np.ndarray) -> list:
-    """Plain floats, with None for non-finite values (JSON has neither NaN nor inf)."""
+def json_values(a: np.ndarray) -> list:
+    """Plain floats, with None for non-finite values (JSON has neither NaN nor inf); a
+    0-d array or a NumPy scalar gives one float (or None)."""
+    a = np.asarray(a)
     out = a.astype(object)
     out[~np.isfinite(a)] = None
     return out.tolist()

@@ -17,7 +17,7 @@ import numpy as np
 
 from core import Tensor, no_grad
 from core.lm import TransformerLM
-from workers.explain import ExplainError, path_mean_gradients
+from workers.explain import ExplainError, json_values, path_mean_gradients
 
 __all__ = ["attention_weights", "explain_tokens"]
 
@@ -54,7 +54,8 @@ def explain_tokens(model: TransformerLM, prompt_ids, target: int | None = None, 
     """Integrated-gradient attributions of the `target` token's next-token logit (None: the
     greedy next token) to each of the prompt's tokens. Returns {"target", "logit",
     "baseline_logit", "attributions" (one per token), "completeness_gap"} (the gap:
-    sum(attributions) - (logit - baseline_logit)). The prompt's ids must be in range and
+    sum(attributions) - (logit - baseline_logit)); numbers that are not finite (a diverged
+    model's) are None, as in predictions. The prompt's ids must be in range and
     at most `context` long (ExplainError otherwise, at "prompt" or "target")."""
     ids = np.asarray(prompt_ids, dtype=np.int64)[None]
     _check(model, ids, target)
@@ -69,25 +70,27 @@ def explain_tokens(model: TransformerLM, prompt_ids, target: int | None = None, 
     change = np.array([logits[target] - base[target]])
     mean = path_mean_gradients(f, X, B, np.array([target]), change, steps)
     attributions = (X * mean).reshape(x.shape[1:]).sum(axis=1, dtype=np.float64)
+    gap = attributions.sum() - change
     return {
         "target": target,
-        "logit": float(logits[target]),
-        "baseline_logit": float(base[target]),
-        "attributions": attributions.tolist(),
-        "completeness_gap": float(attributions.sum() - change[0]),
+        "logit": json_values(logits[target]),
+        "baseline_logit": json_values(base[target]),
+        "attributions": json_values(attributions),
+        "completeness_gap": json_values(gap[0]),
     }
 
 
 def attention_weights(model: TransformerLM, prompt_ids) -> list:
     """The softmax attention weights of the prompt, [layer][head][query][key] (T x T per
-    head, causal: row i weighs tokens 0..i), from one forward pass in eval mode."""
+    head, causal: row i weighs tokens 0..i), from one forward pass in eval mode; None for
+    a weight that is not finite."""
     ids = np.asarray(prompt_ids, dtype=np.int64)[None]
     _check(model, ids, None)
     weights: list[np.ndarray] = []
     with no_grad():
         for _ in frozen(model).layer_outputs(ids, weights=weights):
             pass
-    return [np.asarray(w[0], np.float64).tolist() for w in weights]
+    return [json_values(np.asarray(w[0], np.float64)) for w in weights]
 
 
 def _check(model: TransformerLM, ids: np.ndarray, target: int | None) -> None:
