@@ -8,6 +8,8 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,15 +57,13 @@ def server(tmp_path_factory, browser):
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def locked(tmp_path_factory):
-    """The app with an API token and a paused fake dispatcher (no Ray), served by uvicorn on
-    a thread: enough for the token's round trip through the page."""
+@contextmanager
+def served(app) -> Iterator[str]:
+    """`app` served by uvicorn on a thread, at the URL this yields."""
     import uvicorn
 
-    client, _, _ = make_client(tmp_path_factory.mktemp("locked"), api_token=TOKEN, paused=True)
     port = free_port()
-    config = uvicorn.Config(client.app, port=port, log_level="warning", timeout_graceful_shutdown=1)
+    config = uvicorn.Config(app, port=port, log_level="warning", timeout_graceful_shutdown=1)
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
@@ -71,9 +71,20 @@ def locked(tmp_path_factory):
     while not uv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def locked(tmp_path_factory):
+    """The app with an API token and a paused fake dispatcher (no Ray), served by uvicorn on
+    a thread: enough for the token's round trip through the page."""
+    client, _, _ = make_client(tmp_path_factory.mktemp("locked"), api_token=TOKEN, paused=True)
+    with served(client.app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

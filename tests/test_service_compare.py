@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import insert
-from sqlalchemy.orm import Session
 
 from service.compare import differing, flatten
 from service.schemas import Comparison
-from service.tables import MetricRow
 from shardgrad import Client, ClientError
-from tests.fakes import locs, make_client, submit
+from tests.fakes import curve, finished_job, locs, make_client, submit
 
 COMPARE = "/api/v1/compare"
 
@@ -23,34 +20,12 @@ def env(request, tmp_path):
     return make_client(tmp_path, store_url=url)
 
 
-def trained(client, store, points: list[dict], finish: str = "succeeded", **spec) -> str:
-    """A job (the small moons spec with `spec`) that measured `points` and finished."""
-    job_id = submit(client, **spec)["id"]
-    store.claim("t", lambda q: q.id == job_id or False)
-    with Session(store.engine) as s, s.begin():  # one transaction, however many points
-        s.execute(insert(MetricRow), [{"job_id": job_id, **p} for p in points[:-1]])
-    last = points[-1]
-    metrics = {k: v for k, v in last.items() if k not in ("step", "epoch")}
-    store.progress(job_id, "t", {"step": last["step"], "metrics": metrics}, point=last)
-    store.finish(job_id, "t", finish)
-    return job_id
-
-
-def curve(steps: int, every: int, slope: float) -> list[dict]:
-    """train_loss at each step; val_loss and val_accuracy every `every` steps."""
-    out = []
-    for s in range(1, steps + 1):
-        p = {"step": s, "epoch": 0, "train_loss": slope / s}
-        if s % every == 0:
-            p |= {"val_loss": 2 * slope / s, "val_accuracy": min(1.0, s / steps)}
-        out.append(p)
-    return out
-
-
 def test_differing_fields_values_metrics_and_curves():
     client, store, _ = make_client("unused")
-    a = trained(client, store, curve(6, 3, 1.0), name="a", optimizer={"type": "sgd", "lr": 0.1})
-    b = trained(
+    a = finished_job(
+        client, store, curve(6, 3, 1.0), name="a", optimizer={"type": "sgd", "lr": 0.1}
+    )
+    b = finished_job(
         client,
         store,
         curve(4, 2, 2.0),
@@ -78,8 +53,8 @@ def test_differing_fields_values_metrics_and_curves():
 
 def test_long_curves_are_downsampled_in_the_database(env):
     client, store, _ = env
-    long = trained(client, store, curve(1000, 10, 1.0), name="long")
-    short = trained(client, store, curve(30, 10, 1.0), name="short")
+    long = finished_job(client, store, curve(1000, 10, 1.0), name="long")
+    short = finished_job(client, store, curve(30, 10, 1.0), name="short")
     body = client.get(COMPARE, params={"ids": f"{long},{short}", "points": 50}).json()
     assert body["points"] == 50
     train = body["jobs"][0]["series"]["train_loss"]

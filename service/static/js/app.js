@@ -2,14 +2,18 @@
 // function that stops its streams and timers when the reader navigates away.
 
 import { clusterView } from "./cluster.js";
+import { compareView } from "./compare.js";
 import { jobView } from "./job.js";
 import { jobsView } from "./jobs.js";
 import { submitView } from "./submit.js";
 import { empty, h } from "./ui.js";
 
+const query = (text) => new URLSearchParams(text || "");
+
 const ROUTES = [
-  [/^#?\/?(?:\?(.*))?$/, "jobs", (root, m) => jobsView(root, new URLSearchParams(m[1] || ""))],
+  [/^#?\/?(?:\?(.*))?$/, "jobs", (root, m) => jobsView(root, query(m[1]))],
   [/^#\/jobs\/([\w-]+)$/, "jobs", (root, m) => jobView(root, m[1])],
+  [/^#\/compare(?:\?(.*))?$/, "jobs", (root, m) => compareView(root, query(m[1]))],
   [/^#\/submit$/, "submit", (root) => submitView(root)],
   [/^#\/cluster$/, "cluster", (root) => clusterView(root)],
 ];
