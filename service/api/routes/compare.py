@@ -12,6 +12,8 @@ from service.api.errors import field_error
 from service.schemas import MAX_COMPARE, MAX_SERIES_POINTS, PRINTABLE, Comparison
 
 router = APIRouter(tags=["jobs"])
+ID = r"[^,\x00-\x1f\x7f]+"
+IDS_PATTERN = rf"^{ID}(,{ID}){{1,{MAX_COMPARE - 1}}}$"
 
 
 def parse_ids(text: str) -> list[str]:
@@ -36,7 +38,9 @@ def compare_jobs(
         Query(
             max_length=MAX_COMPARE * 80,
             pattern=PRINTABLE,
-            description=f"2 to {MAX_COMPARE} job ids, comma-separated",
+            # what the checks below require, for clients; they answer in words
+            json_schema_extra={"pattern": IDS_PATTERN},
+            description=f"2 to {MAX_COMPARE} job ids, comma-separated, each once",
         ),
     ],
     points: Annotated[
