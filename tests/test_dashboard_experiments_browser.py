@@ -234,8 +234,8 @@ def test_the_sweep_page_ranks_plots_and_follows_the_trials(page, app, shots):
     expect(page.locator("#best-trial h2")).to_have_text("Best trial: #1")
     expect(page.locator("#best-job")).to_have_attribute("href", f"#/jobs/{ids['trial-1']}")
 
-    expect(page.locator("#sweep-scatters .scatter")).to_have_count(2)
-    scatter = page.locator('.scatter[data-param="optimizer.lr"] .js-plotly-plot')
+    expect(page.locator("#sweep-scatters .param-plot")).to_have_count(2)
+    scatter = page.locator('.param-plot[data-param="optimizer.lr"] .js-plotly-plot')
     expect(scatter.locator(".scatterlayer .point")).to_have_count(4)
     assert scatter.evaluate("div => div.layout.xaxis.type") == "log"
     curves = page.locator("#sweep-curves")

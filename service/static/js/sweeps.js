@@ -257,7 +257,7 @@ export function sweepView(root, id) {
       return existing || h("div.chart-auto");
     });
     scatters.replaceChildren(
-      ...params.map(([p], i) => h("div.scatter", { "data-param": p }, h("h3", {}, p), divs[i])),
+      ...params.map(([p], i) => h("div.param-plot", { "data-param": p }, h("h3", {}, p), divs[i])),
     );
     params.forEach(([p, dist], i) => {
       const points = scored.map((t) => {
