@@ -257,6 +257,8 @@ def test_the_sweep_page_ranks_plots_and_follows_the_trials(page, app, shots):
     expect(page.locator("#sweep-cancel")).to_have_count(0)
     page.locator('button[data-sort="val loss"]').click()
     expect(rows.first).to_have_attribute("data-number", "3")
+    best_first = ",".join(ids[f"trial-{n}"] for n in (3, 1, 0, 2))
+    expect(page.locator("#compare-top")).to_have_attribute("href", f"#/compare?ids={best_first}")
     page.evaluate("window.scrollTo(0, 0)")  # the sticky header at the top of the shot
     screenshot(page, shots, "dashboard-sweep")
 

@@ -10,6 +10,7 @@ import { alert, badge, empty, errorText, fullTime, h, num, TERMINAL, table, when
 
 const COMPARE_MOST = 10; // ids per GET /compare
 const CURVE_POINTS = 300;
+const COMPARE_TOP = 5; // trials the "Compare the best" link opens
 const CURVES_EVERY_MS = 3000; // while trials run, their curves are re-read at most this often
 const METRIC_NAMES = {
   val_loss: "val loss",
@@ -141,6 +142,7 @@ export function sweepView(root, id) {
   const curvesDiv = h("div.chart", { id: "sweep-curves" });
   const scatters = h("div.scatter-grid", { id: "sweep-scatters" });
   const trialsWrap = h("div");
+  const compareTop = h("a.btn", { id: "compare-top", hidden: true });
   root.append(
     h("a.back", { href: "#/sweeps" }, "← All sweeps"),
     head,
@@ -149,7 +151,12 @@ export function sweepView(root, id) {
     bestCard,
     h("section.card.wide", {}, h("h2", {}, "Learning curves"), curvesDiv),
     h("section.card.wide", {}, h("h2", {}, "Parameters against the metric"), scatters),
-    h("section.card.wide", {}, h("h2", {}, "Trials"), trialsWrap),
+    h(
+      "section.card.wide",
+      {},
+      h("div.card-head", {}, h("h2", {}, "Trials"), compareTop),
+      trialsWrap,
+    ),
   );
 
   let sweep = null;
@@ -208,7 +215,20 @@ export function sweepView(root, id) {
     );
   }
 
+  // The best few trials (by result, else best value so far) on the compare page.
+  function renderCompareLink() {
+    const sign = sweep.mode === "min" ? 1 : -1;
+    const top = sweep.trials
+      .filter((t) => t.job_id && score(t) !== null)
+      .sort((a, b) => sign * (score(a) - score(b)))
+      .slice(0, COMPARE_TOP);
+    compareTop.hidden = top.length < 2;
+    compareTop.textContent = `Compare the best ${top.length}`;
+    compareTop.href = `#/compare?ids=${top.map((t) => t.job_id).join(",")}`;
+  }
+
   function renderTrials() {
+    renderCompareLink();
     const cols = columns(sweep);
     if (sortBy === null) [sortBy, desc] = [cols.at(-4)[0], sweep.mode === "max"];
     const th = (c) => {
