@@ -67,7 +67,15 @@ const pageHash = (f, cursor, from) => {
 // The jobs ticked for comparison, kept for this tab across pages and filters.
 const PICKED = "shardgrad.compare";
 const MAX_COMPARE = 10; // GET /compare's most
-const picked = new Set(JSON.parse(sessionStorage.getItem(PICKED) || "[]"));
+const picked = new Set(readPicked());
+function readPicked() {
+  try {
+    const ids = JSON.parse(sessionStorage.getItem(PICKED) || "[]");
+    return Array.isArray(ids) ? ids.filter((id) => typeof id === "string") : [];
+  } catch {
+    return []; // not ours, or damaged: start with none ticked
+  }
+}
 const savePicked = () => sessionStorage.setItem(PICKED, JSON.stringify([...picked]));
 
 const isDefault = (f) => !f.status && !f.tags.length && !f.name && f.sort === DEFAULT_SORT;
