@@ -287,7 +287,12 @@ export const runColor = (i) => RUN_COLORS[i % RUN_COLORS.length];
 // Several runs' curves on one chart: for each run ({name, color, series, marked}) a line per
 // metric of `metrics` ([key, label, dash]), from its {steps, values} series (GET /compare).
 // A `marked` run (a pruned trial) is dotted and ends in a cross.
-export async function drawRuns(div, runs, metrics, { yTitle, yaxis = {}, legend = true }) {
+export async function drawRuns(
+  div,
+  runs,
+  metrics,
+  { yTitle, yaxis = {}, legend = true, emptyText = "Nothing measured yet" },
+) {
   const Plotly = await plotly();
   const traces = [];
   for (const run of runs) {
@@ -313,7 +318,7 @@ export async function drawRuns(div, runs, metrics, { yTitle, yaxis = {}, legend 
       });
     }
   }
-  const none = traces.length ? null : "Nothing measured yet";
+  const none = traces.length ? null : emptyText;
   const plot = layout(yTitle, yaxis, none);
   Object.assign(plot, { hovermode: "closest", showlegend: legend, height: 320 });
   await Plotly.react(div, traces, plot, CONFIG);

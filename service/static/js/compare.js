@@ -110,7 +110,8 @@ export function compareView(root, query) {
       tableCard.append(comparisonTable(cmp));
       await drawRuns(lossDiv, runs, LOSSES, { yTitle: "loss" });
       const yaxis = { tickformat: ".0%", range: [0, 1.02] };
-      await drawRuns(accDiv, runs, ACCURACY, { yTitle: "accuracy", yaxis });
+      const emptyText = "No job measured a validation accuracy (regressions do not)";
+      await drawRuns(accDiv, runs, ACCURACY, { yTitle: "accuracy", yaxis, emptyText });
     } catch (err) {
       if (alive) message.replaceChildren(alert(`Could not compare: ${errorText(err)}`));
     }
