@@ -304,11 +304,13 @@ export function sweepView(root, id) {
     try {
       const trials = sweep.trials.filter((t) => t.job_id);
       const stale = trials.filter((t) => !done.has(t.job_id)).map((t) => t.job_id);
+      // Ended before the read (not after: an event may come while it waits): final curves.
+      const ended = trials.filter((t) => TERMINAL.has(t.state)).map((t) => t.job_id);
       if (stale.length) {
         for (const [jobId, series] of await readCurves(stale, sweep.metric)) {
           curves.set(jobId, series);
         }
-        for (const t of trials) if (TERMINAL.has(t.state)) done.add(t.job_id);
+        for (const jobId of ended) done.add(jobId);
       }
       if (!alive) return;
       const runs = trials.map((t) => ({
