@@ -171,6 +171,14 @@ class Client:
                 break
         return out
 
+    def compare(self, ids: Iterable[str | Job], points: int | None = None) -> schemas.Comparison:
+        """2 to 10 jobs side by side: the spec fields that differ (`differs`, each job's
+        `values` there), final metrics and curves of at most `points` points (default 500)."""
+        params = {"ids": ",".join(i.id if isinstance(i, Job) else i for i in ids)}
+        if points is not None:
+            params["points"] = points
+        return schemas.Comparison.model_validate(self.request("GET", "/compare", params=params))
+
     # -- logs -----------------------------------------------------------------------------
 
     def logs(self, job_id: str, since: str | None = None) -> str:

@@ -23,6 +23,7 @@ from service.api.errors import bounded_detail
 from service.api.routes import (
     checkpoints,
     cluster,
+    compare,
     dashboard,
     datasets,
     events,
@@ -177,6 +178,7 @@ def _include_routes(app: FastAPI, token: bool) -> None:
     guard = {"responses": AUTH} if token else {}
     routers = (
         jobs.router,
+        compare.router,
         checkpoints.router,
         export.router,
         generate.router,

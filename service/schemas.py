@@ -277,6 +277,43 @@ class Metrics(BaseModel):
     )
 
 
+# GET /compare: a few jobs side by side, each curve at most MAX_SERIES_POINTS points.
+MAX_COMPARE, MAX_SERIES_POINTS = 10, 2000
+SeriesName = Literal["train_loss", "val_loss", "val_accuracy", "val_exact_match"]
+
+
+class Series(BaseModel):
+    steps: list[int]
+    values: list[float]
+    total: int = Field(description="points measured; over `points`, `steps` holds fewer")
+
+
+class ComparedJob(BaseModel):
+    id: str
+    name: str
+    status: Status
+    spec: dict[str, Any]
+    values: dict[str, Any] = Field(
+        description="the spec's value at each path of `differs` (null: the spec has no such field)"
+    )
+    metrics: dict[str, float | int | None] = Field(description="the latest value of each metric")
+    best_step: int | None = Field(description="the step of its best evaluation, once finished")
+    duration_s: float | None
+    tags: dict[str, str]
+    series: dict[SeriesName, Series] = Field(
+        description="each metric the job has measured, by step (downsampled past `points`)"
+    )
+
+
+class Comparison(BaseModel):
+    differs: list[str] = Field(
+        description="dotted paths of the spec fields whose values differ between the jobs, "
+        "e.g. optimizer.lr, model.layers[0].out_channels (lists of numbers are one value)"
+    )
+    jobs: list[ComparedJob] = Field(description="in the order of `ids`")
+    points: int = Field(description="the most points of each series")
+
+
 class CheckpointOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

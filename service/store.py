@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import (
+    BigInteger,
     Text,
     bindparam,
     cast,
@@ -224,6 +225,29 @@ class JobStore:
                 .limit(limit)
             )
             return list(s.scalars(stmt))
+
+    def series(
+        self, job_id: str, fields: Iterable[str], most: int
+    ) -> dict[str, tuple[list[tuple[int, float]], int]]:
+        """Each field's (step, value) points where it was measured, oldest first, and how
+        many there are. Over `most`, the job's steps are cut into `most` equal ranges and each
+        range keeps its last point: a bounded curve, read in the database."""
+        step = MetricRow.step
+        columns = {f: getattr(MetricRow, f) for f in fields}
+        mine = MetricRow.job_id == job_id
+        out = {}
+        with self._read() as s:
+            counts = select(func.min(step), func.max(step), *map(func.count, columns.values()))
+            lo, hi, *totals = s.execute(counts.where(mine)).one()
+            for (field, column), total in zip(columns.items(), totals, strict=True):
+                measured = (mine, column.is_not(None))
+                stmt = select(step, column).where(*measured).order_by(step)
+                if total > most:  # BigInteger: step x most overflows PostgreSQL's integer
+                    bucket = cast(step - lo, BigInteger) * most // (hi - lo + 1)
+                    last = select(func.max(step)).where(*measured).group_by(bucket)
+                    stmt = stmt.where(step.in_(last))
+                out[field] = ([tuple(r) for r in s.execute(stmt)], total)
+        return out
 
     def changed_since(self, since: datetime) -> list[JobRow]:
         with self._read() as s:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import collections
 
 from fastapi.testclient import TestClient
+from sqlalchemy import insert
+from sqlalchemy.orm import Session
 
 from service.api.deps import get_dispatcher, get_store
 from service.cluster import Capacity
@@ -13,6 +15,7 @@ from service.config import Settings
 from service.dispatcher import Dispatcher, pending_reason
 from service.main import create_app
 from service.store import JobStore
+from service.tables import MetricRow
 from tests.helpers import small_moons
 from workers.events import StartedEvent, StepEvent
 
@@ -148,6 +151,31 @@ def submit(client, **overrides):
     r = client.post("/api/v1/jobs", json=spec(**overrides))
     assert r.status_code == 201, r.text
     return r.json()
+
+
+def finished_job(client, store, points: list[dict], finish: str = "succeeded", **spec) -> str:
+    """A job (the small moons spec with `spec`) that measured `points` ({"step", ...}, one
+    transaction for all but the last) and ended `finish`; its id."""
+    job_id = submit(client, **spec)["id"]
+    store.claim("t", lambda q: q.id == job_id or False)
+    with Session(store.engine) as s, s.begin():
+        s.execute(insert(MetricRow), [{"job_id": job_id, **p} for p in points[:-1]])
+    last = points[-1]
+    metrics = {k: v for k, v in last.items() if k not in ("step", "epoch")}
+    store.progress(job_id, "t", {"step": last["step"], "metrics": metrics}, point=last)
+    store.finish(job_id, "t", finish)
+    return job_id
+
+
+def curve(steps: int, every: int, slope: float) -> list[dict]:
+    """Metric points: train_loss at each step; val_loss and val_accuracy every `every`."""
+    out = []
+    for s in range(1, steps + 1):
+        p = {"step": s, "epoch": 0, "train_loss": slope / s}
+        if s % every == 0:
+            p |= {"val_loss": 2 * slope / s, "val_accuracy": min(1.0, s / steps) / slope}
+        out.append(p)
+    return out
 
 
 def locs(r):

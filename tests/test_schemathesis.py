@@ -47,6 +47,10 @@ EXCEPTIONS = {
         "only a transformer job generates, and only from characters of its data's "
         "vocabulary, which the job's spec fixes (the job here is an MLP's: a 422)"
     ),
+    ("ST202", "GET /api/v1/compare"): (
+        "`ids` must name existing jobs, each once (the pattern allows `a,a`), none of them "
+        "blank once trimmed"
+    ),
     ("ST202", "GET /api/v1/jobs"): (
         "`cursor` is opaque: only the strings the server handed out as next_cursor are "
         "cursors, which no schema can enumerate"

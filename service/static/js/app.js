@@ -2,14 +2,21 @@
 // function that stops its streams and timers when the reader navigates away.
 
 import { clusterView } from "./cluster.js";
+import { compareView } from "./compare.js";
 import { jobView } from "./job.js";
 import { jobsView } from "./jobs.js";
 import { submitView } from "./submit.js";
+import { sweepsView, sweepView } from "./sweeps.js";
 import { empty, h } from "./ui.js";
 
+const query = (text) => new URLSearchParams(text || "");
+
 const ROUTES = [
-  [/^#?\/?(?:\?(.*))?$/, "jobs", (root, m) => jobsView(root, new URLSearchParams(m[1] || ""))],
+  [/^#?\/?(?:\?(.*))?$/, "jobs", (root, m) => jobsView(root, query(m[1]))],
   [/^#\/jobs\/([\w-]+)$/, "jobs", (root, m) => jobView(root, m[1])],
+  [/^#\/compare(?:\?(.*))?$/, "jobs", (root, m) => compareView(root, query(m[1]))],
+  [/^#\/sweeps$/, "sweeps", (root) => sweepsView(root)],
+  [/^#\/sweeps\/([\w-]+)$/, "sweeps", (root, m) => sweepView(root, m[1])],
   [/^#\/submit$/, "submit", (root) => submitView(root)],
   [/^#\/cluster$/, "cluster", (root) => clusterView(root)],
 ];

@@ -268,3 +268,84 @@ export async function drawHeatmap(div, image, attributions) {
   };
   await Plotly.react(div, [picture, heat], base, CONFIG);
 }
+
+// A colour per run on the pages that overlay runs (compare, sweep).
+export const RUN_COLORS = [
+  "#2563eb",
+  "#ea580c",
+  "#16a34a",
+  "#7c3aed",
+  "#db2777",
+  "#0891b2",
+  "#ca8a04",
+  "#dc2626",
+  "#4f46e5",
+  "#65a30d",
+];
+export const runColor = (i) => RUN_COLORS[i % RUN_COLORS.length];
+
+// Several runs' curves on one chart: for each run ({name, color, series, marked}) a line per
+// metric of `metrics` ([key, label, dash]), from its {steps, values} series (GET /compare).
+// A `marked` run (a pruned trial) is dotted and ends in a cross.
+export async function drawRuns(
+  div,
+  runs,
+  metrics,
+  { yTitle, yaxis = {}, legend = true, emptyText = "Nothing measured yet" },
+) {
+  const Plotly = await plotly();
+  const traces = [];
+  for (const run of runs) {
+    for (const [key, label, dash] of metrics) {
+      const s = run.series?.[key];
+      if (!s?.steps.length) continue;
+      const n = s.steps.length;
+      const note = run.marked ? " (pruned)" : "";
+      traces.push({
+        type: "scatter",
+        mode: run.marked ? "lines+markers" : "lines",
+        name: metrics.length > 1 ? `${run.name} · ${label}` : run.name,
+        legendgroup: run.name,
+        x: s.steps,
+        y: s.values,
+        line: { color: run.color, width: 1.8, dash: run.marked ? "dot" : dash || "solid" },
+        marker: {
+          symbol: "x",
+          size: s.steps.map((_, i) => (i === n - 1 ? 9 : 0)),
+          color: run.color,
+        },
+        hovertemplate: `${run.name}${note}: %{y:.4g}<extra>${label}</extra>`,
+      });
+    }
+  }
+  const none = traces.length ? null : emptyText;
+  const plot = layout(yTitle, yaxis, none);
+  Object.assign(plot, { hovermode: "closest", showlegend: legend, height: 320 });
+  await Plotly.react(div, traces, plot, CONFIG);
+  return traces.length;
+}
+
+// A parameter against a metric, one point per run (the sweep page's scatter plots).
+export async function drawScatter(div, points, { xTitle, yTitle, log = false }) {
+  const Plotly = await plotly();
+  const trace = {
+    type: "scatter",
+    mode: "markers",
+    x: points.map((p) => p.x),
+    y: points.map((p) => p.y),
+    text: points.map((p) => p.label),
+    marker: {
+      size: 9,
+      color: points.map((p) => p.color),
+      symbol: points.map((p) => (p.marked ? "x" : "circle")),
+      line: { width: 0 },
+    },
+    hovertemplate: `%{text}<br>${xTitle}: %{x}<br>${yTitle}: %{y:.4g}<extra></extra>`,
+  };
+  const plot = layout(yTitle);
+  plot.xaxis = { ...plot.xaxis, title: { text: xTitle }, rangemode: "normal" };
+  if (log) plot.xaxis.type = "log";
+  Object.assign(plot, { hovermode: "closest", showlegend: false, height: 260 });
+  plot.margin.t = 14;
+  await Plotly.react(div, [trace], plot, CONFIG);
+}

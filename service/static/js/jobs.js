@@ -64,6 +64,20 @@ const pageHash = (f, cursor, from) => {
   return s ? `#/?${s}` : "#/";
 };
 
+// The jobs ticked for comparison, kept for this tab across pages and filters.
+const PICKED = "shardgrad.compare";
+const MAX_COMPARE = 10; // GET /compare's most
+const picked = new Set(readPicked());
+function readPicked() {
+  try {
+    const ids = JSON.parse(sessionStorage.getItem(PICKED) || "[]");
+    return Array.isArray(ids) ? ids.filter((id) => typeof id === "string") : [];
+  } catch {
+    return []; // not ours, or damaged: start with none ticked
+  }
+}
+const savePicked = () => sessionStorage.setItem(PICKED, JSON.stringify([...picked]));
+
 const isDefault = (f) => !f.status && !f.tags.length && !f.name && f.sort === DEFAULT_SORT;
 
 // Ask, then DELETE /jobs/{id}; true once deleted. A <dialog> like the token prompt.
@@ -114,7 +128,19 @@ function cells(job, nodeNames) {
     h(
       "div.c-name",
       {},
-      h("div.name-line", {}, badge(job.status), h("span.job-name", {}, job.name), ...tags),
+      h(
+        "div.name-line",
+        {},
+        h("input.pick", {
+          type: "checkbox",
+          checked: picked.has(job.id),
+          "aria-label": `compare ${job.name}`,
+          dataset: { id: job.id },
+        }),
+        badge(job.status),
+        h("span.job-name", {}, job.name),
+        ...tags,
+      ),
       h("div.sub", {}, ...sub),
     ),
     h("div.c-progress", {}, progressBar(job), h("div.sub", {}, stepText(job))),
@@ -176,6 +202,33 @@ function searchForm(f) {
   return form;
 }
 
+// "3 selected · Compare · Clear", shown while jobs are ticked.
+function pickedBar() {
+  const count = h("span", { id: "picked-count" });
+  const go = h("a.btn.primary", { id: "compare" }, "Compare");
+  const clear = h("button.btn", { type: "button", id: "picked-clear" }, "Clear");
+  const el = h("div.compare-bar", { hidden: true }, count, go, clear);
+  clear.addEventListener("click", () => {
+    picked.clear();
+    savePicked();
+    for (const box of document.querySelectorAll("input.pick")) box.checked = false;
+    render();
+  });
+  function render() {
+    const n = picked.size;
+    el.hidden = n === 0;
+    const ok = n >= 2 && n <= MAX_COMPARE;
+    const why = n < 2 ? ": tick another to compare" : ok ? "" : `: at most ${MAX_COMPARE}`;
+    count.textContent = `${n} selected${why}`;
+    go.classList.toggle("disabled", !ok);
+    go.setAttribute("aria-disabled", String(!ok));
+    if (ok) go.setAttribute("href", `#/compare?ids=${[...picked].join(",")}`);
+    else go.removeAttribute("href");
+  }
+  render();
+  return { el, render };
+}
+
 export function jobsView(root, query) {
   const status = STATUSES.includes(query.get("status")) ? query.get("status") : null;
   const cursor = query.get("cursor");
@@ -190,6 +243,15 @@ export function jobsView(root, query) {
   let alive = true;
 
   const list = h("div.job-list", { role: "list" });
+  const compareBar = pickedBar();
+  // A checkbox's click ticks it (the row's link is not followed: the box is the target).
+  list.addEventListener("change", (e) => {
+    if (!e.target.matches("input.pick")) return;
+    if (e.target.checked) picked.add(e.target.dataset.id);
+    else picked.delete(e.target.dataset.id);
+    savePicked();
+    compareBar.render();
+  });
   const pager = h("div.pager");
   const message = h("div");
   const filters = h(
@@ -222,6 +284,7 @@ export function jobsView(root, query) {
     strip.el,
     filters,
     searchForm(f),
+    compareBar.el,
     message,
     h("div.card.list-card", {}, h("div.job-head", {}, ...HEADS.map(head)), list),
     pager,
