@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import sys
 import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
+import ray
 from fastapi.testclient import TestClient
 
 from service import cli
@@ -21,6 +24,7 @@ from service.store import JobStore
 from tests.fakes import FakeCluster, spec
 from tests.helpers import OVERFLOWING, wait_for
 from workers import joblog
+from workers import pool as pool_module
 
 log = logging.getLogger("workers.test_logs")
 
@@ -112,7 +116,7 @@ def _client(http) -> Client:
 
 
 def finished(http, **overrides) -> dict:
-    job = http.post("/jobs", json=spec(workers=0, epochs=1, **overrides)).json()
+    job = http.post("/jobs", json=spec(**{"workers": 0, "epochs": 1, **overrides})).json()
     wait_for(lambda: http.get(f"/jobs/{job['id']}").json()["status"] in ("succeeded", "failed"))
     return http.get(f"/jobs/{job['id']}").json()
 
@@ -152,6 +156,51 @@ def test_a_failed_jobs_log_has_the_traceback(service):
     text = service.get(f"/jobs/{job['id']}/logs").text
     assert "ERROR workers.trainer: failed at step 1: diverged at step 1" in text
     assert "Traceback (most recent call last)" in text and "Diverged: diverged" in text
+
+
+WORKER_LINE = re.compile(r"\S+ INFO worker (\d) on node ([0-9a-f]{8}) (stdout|stderr): (.*)\n")
+
+
+def chatty_worker():
+    """GradWorker, printing to stdout as it starts and to both streams as it takes its
+    replica; rank 1 then raises."""
+
+    class Chatty(pool_module.GradWorker.__ray_actor_class__):
+        def info(self):
+            print("starting")
+            return super().info()
+
+        def replicate(self, spec, rank, workers, state):
+            print(f"rank {rank} on stdout")
+            print(f"rank {rank} on stderr", file=sys.stderr)
+            if rank == 1:
+                raise ValueError("rank 1 gives up")
+            return super().replicate(spec, rank, workers, state)
+
+    return ray.remote(max_restarts=0, max_task_retries=0)(Chatty)
+
+
+def test_each_workers_stdout_and_stderr_and_traceback_are_in_the_jobs_log(
+    service, monkeypatch, ray_session
+):
+    monkeypatch.setattr(pool_module, "GradWorker", chatty_worker())
+    job = finished(service, workers=2, cpus_per_worker=0.5, exchange="replicated")
+    assert job["status"] == "failed"
+    recs = joblog.records(service.get(f"/jobs/{job['id']}/logs").text)
+    said = [WORKER_LINE.match(r).groups() for r in recs if WORKER_LINE.match(r)]
+    node = ray_session.get_runtime_context().get_node_id()[:8]  # the session's one node
+    assert {n for _, n, _, _ in said} == {node}
+    assert sorted((rank, stream, text) for rank, _, stream, text in said) == [
+        ("0", "stderr", "rank 0 on stderr"),
+        ("0", "stdout", "rank 0 on stdout"),
+        ("0", "stdout", "starting"),
+        ("1", "stderr", "rank 1 on stderr"),
+        ("1", "stdout", "rank 1 on stdout"),
+        ("1", "stdout", "starting"),
+    ]  # each once; none lost though the pool ended right after; no end-of-output markers
+    # The worker's traceback ends the log.
+    assert "ERROR workers.joblog: the run ended with RayTaskError(ValueError)" in recs[-1]
+    assert "in replicate" in recs[-1] and recs[-1].endswith("ValueError: rank 1 gives up\n")
 
 
 def test_bad_requests(service):
