@@ -23,7 +23,7 @@ from service.main import create_app
 from service.store import JobStore
 from tests.fakes import FakeCluster, spec
 from tests.helpers import OVERFLOWING, wait_for
-from workers import joblog
+from workers import joblog, worker_output
 from workers import pool as pool_module
 
 log = logging.getLogger("workers.test_logs")
@@ -85,6 +85,46 @@ def test_rotation_caps_the_log_and_reading_follows_it(tmp_path):
     assert [int(r.split("line ")[1][:3]) for r in seen] == list(range(100))
     middle = kept[len(kept) // 2][: joblog.STAMP_WIDTH - 1]
     assert joblog.read(tmp_path, middle) == [r for r in kept if r[:27] > middle]
+
+
+def test_worker_lines_are_routed_by_node_and_pid_within_the_cap(tmp_path):
+    """Ray's log thread (here: another thread) feeds the router; a worker printing in a loop
+    fills the job's log only up to its cap, and nothing is written once the job's log is
+    closed."""
+    route = worker_output._router.dispatch
+    info = {"node_id": "5f2c1a9e77", "ip": "10.0.0.7", "pid": 4242}
+    route("10.0.0.7", 4242, True, ["printed while it started"])  # before the pool knew it
+    route("10.0.0.7", 4243, False, ["another process's"])
+    with joblog.JobLog(tmp_path, 4096, 2) as job_log:
+        output = worker_output.JobOutput(job_log)
+        output.add(3, info)
+        lines = [f"line {i}" for i in range(400)]  # 24 kB, in Ray's batches of a round
+        flood = threading.Thread(
+            target=lambda: [
+                route("10.0.0.7", 4242, False, lines[i : i + 50]) for i in range(0, 400, 50)
+            ]
+        )
+        flood.start()
+        flood.join()
+        route("10.0.0.8", 4242, False, ["same pid, another node"])
+    route("10.0.0.7", 4242, False, ["after the job"])
+    output.drain([])
+    files = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert files == ["job.log", "job.log.1", "job.log.2"]
+    assert all((tmp_path / "logs" / f).stat().st_size <= 4096 for f in files)
+    recs = joblog.read(tmp_path)
+    assert all(" INFO worker 3 on node 5f2c1a9e stdout: line " in r for r in recs)
+    assert recs[-1].endswith("stdout: line 399\n")  # the newest kept, the oldest rotated away
+    assert (info["ip"], info["pid"]) not in worker_output._router.routes
+
+
+def test_a_workers_early_lines_wait_for_its_pool(tmp_path):
+    worker_output._router.dispatch("10.0.0.9", 77, True, ["early"])
+    with joblog.JobLog(tmp_path, 4096, 0) as job_log:
+        worker_output.JobOutput(job_log).add(0, {"node_id": "ab" * 28, "ip": "10.0.0.9", "pid": 77})
+    assert [r.split(" ", 1)[1] for r in joblog.read(tmp_path)] == [
+        "INFO worker 0 on node abababab stderr: early\n"
+    ]
 
 
 # -- the service ------------------------------------------------------------------------------

@@ -98,9 +98,10 @@ _router = _Router()
 
 
 def route() -> bool:
-    """Send the workers' output that Ray ships to this driver to their jobs' logs (after
-    each `ray.init`; a no-op while it is done); True if Ray ships it here."""
-    return worker_output_routed() or route_worker_output(_router.dispatch)
+    """Send the workers' output that Ray ships to this driver to their jobs' logs, not to
+    this process's stdout (after each `ray.init`, which prints it again; idempotent); True
+    if Ray ships it here."""
+    return route_worker_output(_router.dispatch)
 
 
 class JobOutput:
@@ -122,7 +123,7 @@ class JobOutput:
     def drain(self, actors: list) -> None:
         """Wait until what the live `actors` wrote so far is in the log; forget them all."""
         try:
-            if self.keys and worker_output_routed():
+            if self.keys and actors and worker_output_routed():
                 self._drain(actors, time.monotonic() + DRAIN_S)
         finally:
             _router.remove(self.keys)
