@@ -22,8 +22,10 @@ def ray_session():
     """One in-process Ray for the whole test session (2 real cores, fractional workers)."""
     import ray
 
+    from workers.cluster import ensure_ray
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ensure_ray(num_cpus=2)  # as the service does: workers' output in their jobs' logs
     yield ray
     ray.shutdown()
 

@@ -33,6 +33,18 @@ def test_the_logs_card_searches_and_a_failed_job_shows_its_traceback(page, serve
     expect(page.locator("#log-count")).to_have_text(f"1 of {len(lines)} lines")
     expect(log).to_have_text(next(line for line in lines if "training from step" in line))
     assert not page.locator("#traceback pre").count()
+    page.fill("#log-search", "")
+    # Auto-scroll: at the end while on; scrolling up turns it off, back to the end on again.
+    page.add_style_tag(content="#log-lines { max-height: 3em; }")  # a few lines overflow it
+    follow = page.locator("#log-follow")
+    page.uncheck("#log-follow")
+    page.check("#log-follow")
+    expect(follow).to_be_checked()
+    assert log.evaluate("e => e.scrollHeight - e.scrollTop - e.clientHeight < 2")
+    log.evaluate("e => { e.scrollTop = 0; }")
+    expect(follow).not_to_be_checked()
+    log.evaluate("e => { e.scrollTop = e.scrollHeight; }")
+    expect(follow).to_be_checked()
 
     body = spec(name="overflows", workers=0, **OVERFLOWING)
     failed = api.post("/jobs", json=body).json()["id"]

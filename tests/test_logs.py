@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import sys
 import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
+import ray
 from fastapi.testclient import TestClient
 
 from service import cli
@@ -20,7 +23,8 @@ from service.main import create_app
 from service.store import JobStore
 from tests.fakes import FakeCluster, spec
 from tests.helpers import OVERFLOWING, wait_for
-from workers import joblog
+from workers import joblog, worker_output
+from workers import pool as pool_module
 
 log = logging.getLogger("workers.test_logs")
 
@@ -83,6 +87,46 @@ def test_rotation_caps_the_log_and_reading_follows_it(tmp_path):
     assert joblog.read(tmp_path, middle) == [r for r in kept if r[:27] > middle]
 
 
+def test_worker_lines_are_routed_by_node_and_pid_within_the_cap(tmp_path):
+    """Ray's log thread (here: another thread) feeds the router; a worker printing in a loop
+    fills the job's log only up to its cap, and nothing is written once the job's log is
+    closed."""
+    route = worker_output._router.dispatch
+    info = {"node_id": "5f2c1a9e77", "ip": "10.0.0.7", "pid": 4242}
+    route("10.0.0.7", 4242, True, ["printed while it started"])  # before the pool knew it
+    route("10.0.0.7", 4243, False, ["another process's"])
+    with joblog.JobLog(tmp_path, 4096, 2) as job_log:
+        output = worker_output.JobOutput(job_log)
+        output.add(3, info)
+        lines = [f"line {i}" for i in range(400)]  # 24 kB, in Ray's batches of a round
+        flood = threading.Thread(
+            target=lambda: [
+                route("10.0.0.7", 4242, False, lines[i : i + 50]) for i in range(0, 400, 50)
+            ]
+        )
+        flood.start()
+        flood.join()
+        route("10.0.0.8", 4242, False, ["same pid, another node"])
+    route("10.0.0.7", 4242, False, ["after the job"])
+    output.drain([])
+    files = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert files == ["job.log", "job.log.1", "job.log.2"]
+    assert all((tmp_path / "logs" / f).stat().st_size <= 4096 for f in files)
+    recs = joblog.read(tmp_path)
+    assert all(" INFO worker 3 on node 5f2c1a9e stdout: line " in r for r in recs)
+    assert recs[-1].endswith("stdout: line 399\n")  # the newest kept, the oldest rotated away
+    assert (info["ip"], info["pid"]) not in worker_output._router.routes
+
+
+def test_a_workers_early_lines_wait_for_its_pool(tmp_path):
+    worker_output._router.dispatch("10.0.0.9", 77, True, ["early"])
+    with joblog.JobLog(tmp_path, 4096, 0) as job_log:
+        worker_output.JobOutput(job_log).add(0, {"node_id": "ab" * 28, "ip": "10.0.0.9", "pid": 77})
+    assert [r.split(" ", 1)[1] for r in joblog.read(tmp_path)] == [
+        "INFO worker 0 on node abababab stderr: early\n"
+    ]
+
+
 # -- the service ------------------------------------------------------------------------------
 
 
@@ -112,7 +156,7 @@ def _client(http) -> Client:
 
 
 def finished(http, **overrides) -> dict:
-    job = http.post("/jobs", json=spec(workers=0, epochs=1, **overrides)).json()
+    job = http.post("/jobs", json=spec(**{"workers": 0, "epochs": 1, **overrides})).json()
     wait_for(lambda: http.get(f"/jobs/{job['id']}").json()["status"] in ("succeeded", "failed"))
     return http.get(f"/jobs/{job['id']}").json()
 
@@ -152,6 +196,51 @@ def test_a_failed_jobs_log_has_the_traceback(service):
     text = service.get(f"/jobs/{job['id']}/logs").text
     assert "ERROR workers.trainer: failed at step 1: diverged at step 1" in text
     assert "Traceback (most recent call last)" in text and "Diverged: diverged" in text
+
+
+WORKER_LINE = re.compile(r"\S+ INFO worker (\d) on node ([0-9a-f]{8}) (stdout|stderr): (.*)\n")
+
+
+def chatty_worker():
+    """GradWorker, printing to stdout as it starts and to both streams as it takes its
+    replica; rank 1 then raises."""
+
+    class Chatty(pool_module.GradWorker.__ray_actor_class__):
+        def info(self):
+            print("starting")
+            return super().info()
+
+        def replicate(self, spec, rank, workers, state):
+            print(f"rank {rank} on stdout")
+            print(f"rank {rank} on stderr", file=sys.stderr)
+            if rank == 1:
+                raise ValueError("rank 1 gives up")
+            return super().replicate(spec, rank, workers, state)
+
+    return ray.remote(max_restarts=0, max_task_retries=0)(Chatty)
+
+
+def test_each_workers_stdout_and_stderr_and_traceback_are_in_the_jobs_log(
+    service, monkeypatch, ray_session
+):
+    monkeypatch.setattr(pool_module, "GradWorker", chatty_worker())
+    job = finished(service, workers=2, cpus_per_worker=0.5, exchange="replicated")
+    assert job["status"] == "failed"
+    recs = joblog.records(service.get(f"/jobs/{job['id']}/logs").text)
+    said = [WORKER_LINE.match(r).groups() for r in recs if WORKER_LINE.match(r)]
+    node = ray_session.get_runtime_context().get_node_id()[:8]  # the session's one node
+    assert {n for _, n, _, _ in said} == {node}
+    assert sorted((rank, stream, text) for rank, _, stream, text in said) == [
+        ("0", "stderr", "rank 0 on stderr"),
+        ("0", "stdout", "rank 0 on stdout"),
+        ("0", "stdout", "starting"),
+        ("1", "stderr", "rank 1 on stderr"),
+        ("1", "stdout", "rank 1 on stdout"),
+        ("1", "stdout", "starting"),
+    ]  # each once; none lost though the pool ended right after; no end-of-output markers
+    # The worker's traceback ends the log.
+    assert "ERROR workers.joblog: the run ended with RayTaskError(ValueError)" in recs[-1]
+    assert "in replicate" in recs[-1] and recs[-1].endswith("ValueError: rank 1 gives up\n")
 
 
 def test_bad_requests(service):

@@ -8,6 +8,7 @@ import ray
 
 from workers.config import WorkerSettings
 from workers.ray_private import quiet_token_auth_notice
+from workers.worker_output import route
 
 
 def ensure_ray(
@@ -17,11 +18,15 @@ def ensure_ray(
     dashboard: bool = False,
 ) -> None:
     """Connect once per process: to `settings.ray_address` (which $RAY_ADDRESS sets), else
-    to a local embedded Ray."""
-    if ray.is_initialized():
-        return
-    address = (settings or WorkerSettings()).ray_address or None
-    kwargs = {"logging_level": logging.WARNING, "log_to_driver": False}
+    to a local embedded Ray. The workers' stdout and stderr go to their jobs' logs
+    (workers/worker_output.py), not to this process's."""
+    if not ray.is_initialized():
+        _connect((settings or WorkerSettings()).ray_address or None, num_cpus, dashboard)
+    route()
+
+
+def _connect(address: str | None, num_cpus: int | None, dashboard: bool) -> None:
+    kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address:
         ray.init(address=address, **kwargs)
         return

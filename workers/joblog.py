@@ -63,6 +63,7 @@ class JobLog:
         self.handler.setFormatter(FORMAT)
         self.handler.addFilter(lambda record: _current.get() is self)
         self._token: contextvars.Token | None = None
+        self.closed = False
 
     def __enter__(self) -> JobLog:
         self._token = _current.set(self)
@@ -78,15 +79,24 @@ class JobLog:
                 log.error("the run ended with %s: %s", kind.__name__, err, exc_info=err)
         finally:
             logging.getLogger().removeHandler(self.handler)
-            self.handler.close()
+            self.handler.acquire()
+            try:  # a worker's line that comes later is dropped, not written to a reopened file
+                self.closed = True
+                self.handler.close()
+            finally:
+                self.handler.release()
             _current.reset(self._token)
 
     def write(self, source: str, lines: Iterable[str], level: int = logging.INFO) -> None:
         """Lines that were not logged here (a worker's stdout or stderr), each one a record
         of `source` ("worker 1 on node 5f2c... stderr")."""
-        for line in lines:
-            record = logging.LogRecord(source, level, "", 0, line.rstrip("\n"), None, None)
-            self.handler.handle(record)
+        self.handler.acquire()  # from any thread: past the filter that keeps other jobs out
+        try:
+            for line in lines if not self.closed else ():
+                record = logging.LogRecord(source, level, "", 0, line.rstrip("\n"), None, None)
+                self.handler.emit(record)
+        finally:
+            self.handler.release()
 
 
 def current() -> JobLog | None:

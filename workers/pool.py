@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -34,9 +35,11 @@ from workers.exchange import (
     resolve,
     unflatten,
 )
+from workers.joblog import current as current_job_log
 from workers.model import blas_threads, config_model, grad_sum, param_bytes, set_parameters
 from workers.ray_private import skip_torch_probe
 from workers.replica import Replica
+from workers.worker_output import JobOutput
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +104,14 @@ class GradWorker:
         return self.cores
 
     def info(self) -> dict:
-        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        node_id = ray.get_runtime_context().get_node_id()
+        return {"node_id": node_id, "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+
+    def mark_output(self, mark: str) -> tuple[str, int]:
+        """`mark` on stdout and stderr, after all this worker wrote (workers/worker_output.py)."""
+        for stream in (sys.stdout, sys.stderr):
+            print(mark, file=stream, flush=True)
+        return ray.util.get_node_ip_address(), os.getpid()
 
     def grad(self, flat_params: np.ndarray, piece: tuple[int, np.ndarray]):
         """(flat gradient sum, sample count, loss sum) over the rows `idx` of the piece
@@ -178,6 +188,7 @@ class WorkerPool:
         self.model_cfg, self.data_ref = model_cfg, data_ref
         self.max_failures, self.failures = max_failures, failures
         self.on_failure = on_failure
+        self.output = JobOutput(current_job_log())  # the workers' stdout/stderr: the job's log
         self.placement_timeout_s = timeout = self.settings.placement_timeout_s
         self.node_ids: list[str] = []  # every node that ran a worker, in order of first use
         self.pg = placement_group([{"CPU": cpus_per_worker}] * n, strategy="SPREAD")
@@ -252,6 +263,7 @@ class WorkerPool:
                 raise
         if info["node_id"] not in self.node_ids:
             self.node_ids.append(info["node_id"])
+        self.output.add(rank, info)
         return actor
 
     def _connect(self) -> None:
@@ -324,6 +336,7 @@ class WorkerPool:
 
     def shutdown(self) -> None:
         self._close_exchange()
+        self.output.drain(self.actors)
         for a in self.actors:
             ray.kill(a, no_restart=True)
         remove_placement_group(self.pg)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +113,57 @@ def gcs_nodes(address: str, timeout: float = 5.0) -> list[dict]:
         }
         for node_id, info in infos.items()
     ]
+
+
+# The name under which `ray.init(log_to_driver=True)` registers the handler that prints the
+# workers' output on the driver's stdout/stderr, and the name of ours.
+RAY_PRINT_HANDLER, JOB_LOGS_HANDLER = "ray_print_logs", "shardgrad_job_logs"
+
+
+def route_worker_output(handler: Callable[[str, int | str, bool, list[str]], None]) -> bool:
+    """Give each batch of the workers' output that Ray ships to this driver to
+    `handler(ip, pid, is_err, lines)` instead of printing it; True if Ray ships it here.
+
+    Why: with `log_to_driver=True`, each node's log monitor publishes what the node's
+    worker processes write to stdout and stderr, tagged with the worker's node IP and pid,
+    and the driver's log thread passes every batch to the handlers of
+    `ray._private.ray_logging.global_worker_stdstream_dispatcher`; Ray's own prints them on
+    the driver's stdout. There is no public hook: shardgrad puts each job's workers' lines
+    in that job's log (workers/worker_output.py) and keeps them off the service's stdout.
+    Idempotent; call it after every `ray.init`, which adds Ray's printing handler again.
+    Without it: workers' stdout and stderr are in Ray's worker log files only.
+    """
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as streams
+
+        def dispatch(batch: dict) -> None:
+            pid = batch.get("pid")  # a worker's pid as a string; "raylet", "autoscaler" ...
+            pid = int(pid) if isinstance(pid, str) and pid.isdigit() else pid
+            handler(batch.get("ip"), pid, bool(batch.get("is_err")), batch.get("lines", []))
+
+        streams.remove_handler(RAY_PRINT_HANDLER)
+        streams.remove_handler(JOB_LOGS_HANDLER)
+        streams.add_handler(JOB_LOGS_HANDLER, dispatch)
+        return worker_output_routed()
+    except Exception:  # noqa: BLE001 - moved in another Ray: no workers' lines in job logs
+        log.debug("could not route the workers' output", exc_info=True)
+        return False
+
+
+def worker_output_routed() -> bool:
+    """Whether the workers' output reaches `route_worker_output`'s handler now: it is
+    installed and this driver's log thread (started by `log_to_driver=True`) runs.
+
+    Why: a driver that called `ray.init(log_to_driver=False)` gets no output to wait for.
+    Without it: a pool waits for lines that never come (workers/worker_output.py).
+    """
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as streams
+        from ray._private.worker import global_worker
+
+        thread = getattr(global_worker, "logger_thread", None)
+        installed = any(name == JOB_LOGS_HANDLER for name, _ in streams.handlers)
+        return installed and thread is not None and thread.is_alive()
+    except Exception:  # noqa: BLE001
+        log.debug("cannot tell whether the workers' output is routed", exc_info=True)
+        return False

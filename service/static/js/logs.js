@@ -45,6 +45,11 @@ export function logsPanel(id, { onTraceback } = {}) {
 
   search.addEventListener("input", render);
   follow.addEventListener("change", render);
+  // Scrolling up to read stops the auto-scroll; scrolling back to the end starts it again.
+  pre.addEventListener("scroll", () => {
+    const atEnd = pre.scrollHeight - pre.scrollTop - pre.clientHeight < 2;
+    if (follow.checked !== atEnd) follow.checked = atEnd;
+  });
 
   const element = h(
     "section.card.wide",
