@@ -281,9 +281,9 @@ class Dispatcher:
         if workers == "auto":
             run.cpus, spare = job.cpus + spare, 0.0
         run.thread = threading.Thread(target=self._run, args=(run, job), name=f"job-{job.id}")
-        with self._lock:
+        with self._lock:  # started under the lock: shutdown() never joins an unstarted thread
             self.runs[job.id] = run
-        run.thread.start()
+            run.thread.start()
         return spare
 
     # -- one job ------------------------------------------------------------------------------
