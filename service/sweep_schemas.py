@@ -18,7 +18,7 @@ from pydantic import (
 from service.tables import Status
 from workers.spec import DEFAULT_MODE, Metric, TrainingSpec
 
-MAX_PARAMETERS, MAX_VALUES = 32, 256  # searched spec fields; values of one categorical
+MAX_PARAMETERS, MAX_VALUES = 16, 64  # searched spec fields; values of one categorical
 MAX_TRIALS = 10_000  # the schema's bound; SHARDGRAD_MAX_SWEEP_TRIALS may be lower
 # A spec field: names joined by dots (`optimizer.lr`, `model.sizes`), no list indices.
 PARAM_PATH = r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z_][A-Za-z0-9_]{0,63}){0,7}$"
@@ -74,6 +74,8 @@ class Choice(_Strict):
 
 
 def _kind(value: Any) -> str | None:
+    if isinstance(value, BaseModel):  # serializing
+        return getattr(value, "type", "values")
     if isinstance(value, dict):
         return "values" if "values" in value and "type" not in value else value.get("type")
     return None

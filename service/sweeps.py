@@ -1,0 +1,473 @@
+"""Sweeps: Optuna studies whose trials are ordinary jobs.
+
+Optuna decides (ask-and-tell, its samplers and pruners); the study lives in Optuna's RDB
+storage on the service's own database. A trial is a job tagged `sweep: <id>`, `trial: <n>`
+(the job row and its tags are one transaction), so the job list is the trial<->job map.
+
+The driver runs on the dispatcher's thread, once per tick, before the dispatcher claims:
+for each active sweep it
+1. tells Optuna how each trial whose job ended went (succeeded: its best metric value;
+   pruned, or cancelled after reports: PRUNED; otherwise FAIL);
+2. queues the job of each trial that Optuna has running but no job has (asked, then the
+   service died before the job was written): so a restart asks nothing twice;
+3. asks new trials while fewer than `parallel` are queued or running, until `trials`;
+4. ends the sweep once every trial was asked and told.
+Reports come on the job's own thread, from the Trainer's evaluation steps (`report`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import math
+import threading
+import uuid
+from typing import Any
+
+import optuna
+from sqlalchemy import select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import StaticPool
+
+from service.config import Settings
+from service.store import Conflict, JobStore, utcnow
+from service.sweep_schemas import (
+    Choice,
+    IntRange,
+    LogUniform,
+    Sweep,
+    SweepCreate,
+    SweepSummary,
+    SweepTrial,
+    Uniform,
+)
+from service.tables import (
+    ACTIVE,
+    CANCELLED,
+    CANCELLING,
+    FAILED,
+    QUEUED,
+    SUCCEEDED,
+    SWEEP_ACTIVE,
+    JobRow,
+    SweepRow,
+    TagRow,
+)
+
+log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+TrialState = optuna.trial.TrialState
+GRID_MAX = 100_000  # points of a grid sampler's search space
+
+
+class SweepNotFound(LookupError):
+    pass
+
+
+# -- the search space -------------------------------------------------------------------------
+
+
+def encode(value: Any) -> Any:
+    """A categorical value as Optuna stores it: scalars as they are, lists and objects as
+    JSON text (Optuna's categorical choices are None, bool, int, float or str)."""
+    return json.dumps(value) if isinstance(value, list | dict) else value
+
+
+def decode(value: Any, dist) -> Any:
+    if isinstance(dist, Choice):
+        return next((v for v in dist.values if encode(v) == value), value)
+    return value
+
+
+def suggest(trial: optuna.Trial, path: str, dist) -> Any:
+    if isinstance(dist, LogUniform | Uniform):
+        return trial.suggest_float(path, dist.low, dist.high, log=isinstance(dist, LogUniform))
+    if isinstance(dist, IntRange):
+        return trial.suggest_int(path, dist.low, dist.high, log=dist.log)
+    return decode(trial.suggest_categorical(path, [encode(v) for v in dist.values]), dist)
+
+
+def grid(sweep: SweepCreate) -> dict[str, list] | None:
+    """The grid sampler's search space, or None when a parameter has no finite grid."""
+    space = {}
+    for path, dist in sweep.parameters.items():
+        if isinstance(dist, Choice):
+            space[path] = [encode(v) for v in dist.values]
+        elif isinstance(dist, IntRange) and dist.high - dist.low < GRID_MAX:
+            space[path] = list(range(dist.low, dist.high + 1))
+        else:
+            return None
+    return space
+
+
+def grid_size(sweep: SweepCreate) -> int:
+    return math.prod(len(v) for v in (grid(sweep) or {}).values())
+
+
+def set_path(spec: dict, path: str, value: Any) -> dict:
+    """`spec` with the dotted field `path` set to `value` (a copy; the field must exist)."""
+    spec = json.loads(json.dumps(spec))
+    *parents, last = path.split(".")
+    node = spec
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return spec
+
+
+def has_path(spec: dict, path: str) -> bool:
+    node: Any = spec
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def trial_spec(sweep: SweepCreate, base: dict, number: int, params: dict) -> dict:
+    spec = base
+    for path, value in params.items():
+        spec = set_path(spec, path, value)
+    spec["name"] = f"{sweep.name} #{number}"[:200]
+    return spec
+
+
+# -- Optuna -----------------------------------------------------------------------------------
+
+
+def optuna_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage on the store's database. Optuna's tables sit beside ours; the
+    `alembic_version` table is the store's (service/migrations), so Optuna's schema check
+    is skipped: its schema is the one of the optuna version constraints.txt pins."""
+    parsed = make_url(url)
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        if parsed.database in (None, "", ":memory:"):
+            kwargs["poolclass"] = StaticPool  # one in-memory database for every thread
+    else:
+        kwargs["pool_pre_ping"] = True
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, skip_compatibility_check=True)
+
+
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its study.stop() once the grid is done (that is for
+    study.optimize; the driver asks no more than the grid's size)."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
+def sampler(sweep: SweepCreate, asked: int) -> optuna.samplers.BaseSampler:
+    """A seeded sampler draws the same trials; one made after a restart is seeded past the
+    trials already asked, so it does not draw the first ones again."""
+    s = sweep.sampler
+    if s.type == "grid":
+        return GridSampler(grid(sweep), seed=s.seed)
+    seed = None if s.seed is None else s.seed + asked
+    if s.type == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def pruner(sweep: SweepCreate) -> optuna.pruners.BasePruner:
+    p = sweep.pruner
+    if p.type == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=p.min_resource, reduction_factor=p.reduction_factor
+        )
+    if p.type == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
+        )
+    return optuna.pruners.NopPruner()
+
+
+def best_report(trial: optuna.trial.FrozenTrial, mode: str) -> tuple[float | None, int | None]:
+    """The best reported value and its step (NaN reports never are)."""
+    reports = [(v, s) for s, v in trial.intermediate_values.items() if not math.isnan(v)]
+    if not reports:
+        return None, None
+    value, step = (min if mode == "min" else max)(reports, key=lambda r: (r[0], r[1]))
+    return value, step
+
+
+# -- the driver ---------------------------------------------------------------------------------
+
+
+class Sweeps:
+    """Sweep rows in the store's database, their Optuna studies, and the driving tick."""
+
+    def __init__(self, store: JobStore, settings: Settings, url: str | None = None):
+        self.store, self.settings = store, settings
+        self.url = url or settings.store_url
+        self._storage: optuna.storages.RDBStorage | None = None
+        self._studies: dict[str, tuple[optuna.Study, SweepCreate]] = {}
+        self._trial_ids: dict[tuple[str, int], int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def storage(self) -> optuna.storages.RDBStorage:
+        with self._lock:
+            if self._storage is None:
+                self._storage = optuna_storage(self.url)
+            return self._storage
+
+    def study(self, row: SweepRow) -> tuple[optuna.Study, SweepCreate]:
+        with self._lock:
+            if row.id in self._studies:
+                return self._studies[row.id]
+        spec = SweepCreate.model_validate(row.spec)  # stored validated: no data check needed
+        storage = self.storage
+        study = optuna.create_study(
+            storage=storage,
+            study_name=row.study,
+            direction="minimize" if spec.mode == "min" else "maximize",
+            load_if_exists=True,
+        )
+        asked = len(study.get_trials(deepcopy=False))
+        study.sampler, study.pruner = sampler(spec, asked), pruner(spec)
+        with self._lock:
+            return self._studies.setdefault(row.id, (study, spec))
+
+    # -- rows ---------------------------------------------------------------------------
+
+    def create(self, spec: SweepCreate) -> SweepRow:
+        now = utcnow()
+        sweep_id = uuid.uuid4().hex[:12]
+        row = SweepRow(
+            id=sweep_id,
+            name=spec.name,
+            status="running",
+            priority=spec.base.priority,
+            spec=spec.model_dump(mode="json"),
+            study=f"shardgrad-sweep-{sweep_id}",
+            created_at=now,
+            updated_at=now,
+        )
+        with self.store._tx() as s:
+            s.add(row)
+        return row
+
+    def get(self, sweep_id: str) -> SweepRow:
+        with self.store._read() as s:
+            row = s.scalar(select(SweepRow).where(SweepRow.id == sweep_id))
+        if row is None:
+            raise SweepNotFound(sweep_id)
+        return row
+
+    def list(self, status: str | None, limit: int, before: int | None) -> list[SweepRow]:
+        stmt = select(SweepRow).order_by(SweepRow.seq.desc()).limit(limit)
+        if status is not None:
+            stmt = stmt.where(SweepRow.status == status)
+        if before is not None:
+            stmt = stmt.where(SweepRow.seq < before)
+        with self.store._read() as s:
+            return list(s.scalars(stmt))
+
+    def _move(self, sweep_id: str, frm: tuple[str, ...], to: str, error=None) -> bool:
+        now = utcnow()
+        values = {"status": to, "updated_at": now}
+        if to not in SWEEP_ACTIVE:
+            values |= {"finished_at": now, "error": error}
+        stmt = update(SweepRow).where(SweepRow.id == sweep_id, SweepRow.status.in_(frm))
+        with self.store._tx() as s:
+            return s.execute(stmt.values(**values)).rowcount == 1
+
+    def trial_jobs(self, sweep_id: str) -> dict[int, JobRow]:
+        """The sweep's jobs by trial number."""
+        sweep_tag = select(TagRow.job_id).where(TagRow.key == "sweep", TagRow.value == sweep_id)
+        stmt = (
+            select(TagRow.value, JobRow)
+            .join(JobRow, JobRow.id == TagRow.job_id)
+            .where(TagRow.key == "trial", TagRow.job_id.in_(sweep_tag))
+        )
+        with self.store._read() as s:
+            return {int(n): job for n, job in s.execute(stmt) if n.isdigit()}
+
+    # -- reading ------------------------------------------------------------------------
+
+    def present(self, row: SweepRow, *, trials: bool = True) -> Sweep | SweepSummary:
+        study, spec = self.study(row)
+        jobs = self.trial_jobs(row.id)
+        out = [self._trial(t, jobs.get(t.number), spec) for t in study.get_trials(deepcopy=False)]
+        done = [t for t in out if t.value is not None]
+        best = (min if spec.mode == "min" else max)(done, key=lambda t: t.value) if done else None
+        counts = collections.Counter("pruned" if t.pruned else t.state for t in out)
+        summary = dict(
+            id=row.id,
+            name=row.name,
+            status=row.status,
+            priority=row.priority,
+            metric=spec.metric,
+            mode=spec.mode,
+            created_at=_utc(row.created_at),
+            updated_at=_utc(row.updated_at),
+            finished_at=_utc(row.finished_at),
+            error=row.error,
+            counts=dict(counts),
+            best=best,
+        )
+        if not trials:
+            return SweepSummary(**summary)
+        return Sweep(**summary, spec=spec, trials=out)
+
+    def _trial(self, t: optuna.trial.FrozenTrial, job: JobRow | None, spec) -> SweepTrial:
+        best_value, best_step = best_report(t, spec.mode)
+        if job is not None:
+            state, error = job.status, job.error
+        else:
+            state = "pending" if t.state == TrialState.RUNNING else FAILED
+            error = t.user_attrs.get("error")
+        params = {k: decode(v, spec.parameters.get(k)) for k, v in t.params.items()}
+        return SweepTrial(
+            number=t.number,
+            job_id=job.id if job is not None else None,
+            state=state,
+            params=params,
+            pruned=bool(job is not None and (job.summary or {}).get("pruned")),
+            value=t.value if t.state == TrialState.COMPLETE else None,
+            best_value=best_value,
+            best_step=best_step,
+            step=max(t.intermediate_values, default=None),
+            error=error,
+        )
+
+    # -- reports (a job's thread) ----------------------------------------------------------
+
+    def report(self, sweep_id: str, number: int, event: dict) -> bool:
+        """Report a trial's evaluation step (a Trainer step event that carries the sweep's
+        metric) to Optuna; True when its pruner says stop."""
+        try:
+            if sweep_id not in self._studies:
+                self.study(self.get(sweep_id))
+            study, spec = self._studies[sweep_id]
+            value = event.get(spec.metric)
+            if value is None:  # not an evaluation step
+                return False
+            key = (sweep_id, number)
+            if key not in self._trial_ids:
+                study_id = self.storage.get_study_id_from_name(study.study_name)
+                trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+                self._trial_ids[key] = trial_id
+            trial = optuna.trial.Trial(study, self._trial_ids[key])
+            trial.report(float(value), event["step"])
+            return trial.should_prune()
+        except Exception:  # a told trial (its sweep was cancelled), a store hiccup
+            log.exception("sweep %s trial %s: could not report", sweep_id, number)
+            return False
+
+    # -- the tick (the dispatcher's thread) ---------------------------------------------------
+
+    def tick(self) -> None:
+        with self.store._read() as s:
+            active = list(s.scalars(select(SweepRow).where(SweepRow.status.in_(SWEEP_ACTIVE))))
+        for row in active:
+            try:
+                self._drive(row)
+            except Exception:  # one sweep's trouble stops neither the others nor the jobs
+                log.exception("sweep %s: tick failed", row.id)
+
+    def _drive(self, row: SweepRow) -> None:
+        study, spec = self.study(row)
+        jobs = self.trial_jobs(row.id)
+        trials = study.get_trials(deepcopy=False)
+        running = 0  # trials queued or running
+        for t in trials:
+            if t.state != TrialState.RUNNING:
+                continue
+            job = jobs.get(t.number)
+            if job is None:  # asked, and the service stopped before its job was written
+                if row.status == "running":
+                    running += self._queue(row, study, spec, t.number, t.params)
+                else:
+                    self._fail(study, t.number, "the sweep was cancelled before it was queued")
+            elif job.status in (QUEUED, *ACTIVE):
+                running += 1
+                if row.status == "cancelling" and job.status != CANCELLING:
+                    self._cancel_job(job.id)  # one the cancel request did not see
+            else:
+                self._tell(study, spec, t, job)
+        asked = len(trials)
+        want = min(spec.trials, grid_size(spec)) if spec.sampler.type == "grid" else spec.trials
+        while row.status == "running" and running < spec.parallel and asked < want:
+            trial = study.ask()
+            params = {path: suggest(trial, path, d) for path, d in spec.parameters.items()}
+            running += self._queue(row, study, spec, trial.number, params, decoded=True)
+            asked += 1
+        if running == 0 and (asked >= want or row.status == "cancelling"):
+            # Every trial was told: on this tick, or (a failed one) as it was asked.
+            end = "finished" if row.status == "running" else CANCELLED
+            self._move(row.id, SWEEP_ACTIVE, end)
+
+    def _queue(self, row, study, spec: SweepCreate, number: int, params, decoded=False) -> int:
+        """Queue trial `number`'s job (1), or fail the trial if its spec does not validate (0)."""
+        from service.api.routes.jobs import validate_spec  # the route's checks, no HTTP
+
+        if not decoded:
+            params = {k: decode(v, spec.parameters.get(k)) for k, v in params.items()}
+        body = trial_spec(spec, row.spec["base"], number, params)
+        body["tags"] = {"sweep": row.id, "trial": str(number)}
+        try:
+            job = validate_spec(body, self.settings)
+        except Exception as err:
+            self._fail(study, number, _reason(err))
+            return 0
+        self.store.create(
+            job.model_dump(mode="json", exclude={"tags"}),
+            name=job.name,
+            priority=row.priority,
+            cpus=job.reserved_cpus(),
+            tags=job.tags,
+        )
+        return 1
+
+    def _fail(self, study: optuna.Study, number: int, error: str) -> None:
+        study_id = self.storage.get_study_id_from_name(study.study_name)
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        self.storage.set_trial_user_attr(trial_id, "error", error[:1000])
+        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+
+    def _tell(self, study, spec: SweepCreate, t: optuna.trial.FrozenTrial, job: JobRow) -> None:
+        best, _ = best_report(t, spec.mode)
+        if job.status == SUCCEEDED:
+            value = best if best is not None else (job.metrics or {}).get(spec.metric)
+            if value is None:
+                self._fail(study, t.number, f"the job reported no {spec.metric}")
+            else:
+                study.tell(t.number, float(value), skip_if_finished=True)
+        elif job.status == CANCELLED and t.intermediate_values:
+            study.tell(t.number, state=TrialState.PRUNED, skip_if_finished=True)
+        else:
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+
+    def _cancel_job(self, job_id: str) -> None:
+        # A running one: the dispatcher stops it on its next tick (store.owned). One that
+        # ended meanwhile (Conflict): the next tick tells how.
+        with contextlib.suppress(Conflict):
+            self.store.cancel(job_id)
+
+    # -- control --------------------------------------------------------------------------
+
+    def cancel(self, sweep_id: str) -> list[str]:
+        """Ask no more trials; the ids of its queued and running jobs (for the caller to
+        cancel). False-y when the sweep has ended already."""
+        if not self._move(sweep_id, ("running",), "cancelling"):
+            return []
+        jobs = self.trial_jobs(sweep_id).values()
+        return [job.id for job in jobs if job.status in (QUEUED, *ACTIVE)]
+
+
+def _reason(err: Exception) -> str:
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        return "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in errors())
+    return f"{type(err).__name__}: {err}"
+
+
+def _utc(value):
+    from service.schemas import utc
+
+    return utc(value)
