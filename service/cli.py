@@ -267,9 +267,8 @@ def print_sweep(doc: dict) -> None:
         shown = f"{value:.6g}" if value is not None else "-"
         step = t["best_step"] if t["best_step"] is not None else "-"
         params = " ".join(f"{k}={json.dumps(v)}" for k, v in t["params"].items())
-        print(
-            f"{t['number']:>5}  {state:<10} {shown:>12} {step:>8}  {t['job_id'] or '-':<12}  {params}"
-        )
+        job = t["job_id"] or "-"
+        print(f"{t['number']:>5}  {state:<10} {shown:>12} {step:>8}  {job:<12}  {params}")
     best = doc.get("best")
     if best is not None:
         print(f"best: trial {best['number']} (job {best['job_id']}), {metric} {best['value']:.6g}")
