@@ -327,6 +327,8 @@ class Dispatcher:
         finally:
             with self._lock:
                 self.runs.pop(run.job_id, None)
+            if run.trial is not None and self.sweeps is not None:
+                self.sweeps.due.set()  # tell Optuna, ask the next trial
             self._wake.set()
 
     def _settle(self, run: Run, summary: dict) -> None:

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -59,6 +60,7 @@ from service.tables import (
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 TrialState = optuna.trial.TrialState
+RESCAN_S = 5.0  # the longest a tick goes without looking at the active sweeps
 GRID_MAX = 100_000  # points of a grid sampler's search space
 
 
@@ -200,13 +202,19 @@ def best_report(trial: optuna.trial.FrozenTrial, mode: str) -> tuple[float | Non
 class Sweeps:
     """Sweep rows in the store's database, their Optuna studies, and the driving tick."""
 
-    def __init__(self, store: JobStore, settings: Settings, url: str | None = None):
+    def __init__(self, store: JobStore, settings: Settings):
         self.store, self.settings = store, settings
-        self.url = url or settings.store_url
+        self.url = store.engine.url.render_as_string(hide_password=False)  # Optuna's too
         self._storage: optuna.storages.RDBStorage | None = None
         self._studies: dict[str, tuple[optuna.Study, SweepCreate]] = {}
         self._trial_ids: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
+        # Set when a sweep may have work: created, cancelled, one of its trials ended (the
+        # dispatcher sets it), and at start (recovery). Otherwise a tick looks every
+        # RESCAN_S (a trial cancelled through the jobs API, another process's changes).
+        self.due = threading.Event()
+        self.due.set()
+        self._scanned = 0.0
 
     @property
     def storage(self) -> optuna.storages.RDBStorage:
@@ -249,6 +257,7 @@ class Sweeps:
         )
         with self.store._tx() as s:
             s.add(row)
+        self.due.set()
         return row
 
     def get(self, sweep_id: str) -> SweepRow:
@@ -362,6 +371,10 @@ class Sweeps:
     # -- the tick (the dispatcher's thread) ---------------------------------------------------
 
     def tick(self) -> None:
+        if not self.due.is_set() and time.monotonic() - self._scanned < RESCAN_S:
+            return
+        self.due.clear()  # before reading: a trial that ends meanwhile sets it again
+        self._scanned = time.monotonic()
         with self.store._read() as s:
             active = list(s.scalars(select(SweepRow).where(SweepRow.status.in_(SWEEP_ACTIVE))))
         for row in active:
@@ -456,6 +469,7 @@ class Sweeps:
         cancel). False-y when the sweep has ended already."""
         if not self._move(sweep_id, ("running",), "cancelling"):
             return []
+        self.due.set()
         jobs = self.trial_jobs(sweep_id).values()
         return [job.id for job in jobs if job.status in (QUEUED, *ACTIVE)]
 
