@@ -5,20 +5,22 @@ trial), so the sweeps are fast and their outcome is Optuna's alone."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
 from fastapi.testclient import TestClient
 
+from service import cli
 from service.api.deps import get_dispatcher, get_store, get_sweeps
 from service.api.routes.sweeps import validate_sweep
-from service.client import sse_events
+from service.client import Client, sse_events
 from service.config import Settings
 from service.main import create_app
 from service.store import JobStore
 from service.sweeps import Sweeps
 from tests.fakes import locs, make_client, make_dispatcher, spec
-from tests.helpers import wait_for
+from tests.helpers import EXAMPLES, wait_for
 from workers.events import StartedEvent, StepEvent
 
 API = "/api/v1"
@@ -87,6 +89,7 @@ class Service:
         app.dependency_overrides[get_dispatcher] = lambda: self.dispatcher
         app.dependency_overrides[get_sweeps] = lambda: self.sweeps
         self.client = TestClient(app)
+        self.http = TestClient(app, base_url="http://testserver/api/v1")  # for a Client
         self.dispatcher.start()
 
     def sweep(self, sweep_id: str) -> dict:
@@ -171,6 +174,30 @@ def test_parallel_bounds_the_trials_at_once_and_events_follow_the_sweep(service)
     assert train.most == 2  # two trials at once, never three (the service allows three)
 
 
+def test_the_cli_follows_a_sweep_and_prints_its_trials(service, tmp_path, monkeypatch, capsys):
+    svc = service(sweep_train())
+
+    def client(url=None) -> Client:
+        c = Client("http://testserver")
+        c.http = svc.http
+        return c
+
+    monkeypatch.setattr(cli, "Client", client)
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(sweep_body(pruner={"type": "median", "n_startup_trials": 1})))
+    assert cli.main(["sweep", str(path), "--follow"]) == 0
+    out, err = capsys.readouterr()
+    assert "started" in err and "finished: " in err.splitlines()[-1]
+    lines = out.splitlines()
+    assert lines[0].startswith("sweep ") and "finished" in lines[0] and "pruned" in lines[0]
+    assert len([line for line in lines if "optimizer.lr=" in line]) == 4
+    assert lines[-1].startswith("best: trial 0 (job ")
+
+    assert cli.main(["sweep", str(path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["status"] == "running" and doc["spec"]["trials"] == 4
+
+
 def test_cancel_asks_no_more_and_cancels_the_running_trials(service):
     go = threading.Event()
     svc = service(sweep_train(go))
@@ -248,8 +275,12 @@ def test_bad_sweeps_are_422s_naming_the_field(tmp_path):
         ("body", "parallel")
     ]
     assert client.get(f"{API}/sweeps/nope").status_code == 404
-    page = client.get(f"{API}/sweeps").json()
-    assert len(page["items"]) == 1 and page["next_cursor"] is None
+    example = json.loads((EXAMPLES / "moons-sweep.json").read_text())
+    assert client.post(f"{API}/sweeps", json=example).status_code == 201
+    page = client.get(f"{API}/sweeps", params={"limit": 1}).json()
+    assert [s["name"] for s in page["items"]] == ["moons-lr"] and page["next_cursor"]
+    page = client.get(f"{API}/sweeps", params={"cursor": page["next_cursor"]}).json()
+    assert [s["name"] for s in page["items"]] == ["lr"] and page["next_cursor"] is None
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
