@@ -25,10 +25,11 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import optuna
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
@@ -62,6 +63,16 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 TrialState = optuna.trial.TrialState
 RESCAN_S = 5.0  # the longest a tick goes without looking at the active sweeps
 GRID_MAX = 100_000  # points of a grid sampler's search space
+
+
+NO_JOB_STATE = {
+    TrialState.RUNNING: "pending",
+    TrialState.COMPLETE: SUCCEEDED,
+    TrialState.PRUNED: CANCELLED,
+    TrialState.FAIL: FAILED,
+    TrialState.WAITING: "pending",
+}
+SWEEP_LOCK = 0x7377656570  # "sweep": PostgreSQL's advisory lock of the driving tick
 
 
 class SweepNotFound(LookupError):
@@ -327,9 +338,8 @@ class Sweeps:
         best_value, best_step = best_report(t, spec.mode)
         if job is not None:
             state, error = job.status, job.error
-        else:
-            state = "pending" if t.state == TrialState.RUNNING else FAILED
-            error = t.user_attrs.get("error")
+        else:  # asked, not queued yet; or never a job (invalid); or its job was deleted
+            state, error = NO_JOB_STATE[t.state], t.user_attrs.get("error")
         params = {k: decode(v, spec.parameters.get(k)) for k, v in t.params.items()}
         return SweepTrial(
             number=t.number,
@@ -375,13 +385,29 @@ class Sweeps:
             return
         self.due.clear()  # before reading: a trial that ends meanwhile sets it again
         self._scanned = time.monotonic()
-        with self.store._read() as s:
-            active = list(s.scalars(select(SweepRow).where(SweepRow.status.in_(SWEEP_ACTIVE))))
-        for row in active:
-            try:
-                self._drive(row)
-            except Exception:  # one sweep's trouble stops neither the others nor the jobs
-                log.exception("sweep %s: tick failed", row.id)
+        with self._driving() as mine:
+            if not mine:  # another service process drives them now
+                self.due.set()
+                return
+            with self.store._read() as s:
+                stmt = select(SweepRow).where(SweepRow.status.in_(SWEEP_ACTIVE))
+                active = list(s.scalars(stmt))
+            for row in active:
+                try:
+                    self._drive(row)
+                except Exception:  # one sweep's trouble stops neither the others nor the jobs
+                    log.exception("sweep %s: tick failed", row.id)
+
+    @contextlib.contextmanager
+    def _driving(self) -> Iterator[bool]:
+        """Whether this process may drive the sweeps now: on PostgreSQL one process at a
+        time (a transaction-scoped advisory lock), so two never ask for the same sweep;
+        SQLite has one service process."""
+        if self.store.dialect != "postgresql":
+            yield True
+            return
+        with self.store.engine.connect() as conn, conn.begin():
+            yield conn.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": SWEEP_LOCK})
 
     def _drive(self, row: SweepRow) -> None:
         study, spec = self.study(row)

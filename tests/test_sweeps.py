@@ -267,6 +267,7 @@ def test_bad_sweeps_are_422s_naming_the_field(tmp_path):
     ]
     r = bad(client, parameters={"optimizer.lr": lr}, sampler={"type": "grid"})
     assert locs(r) == [("body", "sampler", "type")]
+    assert locs(bad(client, base=spec(validation_fraction=0))) == [("body", "metric")]
     assert locs(bad(client, trials=51)) == [("body", "trials")]
     assert locs(bad(client, parallel=3)) == [("body", "parallel")]
     base = spec(workers=2, cpus_per_worker=1.0)  # 2 trials x 2 CPUs on a 4-CPU cluster fit

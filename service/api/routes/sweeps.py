@@ -58,10 +58,12 @@ def validate_sweep(body: Any, settings: Settings, total_cpus: float) -> SweepCre
     errors: list[tuple] = []
     try:
         validate_spec(base, settings)  # admission limits, warm start
-        validate_spec({**base, "keep_best": {"metric": sweep.metric, "mode": sweep.mode}}, settings)
     except RequestValidationError as err:
-        loc = ("body", "metric") if "keep_best" in str(err.errors()) else ("body", "base")
-        errors += _errors_at(err, loc, "the base spec")
+        errors += _errors_at(err, ("body", "base"), "the base spec")
+    try:  # the metric is one the base spec's evaluations report
+        validate_spec(base | {"keep_best": {"metric": sweep.metric, "mode": sweep.mode}}, settings)
+    except RequestValidationError as err:
+        errors += _errors_at(err, ("body", "metric"), f"metric {sweep.metric}")
     need = sweep.base.reserved_cpus()
     for path, dist in sweep.parameters.items():
         loc = ("body", "parameters", path)
