@@ -57,7 +57,7 @@ def sweep_train(go: threading.Event | None = None):
             with lock:
                 running.discard(out_dir)
 
-    train.most = 0
+    train.most, train.running = 0, running
     return train
 
 
@@ -161,17 +161,27 @@ def test_a_sweep_runs_to_the_end_and_prunes_bad_trials(service, pruner):
 
 
 def test_parallel_bounds_the_trials_at_once_and_events_follow_the_sweep(service):
-    train = sweep_train()
+    go = threading.Event()
+    train = sweep_train(go)
     svc = service(train, max_concurrent_jobs=3)
     body = sweep_body(parallel=2, sampler={"type": "random", "seed": 1}, trials=4)
     body["parameters"] = {"optimizer.lr": {"type": "log_uniform", "low": 0.05, "high": 0.5}}
     sweep_id = svc.client.post(f"{API}/sweeps", json=body).json()["id"]
+
+    def release_once_two_run():  # the service would run three; the sweep allows two
+        wait_for(lambda: len(train.running) == 2, 120)
+        go.set()
+
+    releaser = threading.Thread(target=release_once_two_run)
+    releaser.start()
     with svc.client.stream("GET", f"{API}/sweeps/{sweep_id}/events") as r:
         events = list(sse_events(r.iter_lines()))
+    releaser.join()
     assert events[-1] == ("end", {"sweep_id": sweep_id, "status": "finished"})
     assert {e for e, _ in events[:-1]} == {"sweep"} and len(events) > 2
+    assert events[0][1]["status"] == "running"
     assert events[-2][1]["status"] == "finished" and len(events[-2][1]["trials"]) == 4
-    assert train.most == 2  # two trials at once, never three (the service allows three)
+    assert train.most == 2
 
 
 def test_the_cli_follows_a_sweep_and_prints_its_trials(service, tmp_path, monkeypatch, capsys):
