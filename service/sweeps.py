@@ -34,6 +34,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
 from service.config import Settings
+from service.schemas import utc
 from service.store import Conflict, JobStore, utcnow
 from service.sweep_schemas import (
     Choice,
@@ -323,9 +324,9 @@ class Sweeps:
             priority=row.priority,
             metric=spec.metric,
             mode=spec.mode,
-            created_at=_utc(row.created_at),
-            updated_at=_utc(row.updated_at),
-            finished_at=_utc(row.finished_at),
+            created_at=utc(row.created_at),
+            updated_at=utc(row.updated_at),
+            finished_at=utc(row.finished_at),
             error=row.error,
             counts=dict(counts),
             best=best,
@@ -505,9 +506,3 @@ def _reason(err: Exception) -> str:
     if callable(errors):
         return "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in errors())
     return f"{type(err).__name__}: {err}"
-
-
-def _utc(value):
-    from service.schemas import utc
-
-    return utc(value)
