@@ -372,8 +372,12 @@ class Sweeps:
                 study_id = self.storage.get_study_id_from_name(study.study_name)
                 trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
                 self._trial_ids[key] = trial_id
-            trial = optuna.trial.Trial(study, self._trial_ids[key])
-            trial.report(float(value), event["step"])
+            trial_id = self._trial_ids[key]
+            trial = optuna.trial.Trial(study, trial_id)
+            # A resumed run evaluates again the steps after its checkpoint: Optuna keeps the
+            # first report of a step (and would warn of the second).
+            if event["step"] not in self.storage.get_trial(trial_id).intermediate_values:
+                trial.report(float(value), event["step"])
             return trial.should_prune()
         except Exception:  # a told trial (its sweep was cancelled), a store hiccup
             log.exception("sweep %s trial %s: could not report", sweep_id, number)
