@@ -27,9 +27,10 @@ from service.api.routes.events import STREAM, stream
 from service.api.routes.jobs import validate_spec
 from service.config import Settings
 from service.dispatcher import EPS, Dispatcher
+from service.search_space import grid, has_path, set_path
 from service.store import Conflict, JobStore
 from service.sweep_schemas import Choice, Sweep, SweepCreate, SweepPage, SweepStatus
-from service.sweeps import Sweeps, grid, has_path, set_path
+from service.sweeps import Sweeps
 from service.tables import CANCELLING, SWEEP_ACTIVE
 from workers.data import with_data
 
