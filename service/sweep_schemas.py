@@ -15,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+from service.schemas import _keys_by_pattern
 from service.tables import Status
 from workers.spec import DEFAULT_MODE, Metric, TrainingSpec
 
@@ -146,6 +147,7 @@ class SweepCreate(_Strict):
     parameters: dict[ParamPath, Distribution] = Field(
         min_length=1,
         max_length=MAX_PARAMETERS,
+        json_schema_extra=_keys_by_pattern,
         description="dotted spec field -> distribution, e.g. optimizer.lr, model.sizes",
     )
     trials: int = Field(ge=1, le=MAX_TRIALS, description="how many trials to run in all")
