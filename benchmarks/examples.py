@@ -80,7 +80,7 @@ def main() -> None:
     names = (
         args.examples.split(",")
         if args.examples
-        else sorted(p.stem for p in EXAMPLES.glob("*.json"))
+        else sorted(p.stem for p in EXAMPLES.glob("*.json") if not p.stem.endswith("-sweep"))
     )
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = Path(tempfile.mkdtemp(prefix="sg-examples-"))

@@ -21,6 +21,7 @@ Every client command takes --json: one JSON document on stdout, the data it show
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
@@ -94,6 +95,9 @@ def add_client_commands(sub) -> None:
     p = command("submit", cmd_submit, "submit a training spec to the service")
     p.add_argument("spec", type=Path, help="training spec (JSON)")
     p.add_argument("--follow", action="store_true", help="show progress until the job ends")
+    p = command("sweep", cmd_sweep, "start a sweep: trials of a spec that Optuna searches")
+    p.add_argument("spec", type=Path, help="sweep (JSON): name, base, parameters, trials...")
+    p.add_argument("--follow", action="store_true", help="show progress until the sweep ends")
     p = command("jobs", cmd_jobs, "list jobs, newest first (or in --sort order)")
     p.add_argument("--status", help="only jobs in this status")
     p.add_argument("--tag", action="append", default=[], help="key:value (repeat: all of them)")
@@ -224,6 +228,50 @@ def cmd_submit(client: Client, args) -> int:
     follow(job)
     show(args, job.data, render.print_job)
     return 0 if job.status == "succeeded" else 1
+
+
+def cmd_sweep(client: Client, args) -> int:
+    sweep = client.sweep(args.spec)
+    if args.follow:
+        if not args.json:
+            print(f"sweep {sweep.id} {sweep.info.name!r} started", file=sys.stderr)
+        seen = None
+        for info in sweep.events():
+            line = f"{info.status}: {_counts(info.counts)}" + _best(info.best)
+            if line != seen:
+                print(line, file=sys.stderr)
+                seen = line
+        sweep.refresh()
+    show(args, sweep.data, print_sweep)
+    return 0 if not args.follow or sweep.status == "finished" else 1
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no trials yet"
+
+
+def _best(best) -> str:
+    if best is None:
+        return ""
+    return f"; best: trial {best.number}, {best.value:.6g}"
+
+
+def print_sweep(doc: dict) -> None:
+    """A sweep: its status and counts, then one line per trial and its best."""
+    print(f"sweep {doc['id']} {doc['name']!r}: {doc['status']}; {_counts(doc['counts'])}")
+    metric = doc["metric"]
+    print(f"{'trial':>5}  {'state':<10} {metric:>12} {'at step':>8}  {'job':<12}  params")
+    for t in doc.get("trials", []):
+        state = "pruned" if t["pruned"] else t["state"]
+        value = t["value"] if t["value"] is not None else t["best_value"]
+        shown = f"{value:.6g}" if value is not None else "-"
+        step = t["best_step"] if t["best_step"] is not None else "-"
+        params = " ".join(f"{k}={json.dumps(v)}" for k, v in t["params"].items())
+        job = t["job_id"] or "-"
+        print(f"{t['number']:>5}  {state:<10} {shown:>12} {step:>8}  {job:<12}  {params}")
+    best = doc.get("best")
+    if best is not None:
+        print(f"best: trial {best['number']} (job {best['job_id']}), {metric} {best['value']:.6g}")
 
 
 def follow(job: Job) -> Job:

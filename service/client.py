@@ -2,8 +2,9 @@
 
 `Client(url, token)` talks to /api/v1 ($SHARDGRAD_URL, $SHARDGRAD_API_TOKEN by default);
 `client.submit(spec)` answers a `Job`, a handle whose methods follow, query and control the
-job. Answers are the API's own Pydantic models (service/schemas.py); a status >= 400 is a
-ClientError whose `.errors` hold a 422's field locations.
+job; `client.sweep(spec)` a `Sweep`, likewise. Answers are the API's own Pydantic models
+(service/schemas.py, service/sweep_schemas.py); a status >= 400 is a ClientError whose
+`.errors` hold a 422's field locations.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import httpx
 from httpx_sse import ServerSentEvent, SSEError, connect_sse
 
-from service import schemas
+from service import schemas, sweep_schemas
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # The service sends a keep-alive every 15 s: a stream silent this long has dropped.
@@ -127,12 +128,7 @@ class Client:
 
     def submit(self, spec: dict | str | Path) -> Job:
         """Queue a training spec: a dict, or the path of a JSON file."""
-        if not isinstance(spec, dict):
-            try:
-                spec = json.loads(Path(spec).read_text(encoding="utf-8"))
-            except (OSError, ValueError) as err:
-                raise ClientError(f"cannot read {spec}: {err}") from None
-        return Job(self, self.request("POST", "/jobs", json=spec))
+        return Job(self, self.request("POST", "/jobs", json=_load(spec)))
 
     def job(self, job_id: str) -> Job:
         return Job(self, self.request("GET", f"/jobs/{job_id}"))
@@ -195,6 +191,23 @@ class Client:
             yield from sse.json()["lines"]
 
     # -- transport ------------------------------------------------------------------------
+
+    # -- sweeps ----------------------------------------------------------------------------
+
+    def sweep(self, spec: dict | str | Path) -> Sweep:
+        """Start a sweep (docs/api.md#sweeps): a dict, or the path of a JSON file."""
+        return Sweep(self, self.request("POST", "/sweeps", json=_load(spec)))
+
+    def get_sweep(self, sweep_id: str) -> Sweep:
+        return Sweep(self, self.request("GET", f"/sweeps/{sweep_id}"))
+
+    def sweeps(
+        self, status: str | None = None, limit: int = 50
+    ) -> list[sweep_schemas.SweepSummary]:
+        """The newest `limit` sweeps (at most 500), without their trials."""
+        params = {"limit": limit} | ({"status": status} if status else {})
+        page = sweep_schemas.SweepPage.model_validate(self.request("GET", "/sweeps", params=params))
+        return page.items
 
     def request(self, method: str, path: str, **kw):
         """The JSON answer of a request; a ClientError for a status >= 400."""
@@ -435,6 +448,75 @@ class Job:
 
     def logs(self, since: str | None = None) -> str:
         return self.client.logs(self.id, since)
+
+
+class Sweep:
+    """A sweep on the service: the answer that last described it (`data`; `info`, the same
+    as a sweep_schemas.Sweep) and what can be done with it."""
+
+    def __init__(self, client: Client, data: dict):
+        self.client = client
+        self._read(data)
+
+    def _read(self, data: dict) -> Sweep:
+        self.data = data
+        self.info = sweep_schemas.Sweep.model_validate(data)
+        self.id: str = self.info.id
+        return self
+
+    @property
+    def status(self) -> str:
+        return self.info.status
+
+    def __repr__(self) -> str:
+        return f"<Sweep {self.id} {self.info.name!r} {self.status}>"
+
+    def refresh(self) -> Sweep:
+        return self._read(self.client.request("GET", f"/sweeps/{self.id}"))
+
+    def events(self, deadline: float | None = None) -> Iterator[sweep_schemas.Sweep]:
+        """The sweep each time it or a trial changed, until it has ended (reconnecting if
+        the stream drops)."""
+        for sse in self.client.stream(f"/sweeps/{self.id}/events", deadline=deadline):
+            if sse.event == "end":
+                return
+            if sse.event == "sweep":
+                yield self._read(sse.json()).info
+
+    def wait(self, timeout: float | None = None) -> Sweep:
+        """Follow the sweep until it finished or was cancelled; this handle, refreshed. A
+        TimeoutError after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for _ in self.events(deadline):
+            pass
+        return self.refresh()
+
+    def cancel(self) -> Sweep:
+        """Ask no more trials; cancel the queued and running ones."""
+        return self._read(self.client.request("POST", f"/sweeps/{self.id}/cancel"))
+
+    def trials(self) -> list[sweep_schemas.SweepTrial]:
+        """Every trial asked so far, by number (as last read: refresh() reads again)."""
+        return self.info.trials
+
+    def best(self) -> sweep_schemas.SweepTrial | None:
+        """The best finished trial by the sweep's metric and mode (as last read)."""
+        return self.info.best
+
+    def best_job(self) -> Job | None:
+        """The best trial's job, read now."""
+        best = self.info.best
+        return self.client.job(best.job_id) if best and best.job_id else None
+
+
+def _load(spec: dict | str | Path) -> dict:
+    """A request body: the dict, or the JSON file at the path."""
+    if isinstance(spec, dict):
+        return spec
+    try:
+        return json.loads(Path(spec).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ClientError(f"cannot read {spec}: {err}") from None
 
 
 def _with_checkpoint(body: dict, checkpoint: str | None) -> dict:

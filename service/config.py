@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     allow_file_data: bool = Field(False, description="accept data.type=file (server paths)")
 
     max_json_bytes: int = Field(1 * MB, ge=1)
+    max_sweep_trials: int = Field(1000, ge=1, le=10_000, description="trials of one sweep")
     max_attempts: int = Field(
         5,
         ge=1,

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from service.cluster import Capacity, RayCluster
 from service.config import Settings
@@ -39,6 +39,9 @@ from workers.events import (
 )
 from workers.health import new_warnings
 from workers.spec import TrainingSpec
+
+if TYPE_CHECKING:
+    from service.sweeps import Sweeps
 
 log = logging.getLogger(__name__)
 EPS = 1e-9
@@ -64,6 +67,8 @@ class Run:
     last_step_at: float | None = None
     checkpoint_step: int | None = None  # the newest checkpoint the Trainer reported
     spec: TrainingSpec | None = None  # once validated, as the run starts
+    trial: tuple[str, int] | None = None  # (sweep id, trial number) of a sweep's trial
+    pruned: bool = False  # the sweep's pruner stopped it
 
 
 def pending_reason(
@@ -92,6 +97,7 @@ class Dispatcher:
         self.store, self.settings, self.cluster = store, settings, cluster
         self.owner = settings.owner
         self._train = train  # workers.trainer.train, or a stand-in in tests
+        self.sweeps: Sweeps | None = None  # drives sweeps on this loop, when set
         self.runs: dict[str, Run] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -248,6 +254,8 @@ class Dispatcher:
             self._refresh()
         for job_id in self.store.owned(self.owner, "cancelling"):  # cancels via other processes
             self.cancel(job_id)
+        if self.sweeps is not None:  # tells ended trials, queues new ones, then they start
+            self.sweeps.tick()
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -278,6 +286,9 @@ class Dispatcher:
         chosen its worker count; returns the spare CPUs left for the next."""
         workers = job.spec.get("workers")
         run = Run(job.id, job.name, workers if isinstance(workers, int) else None, job.cpus)
+        tags = job.tags
+        if "sweep" in tags and tags.get("trial", "").isdigit():
+            run.trial = (tags["sweep"], int(tags["trial"]))
         if workers == "auto":
             run.cpus, spare = job.cpus + spare, 0.0
         run.thread = threading.Thread(target=self._run, args=(run, job), name=f"job-{job.id}")
@@ -316,6 +327,8 @@ class Dispatcher:
         finally:
             with self._lock:
                 self.runs.pop(run.job_id, None)
+            if run.trial is not None and self.sweeps is not None:
+                self.sweeps.due.set()  # tell Optuna, ask the next trial
             self._wake.set()
 
     def _settle(self, run: Run, summary: dict) -> None:
@@ -327,6 +340,9 @@ class Dispatcher:
             message = f"{owner} abandoned it at step {summary.get('steps')}; will resume from "
             store.requeue(run.job_id, owner, message + resume)
             return
+        if run.pruned and status == "cancelled":
+            summary = {**summary, "pruned": True}
+            error = f"pruned by the sweep's pruner at step {summary.get('steps')}"
         final = {"summary": summary, "eta_s": None}
         if summary.get("steps") is not None:
             final["step"] = summary["steps"]
@@ -399,6 +415,10 @@ class Dispatcher:
             "metrics": dict(run.metrics),
         }
         self.store.progress(run.job_id, self.owner, values, point)
+        sweeps = self.sweeps if run.trial is not None and not run.pruned else None
+        if sweeps is not None and sweeps.report(*run.trial, event):
+            run.pruned, run.reason = True, "cancel"
+            run.stop.set()  # it checkpoints at this step and ends cancelled
 
     def _on_health(self, run: Run, event: HealthEvent) -> None:
         """The job's latest health (the Trainer's record already holds each warning once,

@@ -33,6 +33,7 @@ from service.api.routes import (
     jobs,
     logs,
     ops,
+    sweeps,
 )
 from service.cluster import RayCluster
 from service.config import Settings
@@ -43,6 +44,7 @@ from service.offload import BodyValidator
 from service.predict import NoCheckpoint, Predictor
 from service.sse import Slots
 from service.store import Conflict, JobNotFound, JobStore
+from service.sweeps import SweepNotFound, Sweeps
 from workers.checkpoint import UnknownCheckpoint
 
 API = "/api/v1"
@@ -69,6 +71,10 @@ async def method_not_allowed(request: Request, exc: StarletteHTTPException) -> J
 
 async def job_not_found(request: Request, exc: JobNotFound) -> JSONResponse:
     return JSONResponse({"detail": f"no job {exc.args[0]!r}"}, status_code=404)
+
+
+async def sweep_not_found(request: Request, exc: SweepNotFound) -> JSONResponse:
+    return JSONResponse({"detail": f"no sweep {exc.args[0]!r}"}, status_code=404)
 
 
 async def conflict(request: Request, exc: Conflict) -> JSONResponse:
@@ -101,6 +107,7 @@ def create_app(settings: Settings | None = None, *, start: bool = True) -> FastA
         store = JobStore(settings.store_url)
         cluster = RayCluster(settings.ray_address, settings.ray_num_cpus, settings.ray_dashboard)
         dispatcher = Dispatcher(store, settings, cluster)
+        dispatcher.sweeps = app.state.sweeps = Sweeps(store, settings)
         # On this thread, not a pool's: an embedded Ray's GCS and raylet are killed when the
         # thread that started them ends (PR_SET_PDEATHSIG), and the pool retires idle threads.
         dispatcher.start()
@@ -132,6 +139,7 @@ def create_app(settings: Settings | None = None, *, start: bool = True) -> FastA
     # The store's errors, wherever a route meets them: an unknown job, a state that forbids;
     # and the predictor's, when the job has no checkpoint to answer from.
     app.add_exception_handler(JobNotFound, job_not_found)
+    app.add_exception_handler(SweepNotFound, sweep_not_found)
     app.add_exception_handler(Conflict, conflict)
     app.add_exception_handler(NoCheckpoint, no_checkpoint)
     app.add_exception_handler(UnknownCheckpoint, unknown_checkpoint)
@@ -185,12 +193,13 @@ def _include_routes(app: FastAPI, token: bool) -> None:
         interpret.router,
         datasets.router,
         cluster.router,
+        sweeps.router,
     )
     for router in (*routers, dashboard.api):
         deps = [Depends(require_token)] if token else []
         app.include_router(router, prefix=API, dependencies=deps, **guard)
     deps = [Depends(require_token_or_query)] if token else []
-    for router in (events.router, logs.router):  # EventSource streams: ?token= too
+    for router in (events.router, logs.router, sweeps.events):  # EventSource streams: ?token= too
         app.include_router(router, prefix=API, dependencies=deps, **guard)
     app.include_router(ops.router)
     app.include_router(dashboard.router)  # `/` and plotly.min.js, before the /static mount

@@ -175,6 +175,9 @@ class Job(BaseModel):
         None, description="the step of the best evaluation by keep_best, once finished"
     )
     tags: dict[str, str] = Field(default_factory=dict)
+    pruned: bool = Field(
+        False, description="a sweep's trial that its pruner stopped (the job ended cancelled)"
+    )
     duration_s: float | None = Field(
         None, description="seconds from its first start to its finish; null until finished"
     )
@@ -215,6 +218,7 @@ class Job(BaseModel):
             stopped_early=(row.summary or {}).get("stopped_early"),
             best_step=(row.summary or {}).get("best_step"),
             tags=row.tags,
+            pruned=bool((row.summary or {}).get("pruned")),
             duration_s=row.duration_s,
             events=None if events is None else [JobEvent.of(e) for e in events],
         )

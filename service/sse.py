@@ -153,3 +153,29 @@ async def all_events(
                 keep = {job.id for job in rows}
                 seen = {k: v for k, v in seen.items() if k in keep}
             await _wait(woke)
+
+
+async def sweep_events(sweeps, sweep_id: str) -> AsyncIterator[ServerSentEvent]:
+    """`sweep` (the whole sweep, as GET /sweeps/{id} has it) whenever it or one of its trials
+    changed, and `end` once it finished or was cancelled; then the stream closes."""
+    from service.sweeps import SweepNotFound
+
+    sent = None
+    with sweeps.store.changes.subscribe() as woke:
+        while True:
+            woke.clear()
+            try:
+                row = await run_in_threadpool(sweeps.get, sweep_id)
+                sweep = await run_in_threadpool(sweeps.present, row)
+            except SweepNotFound:
+                yield message("end", {"sweep_id": sweep_id, "status": None})
+                return
+            data = sweep.model_dump(mode="json")
+            seen = {k: v for k, v in data.items() if k != "updated_at"}
+            if seen != sent:
+                yield message("sweep", data)
+                sent = seen
+            if sweep.status in ("finished", "cancelled"):
+                yield message("end", {"sweep_id": sweep_id, "status": sweep.status})
+                return
+            await _wait(woke)

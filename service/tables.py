@@ -160,3 +160,28 @@ class EventRow(Base):
     status: Mapped[str] = mapped_column(String(16))
     attempt: Mapped[int] = mapped_column(Integer)
     message: Mapped[str | None] = mapped_column(Text)
+
+
+SweepStatus = Literal["running", "cancelling", "finished", "cancelled"]
+SWEEP_ACTIVE = ("running", "cancelling")  # the driver still tells, or asks, trials
+
+
+class SweepRow(Base):
+    """A sweep: its request, and its Optuna study (in the same database, Optuna's own
+    tables). The trials are jobs tagged `sweep: <id>` and `trial: <n>`."""
+
+    __tablename__ = "sweeps"
+
+    seq: Mapped[int] = mapped_column(Seq, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(32), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(BigInteger, default=0)
+    spec: Mapped[dict] = mapped_column(JSON)  # the SweepCreate, defaults filled in
+    study: Mapped[str] = mapped_column(String(64))  # the Optuna study's name
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_sweeps_status", "status", "seq"),)

@@ -8,8 +8,8 @@ import httpx
 import pytest
 from safetensors.numpy import load_file
 
-from service import schemas
-from shardgrad import Client, ClientError, Job
+from service import schemas, sweep_schemas
+from shardgrad import Client, ClientError, Job, Sweep
 from tests.helpers import Server, require, small_moons
 from workers.checkpoint import checkpoint_dir, load_checkpoint
 
@@ -73,6 +73,36 @@ def test_predict_explain_download(server, client, trained, tmp_path):
     with pytest.raises(ClientError) as err:
         trained.download("step-999", path=tmp_path)
     assert err.value.status_code == 404
+
+
+def test_a_sweep_from_the_client(client):
+    body = {
+        "name": "client-sweep",
+        "base": small_moons(workers=0, epochs=1, eval_every=2),
+        "parameters": {"optimizer.lr": {"values": [0.05, 0.5]}},
+        "trials": 2,
+        "sampler": {"type": "grid", "seed": 0},
+        "pruner": {"type": "none"},
+    }
+    sweep = client.sweep(body)
+    assert isinstance(sweep, Sweep) and isinstance(sweep.info, sweep_schemas.Sweep)
+    assert sweep.wait(timeout=180) is sweep and sweep.status == "finished"
+    trials = sweep.trials()
+    assert [t.state for t in trials] == ["succeeded", "succeeded"]
+    assert sorted(t.params["optimizer.lr"] for t in trials) == [0.05, 0.5]
+    best = sweep.best()
+    assert best.value == min(t.value for t in trials) and best.best_step is not None
+    job = sweep.best_job()
+    assert job.info.tags == {"sweep": sweep.id, "trial": str(best.number)}
+    assert job.info.spec["optimizer"]["lr"] == best.params["optimizer.lr"]
+    assert {j.id for j in client.jobs(sweep=sweep.id)} == {t.job_id for t in trials}
+    assert sweep.id in [s.id for s in client.sweeps()]
+
+    body["parameters"] = {"optimizer.lrr": {"values": [0.1]}}
+    with pytest.raises(ClientError) as err:
+        client.sweep(body)
+    assert err.value.status_code == 422
+    assert err.value.errors[0]["loc"] == ("parameters", "optimizer.lrr")
 
 
 def test_the_jobs_log(client, trained):

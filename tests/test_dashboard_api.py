@@ -49,7 +49,7 @@ def test_examples_are_the_repos_spec_files(client):
     r = client.get("/api/v1/examples", headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200
     examples = {e["name"]: e for e in r.json()}
-    on_disk = {p.stem for p in dashboard.EXAMPLES.glob("*.json")}
+    on_disk = {p.stem for p in dashboard.EXAMPLES.glob("*.json")} - {"moons-sweep"}
     assert set(examples) == on_disk and "moons" in examples
     moons = examples["moons"]
     assert moons["spec"]["model"]["type"] == "mlp"

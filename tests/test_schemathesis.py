@@ -31,6 +31,11 @@ EXCEPTIONS = {
         "feature count and the last size its class count, the loss must suit the task, "
         "workers x cpus_per_worker must fit the cluster"
     ),
+    ("ST202", "POST /api/v1/sweeps"): (
+        "the base TrainingSpec's cross-field rules (as for POST /jobs), checked with every "
+        "value a parameter may take; a dotted path must name a field of the base spec; "
+        "parallel trials must fit the cluster and SHARDGRAD_MAX_CONCURRENT_JOBS"
+    ),
     ("ST202", "POST /api/v1/datasets"): (
         "the file's type comes from its name (.csv or .npz) and its content (a header row, "
         "arrays X and y), which a multipart body's schema cannot express"
@@ -57,9 +62,10 @@ EXCEPTIONS = {
     ),
 }
 
-# Not run: the event streams. GET /events lasts as long as the client stays, and a job's
-# stream as long as the job (queued for ever on a paused server), with a ping every 15 s, so
-# no response ever ends to be checked (tests/test_service_api.py checks their events). A
+# Not run: the event streams. GET /events lasts as long as the client stays, and a job's (or
+# a sweep's) stream as long as the job (queued for ever on a paused server), with a ping
+# every 15 s, so no response ever ends to be checked (tests/test_service_api.py and
+# tests/test_sweeps.py check their events). A
 # job's logs are one of them with follow=true (tests/test_logs.py checks them).
 EXCLUDED_PATHS = r"/(events|logs)$"
 

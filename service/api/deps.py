@@ -16,6 +16,7 @@ from service.config import Settings
 from service.dispatcher import Dispatcher
 from service.predict import Predictor
 from service.store import JobStore
+from service.sweeps import Sweeps
 from service.tables import JobRow
 
 
@@ -84,3 +85,11 @@ TOO_LARGE = {413: {"description": "request body too large", **ERROR}}
 # What a route with a body answers before its own checks: FastAPI's 400 for a body it cannot
 # parse (bytes that are not UTF-8 JSON, broken multipart), the 413 of service/limits.py.
 BODY = {400: {"description": "the body could not be parsed", **ERROR}} | TOO_LARGE
+
+
+async def get_sweeps(request: Request) -> Sweeps:
+    return request.app.state.sweeps
+
+
+SweepsDep = Annotated[Sweeps, Depends(get_sweeps)]
+NO_SWEEP = {404: {"description": "no such sweep", **ERROR}}

@@ -72,6 +72,8 @@ def examples() -> list[Example]:
     """The training specs in examples/, as templates for the dashboard's submit page."""
     out = []
     for path in sorted(EXAMPLES.glob("*.json")):
+        if path.stem.endswith("-sweep"):  # a sweep (POST /sweeps), not a training spec
+            continue
         try:
             text = path.read_text(encoding="utf-8")
             out.append(Example(name=path.stem, text=text, spec=json.loads(text)))

@@ -41,7 +41,7 @@ def take_slot(request: Request) -> sse.Slots:
     return slots
 
 
-def _stream(request: Request, events) -> EventSourceResponse:
+def stream(request: Request, events) -> EventSourceResponse:
     """Taken in the route, once every check has passed: a refused request holds no slot."""
     slots = take_slot(request)
     return sse.HeldStream(events, slots, headers=HEADERS, ping=sse.KEEPALIVE_S)
@@ -64,11 +64,11 @@ def job_events(
     events = sse.job_events(
         store, job.id, lambda row: present(row, store, dispatcher), after=last_event_id
     )
-    return _stream(request, events)
+    return stream(request, events)
 
 
 @router.get("/events", response_class=EventSourceResponse, responses=STREAM)
 def all_events(request: Request, store: StoreDep, dispatcher: DispatcherDep) -> EventSourceResponse:
     """Status and progress changes of every job, from the moment of connecting."""
     events = sse.all_events(store, lambda rows: present_all(rows, store, dispatcher))
-    return _stream(request, events)
+    return stream(request, events)

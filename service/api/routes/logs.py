@@ -14,7 +14,7 @@ from sse_starlette import ServerSentEvent
 
 from service import sse
 from service.api.deps import NOT_FOUND, JobDep, SettingsDep, StoreDep
-from service.api.routes.events import STREAM, _stream
+from service.api.routes.events import STREAM, stream
 from service.store import JobNotFound, JobStore
 from service.tables import TERMINAL
 from workers import joblog
@@ -53,7 +53,7 @@ def job_logs(
     if not follow:
         return PlainTextResponse("".join(joblog.read(out_dir, after)))
     tail = joblog.Tail(out_dir, since=last_event_id or after)
-    return _stream(request, _follow(store, job.id, tail))
+    return stream(request, _follow(store, job.id, tail))
 
 
 async def _follow(store: JobStore, job_id: str, tail: joblog.Tail) -> AsyncIterator:
