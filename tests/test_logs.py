@@ -238,9 +238,13 @@ def test_each_workers_stdout_and_stderr_and_traceback_are_in_the_jobs_log(
         ("1", "stdout", "rank 1 on stdout"),
         ("1", "stdout", "starting"),
     ]  # each once; none lost though the pool ended right after; no end-of-output markers
-    # The worker's traceback ends the log.
-    assert "ERROR workers.joblog: the run ended with RayTaskError(ValueError)" in recs[-1]
-    assert "in replicate" in recs[-1] and recs[-1].endswith("ValueError: rank 1 gives up\n")
+    # The job's error is the worker's own, in a line; the log ends with its traceback, then
+    # the run's last word.
+    assert job["error"] == "a worker raised ValueError: rank 1 gives up"
+    *_, trace, last = recs
+    assert "ERROR workers.trainer: failed at step 0: a worker raised" in trace
+    assert "in replicate" in trace and trace.endswith("ValueError: rank 1 gives up\n")
+    assert last.endswith("INFO workers.trainer: failed at step 0: " + job["error"] + "\n")
 
 
 def test_bad_requests(service):

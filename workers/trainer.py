@@ -228,6 +228,10 @@ class Trainer:
         except (TrainingError, WorkerFailure, ClusterTooSmall, InitFromError) as err:
             log.error("failed at step %d: %s", self.step, err, exc_info=err)
             return self.failed(str(err))
+        except ray.exceptions.RayTaskError as err:  # a worker's own exception (a bug, not Ray)
+            log.error("failed at step %d: a worker raised", self.step, exc_info=err)  # its trace
+            cause = err.cause if isinstance(err.cause, BaseException) else err
+            return self.failed(f"a worker raised {type(cause).__name__}: {cause}"[:2000])
 
     # -- prepare ---------------------------------------------------------------
 
