@@ -1,0 +1,153 @@
+"""Every training guarantee on a small transformer with dropout on (issue 15 §4): the result
+does not depend on the worker count, a kill -9 resumes bit-identically, a killed worker is
+replaced bit-identically, and health is measured per sub-layer on every path."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from core import nn
+from tests.helpers import final_params, kill_9_at_checkpoint
+from workers.data import PreparedData
+from workers.model import build_model, build_optimizer, next_token_losses
+from workers.sampler import Schedule
+from workers.spec import TrainingSpec
+from workers.trainer import Trainer
+
+# "123=321." (reverse, 3 digits): 80 samples, 64 for training, 4 steps per epoch, 12 steps.
+SMALL_LM = {
+    "name": "lm",
+    "model": {
+        "type": "transformer",
+        "vocab_size": 13,
+        "context": 7,
+        "d_model": 8,
+        "heads": 2,
+        "layers": 2,
+        "dim_feedforward": 16,
+        "dropout": 0.2,
+    },
+    "data": {"type": "builtin", "name": "reverse", "n_digits": 3, "n_samples": 80},
+    "loss": "cross_entropy",
+    "dtype": "float64",
+    "optimizer": {"type": "adamw", "lr": 0.01, "weight_decay": 0.01},
+    "epochs": 3,
+    "batch_size": 16,
+    "cpus_per_worker": 0.5,
+    "checkpoint_every": 4,
+    "health_every": 5,
+}
+BLOCK = ["self_attn", "self_attn.out_proj", "linear1", "linear2", "norm1", "norm2"]
+LAYERS = [f"blocks.{i}.{k}" for i in range(2) for k in BLOCK] + ["norm", "head"]
+
+
+def lm_spec(**overrides) -> TrainingSpec:
+    return TrainingSpec.model_validate({**SMALL_LM, **overrides})
+
+
+def reference_loop(spec: TrainingSpec) -> dict[str, np.ndarray]:
+    """Plain single-process training on the global batches with core alone: each sample's
+    loss the mean over its tokens, averaged over the batch; dropout keyed by the rows'
+    dataset indices and epoch."""
+    data = PreparedData(spec)
+    schedule = Schedule(len(data.X), spec.batch_size, spec.epochs, spec.seed)
+    model = build_model(spec).train()
+    opt = build_optimizer(spec, model.parameters())
+    for step in range(schedule.total_steps):
+        idx = schedule.batch(step)
+        opt.zero_grad()
+        with nn.sample_context(schedule.epoch_of(step), idx):
+            next_token_losses(model, data.X[idx]).mean().backward()
+        opt.step()
+    return model.state_dict()
+
+
+def assert_close(got: dict, expected: dict, atol: float = 1e-9) -> None:
+    assert got.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=atol)
+
+
+def assert_equal(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """runs(workers): that run's events and final parameters, each run once per module."""
+    done = {}
+
+    def run(workers: int):
+        if workers not in done:
+            out, events = tmp_path_factory.mktemp(f"workers{workers}"), []
+            summary = Trainer(lm_spec(workers=workers), out, callback=events.append).run()
+            assert summary["status"] == "succeeded" and summary["steps"] == 12
+            assert summary["workers"] == workers
+            done[workers] = events, final_params(out)
+        return done[workers]
+
+    return run
+
+
+def test_in_process_is_the_reference_loop_and_dropout_matters(runs, tmp_path):
+    assert_close(runs(0)[1], reference_loop(lm_spec(workers=0)), atol=1e-12)
+    no_dropout = lm_spec(workers=0, model={**SMALL_LM["model"], "dropout": 0.0})
+    assert Trainer(no_dropout, tmp_path).run()["status"] == "succeeded"
+    assert not np.allclose(final_params(tmp_path)["head.weight"], runs(0)[1]["head.weight"])
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_parameters_do_not_depend_on_worker_count(runs, workers):
+    assert_close(runs(workers)[1], runs(0)[1])
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_worker_killed_mid_run_is_replaced_bit_identically(runs, tmp_path):
+    def kill_one(event):
+        if event["type"] == "step" and event["step"] == 6:
+            os.kill(trainer.pool.worker_pids()[1], signal.SIGKILL)
+
+    trainer = Trainer(lm_spec(workers=2), tmp_path, callback=kill_one)
+    summary = trainer.run()
+    assert summary["status"] == "succeeded" and summary["worker_failures"] == 1
+    assert_equal(final_params(tmp_path), runs(2)[1])
+
+
+def test_kill_9_then_resume_is_bit_identical(runs, tmp_path):
+    spec = lm_spec(workers=0)
+    kill_9_at_checkpoint(spec, tmp_path, step=8)
+    summary = Trainer(spec, tmp_path).run()
+    assert summary["status"] == "succeeded" and summary["resumed_from_step"] == 8
+    assert_equal(final_params(tmp_path), runs(0)[1])
+
+
+# ---------------------------------------------------------------- health
+
+
+def health_checks(events: list[dict]) -> list[dict]:
+    return [e for e in events if e["type"] == "health"]
+
+
+def test_health_checks_cover_every_sub_layer_in_process(runs):
+    checks = health_checks(runs(0)[0])
+    assert [c["step"] for c in checks] == [1, 5, 10]
+    for check in checks:
+        assert [s["layer"] for s in check["layers"]] == ["tok_emb", "pos_emb", *LAYERS]
+        for s in check["layers"]:
+            assert s["grad_norm"] > 0 and s["weight_norm"] > 0 and 0 < s["update_ratio"] < 1
+            assert s["dead_fraction"] is None  # gelu, not relu
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_health_checks_of_replicas_are_those_of_the_in_process_run(runs):
+    expected, got = health_checks(runs(0)[0]), health_checks(runs(2)[0])
+    assert [c["step"] for c in got] == [c["step"] for c in expected]
+    for a, b in zip(got, expected, strict=True):
+        assert [s["layer"] for s in a["layers"]] == [s["layer"] for s in b["layers"]]
+        for sa, sb in zip(a["layers"], b["layers"], strict=True):
+            for key in ("grad_norm", "weight_norm", "update_ratio"):
+                assert sa[key] == pytest.approx(sb[key], rel=1e-9, abs=1e-12)
