@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from core import nn
-from tests.helpers import final_params, kill_9_at_checkpoint
-from workers.data import PreparedData
-from workers.model import build_model, build_optimizer, next_token_losses
+from tests.helpers import REPO, example_spec, final_params, kill_9_at_checkpoint
+from workers.data import PreparedData, check_data
+from workers.generate import generate
+from workers.model import build_model, build_optimizer, lm_logits, next_token_losses
 from workers.sampler import Schedule
+from workers.sequences import decode, encode
 from workers.spec import TrainingSpec
 from workers.trainer import Trainer
 
@@ -151,3 +153,23 @@ def test_health_checks_of_replicas_are_those_of_the_in_process_run(runs):
         for sa, sb in zip(a["layers"], b["layers"], strict=True):
             for key in ("grad_norm", "weight_norm", "update_ratio"):
                 assert sa[key] == pytest.approx(sb[key], rel=1e-9, abs=1e-12)
+
+
+# ---------------------------------------------------------------- the text example
+
+
+def test_the_text_example_trains_on_its_text_file_and_generates(tmp_path):
+    path = REPO / example_spec("text-lm")["data"]["path"]  # the README runs from the repo
+    data = {"type": "file", "path": str(path)}
+    # 291 windows of 17 characters, 262 for training: 3 steps of 128
+    spec = example_spec("text-lm", data=data, batch_size=128, epochs=1)
+    spec["optimizer"]["schedule"]["warmup_steps"] = 1
+    spec = TrainingSpec.model_validate(spec)
+    info = check_data(spec)  # the model's vocabulary is the text's
+    assert spec.model.vocab_size == len(info.vocab) and info.n_samples == 291
+    summary = Trainer(spec, tmp_path).run()
+    assert summary["status"] == "succeeded" and summary["steps"] == 3
+    model = build_model(spec)
+    model.load_state_dict(final_params(tmp_path))
+    out = generate(lm_logits(model), encode("the miller ", info.vocab), 20, spec.model.context)
+    assert len(decode(out.tokens, info.vocab)) == 20
