@@ -8,12 +8,18 @@ import signal
 import numpy as np
 import pytest
 
-from core import nn
-from tests.helpers import REPO, example_spec, final_params, kill_9_at_checkpoint
-from workers.data import PreparedData, check_data
+from tests.helpers import (
+    REPO,
+    assert_close,
+    assert_identical,
+    example_spec,
+    final_params,
+    kill_9_at_checkpoint,
+    reference_loop,
+)
+from workers.data import check_data
 from workers.generate import generate
-from workers.model import build_model, build_optimizer, lm_logits, next_token_losses
-from workers.sampler import Schedule
+from workers.model import build_model, lm_logits
 from workers.sequences import decode, encode
 from workers.spec import TrainingSpec
 from workers.trainer import Trainer
@@ -47,34 +53,6 @@ LAYERS = [f"blocks.{i}.{k}" for i in range(2) for k in BLOCK] + ["norm", "head"]
 
 def lm_spec(**overrides) -> TrainingSpec:
     return TrainingSpec.model_validate({**SMALL_LM, **overrides})
-
-
-def reference_loop(spec: TrainingSpec) -> dict[str, np.ndarray]:
-    """Plain single-process training on the global batches with core alone: each sample's
-    loss the mean over its tokens, averaged over the batch; dropout keyed by the rows'
-    dataset indices and epoch."""
-    data = PreparedData(spec)
-    schedule = Schedule(len(data.X), spec.batch_size, spec.epochs, spec.seed)
-    model = build_model(spec).train()
-    opt = build_optimizer(spec, model.parameters())
-    for step in range(schedule.total_steps):
-        idx = schedule.batch(step)
-        opt.zero_grad()
-        with nn.sample_context(schedule.epoch_of(step), idx):
-            next_token_losses(model, data.X[idx]).mean().backward()
-        opt.step()
-    return model.state_dict()
-
-
-def assert_close(got: dict, expected: dict, atol: float = 1e-9) -> None:
-    assert got.keys() == expected.keys()
-    for key in expected:
-        np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=atol)
-
-
-def assert_equal(got: dict, expected: dict) -> None:
-    assert got.keys() == expected.keys()
-    assert all(np.array_equal(got[k], expected[k]) for k in expected)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +94,7 @@ def test_worker_killed_mid_run_is_replaced_bit_identically(runs, tmp_path):
     trainer = Trainer(lm_spec(workers=2), tmp_path, callback=kill_one)
     summary = trainer.run()
     assert summary["status"] == "succeeded" and summary["worker_failures"] == 1
-    assert_equal(final_params(tmp_path), runs(2)[1])
+    assert_identical(final_params(tmp_path), runs(2)[1])
 
 
 def test_kill_9_then_resume_is_bit_identical(runs, tmp_path):
@@ -124,7 +102,7 @@ def test_kill_9_then_resume_is_bit_identical(runs, tmp_path):
     kill_9_at_checkpoint(spec, tmp_path, step=8)
     summary = Trainer(spec, tmp_path).run()
     assert summary["status"] == "succeeded" and summary["resumed_from_step"] == 8
-    assert_equal(final_params(tmp_path), runs(0)[1])
+    assert_identical(final_params(tmp_path), runs(0)[1])
 
 
 # ---------------------------------------------------------------- health
