@@ -152,6 +152,47 @@ RECIPE = {
 }
 
 
+def reference_loop(spec) -> dict:
+    """Plain single-process training of `spec` (a TrainingSpec) on its global batches,
+    written with core alone: the loss's mean over the batch (a language model's: each
+    sample's mean over its tokens, averaged), dropout masks keyed by the rows' dataset
+    indices and epoch, as the contract says. Returns the final state dict."""
+    from core import Tensor, nn
+    from core.lm import TransformerLM
+    from workers.data import PreparedData
+    from workers.model import LOSSES, build_model, build_optimizer, next_token_losses
+    from workers.sampler import Schedule
+
+    data = PreparedData(spec)
+    schedule = Schedule(len(data.X), spec.batch_size, spec.epochs, spec.seed)
+    model = build_model(spec).train()
+    opt = build_optimizer(spec, model.parameters())
+    for step in range(schedule.total_steps):
+        idx = schedule.batch(step)
+        opt.zero_grad()
+        with nn.sample_context(schedule.epoch_of(step), idx):
+            if isinstance(model, TransformerLM):
+                loss = next_token_losses(model, data.X[idx]).mean()
+            else:
+                loss = LOSSES[spec.loss](model(Tensor(data.X[idx])), data.y[idx])
+        loss.backward()
+        opt.step()
+    return model.state_dict()
+
+
+def assert_close(got: dict, expected: dict, atol: float = 1e-9) -> None:
+    """Two state dicts with the same keys, equal within `atol`."""
+    assert got.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=atol)
+
+
+def assert_identical(got: dict, expected: dict) -> None:
+    """Two state dicts with the same keys, bit-identical."""
+    assert got.keys() == expected.keys()
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+
+
 def final_params(out) -> dict:
     """The model parameters of a run's newest checkpoint."""
     from workers import checkpoint

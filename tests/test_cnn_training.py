@@ -12,40 +12,25 @@ import numpy as np
 import pytest
 
 import core.functional as F
-from core import Tensor, nn, no_grad
-from tests.helpers import example_spec, final_params, kill_9_after_a_checkpoint, small_cnn
+from core import no_grad
+from tests.helpers import (
+    assert_close,
+    assert_identical,
+    example_spec,
+    final_params,
+    kill_9_after_a_checkpoint,
+    reference_loop,
+    small_cnn,
+)
 from workers.data import PreparedData
 from workers.health import active_units, layer_stats
-from workers.model import LOSSES, build_model, build_optimizer
-from workers.sampler import Schedule
+from workers.model import build_model
 from workers.spec import TrainingSpec
 from workers.trainer import Trainer
 
 
 def cnn_spec(**overrides) -> TrainingSpec:
     return TrainingSpec.model_validate(small_cnn(name="cnn", **overrides))
-
-
-def reference_loop(spec: TrainingSpec) -> dict[str, np.ndarray]:
-    """Plain single-process SGD on the global batches, written with core alone; dropout
-    masks keyed by the rows' dataset indices and epoch, as the contract says."""
-    data = PreparedData(spec)
-    schedule = Schedule(len(data.X), spec.batch_size, spec.epochs, spec.seed)
-    model = build_model(spec).train()
-    opt = build_optimizer(spec, model.parameters())
-    for step in range(schedule.total_steps):
-        idx = schedule.batch(step)
-        opt.zero_grad()
-        with nn.sample_context(schedule.epoch_of(step), idx):
-            LOSSES[spec.loss](model(Tensor(data.X[idx])), data.y[idx]).backward()
-        opt.step()
-    return model.state_dict()
-
-
-def assert_close(got: dict, expected: dict, atol: float = 1e-9) -> None:
-    assert got.keys() == expected.keys()
-    for key in expected:
-        np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=atol)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +71,7 @@ def test_worker_killed_mid_run_is_replaced_bit_identically(tmp_path):
     trainer = Trainer(spec, tmp_path / "killed", callback=kill_one)
     summary = trainer.run()
     assert summary["status"] == "succeeded" and summary["worker_failures"] == 1
-    got, expected = final_params(tmp_path / "killed"), final_params(tmp_path / "whole")
-    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    assert_identical(final_params(tmp_path / "killed"), final_params(tmp_path / "whole"))
 
 
 def test_kill_9_of_an_in_process_run_then_rerun_is_bit_identical(tmp_path):
@@ -105,8 +89,7 @@ def test_kill_9_of_an_in_process_run_then_rerun_is_bit_identical(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["status"] == "succeeded" and summary["resumed_from_step"] >= killed_at
     Trainer(spec, tmp_path / "reference").run()
-    got, expected = final_params(out), final_params(tmp_path / "reference")
-    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    assert_identical(final_params(out), final_params(tmp_path / "reference"))
 
 
 # ---------------------------------------------------------------- health

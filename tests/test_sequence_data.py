@@ -136,6 +136,20 @@ def test_text_windows_and_a_validation_split_at_its_end(tmp_path):
         describe(data, tmp_path, context=50)
 
 
+def test_a_local_txt_file_is_the_dataset_its_upload_is(tmp_path):
+    text = "".join(chr(0x4E00 + i) for i in range(101))
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    uploaded = UploadedData(type="dataset", id=save_uploaded(text.encode(), "t.txt", tmp_path).id)
+    local = TrainingSpec.model_validate(spec(data={"type": "file", "path": str(path)})).data
+    a, b = load_dataset(local, 0, context=8), load_dataset(uploaded, 0, tmp_path, context=8)
+    np.testing.assert_array_equal(a.X, b.X)
+    assert (a.info.vocab, a.info.context, a.ordered) == (b.info.vocab, 8, True)
+    assert describe(local, context=8).n_samples == 12
+    with pytest.raises(ValueError, match="model.context 50 needs at least 102"):
+        describe(local, context=50)
+
+
 def test_text_upload_through_the_service(tmp_path):
     client, _, _ = make_client(tmp_path, max_dataset_values=1000)
     upload = "/api/v1/datasets"

@@ -287,9 +287,9 @@ def test_file_data_errors_name_the_path(tmp_path):
     assert missing["loc"] == ("data", "file", "path")
     assert missing["msg"].startswith("data.path:") and "does not exist" in missing["msg"]
 
-    wrong = only_error(data={"type": "file", "path": "data.txt"})
+    wrong = only_error(data={"type": "file", "path": "data.json"})
     assert wrong["loc"] == ("data", "file", "path")
-    assert wrong["msg"] == "data.path: 'data.txt' must end in .npz or .csv"
+    assert wrong["msg"] == "data.path: 'data.json' must end in .npz, .csv or .txt"
 
     (tmp_path / "dir.csv").mkdir()
     unreadable = only_error(data={"type": "file", "path": str(tmp_path / "dir.csv")})

@@ -409,6 +409,20 @@ def _check_arrays(X: np.ndarray, y: np.ndarray) -> None:
             raise ValueError(f"{name} contains NaN or infinite values")
 
 
+def _text(name: str, ids: np.ndarray, vocab: tuple[str, ...]) -> Dataset:
+    """A text as a stream of character ids, one sample each (a model's context cuts it)."""
+    ids = ids.astype(np.int64).reshape(-1, 1)
+    info = stream_info(name, len(ids), vocab)
+    return Dataset(ids, np.zeros((len(ids), 0), np.int64), info, ordered=True)
+
+
+def _from_file(raw: bytes, path: str) -> Dataset:
+    """A local file's dataset: a `.txt` as a text stream (as its upload is), else arrays."""
+    if Path(path).suffix.lower() == ".txt":
+        return _text(path, *read_text(raw, MAX_DATASET_VALUES))
+    return from_arrays(path, *read_arrays(raw, path))
+
+
 def from_arrays(name: str, X: np.ndarray, y: np.ndarray) -> Dataset:
     """Build a dataset from checked arrays, inferring the task from y.
 
@@ -513,9 +527,7 @@ def _load_uploaded(dataset_id: str, root: Path) -> tuple[Dataset, str]:
     with np.load(path, allow_pickle=False) as npz:
         filename = str(npz["filename"]) if "filename" in npz.files else path.name
         if "vocab" in npz.files:  # a text, as a stream of character ids
-            ids, vocab = npz["X"].astype(np.int64).reshape(-1, 1), tuple(npz["vocab"].tolist())
-            info = stream_info(dataset_id, len(ids), vocab)
-            return Dataset(ids, np.zeros((len(ids), 0), np.int64), info, ordered=True), filename
+            return _text(dataset_id, npz["X"], tuple(npz["vocab"].tolist())), filename
         X, y = npz["X"], npz["y"]
     return from_arrays(dataset_id, X, y), filename
 
@@ -571,7 +583,7 @@ def _describe_file(path: str) -> DatasetInfo:
         raw = p.read_bytes()
         key = (hashlib.sha256(raw).hexdigest(), p.suffix.lower())
         if key not in _DESCRIBED:
-            _remember(_DESCRIBED, key, from_arrays(path, *read_arrays(raw, path)).info)
+            _remember(_DESCRIBED, key, _from_file(raw, path).info)
         _remember(_DIGESTS, stamp, key)
     return replace(_DESCRIBED[key], name=path)
 
@@ -586,12 +598,10 @@ def describe(data: DataSpec, root: Path | None = None, context: int | None = Non
     text is described as a stream of characters."""
     if data.type == "builtin":
         return data.describe()
-    if data.type == "dataset":
-        info = get_uploaded(data.id, root)
-        if info.task == "sequence" and info.context is None and context is not None:
-            return windows_info(info, context)
-        return info
-    return _describe_file(data.path)
+    info = get_uploaded(data.id, root) if data.type == "dataset" else _describe_file(data.path)
+    if info.task == "sequence" and info.context is None and context is not None:
+        return windows_info(info, context)  # raises if the text is too short
+    return info
 
 
 def load_dataset(
@@ -610,16 +620,16 @@ def load_dataset(
             return Dataset(X, np.asarray(y, dtype=np.int64), info)
         return Dataset(X, np.ascontiguousarray(y, dtype=np.float64).reshape(len(X), -1), info)
     if data.type == "file":
-        X, y = read_arrays(Path(data.path).read_bytes(), data.path)
-        return from_arrays(data.path, X, y)
-    if data.type == "dataset":
+        dataset = _from_file(Path(data.path).read_bytes(), data.path)
+    elif data.type == "dataset":
         dataset = _load_uploaded(data.id, dataset_root(root))[0]
-        if dataset.info.task != "sequence" or context is None:
-            return dataset
-        info = windows_info(dataset.info, context)  # raises if the text is too short
-        X = windows(dataset.X[:, 0], context)
-        return Dataset(X, np.zeros((len(X), 0), np.int64), info, ordered=True)
-    raise ValueError(f"unknown data type {data.type!r}")
+    else:
+        raise ValueError(f"unknown data type {data.type!r}")
+    if dataset.info.task != "sequence" or context is None:
+        return dataset
+    info = windows_info(dataset.info, context)  # raises if the text is too short
+    X = windows(dataset.X[:, 0], context)
+    return Dataset(X, np.zeros((len(X), 0), np.int64), info, ordered=True)
 
 
 def subset(dataset: Dataset, index: np.ndarray) -> Dataset:

@@ -130,6 +130,9 @@ class GradWorker:
     def replica_at(self) -> int:
         return self.replica.step
 
+    def replica_pace(self, enough: float) -> float:
+        return self.replica.pace(enough)
+
     def replica_state(self) -> tuple[dict, list]:
         """The replica's state, and the steps it did in its current block."""
         return self.replica.state(), self.replica.results

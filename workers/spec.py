@@ -254,7 +254,8 @@ class BuiltinData(_Strict):
 
 
 class FileData(_Strict):
-    """A `.npz` (arrays X, y) or `.csv` (header row; target column `y`, else the last)."""
+    """A `.npz` (arrays X, y), a `.csv` (header row; target column `y`, else the last) or a
+    `.txt` (UTF-8 text for a character-level language model, as an uploaded one)."""
 
     type: Literal["file"]
     path: str = Field(min_length=1)
@@ -265,8 +266,9 @@ class FileData(_Strict):
         # Refused here, before a data check (DESCRIBE_DATA) would read the file.
         if not (info.context or {}).get(ALLOW_FILES, True):
             raise PydanticCustomError(SPEC_ERROR, FILES_DISABLED)
-        if Path(path).suffix.lower() not in (".npz", ".csv"):
-            raise PydanticCustomError(SPEC_ERROR, f"data.path: {path!r} must end in .npz or .csv")
+        if Path(path).suffix.lower() not in (".npz", ".csv", ".txt"):
+            msg = f"data.path: {path!r} must end in .npz, .csv or .txt"
+            raise PydanticCustomError(SPEC_ERROR, msg)
         return path
 
 
