@@ -362,6 +362,31 @@ def test_every_worker_dying_restores_from_the_coordinators_copy(tmp_path, refere
     assert same(final_params(tmp_path), reference)
 
 
+def test_a_replacement_whose_graph_cannot_compile_goes_on_over_tasks(
+    tmp_path, monkeypatch, reference
+):
+    """A worker dies, and the graph over its replacement will not compile: the run goes on
+    over the tasks exchange from the restored replicas, bit-identical."""
+    from ray.dag import DAGNode
+
+    def refuse(self, **kwargs):
+        raise RuntimeError("no compiled graph over the replacement")
+
+    def kill_one(event):
+        if event["type"] == "step" and event["step"] == 8 and not killed:
+            monkeypatch.setattr(DAGNode, "experimental_compile", refuse)
+            killed.append(trainer.pool.worker_pids()[1])
+            os.kill(killed[0], signal.SIGKILL)
+
+    killed: list[int] = []
+    trainer = Trainer(make_spec(epochs=2), tmp_path, callback=kill_one)
+    summary = trainer.run()
+    assert summary["status"] == "succeeded" and summary["worker_failures"] == 1
+    assert trainer.pool.kind == "tasks"
+    assert "no compiled graph over the replacement" in trainer.pool.fallback_reason
+    assert same(final_params(tmp_path), reference)
+
+
 def test_a_worker_death_leaves_a_clean_exit(tmp_path, ray_session):
     """After a graph failed, the process still exits cleanly (no crash in Ray at exit)."""
     script = textwrap.dedent(

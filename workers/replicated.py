@@ -117,6 +117,9 @@ class ReplicatedStep(OnPool):
                 outs = self.graph((end, fetch, verify, tuple(checked)))
             except WorkersDied as err:
                 results += self._recover(err.causes)
+                if self.gather is not None:  # the new graph did not compile: tasks from here
+                    more = self.gather.advance(end, fetch, verify, checked)
+                    return self._kept(first, results) + more
                 continue
             except ExchangeBroken as err:
                 results += self._fall_back(err)
