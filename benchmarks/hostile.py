@@ -5,7 +5,7 @@ service's peak memory while each dataset bomb is refused (issue 16).
 
 The server is the one `make run` starts (uvicorn, one process, embedded Ray, SQLite),
 paused so that nothing trains (started as benchmarks/submit_latency.py starts it). For
-each body, a prober thread sends GET /healthz back to back on its own connection from
+each body, a prober process sends GET /healthz back to back on its own connection from
 0.3 s before the body is sent until its answer has come; the report gives the prober's
 slowest answer (the target: under 100 ms) and the body's own answer time. For each
 dataset bomb, the RSS of the server and its body-validator process is sampled every
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import tempfile
 import threading
 import time
@@ -100,20 +101,36 @@ def bombs() -> dict[str, tuple[str, bytes]]:
     }
 
 
-class Prober(threading.Thread):
-    """GET /healthz back to back; the slowest answer while running."""
+def _probe(url: str, stop, slowest, count) -> None:
+    """GET /healthz back to back until `stop`; the slowest answer and how many."""
+    with httpx.Client(base_url=url, timeout=60) as client:
+        while not stop.is_set():
+            start = time.perf_counter()
+            client.get("/healthz")
+            took = time.perf_counter() - start
+            with slowest.get_lock():
+                slowest.value = max(slowest.value, took)
+            count.value += 1
+
+
+class Prober:
+    """The prober runs in a process of its own: in this one it would wait for the GIL while
+    the client builds and sends a 100 MB upload, and count the client's delay as the
+    service's."""
 
     def __init__(self, url: str):
-        super().__init__(daemon=True)
-        self.url, self.stop, self.slowest, self.count = url, threading.Event(), 0.0, 0
+        ctx = multiprocessing.get_context("spawn")
+        self.stop, self._slowest, self._count = ctx.Event(), ctx.Value("d", 0.0), ctx.Value("i", 0)
+        self.proc = ctx.Process(target=_probe, args=(url, self.stop, self._slowest, self._count))
 
-    def run(self):
-        with httpx.Client(base_url=self.url, timeout=60) as client:
-            while not self.stop.is_set():
-                start = time.perf_counter()
-                client.get("/healthz")
-                self.slowest = max(self.slowest, time.perf_counter() - start)
-                self.count += 1
+    def start(self) -> None:
+        self.proc.start()
+        while self._count.value == 0:  # its interpreter is up and the first answer came
+            time.sleep(0.01)
+
+    def join(self) -> None:
+        self.proc.join()
+        self.slowest, self.count = self._slowest.value, self._count.value
 
 
 class RssSampler(threading.Thread):
