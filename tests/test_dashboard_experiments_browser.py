@@ -22,6 +22,7 @@ from tests.dashboard import (
     screenshot,
 )
 from tests.fakes import API, SweepService, curve, finished_job, make_client, spec, sweep_train
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -160,6 +161,8 @@ def test_the_lists_fit_a_phone(browser, sweep, allowed_statuses):
 
 def test_the_sweep_page_follows_a_real_sweep_ranks_and_plots_its_trials(page, sweep, shots):
     url, sweep_id, svc, go = sweep
+    # Trials 0 and 1 evaluated at steps 2 and 4; they wait before their last step (6).
+    wait_for(lambda: [t["step"] for t in svc.sweep(sweep_id)["trials"]] == [4, 4], 120)
     page.goto(url + "/#/sweeps")
     page.locator("#sweeps a", has_text="moons-lr").click()
     title = page.locator(".job-title h1")
@@ -171,6 +174,10 @@ def test_the_sweep_page_follows_a_real_sweep_ranks_and_plots_its_trials(page, sw
     expect(page.locator('#trials tr[data-state="running"]')).to_have_count(2)
     expect(title.locator(".badge")).to_have_text("running")
     expect(page.locator("#best-trial")).to_contain_text("None finished yet.")
+    curves = page.locator("#sweep-curves")
+    expect(curves.locator(".scatterlayer .trace")).to_have_count(2)  # their curves so far
+    scatter = page.locator('.param-plot[data-param="optimizer.lr"] .js-plotly-plot')
+    expect(scatter.locator(".scatterlayer .point")).to_have_count(2)  # their best so far
     go.set()
     # ... the page follows the sweep's event stream to its end, without a reload.
     expect(title.locator(".badge")).to_have_text("finished")
@@ -204,12 +211,10 @@ def test_the_sweep_page_follows_a_real_sweep_ranks_and_plots_its_trials(page, sw
     expect(rows.first).to_have_attribute("data-number", "3")
 
     expect(page.locator("#sweep-scatters .param-plot")).to_have_count(2)
-    scatter = page.locator('.param-plot[data-param="optimizer.lr"] .js-plotly-plot')
     expect(scatter.locator(".scatterlayer .point")).to_have_count(4)
     assert scatter.evaluate("div => div.layout.xaxis.type") == "log"
     sizes = page.locator('.param-plot[data-param="model.sizes"] .js-plotly-plot')
     expect(sizes.locator(".scatterlayer .point")).to_have_count(4)
-    curves = page.locator("#sweep-curves")
     expect(curves.locator(".scatterlayer .trace")).to_have_count(4)
     # The curves are redrawn a moment after the end: until then trial 2 may not be marked.
     page.wait_for_function(
