@@ -1,22 +1,24 @@
 """Shared stand-ins for the service tests (no tests here): an in-memory store, a dispatcher
-without Ray, a fake Trainer."""
+without Ray, a fake Trainer, and the service with a real dispatcher driving sweeps of it."""
 
 from __future__ import annotations
 
 import collections
+import threading
 
 from fastapi.testclient import TestClient
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from service.api.deps import get_dispatcher, get_store
+from service.api.deps import get_dispatcher, get_store, get_sweeps
 from service.cluster import Capacity
 from service.config import Settings
 from service.dispatcher import Dispatcher, pending_reason
 from service.main import create_app
 from service.store import JobStore
+from service.sweeps import Sweeps
 from service.tables import MetricRow
-from tests.helpers import small_moons
+from tests.helpers import small_moons, wait_for
 from workers.events import StartedEvent, StepEvent
 
 
@@ -211,3 +213,95 @@ def assert_each_claimed_once(store: JobStore, ids, claims: dict[str, list[str]])
 def make_dispatcher(tmp_path, store, train, cpus=2.0, **settings):
     cfg = Settings(data_dir=tmp_path, instance_id="d1", poll_interval_s=0.05, **settings)
     return Dispatcher(store, cfg, FakeCluster(cpus), train=train)
+
+
+# -- sweeps: a real dispatcher and Sweeps driving a fake Trainer ------------------------------
+
+API = "/api/v1"
+GOOD, BAD = [0.1, 0.3], [0.001, 0.0001]
+STEPS = 6
+
+
+def flat_below_0_01(lr: float, step: int) -> float:
+    """The fake's validation loss: 1/step, or 1.0 throughout when lr < 0.01 (a bad trial)."""
+    return 1.0 if lr < 0.01 else 1.0 / step
+
+
+def sweep_train(go: threading.Event | None = None, val_loss=flat_below_0_01):
+    """A Trainer stand-in: STEPS steps, an evaluation every `eval_every` steps (`val_loss`
+    of the lr and the step); it stops (checkpointed) when asked. With `go`, it waits for it
+    before its last step. `train.most` is the most runs at once."""
+    lock, running = threading.Lock(), set()
+
+    def train(spec, out_dir, *, callback, stop_event, settings, abandon_event=None):
+        with lock:
+            running.add(out_dir)
+            train.most = max(train.most, len(running))
+        try:
+            callback(StartedEvent(type="started", total_steps=STEPS, step=0, worker_nodes=[]))
+            lr = spec.optimizer.lr
+            for step in range(1, STEPS + 1):
+                while go is not None and step == STEPS and not go.is_set():
+                    if stop_event.wait(0.01):
+                        break
+                if stop_event.is_set():
+                    return {"status": "cancelled", "steps": step - 1}
+                event = StepEvent(type="step", step=step, total_steps=STEPS, epoch=0)
+                event |= {"train_loss": 1.0, "grad_norm": 0.1, "lr": lr, "samples_per_s": None}
+                if step % spec.eval_every == 0:
+                    event["val_loss"] = val_loss(lr, step)
+                callback(event)
+            return {"status": "succeeded", "steps": STEPS}
+        finally:
+            with lock:
+                running.discard(out_dir)
+
+    train.most, train.running = 0, running
+    return train
+
+
+def sweep_body(**overrides) -> dict:
+    body = {
+        "name": "lr",
+        "base": spec(workers=0, eval_every=2),
+        "parameters": {"optimizer.lr": {"values": GOOD + BAD}},
+        "trials": 4,
+        "parallel": 1,
+        # Seed 5 runs the grid in the order 0.1, 0.3, 0.001, 0.0001: the bad trials come
+        # after a good one has finished, so a pruner has something to compare with.
+        "sampler": {"type": "grid", "seed": 5},
+        "pruner": {"type": "none"},
+    }
+    return body | overrides
+
+
+class SweepService:
+    """The app on a file store, with a real dispatcher (fake Trainer) driving sweeps."""
+
+    def __init__(self, tmp_path, train, store_url=None, **settings):
+        self.store = JobStore(store_url or f"sqlite:///{tmp_path}/store.db")
+        self.dispatcher = make_dispatcher(tmp_path, self.store, train, cpus=4.0, **settings)
+        self.sweeps = self.dispatcher.sweeps = Sweeps(self.store, self.dispatcher.settings)
+        cfg = self.dispatcher.settings.model_copy(update={"allowed_hosts": ["testserver"]})
+        app = create_app(cfg, start=False)
+        app.dependency_overrides[get_store] = lambda: self.store
+        app.dependency_overrides[get_dispatcher] = lambda: self.dispatcher
+        app.dependency_overrides[get_sweeps] = lambda: self.sweeps
+        self.client = TestClient(app)
+        self.http = TestClient(app, base_url="http://testserver/api/v1")  # for a Client
+        self.dispatcher.start()
+
+    def sweep(self, sweep_id: str) -> dict:
+        return self.client.get(f"{API}/sweeps/{sweep_id}").json()
+
+    def wait_ended(self, sweep_id: str) -> dict:
+        wait_for(lambda: self.sweeps.get(sweep_id).status in ("finished", "cancelled"), 120)
+        return self.sweep(sweep_id)
+
+    def wait_running(self, sweep_id: str) -> None:
+        """Until the sweep's only job is running."""
+
+        def states() -> list[str]:
+            return [job.status for job in self.store.list(tags=[("sweep", sweep_id)])]
+
+        wait_for(lambda: states() == ["running"], 120)

@@ -1,15 +1,14 @@
 """The compare page (tick jobs in the list, Compare, read their overlaid curves and the table
-of differing parameters and final metrics) and the sweep page, in a real browser. The app
-runs on a fake dispatcher (no Ray): jobs and their metric points are written to its store.
+of differing parameters and final metrics) and the sweep page, in a real browser.
 
-The sweep page reads GET /sweeps[/{id}] and its event stream from stubs (Playwright route
-interception), checked against the sweeps API's models where they are importable: the sweep
-is made up, its trials' jobs and curves are real."""
+The compare page's app runs on a fake dispatcher (no Ray): jobs and their metric points are
+written to its store. The sweep page's app runs a real sweep (POST /sweeps) on the real
+dispatcher and Sweeps, its trials on the fake Trainer of tests/test_sweeps.py."""
 
 from __future__ import annotations
 
-import json
-import time
+import math
+import threading
 
 import pytest
 
@@ -22,7 +21,8 @@ from tests.dashboard import (
     open_page,
     screenshot,
 )
-from tests.fakes import curve, finished_job, make_client
+from tests.fakes import API, SweepService, curve, finished_job, make_client, spec, sweep_train
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -47,17 +47,8 @@ def app(tmp_path_factory):
         )
         for name, lr, slope in (("lr-0.1", 0.1, 1.0), ("lr-0.5", 0.5, 2.0), ("lr-1", 1.0, 3.0))
     }
-    trials = {
-        name: finished_job(client, store, curve(steps, 10, slope), finish=end, name=name)
-        for name, steps, slope, end in (
-            ("trial-0", 60, 1.5, "succeeded"),
-            ("trial-1", 60, 1.0, "succeeded"),
-            ("trial-2", 20, 3.0, "cancelled"),  # pruned
-            ("trial-3", 60, 0.5, "succeeded"),  # running, as the sweep first tells
-        )
-    }
     with on_a_thread(client.app) as url:
-        yield url, ids | trials
+        yield url, ids
 
 
 @pytest.fixture
@@ -113,161 +104,140 @@ def test_tick_jobs_compare_their_curves_and_parameters(page, app, shots):
 
 # -- the sweep page ------------------------------------------------------------------------
 
-SWEEP_ID = "sw-1"
-AT = "2026-01-01T12:00:00Z"
+
+def val_loss(lr: float, step: int) -> float:
+    """1.0 throughout below lr 0.01 (a clearly bad trial: pruned at its first evaluation once
+    a trial has finished), else 1/step, higher the farther lr is above 0.01."""
+    return 1.0 if lr < 0.01 else (1 + math.log10(lr / 0.01)) / step
 
 
-def trial(number, job_id, state, lr, sizes, value, best_value, best_step, pruned=False):
-    return {
-        "number": number,
-        "job_id": job_id,
-        "state": state,
-        "params": {"optimizer.lr": lr, "model.sizes": sizes},
-        "pruned": pruned,
-        "value": value,
-        "best_value": best_value,
-        "best_step": best_step,
-        "step": best_step,
-        "error": None,
-    }
+SWEEP = {
+    "name": "moons-lr",
+    "base": spec(name="moons-lr", workers=0, eval_every=2),
+    "parameters": {
+        "optimizer.lr": {"type": "log_uniform", "low": 0.001, "high": 1.0},
+        "model.sizes": {"values": [[2, 8, 2], [2, 16, 2]]},
+    },
+    "trials": 4,
+    "parallel": 2,
+    "metric": "val_loss",
+    "mode": "min",
+    # Seed 3 asks lr 0.045 and 0.034 first, then 0.0024 (bad: pruned, as a trial has
+    # finished before it is asked), then 0.021 (the best: better than the median, not pruned).
+    "sampler": {"type": "random", "seed": 3},
+    "pruner": {"type": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+}
 
 
-def sweep_answer(ids, live: bool) -> dict:
-    """GET /sweeps/{id}: four trials, one pruned; `live`: trial 3 still running."""
-    small, big = [2, 8, 2], [2, 16, 2]
-    trials = [
-        trial(0, ids["trial-0"], "succeeded", 0.3, small, 0.05, 0.05, 60),
-        trial(1, ids["trial-1"], "succeeded", 0.03, big, 2 / 60, 2 / 60, 60),
-        trial(2, ids["trial-2"], "cancelled", 0.9, small, None, 0.3, 20, pruned=True),
-        trial(3, ids["trial-3"], "running", 0.01, big, None, 1 / 30, 30),
-    ]
-    counts = {"succeeded": 2, "pruned": 1, "running": 1}
-    if not live:
-        done = {"state": "succeeded", "value": 1 / 60, "best_value": 1 / 60, "best_step": 60}
-        trials[3] |= done | {"step": 60}
-        counts = {"succeeded": 3, "pruned": 1}
-    best = min((t for t in trials if t["value"] is not None), key=lambda t: t["value"])
-    spec = {
-        "name": "moons-lr",
-        "base": spec_of_the_fakes(),
-        "parameters": {
-            "optimizer.lr": {"type": "log_uniform", "low": 0.001, "high": 1.0},
-            "model.sizes": {"values": [small, big]},
-        },
-        "trials": 4,
-        "parallel": 2,
-        "metric": "val_loss",
-        "mode": "min",
-        "sampler": {"type": "tpe", "seed": 0},
-        "pruner": {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
-    }
-    return {
-        "id": SWEEP_ID,
-        "name": "moons-lr",
-        "status": "running" if live else "finished",
-        "priority": 0,
-        "metric": "val_loss",
-        "mode": "min",
-        "created_at": AT,
-        "updated_at": AT,
-        "finished_at": None if live else AT,
-        "error": None,
-        "counts": counts,
-        "best": best,
-        "spec": spec,
-        "trials": trials,
-    }
-
-
-def spec_of_the_fakes() -> dict:
-    from tests.fakes import spec
-
-    return spec(name="moons-lr")
-
-
-def checked(answer: dict, model: str) -> dict:
-    """`answer`, validated by the sweeps API's model `model` once that API is in the tree."""
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A real sweep on the real dispatcher: its first two trials wait before their last step
+    until the test sets `go`."""
+    go = threading.Event()
+    svc = SweepService(
+        tmp_path_factory.mktemp("sweep"), sweep_train(go, val_loss), max_concurrent_jobs=2
+    )
     try:
-        from service import sweep_schemas
-    except ImportError:  # the sweeps API is on its own branch until merged
-        return answer
-    getattr(sweep_schemas, model).model_validate(answer)
-    return answer
+        r = svc.client.post(f"{API}/sweeps", json=SWEEP)
+        assert r.status_code == 201, r.text
+        with on_a_thread(svc.client.app) as url:
+            yield url, r.json()["id"], svc, go
+    finally:
+        go.set()
+        svc.dispatcher.shutdown()
 
 
-def stub_sweeps(page, state: dict, held: list) -> None:
-    """The sweeps API as `state["sweep"]` has it; its event stream's requests go to `held`."""
-
-    def sweeps(route):
-        summary = {k: v for k, v in state["sweep"].items() if k not in ("spec", "trials")}
-        route.fulfill(json=checked({"items": [summary], "next_cursor": None}, "SweepPage"))
-
-    page.route("**/api/v1/sweeps?*", sweeps)
-    page.route(f"**/api/v1/sweeps/{SWEEP_ID}", lambda r: r.fulfill(json=state["sweep"]))
-    page.route(f"**/api/v1/sweeps/{SWEEP_ID}/events*", lambda r: held.append(r))
-
-
-def test_the_lists_fit_a_phone(browser, app, allowed_statuses):
-    url, ids = app
+def test_the_lists_fit_a_phone(browser, sweep, allowed_statuses):
+    url = sweep[0]
     page, errors = open_page(browser, allowed_statuses, viewport=NARROW)
-    stub_sweeps(page, {"sweep": sweep_answer(ids, live=True)}, held=[])
     for route in ("/#/", "/#/sweeps"):
         page.goto(url + route)
         expect(page.locator(".page-head h1")).to_be_visible()
+        expect(page.locator("#sweeps tr[data-id], .job-row").first).to_be_visible()
         assert page.evaluate(WIDER_THAN_THE_WINDOW) == [], route
     page.close()
     assert not errors, errors
 
 
-def test_the_sweep_page_ranks_plots_and_follows_the_trials(page, app, shots):
-    url, ids = app
-    state = {"sweep": checked(sweep_answer(ids, live=True), "Sweep")}
-    held = []  # the event stream's request, answered when the test says
-    stub_sweeps(page, state, held)
-
+def test_the_sweep_page_follows_a_real_sweep_ranks_and_plots_its_trials(page, sweep, shots):
+    url, sweep_id, svc, go = sweep
+    # Trials 0 and 1 evaluated at steps 2 and 4; they wait before their last step (6).
+    wait_for(lambda: [t["step"] for t in svc.sweep(sweep_id)["trials"]] == [4, 4], 120)
     page.goto(url + "/#/sweeps")
     page.locator("#sweeps a", has_text="moons-lr").click()
-    expect(page.locator(".job-title h1")).to_contain_text("moons-lr")
+    title = page.locator(".job-title h1")
+    expect(title).to_contain_text("moons-lr")
     rows = page.locator("#trials tbody tr")
+
+    # Live: two trials at once, both waiting for `go`; nothing finished yet.
+    expect(rows).to_have_count(2)
+    expect(page.locator('#trials tr[data-state="running"]')).to_have_count(2)
+    expect(title.locator(".badge")).to_have_text("running")
+    expect(page.locator("#best-trial")).to_contain_text("None finished yet.")
+    curves = page.locator("#sweep-curves")
+    expect(curves.locator(".scatterlayer .trace")).to_have_count(2)  # their curves so far
+    scatter = page.locator('.param-plot[data-param="optimizer.lr"] .js-plotly-plot')
+    expect(scatter.locator(".scatterlayer .point")).to_have_count(2)  # their best so far
+    go.set()
+    # ... the page follows the sweep's event stream to its end, without a reload.
+    expect(title.locator(".badge")).to_have_text("finished")
     expect(rows).to_have_count(4)
-    # by val loss, lowest first; trials without a result last
-    assert numbers(page) == ["1", "0", "2", "3"]
+    expect(page.locator("#sweep-cancel")).to_have_count(0)
+
+    done = svc.sweep(sweep_id)  # what the API says the page shows
+    trials = {t["number"]: t for t in done["trials"]}
+    pruned = [n for n, t in trials.items() if t["pruned"]]
+    assert pruned == [2], done["trials"]
+    assert done["best"]["number"] == 3  # lr 0.021
+    expect(page.locator("#best-trial h2")).to_have_text("Best trial: #3")
+    expect(page.locator("#best-job")).to_have_attribute("href", f"#/jobs/{trials[3]['job_id']}")
+    expect(page.locator('tr[data-number="2"]')).to_have_attribute("data-state", "pruned")
+    expect(page.locator('tr[data-number="2"] .badge')).to_have_text("pruned")
+
+    # by val loss, lowest first; the pruned trial (no result) last
+    by_value = sorted((t for t in trials.values() if t["value"] is not None), key=score)
+    assert [t["number"] for t in by_value] == [3, 1, 0]
+    assert numbers(page) == ["3", "1", "0", "2"]
     page.locator('button[data-sort="best val loss"]').click()
-    expect(rows.first).to_have_attribute("data-number", "1")
-    assert numbers(page) == ["1", "3", "0", "2"]
+    expect(page.locator('button[data-sort="best val loss"]')).to_have_text("best val loss ↑")
+    assert numbers(page) == ["3", "1", "0", "2"]  # the pruned trial's best: 1.0
     page.locator('button[data-sort="best val loss"]').click()  # again: highest first
     expect(rows.first).to_have_attribute("data-number", "2")
-    expect(page.locator('tr[data-number="2"]')).to_have_attribute("data-state", "pruned")
-    expect(page.locator("#best-trial h2")).to_have_text("Best trial: #1")
-    expect(page.locator("#best-job")).to_have_attribute("href", f"#/jobs/{ids['trial-1']}")
+    assert numbers(page) == ["2", "0", "1", "3"]
+    page.locator('button[data-sort="#"]').click()
+    expect(rows.first).to_have_attribute("data-number", "0")
+    assert numbers(page) == ["0", "1", "2", "3"]
+    page.locator('button[data-sort="val loss"]').click()  # ranked again, for the shot
+    expect(rows.first).to_have_attribute("data-number", "3")
 
     expect(page.locator("#sweep-scatters .param-plot")).to_have_count(2)
-    scatter = page.locator('.param-plot[data-param="optimizer.lr"] .js-plotly-plot')
     expect(scatter.locator(".scatterlayer .point")).to_have_count(4)
     assert scatter.evaluate("div => div.layout.xaxis.type") == "log"
-    curves = page.locator("#sweep-curves")
+    sizes = page.locator('.param-plot[data-param="model.sizes"] .js-plotly-plot')
+    expect(sizes.locator(".scatterlayer .point")).to_have_count(4)
     expect(curves.locator(".scatterlayer .trace")).to_have_count(4)
-    dotted = curves.evaluate("div => div.data.filter(t => t.line.dash === 'dot').map(t => t.name)")
-    assert dotted == ["#2"]  # the pruned trial
+    # The curves are redrawn a moment after the end: until then trial 2 may not be marked.
+    page.wait_for_function(
+        """() => document.querySelector("#sweep-curves").data
+            .filter((t) => t.line.dash === "dot").map((t) => t.name).join() === "#2" """
+    )
 
-    deadline = time.monotonic() + 20  # the page opens the stream once the sweep is shown
-    while not held:
-        assert time.monotonic() < deadline, "the sweep page did not open its event stream"
-        page.wait_for_timeout(50)
-    state["sweep"] = checked(sweep_answer(ids, live=False), "Sweep")
-    events = [("sweep", state["sweep"]), ("end", {"sweep_id": SWEEP_ID, "status": "finished"})]
-    body = "".join(f"event: {e}\ndata: {json.dumps(d)}\n\n" for e, d in events)
-    held[0].fulfill(body=body, headers={"Content-Type": "text/event-stream"})
-    expect(page.locator("#best-trial h2")).to_have_text("Best trial: #3")
-    expect(page.locator('tr[data-number="3"]')).to_have_attribute("data-state", "succeeded")
-    expect(page.locator(".job-title h1 .badge")).to_have_text("finished")
-    expect(page.locator("#sweep-cancel")).to_have_count(0)
-    page.locator('button[data-sort="val loss"]').click()
-    expect(rows.first).to_have_attribute("data-number", "3")
-    best_first = ",".join(ids[f"trial-{n}"] for n in (3, 1, 0, 2))
-    expect(page.locator("#compare-top")).to_have_attribute("href", f"#/compare?ids={best_first}")
+    best_first = [t["job_id"] for t in sorted(trials.values(), key=score)]
+    link = page.locator("#compare-top")
+    expect(link).to_have_text("Compare the best 4")
+    expect(link).to_have_attribute("href", f"#/compare?ids={','.join(best_first)}")
     page.evaluate("window.scrollTo(0, 0)")  # the sticky header at the top of the shot
     screenshot(page, shots, "dashboard-sweep")
+
+    link.click()
+    expect(page.locator(".page-head h1")).to_have_text("Compare 4 jobs")
+    expect(page.locator("#compare-table thead th[data-id]")).to_have_count(4)
+    expect(page.locator("#compare-loss .scatterlayer .trace")).to_have_count(8)
+
+
+def score(trial: dict) -> float:
+    """What the page ranks a trial by: its result, else the best it reported."""
+    return trial["value"] if trial["value"] is not None else trial["best_value"]
 
 
 def numbers(page) -> list[str]:

@@ -9,111 +9,35 @@ import json
 import threading
 
 import pytest
-from fastapi.testclient import TestClient
 
 from service import cli
-from service.api.deps import get_dispatcher, get_store, get_sweeps
+from service.api.deps import get_sweeps
 from service.api.routes.sweeps import validate_sweep
 from service.client import Client, sse_events
 from service.config import Settings
-from service.main import create_app
 from service.store import JobStore
 from service.sweeps import Sweeps
-from tests.fakes import locs, make_client, make_dispatcher, spec
+from tests.fakes import (
+    API,
+    BAD,
+    GOOD,
+    STEPS,
+    SweepService,
+    locs,
+    make_client,
+    spec,
+    sweep_body,
+    sweep_train,
+)
 from tests.helpers import EXAMPLES, wait_for
-from workers.events import StartedEvent, StepEvent
-
-API = "/api/v1"
-GOOD, BAD = [0.1, 0.3], [0.001, 0.0001]
-STEPS = 6
-
-
-def sweep_train(go: threading.Event | None = None):
-    """A Trainer stand-in: STEPS steps, an evaluation every `eval_every` steps (val_loss
-    1/step, or 1.0 throughout when lr < 0.01); it stops (checkpointed) when asked. With
-    `go`, it waits for it before its last step. `train.most` is the most runs at once."""
-    lock, running = threading.Lock(), set()
-
-    def train(spec, out_dir, *, callback, stop_event, settings, abandon_event=None):
-        with lock:
-            running.add(out_dir)
-            train.most = max(train.most, len(running))
-        try:
-            callback(StartedEvent(type="started", total_steps=STEPS, step=0, worker_nodes=[]))
-            lr = spec.optimizer.lr
-            for step in range(1, STEPS + 1):
-                while go is not None and step == STEPS and not go.is_set():
-                    if stop_event.wait(0.01):
-                        break
-                if stop_event.is_set():
-                    return {"status": "cancelled", "steps": step - 1}
-                event = StepEvent(type="step", step=step, total_steps=STEPS, epoch=0)
-                event |= {"train_loss": 1.0, "grad_norm": 0.1, "lr": lr, "samples_per_s": None}
-                if step % spec.eval_every == 0:
-                    event["val_loss"] = 1.0 if lr < 0.01 else 1.0 / step
-                callback(event)
-            return {"status": "succeeded", "steps": STEPS}
-        finally:
-            with lock:
-                running.discard(out_dir)
-
-    train.most, train.running = 0, running
-    return train
-
-
-def sweep_body(**overrides) -> dict:
-    body = {
-        "name": "lr",
-        "base": spec(workers=0, eval_every=2),
-        "parameters": {"optimizer.lr": {"values": GOOD + BAD}},
-        "trials": 4,
-        "parallel": 1,
-        # Seed 5 runs the grid in the order 0.1, 0.3, 0.001, 0.0001: the bad trials come
-        # after a good one has finished, so a pruner has something to compare with.
-        "sampler": {"type": "grid", "seed": 5},
-        "pruner": {"type": "none"},
-    }
-    return body | overrides
-
-
-class Service:
-    """The app on a file store, with a real dispatcher (fake Trainer) driving sweeps."""
-
-    def __init__(self, tmp_path, train, store_url=None, **settings):
-        self.store = JobStore(store_url or f"sqlite:///{tmp_path}/store.db")
-        self.dispatcher = make_dispatcher(tmp_path, self.store, train, cpus=4.0, **settings)
-        self.sweeps = self.dispatcher.sweeps = Sweeps(self.store, self.dispatcher.settings)
-        cfg = self.dispatcher.settings.model_copy(update={"allowed_hosts": ["testserver"]})
-        app = create_app(cfg, start=False)
-        app.dependency_overrides[get_store] = lambda: self.store
-        app.dependency_overrides[get_dispatcher] = lambda: self.dispatcher
-        app.dependency_overrides[get_sweeps] = lambda: self.sweeps
-        self.client = TestClient(app)
-        self.http = TestClient(app, base_url="http://testserver/api/v1")  # for a Client
-        self.dispatcher.start()
-
-    def sweep(self, sweep_id: str) -> dict:
-        return self.client.get(f"{API}/sweeps/{sweep_id}").json()
-
-    def wait_ended(self, sweep_id: str) -> dict:
-        wait_for(lambda: self.sweeps.get(sweep_id).status in ("finished", "cancelled"), 120)
-        return self.sweep(sweep_id)
-
-    def wait_running(self, sweep_id: str) -> None:
-        """Until the sweep's only job is running."""
-
-        def states() -> list[str]:
-            return [job.status for job in self.store.list(tags=[("sweep", sweep_id)])]
-
-        wait_for(lambda: states() == ["running"], 120)
 
 
 @pytest.fixture
 def service(tmp_path):
     made = []
 
-    def make(train, **settings) -> Service:
-        made.append(Service(tmp_path, train, **settings))
+    def make(train, **settings) -> SweepService:
+        made.append(SweepService(tmp_path, train, **settings))
         return made[-1]
 
     yield make
@@ -224,7 +148,7 @@ def test_cancel_asks_no_more_and_cancels_the_running_trials(service):
 
 def test_a_restart_mid_sweep_loses_no_trial_and_asks_nothing_twice(tmp_path):
     go = threading.Event()
-    first = Service(tmp_path, sweep_train(go))
+    first = SweepService(tmp_path, sweep_train(go))
     body = sweep_body(trials=4, sampler={"type": "random", "seed": 0})
     body["parameters"] = {"optimizer.lr": {"type": "uniform", "low": 0.05, "high": 0.5}}
     sweep_id = first.client.post(f"{API}/sweeps", json=body).json()["id"]
@@ -237,7 +161,7 @@ def test_a_restart_mid_sweep_loses_no_trial_and_asks_nothing_twice(tmp_path):
     assert [t["state"] for t in first.sweep(sweep_id)["trials"]] == ["queued", "pending"]
 
     go.set()
-    second = Service(tmp_path, sweep_train(go))  # new objects on the same database
+    second = SweepService(tmp_path, sweep_train(go))  # new objects on the same database
     try:
         sweep = second.wait_ended(sweep_id)
     finally:
