@@ -52,6 +52,10 @@ EXCEPTIONS = {
         "only a transformer job generates, and only from characters of its data's "
         "vocabulary, which the job's spec fixes (the job here is an MLP's: a 422)"
     ),
+    ("ST202", "POST /api/v1/jobs/{job_id}/attention"): (
+        "only a transformer job has attention, over a prompt of its data's vocabulary and "
+        "at most its context long, which the job's spec fixes (the job here is an MLP's: a 422)"
+    ),
     ("ST202", "GET /api/v1/compare"): (
         "`ids` must name existing jobs, each once (the pattern allows `a,a`), none of them "
         "blank once trimmed"
@@ -74,7 +78,7 @@ EXCLUDED_PATHS = r"/(events|logs)$"
 # they would only ever answer 404.
 JOB_ROUTES = (
     r"^/api/v1/jobs/\{job_id\}"
-    r"(/(cancel|resume|metrics|checkpoints|predict|explain|generate|graph|filters|samples))?$"
+    r"(/(cancel|resume|metrics|checkpoints|predict|explain|generate|attention|graph|filters|samples))?$"
 )
 
 
