@@ -119,17 +119,7 @@ def add_client_commands(sub) -> None:
     p = command("predict", cmd_predict, "model outputs from one of a job's checkpoints")
     p.add_argument("id", help="job id")
     add_inputs(p)
-    p = command("explain", cmd_explain, "attributions of a model output to its inputs")
-    p.add_argument("id", help="job id")
-    add_inputs(p)
-    p.add_argument("--method", choices=METHODS, default="gradient")
-    p.add_argument("--target", type=int, help="output index (default: the predicted class)")
-    p.add_argument("--steps", type=int, default=64, help="integrated gradients' path steps")
-    p.add_argument(
-        "--baseline",
-        action="append",
-        help="one row for all inputs, or one per input (default 0)",
-    )
+    add_explain(command("explain", cmd_explain, "attributions of a model output to its inputs"))
     add_generate(command("generate", cmd_generate, "continue a prompt with a transformer job"))
     p = command("graph", cmd_graph, "the loss graph on the first training example", "--format json")
     p.add_argument("id", help="job id")
@@ -146,6 +136,19 @@ def add_client_commands(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="the file to write")
     p.add_argument("--spec", type=Path, help="a run directory's spec (JSON), as trained")
     p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+
+
+def add_explain(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id", help="job id")
+    add_inputs(p)
+    p.add_argument("--method", choices=METHODS, default="gradient")
+    p.add_argument("--target", type=int, help="output index (default: the predicted class)")
+    p.add_argument("--steps", type=int, default=64, help="integrated gradients' path steps")
+    p.add_argument(
+        "--baseline",
+        action="append",
+        help="one row for all inputs, or one per input (default 0)",
+    )
 
 
 def add_generate(p: argparse.ArgumentParser) -> None:

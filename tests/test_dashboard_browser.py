@@ -100,7 +100,9 @@ def test_loss_chart_holds_every_metric_point(page, server, api, trained, shots):
     assert len(points) == 64  # 160 rows / 20 a batch, 8 epochs
     chart = page.locator("#loss-chart")
     page.wait_for_function(
-        "n => document.getElementById('loss-chart').data?.[0]?.x.length === n", arg=len(points)
+        "n => document.getElementById('loss-chart').data?.[0]?.x.length === n",
+        arg=len(points),
+        timeout=60_000,  # the whole curve, over the event stream, on a loaded machine
     )
     box = chart.bounding_box()
     assert box["width"] > 200 and box["height"] > 200
@@ -130,7 +132,9 @@ def test_the_loss_chart_draws_each_steps_learning_rate(page, server, api):
     assert len(points) == 32 and points[0]["lr"] == pytest.approx(0.005)
     assert points[10]["lr"] == 0.05  # warmed up, the cosine starts
     page.wait_for_function(
-        "n => document.getElementById('loss-chart').data?.[2]?.x.length === n", arg=len(points)
+        "n => document.getElementById('loss-chart').data?.[2]?.x.length === n",
+        arg=len(points),
+        timeout=60_000,  # the whole curve, over the event stream, on a loaded machine
     )
     lr = page.locator("#loss-chart").evaluate("div => div.data[2]")
     assert (lr["name"], lr["yaxis"]) == ("learning rate", "y2")
