@@ -21,18 +21,33 @@ ON, OFF = WorkerSettings(head_start=True), WorkerSettings(head_start=False)
 SPEC = {"health_every": 4, "epochs": 2, "optimizer": {"type": "adam", "lr": 0.01}}
 
 
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """`plain(exchange)`: (out dir, (summary, events)) of the run without a head start that
+    every run here must reproduce, made once per exchange."""
+    runs = {}
+
+    def get(exchange: str):
+        if exchange not in runs:
+            out = tmp_path_factory.mktemp(f"plain-{exchange}")
+            runs[exchange] = out, recorded(make_spec(exchange=exchange, **SPEC), out, settings=OFF)
+        return runs[exchange]
+
+    return get
+
+
 def of_type(events, kind: str) -> list[dict]:
     return [e for e in events if e["type"] == kind]
 
 
 @pytest.mark.parametrize("exchange", ["replicated", "tasks"])
-def test_the_workers_take_over_at_a_step_bit_identical(tmp_path, monkeypatch, exchange):
+def test_the_workers_take_over_at_a_step_bit_identical(tmp_path, monkeypatch, plain, exchange):
     spec = make_spec(exchange=exchange, **SPEC)
-    plain = recorded(spec, tmp_path / "plain", settings=OFF)
+    plain_out, plain = plain(exchange)
     monkeypatch.setattr(HeadStart, "max_steps", 5)  # then it waits for the workers
     head = recorded(spec, tmp_path / "head", settings=ON)
     assert head[0]["status"] == plain[0]["status"] == "succeeded"
-    same_run(tmp_path / "head", head, tmp_path / "plain", plain)
+    same_run(tmp_path / "head", head, plain_out, plain)
     started, joined = of_type(head[1], "started")[0], of_type(head[1], "workers_joined")
     assert (started["workers"], started["worker_nodes"], started["exchange"]) == (2, [], None)
     assert [(e["step"], e["exchange"]) for e in joined] == [(5, exchange)]
@@ -48,12 +63,12 @@ def ckpt_state(out) -> dict:
     return ckpt.load_latest(out).state
 
 
-def test_a_slow_step_on_the_coordinator_waits_for_the_workers(tmp_path, monkeypatch):
-    spec = make_spec(**SPEC)
-    plain = recorded(spec, tmp_path / "plain", settings=OFF)
+def test_a_slow_step_on_the_coordinator_waits_for_the_workers(tmp_path, monkeypatch, plain):
+    spec = make_spec(exchange="tasks", **SPEC)
+    plain_out, plain = plain("tasks")
     monkeypatch.setattr(headstart, "HEAD_START_STEP_S", 0.0)  # every step counts as slow
     head = recorded(spec, tmp_path / "head", settings=ON)
-    same_run(tmp_path / "head", head, tmp_path / "plain", plain)
+    same_run(tmp_path / "head", head, plain_out, plain)
     assert [e["step"] for e in of_type(head[1], "workers_joined")] == [1]
 
 
@@ -63,19 +78,19 @@ def never_ready(self, model, opt, step, failures, cancel: threading.Event):
     raise Stopped("stopped while the workers were starting")
 
 
-def test_a_run_that_ends_before_its_workers_start(tmp_path, monkeypatch):
-    spec = make_spec(**SPEC)
-    plain = recorded(spec, tmp_path / "plain", settings=OFF)
+def test_a_run_that_ends_before_its_workers_start(tmp_path, monkeypatch, plain):
+    spec = make_spec(exchange="tasks", **SPEC)
+    plain_out, plain = plain("tasks")
     monkeypatch.setattr(Trainer, "_on_workers", never_ready)
     head = recorded(spec, tmp_path / "head", settings=ON)
-    same_run(tmp_path / "head", head, tmp_path / "plain", plain)
+    same_run(tmp_path / "head", head, plain_out, plain)
     assert not of_type(head[1], "workers_joined")
     assert (head[0]["workers"], head[0]["exchange"], head[0]["worker_nodes"]) == (2, None, [])
 
 
-def test_stopped_in_the_head_start_resumes_bit_identical(tmp_path, monkeypatch):
-    spec = make_spec(**SPEC)
-    plain = recorded(spec, tmp_path / "plain", settings=OFF)
+def test_stopped_in_the_head_start_resumes_bit_identical(tmp_path, monkeypatch, plain):
+    spec = make_spec(exchange="tasks", **SPEC)
+    plain_out, plain = plain("tasks")
     stop = threading.Event()
 
     def stop_at_3(event):
@@ -93,7 +108,7 @@ def test_stopped_in_the_head_start_resumes_bit_identical(tmp_path, monkeypatch):
     assert [e["step"] for e in of_type(resumed[1], "workers_joined")] == [7]
     after_3 = [e for e in plain[1] if e["type"] != "step" or e["step"] > 3]
     after_3 = [e for e in after_3 if e["type"] != "health" or e["step"] > 3]
-    same_run(tmp_path / "head", resumed, tmp_path / "plain", (plain[0], after_3))
+    same_run(tmp_path / "head", resumed, plain_out, (plain[0], after_3))
 
 
 def test_a_failed_start_fails_the_run_with_its_error(tmp_path, monkeypatch):
