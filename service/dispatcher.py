@@ -36,6 +36,7 @@ from workers.events import (
     StartedEvent,
     StepEvent,
     WorkerFailureEvent,
+    WorkersJoinedEvent,
 )
 from workers.health import new_warnings
 from workers.spec import TrainingSpec
@@ -394,6 +395,12 @@ class Dispatcher:
             run.worker_nodes = list(event["worker_nodes"])
             self.store.progress(run.job_id, self.owner, {"worker_nodes": run.worker_nodes})
 
+    def _on_workers_joined(self, run: Run, event: WorkersJoinedEvent) -> None:
+        run.worker_nodes = list(event["worker_nodes"])
+        self.store.progress(run.job_id, self.owner, {"worker_nodes": run.worker_nodes})
+        step = event["step"]
+        self.store.note(run.job_id, f"the workers took over at step {step} (a head start)")
+
     def _on_step(self, run: Run, event: StepEvent) -> None:
         now = time.monotonic()
         if run.last_step_at is not None and now > run.last_step_at:
@@ -438,6 +445,7 @@ class Dispatcher:
         "checkpoint": _on_checkpoint,
         "health": _on_health,
         "worker_failure": _on_worker_failure,
+        "workers_joined": _on_workers_joined,
     }
 
 

@@ -15,6 +15,9 @@ from tests.helpers import require, unavailable
 
 # Keep Ray's own chatter and memory use small in tests.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# The suite's distributed tests (worker kills, stuck steps, exchanges) need the workers from
+# the first step; tests/test_headstart.py covers the head start, on by default for users.
+os.environ.setdefault("SHARDGRAD_HEAD_START", "0")
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from tests.fakes import (
     new_job,
 )
 from tests.helpers import FakeClock, wait_for
-from workers.events import EVENT_TYPES, CheckpointEvent, StartedEvent
+from workers.events import EVENT_TYPES, CheckpointEvent, StartedEvent, WorkersJoinedEvent
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -213,6 +213,25 @@ def test_a_replacement_workers_node_joins_the_jobs_worker_nodes(tmp_path, store_
 
 def test_the_dispatcher_handles_every_trainer_event():
     assert set(Dispatcher._handlers) == set(EVENT_TYPES)
+
+
+def test_workers_that_join_after_a_head_start_are_recorded(tmp_path):
+    """A head start (workers/headstart.py) starts with no worker nodes; when the workers
+    take over, the job lists them and its timeline says at which step."""
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    job_id = new_job(store).id
+    d = make_dispatcher(tmp_path, store, fake_train())
+    [job] = store.claim(d.owner, lambda _: True)
+    run = Run(job_id, job.name, 2, job.cpus)
+    d._on_event(run, StartedEvent(type="started", total_steps=9, step=0, worker_nodes=[]))
+    assert store.get(job_id).worker_nodes == []
+    joined = WorkersJoinedEvent(
+        type="workers_joined", step=4, worker_nodes=["n1", "n2"], exchange="replicated"
+    )
+    d._on_event(run, joined)
+    assert store.get(job_id).worker_nodes == ["n1", "n2"]
+    messages = [e.message for e in store.events(job_id)]
+    assert "the workers took over at step 4 (a head start)" in messages
 
 
 def test_an_abandoned_job_says_which_checkpoint_it_resumes_from(tmp_path, store_url):

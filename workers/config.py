@@ -41,6 +41,11 @@ class WorkerSettings(BaseSettings):
     pin_workers: bool = Field(
         True, description="pin compiled-graph workers to free cores ($SHARDGRAD_PIN_WORKERS)"
     )
+    head_start: bool = Field(
+        True,
+        description="a run on workers steps on the coordinator, as its workers would, while "
+        "they start ($SHARDGRAD_HEAD_START; workers/headstart.py)",
+    )
     placement_timeout_s: float = Field(
         60.0,
         gt=0,

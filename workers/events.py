@@ -5,12 +5,15 @@ The Trainer (workers/trainer.py) emits these events; the service's dispatcher, t
 are TypedDicts: at run time plain JSON-ready dicts (a callback may log or forward them as
 they are), and one definition of their keys for every side.
 
-* ``started``: once per run, after the workers are placed (and the worker count chosen).
+* ``started``: once per run, after the workers are placed (and the worker count chosen);
+  with a head start, before they are: its ``worker_nodes`` are then empty.
 * ``step``: after every optimizer step, with its lr; at an evaluation step (each epoch's end,
   or every ``eval_every`` steps, and the last) with the validation metrics.
 * ``checkpoint``: after a checkpoint is written (never for an abandoned run).
 * ``health``: after each training-health check (workers/health.py).
 * ``worker_failure``: a worker died; it was replaced and the step is recomputed.
+* ``workers_joined``: after a head start (workers/headstart.py), the workers took over
+  from the coordinator at ``step``.
 
 `RunSummary` is what `Trainer.run` returns and `shardgrad train --json` prints: every key
 is always there (what a run never got to is None, 0 or []), ``error`` only when it failed
@@ -22,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal, NotRequired, TypedDict, get_args
 
-EventType = Literal["started", "step", "checkpoint", "health", "worker_failure"]
+EventType = Literal["started", "step", "checkpoint", "health", "worker_failure", "workers_joined"]
 Status = Literal["succeeded", "failed", "cancelled"]
 
 
@@ -32,7 +35,7 @@ class StartedEvent(TypedDict):
     step: int  # the first step this run computes: 0, or where it resumed
     resumed_from_step: int | None
     worker_nodes: list[str]
-    exchange: str | None  # "compiled" or "tasks"; None in-process (workers: 0)
+    exchange: str | None  # the exchange; None in-process (workers: 0) and in a head start
     workers: int  # the worker count of this run: the spec's, or the one auto chose
     workers_reason: str  # why: "set by the spec", or what auto measured and predicted
 
@@ -95,7 +98,21 @@ class WorkerFailureEvent(TypedDict):
     worker_nodes: list[str]  # every node that ran a worker, the replacement's included
 
 
-Event = StartedEvent | StepEvent | CheckpointEvent | HealthEvent | WorkerFailureEvent
+class WorkersJoinedEvent(TypedDict):
+    type: Literal["workers_joined"]
+    step: int  # the steps before it ran on the coordinator, as the workers would have
+    worker_nodes: list[str]
+    exchange: str  # "replicated", "compiled" or "tasks"
+
+
+Event = (
+    StartedEvent
+    | StepEvent
+    | CheckpointEvent
+    | HealthEvent
+    | WorkerFailureEvent
+    | WorkersJoinedEvent
+)
 Callback = Callable[[Event], None]
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 

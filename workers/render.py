@@ -91,6 +91,8 @@ class ProgressBar:
             self.advance(event["step"], postfix)
         elif kind == "worker_failure" and self.bar is not None:
             self.write(f"worker failure: {event['reason']}; recomputing the step")
+        elif kind == "workers_joined" and self.bar is not None:
+            self.write(f"{event['exchange']} workers took over at step {event['step']}")
 
     def job_event(self, kind: str, data: dict) -> None:
         """An event of a job's stream (GET /jobs/{id}/events)."""

@@ -91,6 +91,24 @@ class ReplicatedStep(OnPool):
         check_stop(pool.stop)  # before the graph's compilation, which cannot be cut short
         self._open()
 
+    def adopt(self, model, opt, step: int) -> None:
+        """Carry on from the coordinator's `model` and `opt` at `step` (a head start's,
+        workers/headstart.py): every replica gets that state, and fetches write into them."""
+        self.model, self.opt, self.params = model, opt, model.parameters()
+        self.step = self.synced = step
+        if self.gather is not None:  # it fell back to tasks as it started
+            self.gather.adopt(model, opt, step)
+            return
+        while True:
+            try:
+                self._seed(range(self.pool.n), self._own_state())
+                break
+            except WorkersDied as err:  # the graph went with them: replace, seed, compile
+                self._close_graph()
+                for rank, cause in err.causes.items():
+                    self.pool.replace(rank, cause)
+        self._open()
+
     @property
     def block(self) -> int:
         """The most steps one call should run: a block of about BLOCK_S, so a stop waits

@@ -12,8 +12,10 @@ A run has three parts: prepare (resume point, data, model, workers), the step lo
 finish (final evaluation, summary, last checkpoint). How steps are taken is a single
 object, the step strategy: `ReplicatedStep` (replicas on the workers, the default),
 `GatherStep` (the parameters in the coordinator, the workers' sums gathered), or
-`LocalStep` (`workers: 0`). The loop asks it for a block of steps, up to where it next
-reads the model, and gets each step's loss, gradient norm and health statistics.
+`LocalStep` (`workers: 0`), and `HeadStart` (the workers' pieces on the coordinator while
+the workers start, then one of the first two: workers/headstart.py). The loop asks it for
+a block of steps, up to where it next reads the model, and gets each step's loss, gradient
+norm and health statistics.
 `workers: "auto"` chooses the count when the run starts (choose.py).
 """
 
@@ -42,9 +44,12 @@ from workers.events import (
     Status,
     StepEvent,
     WorkerFailureEvent,
+    WorkersJoinedEvent,
     run_summary,
 )
+from workers.exchange import add_in_rank_order, flatten
 from workers.generate import val_exact_match
+from workers.headstart import HeadStart
 from workers.health import HealthMonitor, advice_for, snapshot, step_stats
 from workers.joblog import JobLog
 from workers.model import (
@@ -123,6 +128,10 @@ class GatherStep(OnPool, _CoordinatorStep):
         super().__init__(model, opt, schedule, step, X, recipe)
         self.pool = pool
 
+    def adopt(self, model, opt, step: int) -> None:
+        """Step the coordinator's `model` and `opt`, which are at `step` (a head start's)."""
+        self.model, self.params, self.opt, self.step = model, model.parameters(), opt, step
+
     def _grad_sum(self, step: int, idx: np.ndarray):
         epoch = self.schedule.epoch_of(step)  # keys the dropout masks
         pieces = [(epoch, piece) for piece in split_batch(idx, self.pool.n)]
@@ -136,23 +145,47 @@ class GatherStep(OnPool, _CoordinatorStep):
 class LocalStep(_CoordinatorStep):
     """`workers: 0`: the step in the coordinator's own process, no Ray. The gradient sum of
     the whole global batch as one piece, by the function a worker uses (`grad_sum`), under
-    a worker's BLAS threads, then the same averaging and step: bit-identical to 1 worker."""
+    a worker's BLAS threads, then the same averaging and step: bit-identical to 1 worker.
+
+    With `pieces` > 1 (a head start, workers/headstart.py) it computes the sums of the
+    rank-order pieces of `pieces` workers in turn and adds them as the workers' exchange
+    does: bit-identical to those workers' step."""
 
     node_ids: list[str] = []
     exchange = None
 
     def __init__(
-        self, model, opt, schedule, step, loss, data: PreparedData, threads, failures, recipe
+        self,
+        model,
+        opt,
+        schedule,
+        step,
+        loss,
+        data: PreparedData,
+        threads,
+        failures,
+        recipe,
+        pieces: int = 1,
     ):
         super().__init__(model, opt, schedule, step, data.X, recipe)
-        self.loss, self.y, self.threads = loss, data.y, threads
+        self.loss, self.y, self.threads, self.pieces = loss, data.y, threads, pieces
         self.failures = failures  # from before a resume; no worker can fail here
+        self.shapes = [p.shape for p in self.params]
 
     def _grad_sum(self, step: int, idx: np.ndarray):
         with blas_limit(self.threads):
-            X, y, epoch = self.X[idx], self.y[idx], self.schedule.epoch_of(step)
-            grads, loss_sum = grad_sum(self.model, self.loss, X, y, idx, epoch, self.params)
-        return len(idx), grads, loss_sum
+            epoch = self.schedule.epoch_of(step)
+            if self.pieces == 1:
+                X, y = self.X[idx], self.y[idx]
+                grads, loss_sum = grad_sum(self.model, self.loss, X, y, idx, epoch, self.params)
+                return len(idx), grads, loss_sum
+            sums = []
+            for piece in split_batch(idx, self.pieces):  # as each worker computes its own
+                X, y = self.X[piece], self.y[piece]
+                grads, loss_sum = grad_sum(self.model, self.loss, X, y, piece, epoch, self.params)
+                sums.append((flatten(grads), len(piece), loss_sum))
+        grads, n, loss_sum = add_in_rank_order(sums, self.shapes)
+        return n, grads, loss_sum
 
     def close(self) -> None:
         pass
@@ -207,7 +240,7 @@ class Trainer:
         self.recipe: Recipe | None = None  # the lr of each step, and clipping
         self.stopped_early = False
         # The step strategy, once chosen.
-        self.descend: ReplicatedStep | GatherStep | LocalStep | None = None
+        self.descend: ReplicatedStep | GatherStep | LocalStep | HeadStart | None = None
 
     def run(self) -> RunSummary:
         """Train to the end (or until stopped); failures come back as status 'failed'."""
@@ -270,24 +303,44 @@ class Trainer:
     def _start_workers(self, state: dict) -> None:
         """The step strategy: in-process, or the workers (on the cluster in `settings`, or
         an embedded Ray) and their exchange. `state`: the checkpoint's, when resuming."""
-        spec, failures = self.spec, state.get("worker_failures", 0)
+        failures = state.get("worker_failures", 0)
         choice = self._worker_count(state)
         self.n_workers, self.workers_reason = choice.workers, choice.reason
-        model, opt, schedule, step, recipe = (
-            self.model,
-            self.opt,
-            self.schedule,
-            self.step,
-            self.recipe,
-        )
         if self.n_workers == 0:
-            threads = blas_threads(spec.cpus_per_worker)
-            self.descend = LocalStep(
-                model, opt, schedule, step, spec.loss, self.data, threads, failures, recipe
-            )
+            self.descend = self._local(failures)
             return
         ensure_ray(self.settings)
-        self.pool = WorkerPool(
+        if self.settings.head_start:
+            self.descend = self._head_start(failures)
+            return
+        self.descend = self._on_workers(self.model, self.opt, self.step, failures, self.stop_event)
+        self.pool = self.descend.pool
+
+    def _local(self, failures: int, pieces: int = 1) -> LocalStep:
+        """The step in this process: the whole batch, or the pieces of `pieces` workers."""
+        spec, threads = self.spec, blas_threads(self.spec.cpus_per_worker)
+        return LocalStep(
+            self.model, self.opt, self.schedule, self.step, spec.loss, self.data, threads,
+            failures, self.recipe, pieces=pieces,
+        )  # fmt: skip
+
+    def _head_start(self, failures: int) -> HeadStart:
+        """The coordinator steps as the workers would while they start (workers/headstart.py);
+        the workers start from a copy of its state, since it goes on stepping meanwhile."""
+        spec, step = self.spec, self.step
+        twin = build_model(spec)
+        twin.load_state_dict(self.model.state_dict())
+        twin_opt = build_optimizer(spec, twin.parameters())
+        twin_opt.load_state_dict(self.opt.state_dict())
+        local = self._local(failures, pieces=self.n_workers)
+        start = lambda cancel: self._on_workers(twin, twin_opt, step, failures, cancel)  # noqa: E731
+        return HeadStart(local, start, self._workers_joined, self.stop_event)
+
+    def _on_workers(self, model, opt, step: int, failures: int, stop: threading.Event):
+        """The step strategy on a new pool of workers, from `model` and `opt` at `step`, with
+        the run's worker `failures` so far. `stop` ends the workers' start (Stopped)."""
+        spec = self.spec
+        pool = WorkerPool(
             self.n_workers,
             spec.cpus_per_worker,
             worker_config(spec),
@@ -297,25 +350,32 @@ class Trainer:
             on_failure=self._worker_failed,
             exchange=spec.exchange,
             settings=self.settings,
-            stop=self.stop_event,
+            stop=stop,
         )
-        pool, X = self.pool, self.data.X
+        schedule, X, recipe = self.schedule, self.data.X, self.recipe
         if pool.kind != "replicated":
-            self.descend = GatherStep(pool, model, opt, schedule, step, X, recipe)
-            return
-        try:
-            self.descend = ReplicatedStep(
-                pool,
-                model,
-                opt,
-                spec,
-                step,
-                gather_step=lambda at: GatherStep(pool, model, opt, schedule, at, X, recipe),
-                span=self._span(),
-            )
+            return GatherStep(pool, model, opt, schedule, step, X, recipe)
+        try:  # its fall back to tasks steps the coordinator's own model
+            gather = lambda at: GatherStep(pool, self.model, self.opt, schedule, at, X, recipe)  # noqa: E731
+            return ReplicatedStep(pool, model, opt, spec, step, gather, span=self._span())
         except BaseException:
             pool.shutdown()
             raise
+
+    def _workers_joined(self, strategy, step: int) -> None:
+        """After a head start: the workers' `strategy` takes the coordinator's model and
+        optimizer at `step` from here on."""
+        strategy.adopt(self.model, self.opt, step)
+        strategy.pool.stop = self.stop_event
+        self.pool = strategy.pool
+        self.callback(
+            WorkersJoinedEvent(
+                type="workers_joined",
+                step=step,
+                worker_nodes=strategy.node_ids,
+                exchange=strategy.exchange,
+            )
+        )
 
     def _worker_count(self, state: dict) -> WorkerChoice:
         """The count the spec (or the caller) states, else the one auto chooses. A resumed
