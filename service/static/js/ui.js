@@ -157,11 +157,12 @@ export const workerCount = (n) =>
   n === 0 ? "in-process" : n === "auto" ? "auto" : `${n} worker${n === 1 ? "" : "s"}`;
 
 // "2 workers · 1 node", with the nodes' addresses when the cluster told us them. The count
-// is the run's (what auto chose, once started), else the spec's.
+// is the run's (what auto chose, once started), else the spec's. A running job on workers
+// with no nodes yet is starting them (its first steps run on the coordinator meanwhile).
 export function workersText(job, nodeNames = new Map()) {
   const text = workerCount(job.workers ?? job.spec?.workers ?? job.worker_nodes.length);
   const nodes = [...new Set(job.worker_nodes)];
-  if (!nodes.length) return [text, ""];
+  if (!nodes.length) return [text, job.status === "running" && job.workers > 0 ? "starting" : ""];
   const names = nodes.map((id) => nodeNames.get(id) || shortId(id));
   return [text, `on ${names.join(", ")}`];
 }
