@@ -45,6 +45,7 @@ import psutil
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+from core.optim import FlatViews, spans
 from workers.config import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -85,14 +86,10 @@ def flatten(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([a.ravel() for a in arrays])
 
 
-def unflatten(flat: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
-    """Views of `flat` in `shapes` (no copy)."""
-    out, start = [], 0
-    for shape in shapes:
-        size = int(np.prod(shape))
-        out.append(flat[start : start + size].reshape(shape))
-        start += size
-    return out
+def unflatten(flat: np.ndarray, shapes: list[tuple[int, ...]]) -> FlatViews:
+    """Views of `flat` in `shapes` (no copy), which know `flat` (an optimizer steps them as
+    one vector)."""
+    return FlatViews(flat, spans(shapes))
 
 
 def add_in_rank_order(sums, shapes) -> tuple[list[np.ndarray], int, float]:

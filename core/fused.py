@@ -1,0 +1,162 @@
+"""One fused kernel: the summed loss of a plain `nn.MLP` and its gradient, in straight NumPy.
+
+It is the graph's math with the chain rule written out, for the case that dominates a
+tiny model's step: walking a graph of a dozen nodes (a Tensor, a closure and a
+topological sort per node) costs more than the arithmetic. Layer i computes
+h_i = act(h_{i-1} @ W_i.T + b_i) (no activation after the last), as `F.linear`; then
+
+    cross_entropy (sum):  loss = sum(log(sum(exp(z))) - z[target]), z = logits - max,
+                          dL/dlogits = softmax(logits) - onehot(target)
+    mse (sum):            loss = sum(d * d), d = out - target; dL/dout = 2 d
+
+and backwards, with delta_L = dL/dout:
+
+    dW_i = delta_i.T @ h_{i-1}     db_i = sum over rows of delta_i
+    delta_{i-1} = (delta_i @ W_i) * act'(h_{i-1})     (act' from the output, as ACTIVATIONS)
+
+The gradients match the graph's (`F.linear`, `F.cross_entropy`, `F.mse_loss` and
+`backward`) to rounding: tests compare both, and a finite-difference gradcheck. One
+difference is deliberate: in float64, tanh is 1 - 2 / (exp(2x) + 1), within 4e-16 of
+np.tanh and about twice as fast here (np.tanh's float64 loop is not vectorised).
+
+The activations live in per-model buffers, reused from call to call (per batch size and
+thread); the returned gradients are fresh arrays: views of one flat vector, in the
+model's parameter order (`FlatViews`), so an optimizer can update every parameter at once.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from core.optim import FlatViews, spans
+from core.tensor import ACTIVATIONS
+
+__all__ = ["FUSED_LOSSES", "fits", "mlp_grad_sum", "tanh_"]
+
+FUSED_LOSSES = ("mse", "cross_entropy")
+
+
+def fits(model, loss: str, y) -> bool:
+    """Whether `mlp_grad_sum` computes this model's gradient: a plain nn.MLP (no dropout,
+    no other layer) with a fused loss, and mse targets shaped like the output (the graph
+    broadcasts other shapes, with a warning)."""
+    from core.nn import MLP  # nn imports this module's neighbours; a late import keeps it light
+
+    if type(model) is not MLP or loss not in FUSED_LOSSES:
+        return False
+    if loss == "mse":
+        return np.ndim(y) == 2 and np.shape(y)[1] == model.sizes[-1]
+    return np.ndim(y) == 1 and np.asarray(y).dtype.kind in "iu"
+
+
+def tanh_(x: np.ndarray) -> np.ndarray:
+    """tanh(x) in place. float64: 1 - 2 / (exp(2x) + 1), within 4e-16 of np.tanh and twice
+    as fast (exp overflows to inf for x > 354, where the formula gives 1, as tanh)."""
+    if x.dtype != np.float64:
+        return np.tanh(x, out=x)
+    np.multiply(x, 2.0, out=x)
+    with np.errstate(over="ignore"):
+        np.exp(x, out=x)
+    x += 1.0
+    np.divide(2.0, x, out=x)
+    return np.subtract(1.0, x, out=x)
+
+
+class _Buffers:
+    """A model's activations and deltas for batches of `n` rows (reused between calls)."""
+
+    def __init__(self, sizes, n: int, dtype):
+        self.h = [np.empty((n, k), dtype) for k in sizes[1:]]  # each layer's output
+        self.delta = [np.empty((n, k), dtype) for k in sizes[1:-1]]  # dL/dh of hidden layers
+        self.slope = [np.empty((n, k), dtype) for k in sizes[1:-1]]
+        self.rows = np.arange(n)
+        self.layout = spans([s for a, b in zip(sizes, sizes[1:]) for s in ((b, a), (b,))])
+        self.size = self.layout[-1][1]
+
+
+_local = threading.local()  # buffers per thread: two threads may share a model
+
+
+def _buffers(model, n: int, dtype) -> _Buffers:
+    cache = getattr(_local, "cache", None)
+    if cache is None:
+        cache = _local.cache = {}
+    key = (id(model), model.sizes, n, dtype)
+    found = cache.get(key)
+    if found is None:
+        if len(cache) >= 16:  # a few models and batch sizes per thread; never unbounded
+            cache.clear()
+        found = cache[key] = _Buffers(model.sizes, n, dtype)
+    return found
+
+
+def mlp_grad_sum(model, loss: str, X: np.ndarray, y: np.ndarray) -> tuple[FlatViews, float]:
+    """(gradients of the summed loss, in parameter order, summed loss) of an nn.MLP over the
+    rows of X, as the graph computes them (see the module docstring); `fits` says when.
+    Cross-entropy targets are class indices, in range (as the data pipeline makes them)."""
+    layers = model.layers
+    dtype = layers[0].weight.data.dtype
+    n = len(X)
+    buf = _buffers(model, n, dtype)
+    X = np.asarray(X, dtype)
+    act = model.activation
+    last = len(layers) - 1
+
+    # forward: h_i = act(h_{i-1} @ W_i.T + b_i)
+    hs = [X]
+    for i, layer in enumerate(layers):
+        h = buf.h[i]
+        np.matmul(hs[-1], layer.weight.data.T, out=h)
+        b = layer.bias.data
+        if i == last:
+            h += b
+        elif act == "tanh":
+            h += b
+            tanh_(h)
+        else:
+            h = ACTIVATIONS[act].forward(h, b, out=h)
+        hs.append(h)
+
+    # the loss, and its gradient with respect to the output (written over the output)
+    out = hs.pop()
+    if loss == "cross_entropy":
+        t = np.asarray(y)
+        out -= np.maximum.reduce(out, axis=1, keepdims=True)  # z = logits - max
+        picked = out[buf.rows, t]
+        np.exp(out, out=out)
+        s = np.add.reduce(out, axis=1, keepdims=True)
+        loss_sum = float(np.add.reduce(np.log(s[:, 0]) - picked))
+        out /= s  # softmax
+        out[buf.rows, t] -= 1
+    else:
+        out -= np.asarray(y, dtype)
+        loss_sum = float(np.add.reduce(out * out, axis=None))
+        out *= 2.0
+    delta = out
+
+    # backward: dW_i = delta_i.T @ h_{i-1}, db_i = sum(delta_i), delta_{i-1} = delta_i @ W_i * act'
+    grads = FlatViews(np.empty(buf.size, dtype), buf.layout)
+    for i in range(last, -1, -1):
+        np.matmul(delta.T, hs[i], out=grads[2 * i])
+        np.add.reduce(delta, axis=0, out=grads[2 * i + 1])
+        if i > 0:
+            below, h, slope = buf.delta[i - 1], hs[i], buf.slope[i - 1]
+            np.matmul(delta, layers[i].weight.data, out=below)
+            _slope(act, h, slope)
+            below *= slope
+            delta = below
+    return grads, loss_sum
+
+
+def _slope(act: str, h: np.ndarray, out: np.ndarray) -> None:
+    """act'(x) from the output h = act(x), into `out` (ACTIVATIONS' slopes, without temporaries)."""
+    if act == "tanh":  # 1 - h * h
+        np.multiply(h, h, out=out)
+        np.subtract(1.0, out, out=out)
+    elif act == "sigmoid":  # h * (1 - h)
+        np.subtract(1.0, h, out=out)
+        out *= h
+    else:  # relu: h > 0
+        np.greater(h, 0, out=out)
