@@ -27,6 +27,7 @@ model's parameter order (`FlatViews`), so an optimizer can update every paramete
 from __future__ import annotations
 
 import threading
+from itertools import pairwise
 
 import numpy as np
 
@@ -72,7 +73,7 @@ class _Buffers:
         self.delta = [np.empty((n, k), dtype) for k in sizes[1:-1]]  # dL/dh of hidden layers
         self.slope = [np.empty((n, k), dtype) for k in sizes[1:-1]]
         self.rows = np.arange(n)
-        self.layout = spans([s for a, b in zip(sizes, sizes[1:]) for s in ((b, a), (b,))])
+        self.layout = spans([s for a, b in pairwise(sizes) for s in ((b, a), (b,))])
         self.size = self.layout[-1][1]
 
 
