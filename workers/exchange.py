@@ -89,7 +89,8 @@ def flatten(arrays: list[np.ndarray]) -> np.ndarray:
 def unflatten(flat: np.ndarray, shapes: list[tuple[int, ...]]) -> FlatViews:
     """Views of `flat` in `shapes` (no copy), which know `flat` (an optimizer steps them as
     one vector)."""
-    return FlatViews(flat, spans(shapes))
+    layout = spans(shapes)
+    return FlatViews(flat[: layout[-1][1] if layout else 0], layout)
 
 
 def add_in_rank_order(sums, shapes) -> tuple[list[np.ndarray], int, float]:
