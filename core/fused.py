@@ -35,7 +35,7 @@ from core.nn import MLP
 from core.optim import FlatViews, spans
 from core.tensor import ACTIVATIONS
 
-__all__ = ["FUSED_LOSSES", "fits", "mlp_grad_sum", "tanh_"]
+__all__ = ["FUSED_LOSSES", "fits", "mlp_forward", "mlp_grad_sum", "tanh_"]
 
 FUSED_LOSSES = ("mse", "cross_entropy")
 
@@ -72,7 +72,8 @@ class _Buffers:
         self.h = [np.empty((n, k), dtype) for k in sizes[1:]]  # each layer's output
         self.delta = [np.empty((n, k), dtype) for k in sizes[1:-1]]  # dL/dh of hidden layers
         self.slope = [np.empty((n, k), dtype) for k in sizes[1:-1]]
-        self.rows = np.arange(n)
+        self.classes = np.arange(sizes[-1])
+        self.onehot = np.empty((n, sizes[-1]), dtype)
         self.layout = spans([s for a, b in pairwise(sizes) for s in ((b, a), (b,))])
         self.size = self.layout[-1][1]
 
@@ -95,8 +96,7 @@ def _buffers(model, n: int, dtype) -> _Buffers:
 
 def mlp_grad_sum(model, loss: str, X: np.ndarray, y: np.ndarray) -> tuple[FlatViews, float]:
     """(gradients of the summed loss, in parameter order, summed loss) of an nn.MLP over the
-    rows of X, as the graph computes them (see the module docstring); `fits` says when.
-    Cross-entropy targets are class indices, in range (as the data pipeline makes them)."""
+    rows of X, as the graph computes them (see the module docstring); `fits` says when."""
     layers = model.layers
     dtype = layers[0].weight.data.dtype
     n = len(X)
@@ -104,33 +104,22 @@ def mlp_grad_sum(model, loss: str, X: np.ndarray, y: np.ndarray) -> tuple[FlatVi
     X = np.asarray(X, dtype)
     act = model.activation
     last = len(layers) - 1
-
-    # forward: h_i = act(h_{i-1} @ W_i.T + b_i)
-    hs = [X]
-    for i, layer in enumerate(layers):
-        h = buf.h[i]
-        np.matmul(hs[-1], layer.weight.data.T, out=h)
-        b = layer.bias.data
-        if i == last:
-            h += b
-        elif act == "tanh":
-            h += b
-            tanh_(h)
-        else:
-            h = ACTIVATIONS[act].forward(h, b, out=h)
-        hs.append(h)
+    hs = [X, *_forward(model, X, buf.h)]
 
     # the loss, and its gradient with respect to the output (written over the output)
     out = hs.pop()
     if loss == "cross_entropy":
-        t = np.asarray(y)
+        onehot = np.equal(y[:, None], buf.classes, out=buf.onehot)  # the targets, as 0/1
+        if np.add.reduce(onehot, axis=None) != n:  # a target not in 0..C-1, as the graph
+            bad = y[(y < 0) | (y >= len(buf.classes))][0]
+            raise IndexError(f"target {bad} is out of bounds for {len(buf.classes)} classes")
         out -= np.maximum.reduce(out, axis=1, keepdims=True)  # z = logits - max
-        picked = out[buf.rows, t]
+        picked = float(np.vdot(onehot, out))  # sum of z[target]
         np.exp(out, out=out)
         s = np.add.reduce(out, axis=1, keepdims=True)
-        loss_sum = float(np.add.reduce(np.log(s[:, 0]) - picked))
+        loss_sum = float(np.add.reduce(np.log(s), axis=None)) - picked
         out /= s  # softmax
-        out[buf.rows, t] -= 1
+        out -= onehot
     else:
         out -= np.asarray(y, dtype)
         loss_sum = float(np.add.reduce(out * out, axis=None))
@@ -149,6 +138,32 @@ def mlp_grad_sum(model, loss: str, X: np.ndarray, y: np.ndarray) -> tuple[FlatVi
             below *= slope
             delta = below
     return grads, loss_sum
+
+
+def mlp_forward(model, X: np.ndarray) -> np.ndarray:
+    """The output of an nn.MLP for the rows of X, as `model(Tensor(X)).data` (tanh as
+    `tanh_`), without building a graph: for evaluation."""
+    dtype = model.layers[0].weight.data.dtype
+    X = np.asarray(X, dtype)
+    return _forward(model, X, [np.empty((len(X), k), dtype) for k in model.sizes[1:]])[-1]
+
+
+def _forward(model, X: np.ndarray, hs: list[np.ndarray]) -> list[np.ndarray]:
+    """Each layer's output h_i = act(h_{i-1} @ W_i.T + b_i) (none after the last), written
+    into the arrays `hs` (sigmoid's come back as new arrays)."""
+    act, last, out, h = model.activation, len(model.layers) - 1, [], X
+    for i, layer in enumerate(model.layers):
+        h = np.matmul(h, layer.weight.data.T, out=hs[i])
+        b = layer.bias.data
+        if i == last:
+            h += b
+        elif act == "tanh":
+            h += b
+            tanh_(h)
+        else:
+            h = ACTIVATIONS[act].forward(h, b, out=h)
+        out.append(h)
+    return out
 
 
 def _slope(act: str, h: np.ndarray, out: np.ndarray) -> None:

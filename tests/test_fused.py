@@ -72,6 +72,13 @@ def test_fused_gradients_match_central_differences(activation, loss):
             assert np.vdot(g, d) == pytest.approx(numeric, rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid"])
+def test_the_forward_pass_equals_the_graphs(activation):
+    model = nn.MLP([3, 7, 5, 4], activation=activation, seed=2, bias_init=0.1)
+    X, _ = batch("mse", np.float64)
+    np.testing.assert_allclose(fused.mlp_forward(model, X), model(Tensor(X)).data, atol=1e-15)
+
+
 def test_tanh_is_within_4e_16_of_numpys_and_saturates_without_overflow():
     x = np.concatenate([np.linspace(-40, 40, 20001), [np.inf, -np.inf, 400.0, 1e300, 0.0]])
     with np.errstate(all="raise"):  # no warning for any of these
@@ -96,6 +103,8 @@ def test_grad_sum_takes_the_kernel_only_for_a_plain_mlp_and_falls_back_to_the_gr
     assert not fused.fits(mlp, "bce", y)
     assert not fused.fits(mlp, "cross_entropy", y.astype(np.float64))
     assert not fused.fits(mlp, "mse", np.zeros((8, 1)))
+    with pytest.raises(IndexError, match="target 2 is out of bounds for 2 classes"):
+        fused.mlp_grad_sum(mlp, "cross_entropy", X, np.where(y == 1, 2, y))
 
 
 OPTIMIZERS = {
