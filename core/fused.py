@@ -129,11 +129,11 @@ def mlp_grad_sum(model, loss: str, X: np.ndarray, y: np.ndarray) -> tuple[FlatVi
     # backward: dW_i = delta_i.T @ h_{i-1}, db_i = sum(delta_i), delta_{i-1} = delta_i @ W_i * act'
     grads = FlatViews(np.empty(buf.size, dtype), buf.layout)
     for i in range(last, -1, -1):
-        np.matmul(delta.T, hs[i], out=grads[2 * i])
+        np.dot(delta.T, hs[i], out=grads[2 * i])
         np.add.reduce(delta, axis=0, out=grads[2 * i + 1])
         if i > 0:
             below, h, slope = buf.delta[i - 1], hs[i], buf.slope[i - 1]
-            np.matmul(delta, layers[i].weight.data, out=below)
+            np.dot(delta, layers[i].weight.data, out=below)
             _slope(act, h, slope)
             below *= slope
             delta = below
@@ -153,7 +153,7 @@ def _forward(model, X: np.ndarray, hs: list[np.ndarray]) -> list[np.ndarray]:
     into the arrays `hs` (sigmoid's come back as new arrays)."""
     act, last, out, h = model.activation, len(model.layers) - 1, [], X
     for i, layer in enumerate(model.layers):
-        h = np.matmul(h, layer.weight.data.T, out=hs[i])
+        h = np.dot(h, layer.weight.data.T, out=hs[i])
         b = layer.bias.data
         if i == last:
             h += b
