@@ -82,8 +82,10 @@ def resolve(setting: str | None, settings: WorkerSettings) -> str:
 
 
 def flatten(arrays: list[np.ndarray]) -> np.ndarray:
-    """One contiguous vector: one buffer to serialize instead of one per tensor."""
-    return np.concatenate([a.ravel() for a in arrays])
+    """One contiguous vector: one buffer to serialize instead of one per tensor. Arrays that
+    are `FlatViews` (the fused kernel's gradients) are one already: their vector, no copy."""
+    flat = getattr(arrays, "flat", None)
+    return flat if flat is not None else np.concatenate([a.ravel() for a in arrays])
 
 
 def unflatten(flat: np.ndarray, shapes: list[tuple[int, ...]]) -> FlatViews:
