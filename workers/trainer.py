@@ -137,11 +137,7 @@ class GatherStep(OnPool, _CoordinatorStep):
 class LocalStep(_CoordinatorStep):
     """`workers: 0`: the step in the coordinator's own process, no Ray. The gradient sum of
     the whole global batch as one piece, by the function a worker uses (`grad_sum`), under
-    a worker's BLAS threads, then the same averaging and step: bit-identical to 1 worker.
-
-    The BLAS limit is held from step to step (setting it costs a tiny model's forward
-    pass) and lifted whenever the coordinator reads the model (`fetch`: an evaluation, a
-    checkpoint, the end), on an error, and at `sync` and `close`."""
+    a worker's BLAS threads, then the same averaging and step: bit-identical to 1 worker."""
 
     node_ids: list[str] = []
     exchange = None
@@ -152,13 +148,26 @@ class LocalStep(_CoordinatorStep):
         super().__init__(model, opt, schedule, step, data.X, recipe)
         self.loss, self.y, self.threads = loss, data.y, threads
         self.failures = failures  # from before a resume; no worker can fail here
-        self._limit = contextlib.ExitStack()  # holds blas_limit between steps
-        self._limited = False
+
+    def _grad_sum(self, step: int, idx: np.ndarray):
+        with blas_limit(self.threads):
+            X, y, epoch = self.X[idx], self.y[idx], self.schedule.epoch_of(step)
+            grads, loss_sum = grad_sum(self.model, self.loss, X, y, idx, epoch, self.params)
+        return len(idx), grads, loss_sum
+
+    def close(self) -> None:
+        self.sync()
+
+    # The workers' BLAS threads are held from step to step (setting them costs as much as a
+    # tiny model's forward pass; `_grad_sum`'s own limit then changes nothing) and lifted
+    # whenever the coordinator reads the model (`fetch`: an evaluation, a checkpoint, the
+    # end), on an error, at `sync` and at `close`.
+    _limit: contextlib.ExitStack | None = None
 
     def advance(self, end: int, fetch=True, verify=False, checked=()) -> list[tuple]:
-        if not self._limited:
+        if self._limit is None:
+            self._limit = contextlib.ExitStack()
             self._limit.enter_context(blas_limit(self.threads))
-            self._limited = True
         try:
             done = super().advance(end, fetch, verify, checked)
         except BaseException:
@@ -168,18 +177,11 @@ class LocalStep(_CoordinatorStep):
             self.sync()
         return done
 
-    def _grad_sum(self, step: int, idx: np.ndarray):
-        X, y, epoch = self.X[idx], self.y[idx], self.schedule.epoch_of(step)
-        grads, loss_sum = grad_sum(self.model, self.loss, X, y, idx, epoch, self.params)
-        return len(idx), grads, loss_sum
-
     def sync(self) -> None:
         """Lift the BLAS limit: the coordinator computes with its own threads."""
-        self._limit.close()
-        self._limited = False
-
-    def close(self) -> None:
-        self.sync()
+        limit, self._limit = self._limit, None
+        if limit is not None:
+            limit.close()
 
 
 # ---------------------------------------------------------------- the coordinator
