@@ -54,7 +54,7 @@ class FlatViews(list):
         """`layout`: (start, stop, shape) of each array in `flat`, as `spans` gives it."""
         if flat.shape != (layout[-1][1] if layout else 0,):
             raise ValueError(f"a vector of shape {flat.shape} does not hold arrays {layout}")
-        super().__init__(flat[a:b].reshape(shape) for a, b, shape in layout)
+        super().__init__([flat[a:b].reshape(shape) for a, b, shape in layout])
         self.flat = flat
 
 
