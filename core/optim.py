@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from operator import attrgetter, is_, itemgetter
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from core.tensor import Tensor
 
 __all__ = [
     "SGD",
+    "FlatViews",
     "Adam",
     "AdamW",
     "LRSchedule",
@@ -39,8 +41,34 @@ __all__ = [
     "constant_schedule",
     "cosine_schedule",
     "linear_schedule",
+    "spans",
     "step_schedule",
 ]
+
+
+class FlatViews(list):
+    """A list of arrays (gradients, say) that are views, in order, of one 1-D array, `flat`
+    (their concatenation): an operation on `flat` is that operation on every array."""
+
+    def __init__(self, flat: np.ndarray, layout):
+        """`layout`: (start, stop, shape) of each array in `flat`, as `spans` gives it."""
+        if flat.shape != (layout[-1][1] if layout else 0,):
+            raise ValueError(f"a vector of shape {flat.shape} does not hold arrays {layout}")
+        super().__init__([flat[a:b].reshape(shape) for a, b, shape in layout])
+        self.flat = flat
+
+
+def spans(shapes) -> list[tuple[int, int, tuple]]:
+    """(start, stop, shape) of each array of `shapes` in their flat concatenation."""
+    out, start = [], 0
+    for shape in shapes:
+        stop = start + math.prod(shape)
+        out.append((start, stop, tuple(shape)))
+        start = stop
+    return out
+
+
+_data = attrgetter("data")
 
 
 class Optimizer:
@@ -63,6 +91,106 @@ class Optimizer:
             for p in group["params"]:
                 if p.grad is not None:
                     yield group, p, p.grad + wd * p.data if wd else p.grad
+
+    decoupled = False  # AdamW: weight decay on the weights, not added to the gradient
+
+    def step(self, flat_grad: np.ndarray | None = None) -> None:
+        """Update every parameter that has a `.grad`. `flat_grad`: all the gradients as one
+        vector (their concatenation in parameter order, each `.grad` a view of it, as
+        `FlatViews.flat`); then, with one parameter group, the update is a few operations
+        on whole vectors (see `_step_flat`), bit-identical to the per-parameter one."""
+        if flat_grad is not None and self._step_flat(flat_grad):
+            return
+        for group, p, g in self._gradients(l2=not self.decoupled):
+            state = self.state.get(p, {})
+            self._update(group, p.data, g, state)
+            if state:  # a parameter without state (SGD without momentum) has no entry
+                self.state[p] = state
+
+    def _update(self, group: dict, data: np.ndarray, g: np.ndarray, state: dict) -> None:
+        """One parameter's update, in place: `data` its values, `g` its gradient (with L2
+        weight decay added), `state` its state (filled on the first step)."""
+        raise NotImplementedError
+
+    def _step_flat(self, flat_grad: np.ndarray) -> bool:
+        """`_update` once, on the parameters, gradients and state as whole vectors. Every
+        operation of an update is elementwise, so this is bit-identical to updating each
+        parameter in turn. The parameters' arrays (and the state's) become views of the
+        vectors, moved there once (and again only if something replaced them, as
+        `load_state_dict` does). False, with nothing done, when it does not apply: several
+        groups, mixed dtypes, or parameters whose states differ (some not yet stepped)."""
+        if len(self.param_groups) != 1:
+            return False
+        group = self.param_groups[0]
+        params = group["params"]
+        data = self._flat_data(params, flat_grad)
+        state = None if data is None else self._flat_state(params)
+        if state is None:
+            return False
+        wd = 0 if self.decoupled else group["weight_decay"]
+        before = set(state)
+        self._update(group, data, flat_grad + wd * data if wd else flat_grad, state)
+        for k, v in state.items():  # back into each parameter's state
+            if isinstance(v, np.ndarray):
+                if k in before:
+                    continue  # updated in place: the parameters' views see it
+                v = self._flat_states[k] = (v, FlatViews(v, self._flat[1]))  # new: views
+            for i, p in enumerate(params):
+                self.state.setdefault(p, {})[k] = v[1][i] if isinstance(v, tuple) else v
+        return True
+
+    _flat: tuple | None = None  # (values vector, layout, .data views) once moved there
+    _flat_states: dict  # state key -> (vector, each parameter's view of it)
+
+    def _flat_data(self, params, flat_grad: np.ndarray) -> np.ndarray | None:
+        """The parameters' values as one vector, each `.data` a view of it; None when a
+        dtype differs from the gradient's or the sizes do not add up to its size."""
+        if self._flat is not None:
+            data, _, views = self._flat
+            if len(views) == len(params) and all(map(is_, map(_data, params), views)):
+                return data
+        if any(p.dtype != flat_grad.dtype for p in params):
+            return None
+        layout = spans([p.shape for p in params])
+        if flat_grad.shape != (layout[-1][1],):
+            return None
+        data = np.concatenate([p.data.ravel() for p in params])
+        views = FlatViews(data, layout)
+        for p, view in zip(params, views, strict=True):
+            p.data = view
+        self._flat, self._flat_states = (data, layout, views), {}
+        return data
+
+    def _flat_state(self, params) -> dict | None:
+        """The state of every parameter as one: each array key's vector (the parameters'
+        arrays become views of it), each other value (a step count) when all agree; {}
+        before the first step; None when the parameters' states differ."""
+        states = list(map(self.state.get, params))
+        if None in states:  # not yet stepped: all or nothing
+            return {} if states.count(None) == len(states) else None
+        sizes = list(map(len, states))
+        if sizes.count(sizes[0]) != len(sizes):
+            return None
+        out = {}
+        for k in states[0]:  # the same keys in all: as many, and each has these
+            try:
+                values = list(map(itemgetter(k), states))
+            except KeyError:
+                return None
+            if not isinstance(values[0], np.ndarray):
+                if values.count(values[0]) != len(values):
+                    return None
+                out[k] = values[0]
+                continue
+            vector, views = self._flat_states.get(k, (None, ()))
+            if len(views) != len(values) or not all(map(is_, values, views)):
+                vector = np.concatenate([s[k].ravel() for s in states])
+                views = FlatViews(vector, self._flat[1])
+                for s, view in zip(states, views, strict=True):
+                    s[k] = view
+                self._flat_states[k] = (vector, views)
+            out[k] = vector
+        return out
 
     def zero_grad(self) -> None:
         for p in self._params():
@@ -131,19 +259,17 @@ class SGD(Optimizer):
         }
         super().__init__(params, defaults)
 
-    def step(self) -> None:
-        for group, p, d in self._gradients():
-            momentum = group["momentum"]
-            if momentum:
-                state = self.state.setdefault(p, {})
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = np.array(d, dtype=p.dtype)
-                else:
-                    buf *= momentum
-                    buf += d
-                d = d + momentum * buf if group["nesterov"] else buf
-            p.data -= group["lr"] * d
+    def _update(self, group: dict, data: np.ndarray, d: np.ndarray, state: dict) -> None:
+        momentum = group["momentum"]
+        if momentum:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = np.array(d, dtype=data.dtype)
+            else:
+                buf *= momentum
+                buf += d
+            d = d + momentum * buf if group["nesterov"] else buf
+        data -= group["lr"] * d
 
 
 class Adam(Optimizer):
@@ -162,25 +288,20 @@ class Adam(Optimizer):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
 
-    decoupled = False  # AdamW: weight decay on the weights, not added to the gradient
-
-    def step(self) -> None:
-        for group, p, g in self._gradients(l2=not self.decoupled):
-            if self.decoupled and group["weight_decay"]:
-                p.data *= 1 - group["lr"] * group["weight_decay"]
-            (beta1, beta2), state = group["betas"], self.state.setdefault(p, {})
-            if not state:
-                state.update(
-                    step=0, exp_avg=np.zeros_like(p.data), exp_avg_sq=np.zeros_like(p.data)
-                )
-            state["step"] += 1
-            m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
-            m += (1 - beta1) * (g - m)  # torch's lerp(m, g, 1 - beta1)
-            v *= beta2
-            v += (1 - beta2) * g * g
-            step_size = group["lr"] / (1 - beta1**step)
-            denom = np.sqrt(v) / math.sqrt(1 - beta2**step) + group["eps"]
-            p.data -= step_size * (m / denom)
+    def _update(self, group: dict, data: np.ndarray, g: np.ndarray, state: dict) -> None:
+        if self.decoupled and group["weight_decay"]:
+            data *= 1 - group["lr"] * group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        if not state:
+            state.update(step=0, exp_avg=np.zeros_like(data), exp_avg_sq=np.zeros_like(data))
+        state["step"] += 1
+        m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        m += (1 - beta1) * (g - m)  # torch's lerp(m, g, 1 - beta1)
+        v *= beta2
+        v += (1 - beta2) * g * g
+        step_size = group["lr"] / (1 - beta1**step)
+        denom = np.sqrt(v) / math.sqrt(1 - beta2**step) + group["eps"]
+        data -= step_size * (m / denom)
 
 
 class AdamW(Adam):

@@ -202,3 +202,39 @@ def test_an_auto_run_resumes_with_the_count_it_chose(tmp_path, monkeypatch):
     second = Trainer(spec, tmp_path, measure=heavy).run()
     assert second["status"] == "succeeded" and second["workers"] == 0
     assert second["workers_reason"] == "kept from the checkpoint at step 3"
+
+
+def test_workers_0_steps_at_a_workers_blas_threads_and_gives_the_process_its_own_back(
+    tmp_path, monkeypatch
+):
+    """The limit is held between steps, lifted at each evaluation and at the end, and
+    also when the run ends with an error (here a callback's)."""
+    from threadpoolctl import ThreadpoolController, threadpool_limits
+
+    no_ray(monkeypatch)
+    libs = ThreadpoolController().lib_controllers
+
+    def threads():
+        return [lib.num_threads for lib in libs]
+
+    seen = {"step": [], "evaluation": []}
+
+    def on_event(event):
+        if event["type"] == "step":
+            seen["evaluation" if "val_loss" in event else "step"].append(threads())
+            if event["step"] == 9 and "raise" in seen:
+                raise RuntimeError("a callback's bug")
+
+    # evaluations every epoch (6 steps) and no checkpoint before the end: the model is read
+    # after steps 6 and 12 only
+    spec = make_spec(workers=0, cpus_per_worker=1, epochs=2, checkpoint_every=10**6)
+    with threadpool_limits(2):  # the process's own: more than a worker's one
+        own = threads()
+        assert Trainer(spec, tmp_path / "a", callback=on_event).run()["status"] == "succeeded"
+        assert threads() == own
+        seen["raise"] = True
+        with pytest.raises(RuntimeError, match="a callback's bug"):
+            Trainer(spec, tmp_path / "b", callback=on_event).run()
+        assert threads() == own
+    assert seen["step"] and all(t == [1] * len(own) for t in seen["step"])
+    assert seen["evaluation"] and all(t == own for t in seen["evaluation"])

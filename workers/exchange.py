@@ -45,6 +45,7 @@ import psutil
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+from core.optim import FlatViews, spans
 from workers.config import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -81,18 +82,17 @@ def resolve(setting: str | None, settings: WorkerSettings) -> str:
 
 
 def flatten(arrays: list[np.ndarray]) -> np.ndarray:
-    """One contiguous vector: one buffer to serialize instead of one per tensor."""
-    return np.concatenate([a.ravel() for a in arrays])
+    """One contiguous vector: one buffer to serialize instead of one per tensor. Arrays that
+    are `FlatViews` (the fused kernel's gradients) are one already: their vector, no copy."""
+    flat = getattr(arrays, "flat", None)
+    return flat if flat is not None else np.concatenate([a.ravel() for a in arrays])
 
 
-def unflatten(flat: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
-    """Views of `flat` in `shapes` (no copy)."""
-    out, start = [], 0
-    for shape in shapes:
-        size = int(np.prod(shape))
-        out.append(flat[start : start + size].reshape(shape))
-        start += size
-    return out
+def unflatten(flat: np.ndarray, shapes: list[tuple[int, ...]]) -> FlatViews:
+    """Views of `flat` in `shapes` (no copy), which know `flat` (an optimizer steps them as
+    one vector)."""
+    layout = spans(shapes)
+    return FlatViews(flat[: layout[-1][1] if layout else 0], layout)
 
 
 def add_in_rank_order(sums, shapes) -> tuple[list[np.ndarray], int, float]:

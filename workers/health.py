@@ -84,34 +84,33 @@ def layer_stats(model: MLP, grads, prev_weights, active_masks=None) -> list[dict
     layer's parameters (weight and bias) in float64; they may be inf or nan, which is
     what the exploding check looks for.
     """
-    names = [name for name, _ in model.named_parameters()]
-    params = model.parameters()
-    if not len(names) == len(grads) == len(prev_weights):
+    params, layers = _layers(model)
+    if not len(params) == len(grads) == len(prev_weights):
         raise ValueError(
-            f"model has {len(names)} parameters; got {len(grads)} gradients "
+            f"model has {len(params)} parameters; got {len(grads)} gradients "
             f"and {len(prev_weights)} previous weights"
         )
-    layers: dict[str, list[int]] = {}
-    for k, name in enumerate(names):
-        layers.setdefault(name.rpartition(".")[0], []).append(k)
     stats = []
-    for i, (layer, ks) in enumerate(layers.items()):
-        weight_norm = _norm(params[k].data for k in ks)
-        update_norm = _norm(params[k].data - np.asarray(prev_weights[k]) for k in ks)
-        dead, mask = None, None
-        if _has_relu(model) and active_masks is not None and i < len(active_masks):
-            mask = active_masks[i]
-        if mask is not None:
-            dead = float(1.0 - np.mean(mask))
-        stats.append(
-            {
-                "layer": layer,
-                "grad_norm": _norm(grads[k] for k in ks),
-                "weight_norm": weight_norm,
-                "update_ratio": update_norm / weight_norm if weight_norm else _ratio0(update_norm),
-                "dead_fraction": dead,
-            }
-        )
+    relu = _has_relu(model)
+    with np.errstate(over="ignore"):  # an overflowing norm is inf: what the check is for
+        for i, (layer, ks) in enumerate(layers.items()):
+            weight_norm = _norm(params[k].data for k in ks)
+            update_norm = _norm(params[k].data - np.asarray(prev_weights[k]) for k in ks)
+            dead, mask = None, None
+            if relu and active_masks is not None and i < len(active_masks):
+                mask = active_masks[i]
+            if mask is not None:
+                dead = float(1.0 - np.mean(mask))
+            ratio = update_norm / weight_norm if weight_norm else _ratio0(update_norm)
+            stats.append(
+                {
+                    "layer": layer,
+                    "grad_norm": _norm(grads[k] for k in ks),
+                    "weight_norm": weight_norm,
+                    "update_ratio": ratio,
+                    "dead_fraction": dead,
+                }
+            )
     return stats
 
 
@@ -119,7 +118,7 @@ def snapshot(model: MLP, X: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarr
     """What a check needs from before the optimizer step: copies of the weights (the
     optimizer updates them in place) and, for relu nets, the units active on the step's
     global batch `X` (exact, and no round trip to the workers)."""
-    prev = [p.data.copy() for p in model.parameters()]
+    prev = [p.data.copy() for p in _layers(model)[0]]
     return prev, active_units(model, X) if _has_relu(model) else None
 
 
@@ -127,7 +126,7 @@ def step_stats(model: MLP, before) -> list[dict]:
     """`layer_stats` of the step just taken: the model holds the weights after it and each
     parameter's `.grad` its averaged gradient; `before` is its `snapshot`."""
     prev, masks = before
-    return layer_stats(model, [p.grad for p in model.parameters()], prev, masks)
+    return layer_stats(model, [p.grad for p in _layers(model)[0]], prev, masks)
 
 
 def health_warnings(stats: list[dict], initial_grad_norms=None) -> list[dict]:
@@ -177,8 +176,22 @@ def _ratio0(update_norm: float) -> float:  # the ratio for all-zero weights
 
 
 def _norm(arrays) -> float:
-    with np.errstate(over="ignore"):  # an overflowing norm is inf: what the check is for
-        return math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays))
+    """The 2-norm of the arrays together, in float64 (under layer_stats' errstate)."""
+    squares = (np.add.reduce(np.square(a, dtype=np.float64), axis=None) for a in arrays)
+    return math.sqrt(sum(float(x) for x in squares))
+
+
+def _layers(model) -> tuple[list, dict[str, list[int]]]:
+    """The model's parameters and, per layer name, the indices of its parameters; found
+    once per model (walking the modules costs more than a tiny model's statistics)."""
+    found = model.__dict__.get("_health_layers")
+    if found is None:
+        named = model.named_parameters()
+        layers: dict[str, list[int]] = {}
+        for k, (name, _) in enumerate(named):
+            layers.setdefault(name.rpartition(".")[0], []).append(k)
+        found = model.__dict__["_health_layers"] = ([p for _, p in named], layers)
+    return found
 
 
 def advice_for(spec: TrainingSpec, total_steps: int) -> dict[str, dict]:

@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import TypeAdapter
 
 import core.functional as F
-from core import Tensor, nn, no_grad, optim
+from core import Tensor, fused, nn, no_grad, optim
 from core.lm import TransformerLM
 from core.tensor import ACTIVATIONS
 from workers.spec import ModelSpec, TrainingSpec
@@ -175,10 +175,19 @@ def grad_sum(
     are a function of them (see `core.nn.sample_context`), never of the split. `params`:
     the model's `parameters()`, from a caller that keeps them (walking the modules every
     step costs as much as a tiny model's step).
+
+    A plain MLP with mse or cross-entropy takes the fused kernel (`core.fused`: the same
+    math without the graph, gradients as views of one flat vector); other models take
+    the graph. Every caller (workers, in-process) comes through here, so all agree.
     """
     params = model.parameters() if params is None else params
     if len(X) == 0:
         return [np.zeros_like(p.data) for p in params], 0.0
+    if fused.fits(model, loss, y):
+        grads, loss_sum = fused.mlp_grad_sum(model, loss, X, y)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        return grads, loss_sum
     for p in params:
         p.grad = None
     rows = np.arange(len(X)) if rows is None else rows
@@ -218,16 +227,20 @@ def average_and_step(params, opt, grads, n: int, loss_sum: float, step: int, rec
     `recipe.max_norm`), step the optimizer with the lr of `step` (0-based).
 
     Every step strategy ends its step here (the coordinator's, and each replica's), so
-    they all perform the same floating-point operations in the same order. Returns
+    they all perform the same floating-point operations in the same order: on one vector
+    of all the gradients (`optim.FlatViews`, as the fused kernel and the exchanges give
+    them; other gradients are copied into one), whatever the strategy. Returns
     (mean loss, gradient norm before clipping) and leaves each parameter's `.grad` the
     averaged (clipped) gradient; raises Diverged with the weights unchanged."""
     loss = loss_sum / n
-    sq = 0.0
+    flat = getattr(grads, "flat", None)  # one vector under all the gradients (FlatViews)
+    if flat is None:  # the graph's separate arrays: copied into one (a fraction of a step)
+        flat = np.concatenate([np.ravel(g) for g in grads])
+        grads = optim.FlatViews(flat, optim.spans([np.shape(g) for g in grads]))
+    flat /= n
     for p, g in zip(params, grads, strict=True):
-        g /= n
         p.grad = g
-        sq += float(np.vdot(g, g))
-    grad_norm = float(np.sqrt(sq))
+    grad_norm = math.sqrt(float(np.vdot(flat, flat)))
     if not (np.isfinite(loss) and np.isfinite(grad_norm)):
         raise Diverged(f"diverged at step {step + 1} (loss={loss:g})")
     if recipe.max_norm is not None:
@@ -235,7 +248,7 @@ def average_and_step(params, opt, grads, n: int, loss_sum: float, step: int, rec
     lr = recipe.schedule.lr_at(step)
     for group in opt.param_groups:
         group["lr"] = lr
-    opt.step()
+    opt.step(flat)
     return loss, grad_norm
 
 
@@ -321,14 +334,15 @@ def evaluate(model: nn.Module, loss: str, X: np.ndarray, y: np.ndarray, classify
     if isinstance(model, TransformerLM):
         return _evaluate_lm(model, X, classify)
     total, count, correct = 0.0, 0, 0
+    plain = type(model) is nn.MLP  # no graph: the fused kernel's forward pass
     with no_grad(), in_mode(model, training=False):
         for rows in chunks(len(X)):
-            out = model(Tensor(X[rows]))
+            out = fused.mlp_forward(model, X[rows]) if plain else model(Tensor(X[rows])).data
             losses = LOSSES[loss](out, y[rows], reduction="none").data
             total, count = total + float(losses.sum()), count + losses.size
             if classify:
-                truth = y[rows].reshape(len(out.data), -1)[:, 0]
-                correct += int(np.sum(predict_classes(out.data, loss) == truth))
+                truth = y[rows].reshape(len(out), -1)[:, 0]
+                correct += int(np.sum(predict_classes(out, loss) == truth))
     result = {"loss": total / count, "accuracy": None}
     if classify:
         result["accuracy"] = correct / len(X)

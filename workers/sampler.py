@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -34,11 +35,12 @@ class Schedule:
     seed: int
     _cache: dict = field(default_factory=dict, repr=False)
 
-    @property
+    # Read several times a step: computed once (the fields never change).
+    @cached_property
     def steps_per_epoch(self) -> int:
         return math.ceil(self.n_train / self.batch_size)
 
-    @property
+    @cached_property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.epochs
 

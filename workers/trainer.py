@@ -21,6 +21,7 @@ norm and health statistics.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -188,7 +189,32 @@ class LocalStep(_CoordinatorStep):
         return n, grads, loss_sum
 
     def close(self) -> None:
-        pass
+        self.sync()
+
+    # The workers' BLAS threads are held from step to step (setting them costs as much as a
+    # tiny model's forward pass; `_grad_sum`'s own limit then changes nothing) and lifted
+    # whenever the coordinator reads the model (`fetch`: an evaluation, a checkpoint, the
+    # end), on an error, at `sync` and at `close`.
+    _limit: contextlib.ExitStack | None = None
+
+    def advance(self, end: int, fetch=True, verify=False, checked=()) -> list[tuple]:
+        if self._limit is None:
+            self._limit = contextlib.ExitStack()
+            self._limit.enter_context(blas_limit(self.threads))
+        try:
+            done = super().advance(end, fetch, verify, checked)
+        except BaseException:
+            self.sync()
+            raise
+        if fetch:
+            self.sync()
+        return done
+
+    def sync(self) -> None:
+        """Lift the BLAS limit: the coordinator computes with its own threads."""
+        limit, self._limit = self._limit, None
+        if limit is not None:
+            limit.close()
 
 
 # ---------------------------------------------------------------- the coordinator
