@@ -95,6 +95,7 @@ class HeadStart:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+        self.local.sync()  # the coordinator gets its own BLAS threads back
         step, built = self.local.step, self._built
         self.on_ready(built, step)  # it adopts the coordinator's state (or raises)
         self.inner, self._built = built, None
@@ -106,6 +107,7 @@ class HeadStart:
     def close(self) -> None:
         """Stop the workers starting (or close the strategy on them)."""
         self.cancel.set()
+        self.local.close()
         self._thread.join()
         for strategy in (self.inner, self._built):
             if strategy is not None:
