@@ -330,8 +330,8 @@ def test_replicas_that_disagree_fail_the_run(tmp_path, monkeypatch):
     """The check can fail: a replica whose hash differs at a checkpoint fails the run."""
     call = ex.ReplicatedGraph.__call__
 
-    def rank_1_differs(self, command):
-        outs = call(self, command)
+    def rank_1_differs(self, command, *rest):
+        outs = call(self, command, *rest)
         if command[2]:  # verify
             outs[1] = {**outs[1], "sha256": "0" * 64}
         return outs
