@@ -51,10 +51,6 @@ log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 60.0  # how long a live actor may take to answer after a failed step
 _compile_lock = threading.Lock()  # the service compiles graphs from several job threads
-# One execution in flight (each waits for the last): one buffer per channel. Ray's default
-# (10) gives every channel 10 buffers that the writes go round, so a stage's 1 MB write kept
-# landing in memory not touched for 10 executions (page faults, cold caches).
-INFLIGHT = 1
 CORE_LOCK = os.path.join(tempfile.gettempdir(), "shardgrad-cores.lock")  # one per node
 
 
@@ -216,9 +212,7 @@ class Graph:
             # the fly (a larger one, such as a fetched state, grows it once).
             buffer = max(DAGContext.get_current().buffer_size_bytes, buffer_bytes)
             with _compile_lock:
-                self.graph = dag.experimental_compile(
-                    _buffer_size_bytes=buffer, _max_inflight_executions=INFLIGHT
-                )
+                self.graph = dag.experimental_compile(_buffer_size_bytes=buffer)
         except Exception as err:
             self._diagnose(err, "could not compile")
 
