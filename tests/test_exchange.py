@@ -18,7 +18,10 @@ from ray.exceptions import RayChannelError
 
 from workers import checkpoint as ckpt
 from workers import exchange as ex
+from workers import replicated
 from workers.config import WorkerSettings
+from workers.replica import pack, unpack
+from workers.replicated import ReplicatedStep
 from workers.trainer import Trainer
 
 from .helpers import final_params, make_spec, require, unavailable
@@ -101,6 +104,32 @@ def test_flat_vectors_round_trip_as_views():
     back = ex.unflatten(flat, [a.shape for a in arrays])
     assert all(np.array_equal(a, b) for a, b in zip(arrays, back, strict=True))
     assert all(np.shares_memory(b, flat) for b in back)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_gradient_sum_crosses_as_bytes_and_comes_back_exactly(dtype):
+    """The replicated step's message: the sum's bits, its row count and its loss sum."""
+    flat = np.random.default_rng(0).standard_normal(1000).astype(dtype)
+    msg = pack(flat, 37, 0.1 + 0.2)
+    assert isinstance(msg, bytes)
+    back, rows, loss_sum = unpack(msg, np.dtype(dtype))
+    assert back.dtype == flat.dtype and back.tobytes() == flat.tobytes()
+    assert (rows, loss_sum) == (37, 0.1 + 0.2)
+
+
+def test_a_block_fills_the_graph_unless_a_stop_would_wait_too_long():
+    """A block shorter than the graph passes None through the stages it does not need (a
+    hop each), so blocks run every stage while that stays within STOP_S."""
+    step = ReplicatedStep.__new__(ReplicatedStep)  # the block's rule only, no pool
+    step.gather, step.stages = None, 16
+    step.step_s = 0.0  # no block yet
+    assert step.block == 16
+    step.step_s = 0.012  # mlp784's step on 2 workers: 16 steps take 0.19 s
+    assert step.block == 16
+    step.step_s = replicated.STOP_S / 4
+    assert step.block == 4
+    step.step_s = 10.0
+    assert step.block == 1
 
 
 def cores_pinned_by_others() -> set[int]:
@@ -330,8 +359,8 @@ def test_replicas_that_disagree_fail_the_run(tmp_path, monkeypatch):
     """The check can fail: a replica whose hash differs at a checkpoint fails the run."""
     call = ex.ReplicatedGraph.__call__
 
-    def rank_1_differs(self, command):
-        outs = call(self, command)
+    def rank_1_differs(self, command, *rest):
+        outs = call(self, command, *rest)
         if command[2]:  # verify
             outs[1] = {**outs[1], "sha256": "0" * 64}
         return outs

@@ -219,13 +219,18 @@ class Graph:
     def _dag(self):
         raise NotImplementedError
 
-    def _run(self, *args) -> list:
+    def _run(self, *args, nap: float = 0.0) -> list:
+        """The graph's results for `args`. `nap`: seconds to sleep before the wait for
+        them, since a wait on a channel spins (a caller that knows the pace passes most
+        of it)."""
         # A dead actor makes Ray's graph monitor tear the graph down at once, and the get
         # raises ActorDiedError; a slow execution may take many times the slowest so far.
         timeout = max(self.timeout_floor, 50 * self.slowest)
         began = time.monotonic()
         try:
-            results = ray.get(self.graph.execute(*args), timeout=timeout)
+            ref = self.graph.execute(*args)
+            time.sleep(min(nap, timeout))
+            results = ray.get(ref, timeout=max(0.0, timeout - (time.monotonic() - began)))
         except Exception as err:  # ActorDiedError, channel errors, anything of Ray's
             if isinstance(err, RayTaskError) and not isinstance(err.cause, RayError):
                 _forget_frames(err)  # its message keeps the worker's traceback
@@ -301,8 +306,8 @@ class ReplicatedGraph(Graph):
                 sums = [a.replica_step_once.bind(*sums) for a in self.actors]
             return MultiOutputNode([a.replica_finish.bind(*sums) for a in self.actors])
 
-    def __call__(self, command: tuple) -> list[dict]:
-        return self._run(command)
+    def __call__(self, command: tuple, nap: float = 0.0) -> list[dict]:
+        return self._run(command, nap=nap)
 
 
 def _forget_frames(err: BaseException | None) -> None:

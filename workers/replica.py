@@ -10,6 +10,7 @@ floating-point operations in the same order as every other and as the gather ste
 from __future__ import annotations
 
 import hashlib
+import struct
 import time
 
 import numpy as np
@@ -25,6 +26,23 @@ from workers.model import (
     grad_sum,
 )
 from workers.sampler import Schedule, split_batch
+
+# A gradient sum's message: the flat sum's bytes, then its row count and loss sum.
+_TAIL = struct.Struct("<qd")
+
+
+def pack(flat: np.ndarray, rows: int, loss_sum: float) -> bytes:
+    """One bytes message for a channel. Ray writes bytes as they are, where a tuple holding
+    an array goes through pickle: about 0.1 ms more per message on each side, most of a
+    small model's hop (benchmarks/channel_pingpong.py, docs/performance.md)."""
+    return flat.tobytes() + _TAIL.pack(rows, loss_sum)
+
+
+def unpack(msg, dtype: np.dtype) -> tuple[np.ndarray, int, float]:
+    """`(flat sum, rows, loss sum)` of a `pack` message; the sum is a view of `msg`."""
+    body = len(msg) - _TAIL.size
+    rows, loss_sum = _TAIL.unpack_from(msg, body)
+    return np.frombuffer(msg, dtype, body // dtype.itemsize), rows, loss_sum
 
 
 def params_digest(params) -> str:
@@ -43,6 +61,7 @@ class Replica:
         self.params = self.model.parameters()
         self.opt = build_optimizer(spec, self.params)
         self.shapes = [p.shape for p in self.params]
+        self.dtype = self.params[0].data.dtype
         self.loss, self.X, self.y = spec.loss, X, y
         self.rank, self.workers = rank, workers
         self.schedule = Schedule(len(X), spec.batch_size, spec.epochs, spec.seed)
@@ -115,14 +134,15 @@ class Replica:
             p.grad = None
         return min(times)
 
-    def _grad(self):
-        """(flat gradient sum, rows, loss sum) of this replica's piece, or None when done."""
+    def _grad(self) -> bytes | None:
+        """(flat gradient sum, rows, loss sum) of this replica's piece as one message
+        (`pack`), or None when done."""
         if self.step >= self.end or self.diverged is not None:
             return None
         batch = self.schedule.batch(self.step)
         if self.rank == 0 and self.step + 1 in self.checked:
             self.before = snapshot(self.model, self.X[batch])  # the weights before the step
-        return self._grad_sum(batch)
+        return pack(*self._grad_sum(batch))
 
     def _grad_sum(self, batch: np.ndarray) -> tuple[np.ndarray, int, float]:
         idx = split_batch(batch, self.workers)[self.rank]
@@ -133,6 +153,7 @@ class Replica:
     def _apply(self, sums: tuple) -> None:
         if sums[0] is None:
             return
+        sums = [unpack(msg, self.dtype) for msg in sums]
         grads, n, loss_sum = add_in_rank_order(sums, self.shapes)  # as the gather step adds
         try:
             loss, norm = average_and_step(

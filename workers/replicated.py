@@ -42,7 +42,9 @@ from workers.pool import OnPool, check_stop
 
 log = logging.getLogger(__name__)
 
-BLOCK_S = 0.1  # a block's target length: a stop waits for at most about this long
+BLOCK_S = 0.1  # the graph's length, by the pace of a gradient sum: its stages' worth of steps
+STOP_S = 0.5  # a block's most: a stop waits for at most about this long
+NAP = 0.75  # the part of a block's expected time the coordinator sleeps before it waits
 GRAPH_BYTES = 2**26  # the channel memory a graph may take: its stages x workers x a sum
 
 
@@ -69,6 +71,8 @@ class ReplicatedStep(OnPool):
         self.verified = -1
         self.restores: list[tuple[int | None, int]] = []  # (source rank or None, step)
         self.step_s = 0.0  # the latest block's time per step
+        self.fastest_s = 0.0  # the fastest block's time per step, the first left out (0: none)
+        self._blocks = 0
         self.graph: ReplicatedGraph | None = None
         self.gather = None  # after a fall back to tasks: the gather step over the same pool
         self._make_gather = gather_step
@@ -111,11 +115,13 @@ class ReplicatedStep(OnPool):
 
     @property
     def block(self) -> int:
-        """The most steps one call should run: a block of about BLOCK_S, so a stop waits
-        for no more than that."""
+        """The most steps one call should run: the graph's stages, unless they take longer
+        than STOP_S (a stop waits for no more than that). A shorter block still passes
+        None through the stages it does not need, a channel hop between the workers each,
+        so blocks fill the graph (the graph's length was chosen by the pace)."""
         if self.gather is not None:
             return 1
-        fits = int(BLOCK_S / self.step_s) if self.step_s > 0 else self.stages
+        fits = int(STOP_S / self.step_s) if self.step_s > 0 else self.stages
         return max(1, min(self.stages, fits))
 
     # -- the steps
@@ -131,8 +137,13 @@ class ReplicatedStep(OnPool):
             or (verify and self.verified != self.step)
         ):
             began = time.perf_counter()
+            # The coordinator sleeps through most of the block instead of spinning on the
+            # channel read, which would take CPU from the workers (docs/performance.md).
+            # By the fastest block so far: a slow one must not make the coordinator oversleep.
+            steps = max(0, min(end, self.step + self.stages) - self.step)
+            nap = NAP * self.fastest_s * steps
             try:
-                outs = self.graph((end, fetch, verify, tuple(checked)))
+                outs = self.graph((end, fetch, verify, tuple(checked)), nap)
             except WorkersDied as err:
                 results += self._recover(err.causes)
                 if self.gather is not None:  # the new graph did not compile: tasks from here
@@ -147,6 +158,9 @@ class ReplicatedStep(OnPool):
             results += done
             if done:  # the latest block's pace (the first one's includes the graph's warm-up)
                 self.step_s = (time.perf_counter() - began) / len(done)
+                self._blocks += 1
+                if self._blocks > 1:  # the first includes the graph's warm-up
+                    self.fastest_s = min(self.fastest_s or self.step_s, self.step_s)
             if self.diverged is not None:
                 break
         kept = self._kept(first, results)
