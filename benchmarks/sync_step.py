@@ -162,6 +162,9 @@ def workloads(tmp: Path) -> dict[str, tuple[dict, dict, int, float]]:
     }
 
 
+# The steps measured are the workers': no head start (workers/headstart.py), in which the
+# coordinator takes the first steps while the workers start.
+WORKERS_FROM_THE_START = WorkerSettings(head_start=False)
 TINY_MODES = {  # label -> (workers, exchange)
     "in-process": (0, "auto"),
     "2 workers, replicated": (2, "replicated"),
@@ -175,7 +178,8 @@ def tiny(tmp: Path, rounds: int, epochs: int) -> None:
     for r in range(rounds):
         for label, (workers, exchange) in TINY_MODES.items():
             spec = small_spec(epochs, workers, exchange)
-            times[label].append(step_time(spec, tmp / f"tiny-{r}-{workers}-{exchange}"))
+            out = tmp / f"tiny-{r}-{workers}-{exchange}"
+            times[label].append(step_time(spec, out, settings=WORKERS_FROM_THE_START))
     from workers.model import build_model
 
     spec = small_spec(epochs)
@@ -207,7 +211,7 @@ def scaling(tmp: Path, rounds: int, steps: int, names: list[str]) -> None:
             for workers in (1, 2) if r % 2 == 0 else (2, 1):
                 spec = heavy_spec(data, model, batch, workers, steps)
                 out = tmp / f"{name}-{r}-{workers}"
-                settings = WorkerSettings(datasets_dir=tmp)
+                settings = WorkerSettings(datasets_dir=tmp, head_start=False)
                 per_step[workers].append(step_time(spec, out, warmup=20, settings=settings))
         ratios = [one / two for one, two in zip(per_step[1], per_step[2], strict=True)]
         for workers, values in per_step.items():

@@ -42,6 +42,7 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.sync_step import steady_step  # noqa: E402
+from workers.config import WorkerSettings
 from workers.datasets import load_dataset
 from workers.spec import BuiltinData, TrainingSpec
 from workers.trainer import Trainer
@@ -109,6 +110,7 @@ def run_ours(name: str, data: dict, steps: int, exchange: str, out: Path) -> dic
         trainer_spec,
         out,
         callback=lambda e: e["type"] == "step" and stamps.append((e["step"], time.perf_counter())),
+        settings=WorkerSettings(head_start=False),  # every step on the workers, as DDP's
     )
     summary = trainer.run()
     wall = time.perf_counter() - start
