@@ -14,6 +14,8 @@ Workloads:
 Both engines start from the same weights and data. Timed blocks alternate between the
 engines, each after a 0.3 s pause so the other's thread pool stops spinning; the
 reported number is the ratio of the median step times, ours / PyTorch (<= 1 is the goal).
+`--reuse-freed-memory` first sets the C allocator as shardgrad's training processes do
+(workers/malloc.py); PyTorch's CPU tensors come from the same allocator.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from threadpoolctl import threadpool_limits
 import core.functional as F
 from core import nn, optim
 from core.lm import TransformerLM
+from workers.malloc import reuse_freed_memory
 
 WORKLOADS = {
     "a": dict(
@@ -231,7 +234,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
     parser.add_argument("--workloads", default="abc", help="which workloads to run, e.g. 'a'")
+    parser.add_argument(
+        "--reuse-freed-memory",
+        action="store_true",
+        help="set the allocator as the product's training processes do (workers/malloc.py); "
+        "it applies to both engines",
+    )
     args = parser.parse_args()
+    if args.reuse_freed_memory and not reuse_freed_memory():
+        parser.error("--reuse-freed-memory needs glibc")
     rounds = 6 if args.quick else 24  # many short alternating blocks even out a noisy machine
     results = {name: run(name, rounds) for name in args.workloads}
     print(f"{'workload':<46} {'ours ms':>8} {'torch ms':>8} {'ratio':>6}  per-round ratio p25-p75")

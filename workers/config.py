@@ -46,6 +46,11 @@ class WorkerSettings(BaseSettings):
         description="a run on workers steps on the coordinator, as its workers would, while "
         "they start ($SHARDGRAD_HEAD_START; workers/headstart.py)",
     )
+    reuse_freed_memory: bool = Field(
+        True,
+        description="the processes that compute steps keep freed memory for the next step "
+        "instead of faulting it back in ($SHARDGRAD_REUSE_FREED_MEMORY; workers/malloc.py)",
+    )
     placement_timeout_s: float = Field(
         60.0,
         gt=0,

@@ -36,6 +36,7 @@ from workers.exchange import (
     unflatten,
 )
 from workers.joblog import current as current_job_log
+from workers.malloc import reuse_freed_memory
 from workers.model import blas_threads, config_model, grad_sum, param_bytes, set_parameters
 from workers.ray_private import skip_torch_probe
 from workers.replica import Replica
@@ -82,9 +83,11 @@ def wait_for(ref: ray.ObjectRef, timeout: float, stop: threading.Event | None):
 class GradWorker:
     """Holds the training rows (zero-copy from the object store) and a model skeleton."""
 
-    def __init__(self, model_cfg: dict, data: tuple, blas_threads: int):
+    def __init__(self, model_cfg: dict, data: tuple, blas_threads: int, reuse_memory: bool):
         from threadpoolctl import threadpool_limits
 
+        if reuse_memory:
+            reuse_freed_memory()
         self._limits = threadpool_limits(limits=blas_threads)
         self.blas_threads, self.cores = blas_threads, None
         skip_torch_probe()
@@ -233,7 +236,10 @@ class WorkerPool:
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.pg, placement_group_bundle_index=rank
             ),
-        ).remote(self.model_cfg, self.data_ref, blas_threads(self.cpus))
+        ).remote(
+            self.model_cfg, self.data_ref, blas_threads(self.cpus),
+            self.settings.reuse_freed_memory,
+        )  # fmt: skip
 
     def _spawn(self, rank: int, actor=None):
         """A started worker for bundle `rank`: `actor` (created by `_create`), or a new one."""

@@ -53,6 +53,7 @@ from workers.generate import val_exact_match
 from workers.headstart import HeadStart
 from workers.health import HealthMonitor, advice_for, snapshot, step_stats
 from workers.joblog import JobLog
+from workers.malloc import reuse_freed_memory
 from workers.model import (
     Diverged,
     Recipe,
@@ -330,6 +331,8 @@ class Trainer:
         """The step strategy: in-process, or the workers (on the cluster in `settings`, or
         an embedded Ray) and their exchange. `state`: the checkpoint's, when resuming."""
         failures = state.get("worker_failures", 0)
+        if self.settings.reuse_freed_memory:  # this process computes too (workers/malloc.py)
+            reuse_freed_memory()
         choice = self._worker_count(state)
         self.n_workers, self.workers_reason = choice.workers, choice.reason
         if self.n_workers == 0:
