@@ -3,7 +3,6 @@ reused by the next step instead of being faulted back in from the kernel."""
 
 from __future__ import annotations
 
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,13 @@ import pytest
 import ray
 
 from tests.helpers import make_spec
+from workers import malloc
 from workers.config import WorkerSettings
 from workers.model import worker_config
 from workers.pool import WorkerPool
 
 ROOT = Path(__file__).resolve().parents[1]
-glibc = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
-)
+glibc = pytest.mark.skipif(not malloc.GLIBC, reason="glibc only")
 
 # A step's pattern: 64 MiB of arrays alive at once, then freed; the page faults of rounds
 # 2-4 (round 1 takes the memory from the kernel either way).
@@ -68,9 +66,9 @@ def test_glibcs_defaults_fault_the_memory_back_in_every_round():
 
 def worker_applied(pool: WorkerPool) -> list:
     def read(_worker):
-        from workers import malloc
+        from workers import malloc as in_worker
 
-        return malloc._applied
+        return in_worker._applied
 
     return ray.get([a.__ray_call__.remote(read) for a in pool.actors])
 

@@ -30,6 +30,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest on 64-bit systems
 TRIM_THRESHOLD = 2**30
 
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"  # else: left alone
 _lock = threading.Lock()
 _applied: bool | None = None  # None: not tried in this process
 
@@ -45,7 +46,7 @@ def reuse_freed_memory() -> bool:
 
 
 def _mallopt() -> bool:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not GLIBC:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
